@@ -1,0 +1,20 @@
+"""Exceptions raised by dfrn.
+
+Every error that a user can cause by bad input is a :class:`DfrnInputError`. Its message
+is one line that names the subject, file or column at fault; the command-line interface
+prints it without a traceback and exits with status 2.
+"""
+
+from __future__ import annotations
+
+
+class DfrnError(Exception):
+    """Base class of every dfrn error."""
+
+
+class DfrnInputError(DfrnError, ValueError):
+    """Bad user input: a cohort table, image, config or results folder that cannot be used."""
+
+
+class ResultsFolderError(DfrnInputError):
+    """A results folder that holds a different run and must not be overwritten."""
