@@ -1,0 +1,96 @@
+"""Statistics of out-of-fold predictions: Pearson r and p, R², MAE, RMSE, and Table 1.
+
+All functions take a *predictions* table in the long format every evaluation stage of
+dfrn writes: one row per (participant_id, repeat, fold, factor) with ``y_true`` and
+``y_pred``. Metrics are computed per (repeat, factor) over the pooled out-of-fold
+predictions of that repeat, as in the method's Table 1.
+
+Note that the parametric p-value of a Pearson r on pooled out-of-fold predictions is not
+strictly valid (the folds' models are not independent); a permutation test
+(:mod:`dfrn.baseline`) gives a valid one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+__all__ = [
+    "PREDICTION_COLUMNS",
+    "METRIC_COLUMNS",
+    "compute_metrics",
+    "table1",
+    "format_r_p",
+]
+
+PREDICTION_COLUMNS = ["participant_id", "repeat", "fold", "factor", "y_true", "y_pred"]
+METRIC_COLUMNS = ["repeat", "factor", "n", "pearson_r", "p_value", "r2", "mae", "rmse"]
+
+
+def _metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    n = len(y_true)
+    if n >= 3 and np.std(y_true) > 0 and np.std(y_pred) > 0:
+        res = sps.pearsonr(y_true, y_pred)
+        r, p = float(res.statistic), float(res.pvalue)
+    else:  # undefined for constant predictions: report it honestly, not as 0
+        r, p = float("nan"), float("nan")
+    err = y_pred - y_true
+    ss_tot = float(np.sum((y_true - y_true.mean()) ** 2))
+    r2 = 1.0 - float(np.sum(err**2)) / ss_tot if ss_tot > 0 else float("nan")
+    return {
+        "n": n,
+        "pearson_r": r,
+        "p_value": p,
+        "r2": r2,
+        "mae": float(np.mean(np.abs(err))),
+        "rmse": float(np.sqrt(np.mean(err**2))),
+    }
+
+
+def compute_metrics(predictions: pd.DataFrame) -> pd.DataFrame:
+    """Metrics per (repeat, factor) from a long predictions table."""
+    missing = [c for c in PREDICTION_COLUMNS if c not in predictions.columns]
+    if missing:
+        raise ValueError(f"predictions table lacks columns {missing}")
+    rows = []
+    factor_order = list(dict.fromkeys(predictions["factor"]))
+    for (repeat, factor), g in predictions.groupby(["repeat", "factor"], sort=False):
+        m = _metrics(g["y_true"].to_numpy(float), g["y_pred"].to_numpy(float))
+        rows.append({"repeat": int(repeat), "factor": factor, **m})
+    out = pd.DataFrame(rows, columns=METRIC_COLUMNS)
+    out["factor"] = pd.Categorical(out["factor"], categories=factor_order, ordered=True)
+    out = out.sort_values(["repeat", "factor"]).reset_index(drop=True)
+    out["factor"] = out["factor"].astype(str)
+    return out
+
+
+def format_r_p(r: float, p: float) -> str:
+    """Format a correlation and its p-value as in the paper: ``0.23 (0.012)``."""
+    if not np.isfinite(r):
+        return "nan"
+    p_txt = f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+    return f"{r:.2f} ({p_txt})"
+
+
+def table1(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Table 1: one row per repeat plus a ``mean ± sd`` row; one column per factor.
+
+    Each cell of a repeat row is ``"r (p)"``; the last row gives the mean ± sd of r over
+    repeats.
+    """
+    factors = list(dict.fromkeys(metrics["factor"]))
+    rows = []
+    for repeat, g in metrics.groupby("repeat", sort=True):
+        g = g.set_index("factor")
+        row = {"repeat": str(int(repeat))}
+        for f in factors:
+            row[f] = format_r_p(g.at[f, "pearson_r"], g.at[f, "p_value"]) if f in g.index else ""
+        rows.append(row)
+    summary = {"repeat": "mean ± sd"}
+    for f in factors:
+        r = metrics.loc[metrics["factor"] == f, "pearson_r"].to_numpy(float)
+        sd = float(np.nanstd(r, ddof=1)) if np.sum(np.isfinite(r)) > 1 else 0.0
+        summary[f] = f"{np.nanmean(r):.2f} ± {sd:.2f}"
+    rows.append(summary)
+    return pd.DataFrame(rows, columns=["repeat", *factors])
