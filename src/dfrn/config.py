@@ -1,0 +1,292 @@
+"""Study configuration: a TOML file with ``cohort``, ``model``, ``training`` and ``cv`` sections.
+
+Later stages add their own sections (``factors``, ``baseline``, ``attention``). An unknown
+section or key is an error that names it. Relative paths are resolved against the folder of
+the TOML file. The resolved config is written into every results folder as ``config.toml``.
+
+Example::
+
+    [cohort]
+    table = "participants.tsv"      # or: bids = "/data/bids"
+    image_column = "t1"
+    targets = ["anhedonia", "appetite", "sleep", "suicidality", "anxiety"]
+    downsample = 1
+
+    [model]
+    block_strides = [1, 2, 2, 2]
+
+    [training]
+    epochs = 50
+
+    [cv]
+    n_folds = 10
+    n_repeats = 5
+    seed = 0
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from dfrn.errors import DfrnInputError
+
+__all__ = [
+    "CohortConfig",
+    "ModelConfig",
+    "TrainingConfig",
+    "CVConfig",
+    "FactorsConfig",
+    "BaselineConfig",
+    "AttentionConfig",
+    "StudyConfig",
+    "load_config",
+]
+
+
+@dataclass
+class CohortConfig:
+    """Where the cohort comes from and how images are preprocessed."""
+
+    table: str = ""
+    """TSV/CSV with participant_id, an image column and score columns."""
+    bids: str = ""
+    """A BIDS root, instead of ``table``."""
+    session: str = ""
+    """BIDS session label to use when subjects have several."""
+    image_column: str = "t1"
+    targets: list[str] = field(default_factory=list)
+    """Score columns to predict (one network each). Empty when ``[factors]`` derives them."""
+    covariates: list[str] = field(default_factory=list)
+    gm_column: str = "gm"
+    """Optional column of gray-matter probability maps (used by the baseline)."""
+    mask: str = ""
+    """Optional brain mask on the images' grid; z-scoring then uses it."""
+    downsample: int = 1
+    """Integer block-average factor (1 = full resolution)."""
+    cache_dir: str = ""
+    """Volume cache; defaults to ``<results>/cache``."""
+
+
+@dataclass
+class ModelConfig:
+    block_strides: list[int] = field(default_factory=lambda: [1, 2, 2, 2])
+
+
+@dataclass
+class TrainingConfig:
+    """Training of one network. The paper fixes loss, optimiser, lr and batch size only.
+
+    Defaults chosen here (the paper is silent): 50 epochs at most; targets z-scored with the
+    training fold's mean and sd (predictions are mapped back); no weight decay; no
+    augmentation (left-right flips would destroy lateralised effects); early stopping on an
+    inner validation split of 10% of the training subjects with a patience of 10 epochs,
+    keeping the weights of the best validation epoch.
+    """
+
+    epochs: int = 50
+    batch_size: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    target_scaling: str = "zscore"
+    val_fraction: float = 0.1
+    patience: int = 10
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    num_workers: int = 0
+
+
+@dataclass
+class CVConfig:
+    n_folds: int = 10
+    n_repeats: int = 5
+    seed: int = 0
+
+
+@dataclass
+class FactorsConfig:
+    """Derive the targets from rating-scale items (PCA + varimax)."""
+
+    items: list[str] = field(default_factory=list)
+    n_factors: int = 5
+    names: dict[str, list[str]] = field(default_factory=dict)
+    fit_on: str = "all"
+    impute: str = ""
+    tol: float = 1e-5
+
+
+@dataclass
+class BaselineConfig:
+    enabled: bool = True
+    atlas: str = ""
+    atlas_labels: str = ""
+    n_permutations: int = 1000
+    alphas: list[float] = field(default_factory=list)
+    covariates: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AttentionConfig:
+    enabled: bool = True
+    method: str = "guided_backprop"
+    mode: str = "oof"
+    atlas: str = ""
+    atlas_labels: str = ""
+    template: str = ""
+    truth: dict[str, str] = field(default_factory=dict)
+    sanity: bool = True
+    top_regions: int = 10
+
+
+@dataclass
+class StudyConfig:
+    cohort: CohortConfig = field(default_factory=CohortConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    cv: CVConfig = field(default_factory=CVConfig)
+    factors: FactorsConfig | None = None
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if d["factors"] is None:
+            del d["factors"]
+        return d
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes results (not device or worker settings)."""
+        d = self.to_dict()
+        for k in ("device", "num_workers"):
+            d["training"].pop(k, None)
+        d["cohort"].pop("cache_dir", None)
+        blob = json.dumps(d, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(_drop_none(self.to_dict()))
+
+
+def _drop_none(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _drop_none(v) for k, v in obj.items() if v is not None}
+    return obj
+
+
+SECTIONS: dict[str, type] = {
+    "cohort": CohortConfig,
+    "model": ModelConfig,
+    "training": TrainingConfig,
+    "cv": CVConfig,
+    "factors": FactorsConfig,
+    "baseline": BaselineConfig,
+    "attention": AttentionConfig,
+}
+PATH_KEYS = {
+    "cohort": ("table", "bids", "mask", "cache_dir"),
+    "baseline": ("atlas", "atlas_labels"),
+    "attention": ("atlas", "atlas_labels", "template"),
+}
+
+
+def _check_type(section: str, key: str, value: Any, hint: Any) -> Any:
+    origin = getattr(hint, "__origin__", None)
+    where = f"[{section}] {key}"
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise DfrnInputError(f"config {where} must be true or false, got {value!r}")
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise DfrnInputError(f"config {where} must be an integer, got {value!r}")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise DfrnInputError(f"config {where} must be a number, got {value!r}")
+        value = float(value)
+    elif hint is str:
+        if not isinstance(value, str):
+            raise DfrnInputError(f"config {where} must be a string, got {value!r}")
+    elif origin is list:
+        if not isinstance(value, list):
+            raise DfrnInputError(f"config {where} must be a list, got {value!r}")
+    elif origin is dict:
+        if not isinstance(value, dict):
+            raise DfrnInputError(f"config {where} must be a table, got {value!r}")
+    return value
+
+
+def _build(section: str, cls: type, raw: Any, base: Path) -> Any:
+    if not isinstance(raw, dict):
+        raise DfrnInputError(f"config [{section}] must be a table")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise DfrnInputError(
+            f"unknown config key [{section}] {unknown[0]!r} (known keys: {', '.join(sorted(known))})"
+        )
+    values = {k: _check_type(section, k, v, hints[k]) for k, v in raw.items()}
+    for k in PATH_KEYS.get(section, ()):
+        if values.get(k):
+            p = Path(values[k]).expanduser()
+            values[k] = str(p if p.is_absolute() else (base / p).resolve())
+    return cls(**values)
+
+
+def config_from_dict(raw: dict[str, Any], base: Path) -> StudyConfig:
+    """Build a :class:`StudyConfig` from parsed TOML, resolving paths against ``base``."""
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise DfrnInputError(
+            f"unknown config section [{unknown[0]}] (known: {', '.join(SECTIONS)})"
+        )
+    parts = {
+        name: _build(name, cls, raw[name], base) for name, cls in SECTIONS.items() if name in raw
+    }
+    cfg = StudyConfig(**parts)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: StudyConfig) -> None:
+    """Cross-field checks with one-line errors."""
+    c = cfg.cohort
+    if bool(c.table) == bool(c.bids):
+        raise DfrnInputError("config [cohort] needs exactly one of 'table' or 'bids'")
+    if not c.targets and cfg.factors is None:
+        raise DfrnInputError("config [cohort] targets is empty and there is no [factors] section")
+    if c.downsample < 1:
+        raise DfrnInputError(f"config [cohort] downsample must be >= 1, got {c.downsample}")
+    if len(cfg.model.block_strides) != 4 or any(s < 1 for s in cfg.model.block_strides):
+        raise DfrnInputError("config [model] block_strides must be four positive integers")
+    t = cfg.training
+    if t.epochs < 1 or t.batch_size < 1 or t.lr <= 0:
+        raise DfrnInputError("config [training] epochs, batch_size and lr must be positive")
+    if t.target_scaling not in ("zscore", "none"):
+        raise DfrnInputError("config [training] target_scaling must be 'zscore' or 'none'")
+    if not 0 <= t.val_fraction < 0.5:
+        raise DfrnInputError("config [training] val_fraction must be in [0, 0.5)")
+    if t.device not in ("auto", "cpu", "cuda") and not t.device.startswith("cuda:"):
+        raise DfrnInputError(f"config [training] device {t.device!r} is not auto, cpu or cuda")
+    if cfg.cv.n_folds < 2 or cfg.cv.n_repeats < 1:
+        raise DfrnInputError("config [cv] needs n_folds >= 2 and n_repeats >= 1")
+    if cfg.factors is not None and cfg.factors.fit_on not in ("all", "train"):
+        raise DfrnInputError("config [factors] fit_on must be 'all' or 'train'")
+
+
+def load_config(path: str | Path) -> StudyConfig:
+    """Read and validate a study TOML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DfrnInputError(f"config file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise DfrnInputError(f"config {path} is not valid TOML: {exc}") from None
+    return config_from_dict(raw, path.resolve().parent)

@@ -1,0 +1,250 @@
+"""Synthetic cohorts with *planted* factor effects, for the demo, tests and benchmarks.
+
+The generator starts from a real template that ships offline: nilearn's bundled MNI152
+(ICBM 2009a) T1 and gray-matter templates, resampled onto the FSL MNI152 grid
+(182×218×182 at 1 mm, origin (-91, -126, -72); coarser voxel sizes keep the same field of
+view). Each subject gets five independent factor scores. Factor *k* darkens (T1) and
+atrophies (GM) a distinct, anatomically plausible region in proportion to its score:
+
+============  =====================================  =============
+factor        region (bilateral spheres, MNI mm)     centres
+============  =====================================  =============
+anhedonia     hippocampus                            (±26, -22, -14)
+appetite      insula                                 (±38, 4, 2)
+sleep         brainstem                              (0, -28, -36)
+suicidality   caudate                                (±13, 12, 10)
+anxiety       cerebellum                             (±26, -62, -36)
+============  =====================================  =============
+
+Nuisance variation: global head size (an isotropic zoom about the centre), a smooth
+multiplicative bias field, and Gaussian noise. The ground-truth masks are written as
+``truth_<factor>.nii.gz`` and the true scores into ``participants.tsv``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+from dfrn.io import atomic_write_nifti, atomic_write_tsv
+
+__all__ = [
+    "FACTORS",
+    "REGIONS",
+    "FSL_SHAPE",
+    "FSL_AFFINE",
+    "template_grid",
+    "load_template",
+    "region_masks",
+    "SynthCohort",
+    "make_synthetic_cohort",
+]
+
+FACTORS: tuple[str, ...] = ("anhedonia", "appetite", "sleep", "suicidality", "anxiety")
+REGIONS: dict[str, tuple[str, tuple[tuple[float, float, float], ...]]] = {
+    "anhedonia": ("hippocampus", ((-26.0, -22.0, -14.0), (26.0, -22.0, -14.0))),
+    "appetite": ("insula", ((-38.0, 4.0, 2.0), (38.0, 4.0, 2.0))),
+    "sleep": ("brainstem", ((0.0, -28.0, -36.0),)),
+    "suicidality": ("caudate", ((-13.0, 12.0, 10.0), (13.0, 12.0, 10.0))),
+    "anxiety": ("cerebellum", ((-26.0, -62.0, -36.0), (26.0, -62.0, -36.0))),
+}
+FSL_SHAPE: tuple[int, int, int] = (182, 218, 182)
+FSL_AFFINE: np.ndarray = np.array(
+    [[1.0, 0, 0, -91.0], [0, 1.0, 0, -126.0], [0, 0, 1.0, -72.0], [0, 0, 0, 1.0]]
+)
+
+
+def template_grid(voxel_size: float = 1.0) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Shape and affine of the FSL MNI152 grid at ``voxel_size`` mm (same field of view)."""
+    if voxel_size <= 0:
+        raise ValueError("voxel_size must be positive")
+    shape = tuple(int(math.ceil(n / voxel_size)) for n in FSL_SHAPE)
+    affine = FSL_AFFINE.copy()
+    affine[:3, :3] *= voxel_size
+    return shape, affine  # type: ignore[return-value]
+
+
+def load_template(voxel_size: float = 1.0, kind: str = "t1") -> nib.Nifti1Image:
+    """nilearn's bundled MNI152 template (``t1``, ``gm`` or ``mask``) on the FSL grid."""
+    from nilearn import datasets, image
+
+    loaders = {
+        "t1": datasets.load_mni152_template,
+        "gm": datasets.load_mni152_gm_template,
+        "mask": datasets.load_mni152_brain_mask,
+    }
+    src = loaders[kind](resolution=1)
+    shape, affine = template_grid(voxel_size)
+    interp = "nearest" if kind == "mask" else "continuous"
+    out = image.resample_img(
+        src,
+        target_affine=affine,
+        target_shape=shape,
+        interpolation=interp,
+        force_resample=True,
+        copy_header=True,
+    )
+    data = np.asarray(out.dataobj, dtype=np.float32)
+    if kind == "t1":
+        data = np.clip(data, 0, None) / max(float(data.max()), 1e-6)
+    elif kind == "gm":
+        data = np.clip(data, 0, 1)
+    else:
+        data = (data > 0.5).astype(np.float32)
+    return nib.Nifti1Image(data, affine)
+
+
+def _sphere(shape: tuple[int, ...], affine: np.ndarray, centre, radius: float) -> np.ndarray:
+    ijk = np.indices(shape, dtype=np.float32).reshape(3, -1)
+    xyz = affine[:3, :3] @ ijk + affine[:3, 3:4]
+    d2 = np.sum((xyz - np.asarray(centre, dtype=np.float32)[:, None]) ** 2, axis=0)
+    return (d2 <= radius**2).reshape(shape)
+
+
+def region_masks(voxel_size: float = 1.0, radius: float = 10.0) -> dict[str, np.ndarray]:
+    """Binary masks of the planted regions, one per factor, on the FSL grid."""
+    shape, affine = template_grid(voxel_size)
+    masks = {}
+    for factor, (_, centres) in REGIONS.items():
+        m = np.zeros(shape, dtype=bool)
+        for c in centres:
+            m |= _sphere(shape, affine, c, radius)
+        masks[factor] = m
+    return masks
+
+
+def _bias_field(shape: tuple[int, ...], rng: np.random.Generator, strength: float) -> np.ndarray:
+    """A smooth multiplicative field: exp of a random low-order polynomial in x, y, z."""
+    axes = [np.linspace(-1, 1, n, dtype=np.float32) for n in shape]
+    x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
+    terms = [x, y, z, x * y, y * z, x * z, x**2 - 1 / 3, y**2 - 1 / 3, z**2 - 1 / 3]
+    coefs = rng.normal(0, strength, size=len(terms))
+    log_field = sum(c * t for c, t in zip(coefs, terms, strict=True))
+    return np.exp(np.broadcast_to(log_field, shape)).astype(np.float32)
+
+
+def _zoom_about_centre(data: np.ndarray, scale: float, order: int = 1) -> np.ndarray:
+    """Isotropic zoom of the head about the volume centre (global size nuisance)."""
+    centre = (np.asarray(data.shape) - 1) / 2
+    matrix = np.eye(3) / scale
+    offset = centre - matrix @ centre
+    return ndimage.affine_transform(data, matrix, offset=offset, order=order, mode="constant")
+
+
+@dataclass
+class SynthCohort:
+    """What :func:`make_synthetic_cohort` wrote."""
+
+    root: Path
+    table: Path
+    participants: pd.DataFrame
+    truth_masks: dict[str, Path] = field(default_factory=dict)
+    brain_mask: Path | None = None
+    template: Path | None = None
+    voxel_size: float = 1.0
+
+
+def make_synthetic_cohort(
+    out_dir: str | Path,
+    n_subjects: int = 116,
+    voxel_size: float = 1.0,
+    effect: float = 0.15,
+    radius: float = 10.0,
+    size_sd: float = 0.03,
+    bias_strength: float = 0.05,
+    noise_sd: float = 0.02,
+    seed: int = 0,
+    progress: bool = False,
+) -> SynthCohort:
+    """Write a synthetic cohort with planted factor effects.
+
+    Parameters
+    ----------
+    out_dir:
+        Folder to write into (created). Images go to ``out_dir/sub-XXXX_T1w.nii.gz`` and
+        ``sub-XXXX_gm.nii.gz``; the cohort table is ``out_dir/participants.tsv`` with
+        columns ``participant_id, t1, gm, age, sex`` and one column per factor.
+    n_subjects:
+        Cohort size (116 by default, the size of the method's cohort).
+    voxel_size:
+        1 for the full 182×218×182 grid; larger values give coarser grids with the same
+        field of view (the demo uses 4 mm).
+    effect:
+        Fractional darkening of a region per unit of factor score (scores are N(0, 1)),
+        applied with a smooth edge.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    t1 = load_template(voxel_size, "t1")
+    gm = load_template(voxel_size, "gm")
+    mask_img = load_template(voxel_size, "mask")
+    affine = t1.affine
+    t1_data = t1.get_fdata(dtype=np.float32)
+    gm_data = gm.get_fdata(dtype=np.float32)
+    brain = mask_img.get_fdata(dtype=np.float32) > 0
+    masks = region_masks(voxel_size, radius)
+    sigma = max(2.0 / voxel_size, 0.5)
+    soft = {f: ndimage.gaussian_filter(m.astype(np.float32), sigma) for f, m in masks.items()}
+
+    truth_paths = {}
+    for f, m in masks.items():
+        p = out / f"truth_{f}.nii.gz"
+        atomic_write_nifti(nib.Nifti1Image((m & brain).astype(np.uint8), affine), p)
+        truth_paths[f] = p
+    mask_path = out / "brain_mask.nii.gz"
+    atomic_write_nifti(nib.Nifti1Image(brain.astype(np.uint8), affine), mask_path)
+    template_path = out / "template_T1w.nii.gz"
+    atomic_write_nifti(nib.Nifti1Image(t1_data, affine), template_path)
+
+    scores = rng.standard_normal((n_subjects, len(FACTORS)))
+    ages = rng.uniform(20, 70, n_subjects).round(1)
+    sexes = rng.choice(["F", "M"], n_subjects)
+    rows = []
+    width = max(4, len(str(n_subjects)))
+    for i in tqdm(range(n_subjects), desc="synthetic subjects", disable=not progress):
+        pid = f"sub-{i + 1:0{width}d}"
+        change = np.zeros_like(t1_data)
+        for k, f in enumerate(FACTORS):
+            change += effect * scores[i, k] * soft[f]
+        factor_map = np.clip(1.0 - change, 0.2, 1.8)
+        scale = 1.0 + size_sd * rng.standard_normal()
+        t1_i = _zoom_about_centre(t1_data * factor_map, scale)
+        gm_i = _zoom_about_centre(gm_data * factor_map, scale)
+        t1_i *= _bias_field(t1_i.shape, rng, bias_strength)
+        t1_i += noise_sd * rng.standard_normal(t1_i.shape).astype(np.float32) * (t1_i > 0)
+        t1_i = np.clip(t1_i, 0, None).astype(np.float32)
+        gm_i = np.clip(gm_i, 0, 1).astype(np.float32)
+        t1_path = out / f"{pid}_T1w.nii.gz"
+        gm_path = out / f"{pid}_gm.nii.gz"
+        atomic_write_nifti(nib.Nifti1Image(t1_i, affine), t1_path)
+        atomic_write_nifti(nib.Nifti1Image(gm_i, affine), gm_path)
+        row = {
+            "participant_id": pid,
+            "t1": t1_path.name,
+            "gm": gm_path.name,
+            "age": ages[i],
+            "sex": sexes[i],
+        }
+        row.update({f: round(float(scores[i, k]), 6) for k, f in enumerate(FACTORS)})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table_path = out / "participants.tsv"
+    atomic_write_tsv(table, table_path)
+    return SynthCohort(
+        root=out,
+        table=table_path,
+        participants=table,
+        truth_masks=truth_paths,
+        brain_mask=mask_path,
+        template=template_path,
+        voxel_size=voxel_size,
+    )

@@ -1,0 +1,249 @@
+"""Training one DFRN for one factor: a scikit-learn style regressor.
+
+``DFRNRegressor(...).fit(volumes, y)`` trains a fresh :class:`dfrn.model.DFRN` with the
+method's loss (sum of squared errors), Adam (lr 0.001) and batch size 4. What the paper
+leaves open is set by parameters whose defaults are documented in
+:class:`dfrn.config.TrainingConfig`: targets z-scored with the *training* data's mean and sd,
+at most 50 epochs, early stopping on an inner validation split (10% of the training
+subjects, patience 10, best weights kept), no weight decay, no augmentation.
+
+``volumes`` is any sequence of 3D arrays (e.g. :class:`dfrn.images.VolumeSet`, or a list of
+arrays); only the subjects given are read, so nothing outside the training fold is touched.
+
+Determinism: weights, the inner split and batch order come from ``seed``. On CUDA, cuDNN is
+put in deterministic mode and autocast runs in bfloat16 where supported (float16 with a
+gradient scaler otherwise); on the CPU, training is float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.base import BaseEstimator, RegressorMixin
+
+from dfrn.model import DFRN
+
+__all__ = ["DFRNRegressor", "resolve_device", "seed_everything"]
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA) and make cuDNN deterministic."""
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def _batch(volumes: Sequence[np.ndarray], idx: Sequence[int], device: torch.device) -> torch.Tensor:
+    arr = np.stack([np.asarray(volumes[i], dtype=np.float32) for i in idx])
+    return torch.from_numpy(arr).unsqueeze(1).to(device, non_blocking=True)
+
+
+def _batches(order: np.ndarray, size: int) -> list[np.ndarray]:
+    """Split into batches; a last batch of one joins the previous (BatchNorm needs 2)."""
+    out = [order[i : i + size] for i in range(0, len(order), size)]
+    if len(out) > 1 and len(out[-1]) == 1:
+        out[-2] = np.concatenate([out[-2], out.pop()])
+    return out
+
+
+class DFRNRegressor(RegressorMixin, BaseEstimator):
+    """One Deep Factor Regression Network for one factor score.
+
+    Parameters mirror :class:`dfrn.config.TrainingConfig` plus ``block_strides``.
+
+    Fitted attributes: ``model_`` (the network, in eval mode, on ``device_``), ``y_mean_``,
+    ``y_std_`` (target scaling from the training data), ``history_`` (per-epoch train and
+    validation loss), ``best_epoch_`` and ``val_ids_`` (positions of the inner-validation
+    subjects within the training data).
+    """
+
+    def __init__(
+        self,
+        block_strides: Sequence[int] = (1, 2, 2, 2),
+        epochs: int = 50,
+        batch_size: int = 4,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        target_scaling: str = "zscore",
+        val_fraction: float = 0.1,
+        patience: int = 10,
+        seed: int = 0,
+        device: str = "auto",
+        amp: bool = True,
+        progress: bool = False,
+        desc: str = "",
+    ) -> None:
+        self.block_strides = block_strides
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.target_scaling = target_scaling
+        self.val_fraction = val_fraction
+        self.patience = patience
+        self.seed = seed
+        self.device = device
+        self.amp = amp
+        self.progress = progress
+        self.desc = desc
+
+    # -- helpers -----------------------------------------------------------------------
+    def _autocast(self) -> tuple[Any, torch.amp.GradScaler | None]:
+        dev = self.device_
+        if dev.type == "cuda" and self.amp:
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+            return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
+        return (lambda: torch.autocast(dev.type, enabled=False)), None
+
+    def _predict_scaled(self, volumes: Sequence[np.ndarray], idx: Sequence[int]) -> np.ndarray:
+        autocast, _ = self._autocast()
+        self.model_.eval()
+        out = []
+        with torch.no_grad():
+            for b in _batches(np.asarray(idx), max(self.batch_size, 2)):
+                with autocast():
+                    out.append(self.model_(_batch(volumes, b, self.device_)).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0)
+
+    # -- estimator API -----------------------------------------------------------------
+    def fit(self, volumes: Sequence[np.ndarray], y: Sequence[float]) -> DFRNRegressor:
+        """Train on ``volumes[i]`` with targets ``y[i]``."""
+        from tqdm.auto import tqdm
+
+        y = np.asarray(y, dtype=np.float64)
+        n = len(y)
+        if n != len(volumes):
+            raise ValueError(f"{len(volumes)} volumes but {n} targets")
+        if n < 2:
+            raise ValueError("need at least 2 training subjects")
+        if not np.all(np.isfinite(y)):
+            raise ValueError("targets contain NaN or inf")
+        self.device_ = resolve_device(self.device)
+        seed_everything(self.seed)
+        rng = np.random.default_rng(self.seed)
+
+        order = rng.permutation(n)
+        n_val = int(math.floor(n * self.val_fraction))
+        if n_val < 2 or n - n_val < 2:
+            n_val = 0
+        val_idx = np.sort(order[:n_val])
+        train_idx = np.sort(order[n_val:])
+        self.val_ids_ = val_idx
+
+        if self.target_scaling == "zscore":
+            self.y_mean_ = float(y[train_idx].mean())
+            sd = float(y[train_idx].std())
+            self.y_std_ = sd if sd > 0 else 1.0
+        else:
+            self.y_mean_, self.y_std_ = 0.0, 1.0
+        ys = torch.tensor((y - self.y_mean_) / self.y_std_, dtype=torch.float32)
+
+        self.model_ = DFRN(block_strides=self.block_strides).to(self.device_)
+        opt_kwargs: dict[str, Any] = {"lr": self.lr, "weight_decay": self.weight_decay}
+        if self.device_.type in ("cpu", "cuda"):
+            opt_kwargs["fused"] = True
+        opt = torch.optim.Adam(self.model_.parameters(), **opt_kwargs)
+        autocast, scaler = self._autocast()
+
+        history = []
+        best = (math.inf, -1)
+        best_state: dict[str, torch.Tensor] | None = None
+        bar = tqdm(
+            range(self.epochs), desc=self.desc or "epochs", leave=False, disable=not self.progress
+        )
+        stale = 0
+        for epoch in bar:
+            self.model_.train()
+            total = 0.0
+            for b in _batches(rng.permutation(train_idx), self.batch_size):
+                x = _batch(volumes, b, self.device_)
+                target = ys[b].to(self.device_)
+                opt.zero_grad(set_to_none=True)
+                with autocast():
+                    pred = self.model_(x)
+                loss = torch.sum((pred.float() - target) ** 2)  # sum of squared errors
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    opt.step()
+                total += float(loss.detach())
+            train_loss = total / len(train_idx)
+            val_loss = float("nan")
+            if n_val:
+                pv = self._predict_scaled(volumes, val_idx)
+                val_loss = float(np.mean((pv - ys[val_idx].numpy()) ** 2))
+            history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
+            bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
+            if n_val:
+                if val_loss < best[0]:
+                    best = (val_loss, epoch)
+                    best_state = {
+                        k: v.detach().clone() for k, v in self.model_.state_dict().items()
+                    }
+                    stale = 0
+                else:
+                    stale += 1
+                    if stale >= self.patience:
+                        break
+        if best_state is not None:
+            self.model_.load_state_dict(best_state)
+            self.best_epoch_ = best[1]
+        else:
+            self.best_epoch_ = len(history) - 1
+        self.history_ = pd.DataFrame(history)
+        self.model_.eval()
+        return self
+
+    def predict(self, volumes: Sequence[np.ndarray]) -> np.ndarray:
+        """Predicted scores (in the target's original units) for every volume."""
+        scaled = self._predict_scaled(volumes, range(len(volumes)))
+        return scaled * self.y_std_ + self.y_mean_
+
+    # -- checkpoints -------------------------------------------------------------------
+    def checkpoint(self) -> dict[str, Any]:
+        return {
+            "state_dict": {k: v.detach().cpu() for k, v in self.model_.state_dict().items()},
+            "y_mean": self.y_mean_,
+            "y_std": self.y_std_,
+            "block_strides": [int(s) for s in self.model_.block_strides],
+            "best_epoch": int(self.best_epoch_),
+        }
+
+    def save(self, path: str | Path) -> None:
+        from dfrn.io import atomic_write
+
+        ckpt = self.checkpoint()
+        atomic_write(path, lambda p: torch.save(ckpt, p))
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> DFRNRegressor:
+        """Load a checkpoint written by :meth:`save` (``weights_only=True``: no code runs)."""
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        est = cls(block_strides=tuple(ckpt["block_strides"]), device=device)
+        est.device_ = resolve_device(device)
+        est.model_ = DFRN(block_strides=ckpt["block_strides"])
+        est.model_.load_state_dict(ckpt["state_dict"])
+        est.model_.to(est.device_).eval()
+        est.y_mean_ = float(ckpt["y_mean"])
+        est.y_std_ = float(ckpt["y_std"])
+        est.best_epoch_ = int(ckpt["best_epoch"])
+        return est
