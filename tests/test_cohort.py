@@ -14,7 +14,13 @@ import pytest
 from dfrn.cli import main
 from dfrn.cohort import load_bids_cohort, load_cohort_table
 from dfrn.errors import DfrnInputError
-from dfrn.images import VolumeCache, block_downsample, check_common_grid, downsampled_affine, load_volume
+from dfrn.images import (
+    VolumeCache,
+    block_downsample,
+    check_common_grid,
+    downsampled_affine,
+    load_volume,
+)
 
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
 

@@ -41,6 +41,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
 
 from dfrn.errors import DfrnInputError
+from dfrn.io import atomic_write, atomic_write_tsv
 
 __all__ = [
     "ID_COLUMN",
@@ -685,7 +686,7 @@ def _plot_loadings(loadings: pd.DataFrame, path: Path) -> None:
     ax.set_title("Rotated factor loadings")
     fig.colorbar(image, ax=ax, label="loading", shrink=0.8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
 
 
 def write_factor_outputs(
@@ -714,10 +715,8 @@ def write_factor_outputs(
         "figure": figures_dir / "factor_loadings.png",
     }
     scores = model.transform(items)
-    model.loadings_.rename_axis("item").reset_index().to_csv(
-        paths["loadings"], sep="\t", index=False
-    )
-    scores.rename_axis(ID_COLUMN).reset_index().to_csv(paths["scores"], sep="\t", index=False)
-    model.variance_table().to_csv(paths["variance"], sep="\t", index=False)
-    _plot_loadings(model.loadings_, paths["figure"])
+    atomic_write_tsv(model.loadings_.rename_axis("item").reset_index(), paths["loadings"])
+    atomic_write_tsv(scores.rename_axis(ID_COLUMN).reset_index(), paths["scores"])
+    atomic_write_tsv(model.variance_table(), paths["variance"])
+    atomic_write(paths["figure"], lambda p: _plot_loadings(model.loadings_, p))
     return paths

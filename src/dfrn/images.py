@@ -249,8 +249,8 @@ class VolumeCache:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         files: list[Path] = []
         shape: tuple[int, int, int] | None = None
-        for pid, path, label in tqdm(
-            list(zip(participant_ids, paths, labels, strict=True)),
+        for path, label in tqdm(
+            list(zip(paths, labels, strict=True)),
             desc="caching volumes",
             disable=not progress,
             unit="img",

@@ -14,7 +14,6 @@ Later stages (baseline, attention) read the same results folder.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,15 @@ from dfrn.results import file_digest, open_results_dir
 from dfrn.stats import compute_metrics, table1
 from dfrn.training import DFRNRegressor
 
-__all__ = ["StudyResult", "load_study_cohort", "run_study", "fold_plan_for", "prepare_volumes"]
+__all__ = [
+    "StudyResult",
+    "load_study_cohort",
+    "run_study",
+    "run_cv_stage",
+    "study_targets",
+    "fold_plan_for",
+    "prepare_volumes",
+]
 
 
 @dataclass
@@ -84,7 +91,7 @@ def prepare_volumes(cohort: Cohort, cfg: StudyConfig, out: Path, progress: bool)
     )
 
 
-def _targets(
+def study_targets(
     cohort: Cohort, cfg: StudyConfig, plan: pd.DataFrame, out: Path, log: Callable[[str], None]
 ) -> tuple[pd.DataFrame, TargetProvider]:
     if cfg.factors is None:
@@ -130,7 +137,7 @@ def run_cv_stage(
     cohort = load_study_cohort(cfg)
     resumed = open_results_dir(out, cfg, _data_digest(cfg), allow_existing)
     plan = fold_plan_for(cohort, cfg, out)
-    targets, provider = _targets(cohort, cfg, plan, out, log)
+    targets, provider = study_targets(cohort, cfg, plan, out, log)
     factors = list(targets.columns)
     for f in factors:
         n = int(targets[f].notna().sum())
@@ -163,7 +170,9 @@ def run_cv_stage(
     atomic_write_tsv(t1, out / "cv" / "table1.tsv")
     plot_fig2(predictions, metrics, out / "figures" / "fig2_scatter.png")
     log(format_table(t1, "Table 1 — Pearson r (p) of out-of-fold predictions, per repeat"))
-    return StudyResult(out, resumed, cohort, targets, plan, predictions, metrics, t1)
+    result = StudyResult(out, resumed, cohort, targets, plan, predictions, metrics, t1)
+    result.extra.update(volumes=volumes, provider=provider)
+    return result
 
 
 def run_study(
@@ -172,9 +181,33 @@ def run_study(
     progress: bool = True,
     log: Callable[[str], None] = print,
     allow_existing: tuple[str, ...] = (),
+    permutations: int = 0,
 ) -> StudyResult:
-    """Run every configured stage; returns the cross-validation results."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("default")
-        result = run_cv_stage(cfg, Path(out), progress, log, allow_existing)
+    """Run every configured stage; returns the cross-validation results.
+
+    ``permutations`` > 0 also runs the network's permutation test (see
+    :func:`dfrn.network_permutation.network_permutation_test`).
+    """
+    out = Path(out)
+    result = run_cv_stage(cfg, out, progress, log, allow_existing)
+    if permutations > 0:
+        from dfrn.network_permutation import network_permutation_test
+
+        result.extra["network_permutation"] = network_permutation_test(
+            out, cfg, result, permutations, progress=progress, log=log
+        )
+    if cfg.baseline.enabled:
+        from dfrn.baseline_stage import run_baseline_stage
+
+        result.extra["baseline"] = run_baseline_stage(
+            out, cfg, result.cohort, result.targets, result.extra["provider"], result.plan,
+            progress=progress, log=log,
+        )
+    if cfg.attention.enabled:
+        from dfrn.attention_stage import run_attention_stage
+
+        result.extra["attention"] = run_attention_stage(
+            out, cfg, result.extra["volumes"], list(result.targets.columns), result.plan,
+            progress=progress, log=log,
+        )
     return result

@@ -1,0 +1,91 @@
+"""Targets derived from rating-scale items: the ``[factors]`` section of a study.
+
+Two modes (``fit_on``):
+
+* ``"all"`` — the paper's way: one PCA + varimax fit on the whole cohort; its factor scores
+  are the targets of every fold. Simple, but the test subjects' items shape the factors
+  their scores are measured on (a mild leak).
+* ``"train"`` — leak-free: inside each (repeat, fold) the factors are fitted on the
+  training subjects only and the test subjects are projected with those weights. Fold fits
+  are aligned to the full-cohort fit (Hungarian matching of loadings, then sign) only to
+  name and orient them consistently; their loadings, means and SDs come from the training
+  fold.
+
+Either way the full-cohort fit is written to ``factors/`` (loadings, scores, variance) with
+the loadings heatmap ``figures/factor_loadings.png``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from dfrn.cohort import Cohort
+from dfrn.config import FactorsConfig
+from dfrn.cv import StaticTargets, TargetProvider
+from dfrn.errors import DfrnInputError
+from dfrn.factors import SymptomFactors, fold_factor_scores, write_factor_outputs
+from dfrn.io import check_safe_id
+
+__all__ = ["factor_targets", "FoldFactorTargets"]
+
+
+@dataclass
+class FoldFactorTargets:
+    """Factor scores refitted inside each training fold (``fit_on = "train"``)."""
+
+    items: pd.DataFrame
+    reference: SymptomFactors
+    _cache: dict[tuple[int, int], pd.DataFrame] = field(default_factory=dict)
+
+    def __call__(
+        self, repeat: int, fold: int, train_ids: Sequence[str], test_ids: Sequence[str]
+    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+        key = (repeat, fold)
+        if key not in self._cache:
+            self._cache[key] = fold_factor_scores(
+                self.items, list(train_ids), list(test_ids), self.reference, include_train=True
+            )
+        scores = self._cache[key]
+        return scores.loc[list(train_ids)], scores.loc[list(test_ids)]
+
+
+def factor_targets(
+    cohort: Cohort,
+    cfg: FactorsConfig,
+    plan: pd.DataFrame,
+    out: Path,
+    log: Callable[[str], None] = print,
+) -> tuple[pd.DataFrame, TargetProvider]:
+    """Fit the factors, write ``factors/``, and return (full-cohort scores, target provider)."""
+    if not cfg.items:
+        raise DfrnInputError("config [factors] items is empty: list the item columns")
+    missing = [c for c in cfg.items if c not in cohort.table.columns]
+    if missing:
+        raise DfrnInputError(
+            f"item column {missing[0]!r} is not in the cohort table "
+            f"(available: {', '.join(map(str, cohort.table.columns))})"
+        )
+    for name in cfg.names:
+        check_safe_id(name, "factor name")
+    items = cohort.table[list(cfg.items)]
+    reference = SymptomFactors(
+        n_factors=cfg.n_factors,
+        names=dict(cfg.names) or None,
+        impute=cfg.impute or None,
+        tol=cfg.tol,
+    )
+    scores = reference.fit_transform(items)
+    write_factor_outputs(reference, items, out)
+    var = reference.variance_table()
+    log(
+        f"factors fitted on {len(items)} subjects ({'all subjects' if cfg.fit_on == 'all' else 'per training fold, aligned to the full fit'}); "
+        "variance explained: "
+        + ", ".join(f"{r.factor} {100 * r.proportion:.1f}%" for r in var.itertuples())
+    )
+    if cfg.fit_on == "all":
+        return scores, StaticTargets(scores)
+    return scores, FoldFactorTargets(items, reference)

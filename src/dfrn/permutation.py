@@ -1,0 +1,318 @@
+"""Permutation tests of cross-validated prediction accuracy.
+
+The statistic
+-------------
+For each factor, ``r`` is the Pearson correlation between true and predicted values of the
+pooled out-of-fold predictions of one repeat (as in :func:`dfrn.stats.compute_metrics`),
+averaged over the repeats of the fold plan — the "mean" row of Table 1. Each permutation
+re-runs the *whole* cross-validation (every in-fold fitting step, same folds) on permuted
+targets and computes the same statistic; the one-sided permutation p-value is
+
+    p_permutation = (1 + #{r_perm >= r}) / (1 + n_perm)
+
+so it is never below ``1 / (n_perm + 1)``. Permutations whose statistic is undefined
+(constant predictions) are dropped and ``n_perm`` reports the ones used.
+
+``p_parametric`` is the usual two-sided Pearson p-value of ``r`` with ``n`` = the number of
+subjects with a value for that factor (``scipy.stats.pearsonr``'s t-test); it ignores the
+dependence between folds and repeats and is given for comparison only.
+
+The permutation scheme
+----------------------
+One permutation of the subjects is drawn per permutation round and used for every factor
+and every repeat: subject ``i`` receives the target row of subject ``perm[i]`` (joint row
+permutation, keeping the correlation between factors, as a multi-output network needs).
+Where a factor has missing values its missingness is kept fixed: its observed values are
+permuted among the subjects that have one, in the order induced by the same ``perm``
+(identical to the joint row permutation when nothing is missing). See
+:func:`permute_targets`.
+
+:func:`permutation_test_generic` drives any cross-validated predictor (e.g. the network with
+``--permutations N``, possibly on a one-repeat plan to save time, in which case the
+statistic is that repeat's pooled r). :func:`permutation_test` is the ridge baseline's
+version: numerically the same as the generic test driving :func:`cross_validate_baseline`,
+but all permutations are solved together from one SVD per (inner) fold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+from threadpoolctl import threadpool_limits
+from tqdm.auto import tqdm
+
+from dfrn.baseline import (
+    DEFAULT_ALPHAS,
+    _align_inputs,
+    _prepare_split_engine,
+    _split_rows,
+    _SplitEngine,
+)
+from dfrn.folds import iter_splits
+from dfrn.stats import compute_metrics
+
+__all__ = [
+    "PERMUTATION_COLUMNS",
+    "permutation_indices",
+    "permute_targets",
+    "permutation_test_generic",
+    "permutation_test",
+    "write_permutation_table",
+]
+
+PERMUTATION_COLUMNS = ["factor", "n", "r", "p_parametric", "p_permutation", "n_perm"]
+
+_TIE_TOL = 1e-12
+
+
+def permutation_indices(n_subjects: int, n_perm: int, seed: int = 0) -> np.ndarray:
+    """The ``(n_perm, n_subjects)`` subject permutations used for a given seed."""
+    rng = np.random.default_rng(seed)
+    if n_perm == 0:
+        return np.empty((0, n_subjects), dtype=np.int64)
+    return np.stack([rng.permutation(n_subjects) for _ in range(n_perm)])
+
+
+def _induced_order(perm: np.ndarray, observed: np.ndarray) -> np.ndarray:
+    """Observed subjects in the order they appear in ``perm``."""
+    return perm[observed[perm]]
+
+
+def permute_targets(targets: pd.DataFrame, perm: np.ndarray) -> pd.DataFrame:
+    """Permuted copy of ``targets`` (same index): row ``i`` gets the values of row ``perm[i]``.
+
+    Per column, missing values stay where they are and the observed values are permuted
+    among the observed rows in the order induced by ``perm``.
+    """
+    perm = np.asarray(perm)
+    if sorted(perm.tolist()) != list(range(len(targets))):
+        raise ValueError("perm is not a permutation of the targets' rows")
+    out = targets.copy()
+    for col in targets.columns:
+        y = targets[col].to_numpy(dtype=float)
+        observed = np.isfinite(y)
+        new = y.copy()
+        new[np.flatnonzero(observed)] = y[_induced_order(perm, observed)]
+        out[col] = new
+    return out
+
+
+def _statistic(predictions: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Mean over repeats of the pooled Pearson r per factor, and n (subjects in repeat 0)."""
+    metrics = compute_metrics(predictions)
+    r = metrics.groupby("factor", sort=False)["pearson_r"].mean()
+    n = metrics.groupby("factor", sort=False)["n"].first()
+    return r, n
+
+
+def _p_parametric(r: float, n: int) -> float:
+    if not np.isfinite(r) or n < 3:
+        return float("nan")
+    if abs(r) >= 1.0:
+        return 0.0
+    t = r * np.sqrt((n - 2) / (1.0 - r * r))
+    return float(2.0 * sps.t.sf(abs(t), n - 2))
+
+
+def _table(
+    factors: list[str],
+    r_obs: dict[str, float],
+    n_obs: dict[str, int],
+    null: dict[str, np.ndarray],
+) -> pd.DataFrame:
+    rows = []
+    for f in factors:
+        r, perm_r = r_obs[f], null[f]
+        valid = perm_r[np.isfinite(perm_r)]
+        if np.isfinite(r):
+            exceed = int(np.sum(valid >= r - _TIE_TOL))
+            p_perm = (1.0 + exceed) / (1.0 + len(valid))
+        else:
+            p_perm = float("nan")
+        rows.append(
+            {
+                "factor": f,
+                "n": int(n_obs[f]),
+                "r": r,
+                "p_parametric": _p_parametric(r, int(n_obs[f])),
+                "p_permutation": p_perm,
+                "n_perm": len(valid),
+            }
+        )
+    out = pd.DataFrame(rows, columns=PERMUTATION_COLUMNS)
+    out.attrs["null_r"] = {f: null[f] for f in factors}
+    return out
+
+
+def permutation_test_generic(
+    cv_predict: Callable[[pd.DataFrame], pd.DataFrame],
+    targets: pd.DataFrame,
+    n_perm: int = 1000,
+    seed: int = 0,
+    *,
+    observed: pd.DataFrame | None = None,
+    n_jobs: int = 1,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Permutation test of any cross-validated predictor.
+
+    ``cv_predict(targets)`` must run the full cross-validation (fixed folds, every fitting
+    step inside the training folds) on the given targets table — same index and columns as
+    ``targets``, values permuted — and return long predictions
+    (:data:`dfrn.stats.PREDICTION_COLUMNS`). ``observed``, if given, are the predictions on
+    the unpermuted targets (saves one run). Permutations are
+    ``permutation_indices(len(targets), n_perm, seed)`` applied with
+    :func:`permute_targets`. ``n_jobs > 1`` runs permutations in joblib workers.
+
+    Returns one row per factor with :data:`PERMUTATION_COLUMNS`; the null distribution of
+    each factor is in ``result.attrs["null_r"][factor]``.
+    """
+    if observed is None:
+        observed = cv_predict(targets)
+    r_obs, n_obs = _statistic(observed)
+    factors = [str(f) for f in r_obs.index]
+    perms = permutation_indices(len(targets), n_perm, seed)
+
+    def one(perm: np.ndarray) -> pd.Series:
+        return _statistic(cv_predict(permute_targets(targets, perm)))[0]
+
+    bar = tqdm(total=n_perm, desc="permutations", disable=not progress)
+    results: list[pd.Series] = []
+    if n_jobs == 1:
+        for perm in perms:
+            results.append(one(perm))
+            bar.update()
+    else:
+        from joblib import Parallel, delayed
+
+        gen = Parallel(n_jobs=n_jobs, return_as="generator")(delayed(one)(p) for p in perms)
+        for res in gen:
+            results.append(res)
+            bar.update()
+    bar.close()
+    null = {
+        f: np.array([float(res.get(f, np.nan)) for res in results], dtype=float) for f in factors
+    }
+    return _table(
+        factors,
+        {f: float(r_obs[f]) for f in factors},
+        {f: int(n_obs[f]) for f in factors},
+        null,
+    )
+
+
+def _columnwise_r(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson r of each column pair; NaN where either column is constant or n < 3."""
+    ac = a - a.mean(axis=0)
+    bc = b - b.mean(axis=0)
+    num = np.sum(ac * bc, axis=0)
+    den = np.sqrt(np.sum(ac * ac, axis=0) * np.sum(bc * bc, axis=0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(den > 0, num / den, np.nan)
+    if len(a) < 3:
+        r[:] = np.nan
+    return np.clip(r, -1.0, 1.0)
+
+
+def permutation_test(
+    features: pd.DataFrame,
+    targets: pd.DataFrame,
+    plan: pd.DataFrame,
+    n_perm: int = 1000,
+    seed: int = 0,
+    covariates: pd.DataFrame | None = None,
+    n_jobs: int = 1,
+    progress: bool = True,
+    *,
+    alphas: tuple[float, ...] | list[float] = DEFAULT_ALPHAS,
+    inner_cv: int = 5,
+) -> pd.DataFrame:
+    """Permutation test of the ridge baseline on the fold plan (all repeats).
+
+    Same inputs as :func:`dfrn.baseline.cross_validate_baseline`. Gives the same result
+    as ``permutation_test_generic(lambda t: cross_validate_baseline(features, t, plan,
+    covariates), targets_of_the_plan_subjects, n_perm, seed)``, but, as covariate
+    regression and scaling do not depend on the target, each fold's design is prepared
+    once and all ``n_perm + 1`` target vectors are solved together (``n_jobs`` threads
+    share the folds; BLAS runs single-threaded inside). Permutations are drawn over the
+    plan's subjects in their order of first appearance in ``plan``. Memory grows with
+    ``n_perm × subjects × len(alphas)`` per fold (about 30 MB for 1,000 × 116 × 17).
+    """
+    ids, x, targs, c = _align_inputs(features, targets, plan, covariates)
+    factors = [str(f) for f in targs.columns]
+    perms = permutation_indices(len(ids), n_perm, seed)
+    identity = np.arange(len(ids))[None, :]
+    all_perms = np.concatenate([identity, perms])  # column 0 = observed targets
+
+    y_mats: dict[str, np.ndarray] = {}
+    observed_mask: dict[str, np.ndarray] = {}
+    for f in factors:
+        y = targs[f].to_numpy(dtype=float)
+        obs = np.isfinite(y)
+        order = all_perms[obs[all_perms]].reshape(len(all_perms), int(obs.sum()))
+        mat = np.full((len(ids), len(all_perms)), np.nan)
+        mat[np.flatnonzero(obs)] = y[order].T
+        y_mats[f], observed_mask[f] = mat, obs
+
+    splits = list(iter_splits(plan))
+    repeats = sorted({s[0] for s in splits})
+
+    def run_split(split: tuple[int, int, list[str], list[str]]) -> list[tuple]:
+        repeat, fold, train, test = split
+        engines: dict[bytes, tuple[np.ndarray, np.ndarray, _SplitEngine | None]] = {}
+        out = []
+        for f in factors:
+            obs = observed_mask[f]
+            key = obs.tobytes()
+            if key not in engines:
+                tr, te = _split_rows(ids, train, test, obs)
+                if len(te) == 0:
+                    engines[key] = (tr, te, None)
+                else:
+                    engines[key] = (tr, te, _prepare_split_engine(x, c, tr, te, alphas, inner_cv))
+            tr, te, engine = engines[key]
+            if engine is not None:
+                pred, _ = engine.predict(y_mats[f][tr])
+                out.append((repeat, f, te, pred))
+        return out
+
+    pooled = {(r, f): np.full_like(y_mats[f], np.nan) for r in repeats for f in factors}
+    bar = tqdm(total=len(splits), desc="ridge permutations (folds)", disable=not progress)
+    with threadpool_limits(limits=1, user_api="blas"):  # parallelism comes from n_jobs
+        if n_jobs == 1:
+            results = (run_split(s) for s in splits)
+        else:
+            from joblib import Parallel, delayed
+
+            results = Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator")(
+                delayed(run_split)(s) for s in splits
+            )
+        for res in results:
+            for repeat, f, te, pred in res:
+                pooled[(repeat, f)][te] = pred
+            bar.update()
+    bar.close()
+
+    r_obs, n_obs, null = {}, {}, {}
+    for f in factors:
+        obs = observed_mask[f]
+        per_repeat = np.stack(
+            [_columnwise_r(y_mats[f][obs], pooled[(r, f)][obs]) for r in repeats]
+        )  # (n_repeats, 1 + n_perm)
+        finite = np.isfinite(per_repeat)
+        with np.errstate(invalid="ignore"):
+            stat = np.where(finite, per_repeat, 0.0).sum(axis=0) / finite.sum(axis=0)
+        r_obs[f], null[f], n_obs[f] = float(stat[0]), stat[1:], int(obs.sum())
+    return _table(factors, r_obs, n_obs, null)
+
+
+def write_permutation_table(df: pd.DataFrame, out_dir: str | Path) -> Path:
+    """Write ``out_dir/baseline/permutation.tsv``."""
+    path = Path(out_dir) / "baseline" / "permutation.tsv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(path, sep="\t", index=False)
+    return path
