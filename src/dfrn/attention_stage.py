@@ -14,6 +14,10 @@ subjects, folds and repeats (Eq. 4). Outputs, in the results folder:
 * ``figures/fig4_fam.png``: the template with one |FAM| overlay per factor. The figure shows
   the absolute map: it answers *where* the networks read a factor from, and signed
   guided-backprop maps largely cancel across subjects.
+
+Another method than the configured one (``dfrn attention --method``) writes into
+``attention/method-<method>/`` and ``figures/*_<method>.png`` instead, so no map is
+overwritten or mistaken for another method's.
 """
 
 from __future__ import annotations
@@ -111,7 +115,10 @@ def run_attention_stage(
     ref_img = nib.Nifti1Image(
         np.zeros(volumes.input_grid.shape, np.uint8), volumes.input_grid.affine
     )
-    att_dir = out / "attention"
+    # the configured method writes attention/; another one (--method) its own subfolder
+    own = method == a.method
+    att_dir = out / "attention" if own else out / "attention" / f"method-{method}"
+    suffix = "" if own else f"_{method}"
     att_dir.mkdir(parents=True, exist_ok=True)
     maps: dict[str, nib.Nifti1Image] = {}
     for factor in tqdm(factors, desc=f"attention ({method})", disable=not progress):
@@ -163,7 +170,7 @@ def run_attention_stage(
         template_img = load_mni152_template(resolution=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        plot_fam(maps, template_img, out / "figures" / "fig4_fam.png")
+        plot_fam(maps, template_img, out / "figures" / f"fig4_fam{suffix}.png")
 
     if a.sanity:
         first = _factor_tasks(out, plan, factors[0], volumes, device)[0]
@@ -176,7 +183,7 @@ def run_attention_stage(
         sanity = cascading_randomization(model, torch.from_numpy(x).to(device), methods, seed=0)
         sanity.insert(0, "factor", factors[0])
         atomic_write_tsv(sanity, att_dir / "sanity.tsv")
-        plot_sanity(sanity, out / "figures" / "attention_sanity.png")
+        plot_sanity(sanity, out / "figures" / f"attention_sanity{suffix}.png")
         log(format_table(sanity.round(3), f"Sanity check: cascading randomisation ({factors[0]})"))
         results["sanity"] = sanity
     return results

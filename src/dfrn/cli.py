@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dfrn import __version__
-from dfrn.errors import DfrnError
+from dfrn.errors import DfrnError, DfrnInputError
 
 __all__ = ["main", "build_parser"]
 
@@ -33,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", type=Path, help="study TOML (see README)")
     p.add_argument("--out", type=Path, required=True, help="results folder (new, or a resume)")
+    p.add_argument(
+        "--permutations", type=int, default=0, metavar="N",
+        help="also permutation-test the network: N re-runs of the CV (first repeat) on "
+        "shuffled targets; costs N × folds × factors trainings",
+    )
 
     p = sub.add_parser(
         "demo", parents=[common], help="run the pipeline on a synthetic cohort with planted effects"
@@ -40,7 +45,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("dfrn-demo"), help="results folder")
     p.add_argument("--full", action="store_true", help="the paper's protocol at 1 mm (GPU)")
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser(
+        "factors", parents=[common], help="symptom factors (PCA + varimax) from rating-scale items"
+    )
+    p.add_argument("items", type=Path, help="TSV/CSV: participant_id plus one column per item")
+    p.add_argument("--n-factors", type=int, default=5)
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument(
+        "--name", action="append", default=[], metavar="FACTOR=ITEM,ITEM",
+        help="name a factor by its marker items (repeatable), e.g. anhedonia=hamd_1,hamd_7",
+    )
+    p.add_argument("--impute", choices=["median"], default=None, help="impute missing items")
+    p.add_argument("--tol", type=float, default=1e-5, help="varimax tolerance (R's default)")
+
+    for name, what in (("baseline", "ridge baseline on atlas ROI volumes"),
+                       ("attention", "factor attention maps")):
+        p = sub.add_parser(name, parents=[common], help=f"{what} for a finished run")
+        p.add_argument("results", type=Path, help="results folder of 'dfrn run'")
+        p.add_argument("--atlas", type=str, default=None, help="atlas label image (NIfTI)")
+        p.add_argument("--atlas-labels", type=str, default=None, help="TSV with index, name")
+        if name == "baseline":
+            p.add_argument("--permutations", type=int, default=None, metavar="N",
+                           help="permutations (default: the config's, 1000)")
+        else:
+            p.add_argument(
+                "--method", default=None,
+                choices=["guided_backprop", "gradient", "integrated_gradients", "smoothgrad"],
+                help="attribution method (default: the config's, guided_backprop)",
+            )
     return parser
+
+
+def _parse_names(pairs: Sequence[str]) -> dict[str, list[str]]:
+    names: dict[str, list[str]] = {}
+    for pair in pairs:
+        factor, sep, items = pair.partition("=")
+        if not sep or not factor.strip() or not items.strip():
+            raise DfrnInputError(f"--name {pair!r} must look like FACTOR=ITEM,ITEM")
+        names[factor.strip()] = [i.strip() for i in items.split(",") if i.strip()]
+    return names
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -49,12 +93,41 @@ def _run(args: argparse.Namespace) -> int:
         from dfrn.config import load_config
         from dfrn.pipeline import run_study
 
-        run_study(load_config(args.config), args.out, progress=progress)
+        run_study(
+            load_config(args.config), args.out, progress=progress, permutations=args.permutations
+        )
     elif args.command == "demo":
         from dfrn.demo import run_demo
 
         run_demo(args.out, full=args.full, seed=args.seed, progress=progress)
+    elif args.command == "factors":
+        from dfrn.factors import run_factors
+
+        run_factors(
+            args.items, args.n_factors, args.out, names=_parse_names(args.name),
+            impute=args.impute, tol=args.tol,
+        )
+    elif args.command == "baseline":
+        from dfrn.baseline_stage import run_baseline_stage
+
+        run_baseline_stage(
+            _results(args.results), progress=progress, atlas=args.atlas,
+            atlas_labels=args.atlas_labels, n_permutations=args.permutations,
+        )
+    elif args.command == "attention":
+        from dfrn.attention_stage import run_attention_stage
+
+        run_attention_stage(
+            _results(args.results), progress=progress, method=args.method, atlas=args.atlas,
+            atlas_labels=args.atlas_labels,
+        )
     return 0
+
+
+def _results(path: Path) -> Path:
+    if not (path / "run.json").is_file() or not (path / "cv" / "folds.tsv").is_file():
+        raise DfrnInputError(f"{path} is not a results folder of 'dfrn run' (no run.json or cv/)")
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:

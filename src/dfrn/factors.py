@@ -720,3 +720,39 @@ def write_factor_outputs(
     atomic_write_tsv(model.variance_table(), paths["variance"])
     atomic_write(paths["figure"], lambda p: _plot_loadings(model.loadings_, p))
     return paths
+
+
+def run_factors(
+    items_path: str | Path,
+    n_factors: int,
+    out_dir: str | Path,
+    *,
+    names: Mapping[str, Sequence[str]] | None = None,
+    impute: str | None = None,
+    tol: float = 1e-5,
+    log: Any = print,
+) -> SymptomFactors:
+    """``dfrn factors``: fit on an items table, write the outputs, print a summary.
+
+    Refuses to overwrite an existing ``factors/`` folder in ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / "factors").exists():
+        raise DfrnInputError(
+            f"{out_dir / 'factors'} already exists; choose another --out (results are never "
+            "overwritten)"
+        )
+    items = read_items_table(items_path)
+    model = SymptomFactors(n_factors=n_factors, names=names or None, impute=impute, tol=tol)
+    model.fit(items)
+    paths = write_factor_outputs(model, items, out_dir)
+    var = model.variance_table()
+    log(f"{len(items)} participants x {items.shape[1]} items -> {n_factors} varimax factors")
+    log(var.round(4).to_string(index=False))
+    if not names:
+        top = model.top_items(3)
+        log("top-loading items per factor (name them with --name FACTOR=ITEM,ITEM):")
+        for factor, g in top.groupby("factor", sort=False):
+            log(f"  {factor}: " + ", ".join(f"{r.item} ({r.loading:.2f})" for r in g.itertuples()))
+    log(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return model
