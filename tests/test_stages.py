@@ -131,3 +131,57 @@ def test_baseline_and_attention_stages_and_cli(tiny_cohort, tmp_path: Path, caps
     assert not np.allclose(guided, plain)
     assert main(["attention", str(tmp_path), "--no-progress"]) == 2
     assert "not a results folder" in capsys.readouterr().err
+
+
+def test_network_permutation_test(tiny_cohort, tmp_path: Path) -> None:
+    raw = {
+        "cohort": {"table": str(tiny_cohort.table), "targets": ["sleep"]},
+        "training": {"epochs": 1, "val_fraction": 0.0},
+        "cv": {"n_folds": 2, "n_repeats": 1},
+        "baseline": {"enabled": False},
+        "attention": {"enabled": False},
+    }
+    cfg = config_from_dict(raw, tmp_path)
+    out = tmp_path / "out"
+    res = run_study(cfg, out, progress=False, log=lambda s: None, permutations=2)
+    table = pd.read_csv(out / "cv/permutation.tsv", sep="\t")
+    assert table["n_perm"].tolist() == [2]
+    p = table["p_permutation"].iloc[0]
+    assert min(abs(p - v) for v in (1 / 3, 2 / 3, 1.0)) < 1e-6
+    assert table["r"].iloc[0] == pytest.approx(res.metrics["pearson_r"].iloc[0])
+    # each permutation is a resumable run of its own
+    assert sorted(p.name for p in (out / "permutations").iterdir()) == ["perm-0000", "perm-0001"]
+
+
+def test_factors_cli(shared_data: Path, tmp_path: Path, capsys) -> None:
+    items = shared_data / "items" / "ehd20.tsv"
+    assert main(["factors", str(items), "--n-factors", "5", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "e19 (0.86)" in text and "e5 (0.87)" in text
+    loadings = pd.read_csv(tmp_path / "factors/loadings.tsv", sep="\t")
+    assert loadings.shape == (20, 6) and loadings.columns[0] == "item"
+    var = pd.read_csv(tmp_path / "factors/variance.tsv", sep="\t")
+    assert var["proportion"].sum() == pytest.approx(0.6806, abs=1e-4)
+    assert (tmp_path / "figures/factor_loadings.png").is_file()
+    # never overwritten
+    assert main(["factors", str(items), "--out", str(tmp_path)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    # naming by marker items
+    assert main(["factors", str(items), "--out", str(tmp_path / "named"),
+                 "--name", "mood=e19,e15", "--name", "somatic=e5,e6"]) == 0
+    named = pd.read_csv(tmp_path / "named/factors/loadings.tsv", sep="\t").set_index("item")
+    assert named.loc["e19", "mood"] == pytest.approx(0.86, abs=0.005)
+    assert named.loc["e5", "somatic"] == pytest.approx(0.87, abs=0.005)
+
+
+def test_cli_image_error_is_one_line(tiny_cohort, tmp_path: Path, capsys) -> None:
+    df = pd.read_csv(tiny_cohort.table, sep="\t")
+    df["t1"] = [str(tiny_cohort.root / p) for p in df["t1"]]
+    four_d = tmp_path / "four.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4, 2), np.float32), np.eye(4)), four_d)
+    df.loc[3, "t1"] = str(four_d)
+    df.to_csv(tmp_path / "c.tsv", sep="\t", index=False)
+    (tmp_path / "s.toml").write_text('[cohort]\ntable = "c.tsv"\ntargets = ["sleep"]\n')
+    assert main(["run", str(tmp_path / "s.toml"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "participant sub-0004" in err[0] and "3D T1 image is required" in err[0]
