@@ -30,6 +30,7 @@ from dfrn.baseline import (
 from dfrn.cohort import Cohort
 from dfrn.config import StudyConfig, load_config
 from dfrn.cv import StaticTargets, TargetProvider
+from dfrn.errors import DfrnInputError
 from dfrn.folds import iter_splits
 from dfrn.permutation import permutation_test, write_permutation_table
 from dfrn.report import format_table
@@ -49,8 +50,6 @@ def _features(cohort: Cohort, cfg: StudyConfig, atlas, out: Path, log) -> pd.Dat
     if gm is not None:
         for pid, p in zip(cohort.participant_ids, gm, strict=True):
             if not p.is_file():
-                from dfrn.errors import DfrnInputError
-
                 raise DfrnInputError(f"participant {pid}: GM map not found: {p}")
         log(f"ROI features: gray-matter volume (ml) in {len(atlas.names)} regions of {atlas.source}")
         feats = roi_volumes(gm, atlas, cohort.participant_ids)
@@ -125,16 +124,12 @@ def run_baseline_stage(
     if b.covariates:
         missing = [c for c in b.covariates if c not in cohort.table.columns]
         if missing:
-            from dfrn.errors import DfrnInputError
-
             raise DfrnInputError(
                 f"baseline covariate {missing[0]!r} is not in the cohort table "
                 f"(available: {', '.join(map(str, cohort.table.columns))})"
             )
         cov = encode_covariates(cohort.table[list(b.covariates)])
         if cov.isna().any().any():
-            from dfrn.errors import DfrnInputError
-
             pid = cov.index[cov.isna().any(axis=1)][0]
             raise DfrnInputError(f"participant {pid}: a baseline covariate is missing")
     static = isinstance(provider, StaticTargets)

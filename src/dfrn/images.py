@@ -37,7 +37,7 @@ import nibabel as nib
 import numpy as np
 
 from dfrn.errors import DfrnInputError
-from dfrn.io import atomic_write
+from dfrn.io import atomic_write, file_digest
 
 __all__ = [
     "GridSpec",
@@ -176,12 +176,6 @@ def downsampled_affine(affine: np.ndarray, factor: int) -> np.ndarray:
     return out
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -244,7 +238,7 @@ class VolumeCache:
                     f"brain mask {mask_path} is not on the images' grid (shape {grid.shape})"
                 )
             mask = load_volume(mask_path, "brain mask")[0] > 0
-            mask_digest = _file_digest(Path(mask_path))
+            mask_digest = file_digest(Path(mask_path))
         params = {"downsample": int(downsample), "mask": mask_digest, "norm": "zscore-brain"}
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         files: list[Path] = []
@@ -255,7 +249,7 @@ class VolumeCache:
             disable=not progress,
             unit="img",
         ):
-            target = self.cache_dir / f"{self._key(_file_digest(Path(path)), params)}.npy"
+            target = self.cache_dir / f"{self._key(file_digest(Path(path)), params)}.npy"
             if not target.exists():
                 data, _ = load_volume(path, label)
                 try:

@@ -7,6 +7,7 @@ result that a later run could mistake for a finished one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -28,6 +29,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_tsv",
     "atomic_write_nifti",
+    "file_digest",
 ]
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -81,3 +83,12 @@ def atomic_write_tsv(df: pd.DataFrame, path: str | Path, index: bool = False) ->
 
 def atomic_write_nifti(img: nib.Nifti1Image, path: str | Path) -> Path:
     return atomic_write(path, lambda p: nib.save(img, p))
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

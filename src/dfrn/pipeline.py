@@ -26,9 +26,9 @@ from dfrn.cv import StaticTargets, TargetProvider, plan_tasks, run_cv
 from dfrn.errors import DfrnInputError
 from dfrn.folds import make_fold_plan, validate_fold_plan
 from dfrn.images import VolumeCache, VolumeSet
-from dfrn.io import atomic_write_tsv
+from dfrn.io import atomic_write_tsv, file_digest
 from dfrn.report import format_table, plot_fig2
-from dfrn.results import file_digest, open_results_dir
+from dfrn.results import open_results_dir
 from dfrn.stats import compute_metrics, table1
 from dfrn.training import DFRNRegressor
 

@@ -9,7 +9,6 @@ silently overwritten.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import sys
@@ -20,7 +19,7 @@ from typing import Any
 
 from dfrn.config import StudyConfig
 from dfrn.errors import ResultsFolderError
-from dfrn.io import atomic_write_json, atomic_write_text
+from dfrn.io import atomic_write_json, atomic_write_text, file_digest
 
 __all__ = ["open_results_dir", "environment", "file_digest", "read_run_info"]
 
@@ -38,13 +37,6 @@ PACKAGES = (
     "matplotlib",
 )
 
-
-def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def environment() -> dict[str, Any]:
