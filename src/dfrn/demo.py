@@ -48,7 +48,7 @@ class DemoSettings:
 
 
 QUICK = DemoSettings(
-    n_subjects=80,
+    n_subjects=72,
     voxel_size=4.0,
     downsample=2,
     n_folds=3,
