@@ -38,3 +38,39 @@ def tiny_cohort(tmp_path_factory: pytest.TempPathFactory):
         tmp_path_factory.mktemp("tiny_cohort"), n_subjects=12, voxel_size=8.0, effect=0.4,
         radius=14.0, seed=3,
     )
+
+
+@pytest.fixture
+def cohort_copy(tiny_cohort, tmp_path: Path):
+    """A private copy of the tiny cohort (its files may be changed by the test)."""
+    import dataclasses
+    import shutil
+
+    root = tmp_path / "cohort"
+    shutil.copytree(tiny_cohort.root, root)
+    return dataclasses.replace(
+        tiny_cohort,
+        root=root,
+        table=root / tiny_cohort.table.name,
+        brain_mask=root / tiny_cohort.brain_mask.name,
+    )
+
+
+def study_config(cohort, **over):
+    """A fast study config on a synthetic cohort: 2 factors, 2 folds, 1 epoch, no stages."""
+    from dfrn.config import config_from_dict
+
+    raw = {
+        "cohort": {
+            "table": str(cohort.table),
+            "targets": ["anhedonia", "sleep"],
+            "mask": str(cohort.brain_mask),
+        },
+        "training": {"epochs": 1, "val_fraction": 0.0},
+        "cv": {"n_folds": 2, "n_repeats": 1, "seed": 1},
+        "baseline": {"enabled": False},
+        "attention": {"enabled": False},
+    }
+    for section, values in over.items():
+        raw.setdefault(section, {}).update(values)
+    return config_from_dict(raw, cohort.root)

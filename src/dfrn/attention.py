@@ -52,6 +52,7 @@ from captum.attr import GuidedBackprop, IntegratedGradients, NoiseTunnel, Salien
 from torch import nn
 
 from dfrn.errors import DfrnError, DfrnInputError
+from dfrn.io import atomic_write
 
 __all__ = [
     "METHODS",
@@ -763,7 +764,9 @@ def plot_fam(
                 draw_cross=False,
                 black_bg=True,
             )
-        fig.savefig(out, dpi=dpi, facecolor=fig.get_facecolor())
+        atomic_write(
+            out, lambda p: fig.savefig(p, dpi=dpi, facecolor=fig.get_facecolor(), format="png")
+        )
     finally:
         plt.close(fig)
     return out

@@ -22,7 +22,6 @@ overwritten or mistaken for another method's.
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -39,8 +38,8 @@ from dfrn.attention import (
     rank_regions,
     to_template_space,
 )
-from dfrn.config import StudyConfig, load_config
-from dfrn.cv import plan_tasks
+from dfrn.config import StudyConfig
+from dfrn.cv import plan_tasks, read_task_meta
 from dfrn.errors import DfrnInputError
 from dfrn.images import VolumeSet
 from dfrn.io import atomic_write_nifti, atomic_write_tsv
@@ -74,7 +73,7 @@ def _factor_tasks(out: Path, plan: pd.DataFrame, factor: str, volumes: VolumeSet
             raise DfrnInputError(
                 f"task {t.name} has not finished; rerun 'dfrn run' to complete the CV first"
             )
-        meta = json.loads((folder / "task.json").read_text())
+        meta = read_task_meta(folder, t)  # every file checked against the task's manifest
 
         def loader(p=folder / "model.pt"):
             return DFRNRegressor.load(p, device=device).model_
@@ -95,17 +94,33 @@ def run_attention_stage(
     atlas: str | None = None,
     atlas_labels: str | None = None,
 ) -> dict[str, pd.DataFrame]:
-    """Compute and write every attention output for a finished CV run in ``out``."""
+    """Compute and write every attention output for a finished CV run in ``out``.
+
+    Called without ``cfg`` (``dfrn attention RESULTS``), it takes the folder's lock and first
+    checks that the input files are those the run was made with.
+    """
+    if cfg is None:
+        from dfrn.pipeline import open_finished_study, prepare_volumes, results_lock
+
+        with results_lock(Path(out), "dfrn attention", log):
+            study = open_finished_study(out, progress)
+            volumes = prepare_volumes(
+                study.cohort, study.cfg, study.out, progress, study.inputs, log
+            )
+            return run_attention_stage(
+                out, study.cfg, volumes, factors, study.plan, progress, log, method, atlas,
+                atlas_labels,
+            )
     from tqdm.auto import tqdm
 
     from dfrn.pipeline import load_study_cohort, prepare_volumes
 
     out = Path(out)
-    cfg = cfg or load_config(out / "config.toml")
     a = cfg.attention
     method = method or a.method
+    resolve_device(cfg.training.device)
     if volumes is None:
-        volumes = prepare_volumes(load_study_cohort(cfg), cfg, out, progress)
+        volumes = prepare_volumes(load_study_cohort(cfg), cfg, out, progress, log=log)
     if plan is None:
         plan = pd.read_csv(out / "cv" / "folds.tsv", sep="\t", dtype={"participant_id": str})
     if factors is None:

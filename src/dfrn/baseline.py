@@ -37,6 +37,7 @@ from threadpoolctl import threadpool_limits
 
 from dfrn.errors import DfrnInputError
 from dfrn.folds import iter_splits
+from dfrn.io import atomic_write, atomic_write_tsv
 from dfrn.stats import PREDICTION_COLUMNS, compute_metrics
 
 __all__ = [
@@ -465,8 +466,8 @@ def write_baseline_outputs(predictions: pd.DataFrame, out_dir: str | Path) -> tu
     folder = Path(out_dir) / "baseline"
     folder.mkdir(parents=True, exist_ok=True)
     pred_path, metrics_path = folder / "predictions.tsv", folder / "metrics.tsv"
-    predictions[PREDICTION_COLUMNS].to_csv(pred_path, sep="\t", index=False)
-    compute_metrics(predictions).to_csv(metrics_path, sep="\t", index=False)
+    atomic_write_tsv(predictions[PREDICTION_COLUMNS], pred_path, float_format=None)
+    atomic_write_tsv(compute_metrics(predictions), metrics_path, float_format=None)
     return pred_path, metrics_path
 
 
@@ -523,5 +524,5 @@ def plot_fig3(
     ax.legend(frameon=False, fontsize="small")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=150)
+    atomic_write(out, lambda p: fig.savefig(p, dpi=150, format="png"))
     return out

@@ -28,7 +28,7 @@ from dfrn.baseline import (
     write_baseline_outputs,
 )
 from dfrn.cohort import Cohort
-from dfrn.config import StudyConfig, load_config
+from dfrn.config import StudyConfig
 from dfrn.cv import StaticTargets, TargetProvider
 from dfrn.errors import DfrnInputError
 from dfrn.folds import iter_splits
@@ -103,11 +103,23 @@ def run_baseline_stage(
     atlas_labels: str | None = None,
     n_permutations: int | None = None,
 ) -> dict[str, pd.DataFrame]:
-    """Run the ridge baseline on a results folder whose fold plan exists."""
+    """Run the ridge baseline on a results folder whose fold plan exists.
+
+    Called without ``cfg`` (``dfrn baseline RESULTS``), it takes the folder's lock and first
+    checks that the input files are those the run was made with.
+    """
+    if cfg is None:
+        from dfrn.pipeline import open_finished_study, results_lock
+
+        with results_lock(Path(out), "dfrn baseline", log):
+            study = open_finished_study(out, progress)
+            return run_baseline_stage(
+                out, study.cfg, study.cohort, None, None, study.plan, progress, log, atlas,
+                atlas_labels, n_permutations,
+            )
     from dfrn.pipeline import load_study_cohort, study_targets
 
     out = Path(out)
-    cfg = cfg or load_config(out / "config.toml")
     b = cfg.baseline
     cohort = cohort or load_study_cohort(cfg)
     if plan is None:

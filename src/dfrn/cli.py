@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+import traceback
 import warnings
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 from dfrn import __version__
@@ -130,17 +134,65 @@ def _results(path: Path) -> Path:
     return path
 
 
+def _crash_log(args: argparse.Namespace | None, text: str) -> Path | None:
+    """Write a traceback to ``<results>/logs/`` when that folder exists, else the temp dir."""
+    from dfrn.io import atomic_write_text
+
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    name = f"dfrn-error-{stamp}-{os.getpid()}.log"
+    folders = []
+    for attr in ("out", "results"):
+        value = getattr(args, attr, None) if args is not None else None
+        if isinstance(value, Path) and value.is_dir():
+            folders.append(value / "logs")
+    folders.append(Path(tempfile.gettempdir()))
+    for folder in folders:
+        try:
+            return atomic_write_text(folder / name, text)
+        except OSError:
+            continue
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; exit status 0 on success, 2 for a dfrn error (bad input, a
+    results folder in use or not intact, a full disk), 1 for anything else.
+
+    Every error is one line on stderr. An unexpected exception is never swallowed: its line
+    names the exception and the log file that holds the full traceback.
+    """
     args = build_parser().parse_args(argv)
     warnings.showwarning = _warning_line
     try:
         return _run(args)
     except DfrnError as exc:
-        print(f"dfrn: error: {exc}", file=sys.stderr)
+        print(f"dfrn: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dfrn: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except OSError as exc:
+        log = _crash_log(args, traceback.format_exc())
+        where = f" {exc.filename}" if exc.filename else ""
+        what = exc.strerror or str(exc)
+        print(
+            f"dfrn: error: cannot access{where}: {what}"
+            + (f" (details in {log})" if log else ""),
+            file=sys.stderr,
+        )
+        return 1
+    except Exception as exc:
+        log = _crash_log(args, traceback.format_exc())
+        print(
+            f"dfrn: internal error: {type(exc).__name__}: {_one_line(exc)}; the full traceback "
+            f"is in {log if log else '(no writable place for a log)'}; please report it",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -119,7 +119,15 @@ def numeric_columns(
                 f"{what} column {c!r} has a non-numeric value {table.at[pid, c]!r} "
                 f"for participant {pid} (and {int(bad.sum()) - 1} more)"
             )
-        out[c] = converted.astype(float)
+        converted = converted.astype(float)
+        inf = np.isinf(converted.to_numpy())
+        if inf.any():
+            pid = converted.index[inf][0]
+            raise DfrnInputError(
+                f"{what} column {c!r} has an infinite value {table.at[pid, c]!r} for participant "
+                f"{pid} (and {int(inf.sum()) - 1} more); use a finite number or leave it empty"
+            )
+        out[c] = converted
     return pd.DataFrame(out, index=table.index)
 
 

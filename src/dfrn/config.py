@@ -28,12 +28,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
 from dfrn.errors import DfrnInputError
+
+#: Valid ``[training] device`` values (availability is checked when a run starts).
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+#: Valid ``[cohort] intensity`` values.
+INTENSITY_MODES = ("zscore", "none", "minmax")
 
 __all__ = [
     "CohortConfig",
@@ -45,6 +51,8 @@ __all__ = [
     "AttentionConfig",
     "StudyConfig",
     "load_config",
+    "DEVICE_PATTERN",
+    "INTENSITY_MODES",
 ]
 
 
@@ -65,7 +73,12 @@ class CohortConfig:
     gm_column: str = "gm"
     """Optional column of gray-matter probability maps (used by the baseline)."""
     mask: str = ""
-    """Optional brain mask on the images' grid; z-scoring then uses it."""
+    """Optional brain mask on the images' grid: normalisation uses all its voxels and
+    everything outside it is set to 0."""
+    intensity: str = "zscore"
+    """Intensity normalisation of each image: ``"zscore"`` (inside the mask, or the non-zero
+    voxels without one), ``"minmax"`` (to [0, 1] in the same region) or ``"none"`` (values as
+    they are; use it for binary maps such as lesion masks)."""
     downsample: int = 1
     """Integer block-average factor (1 = full resolution)."""
     cache_dir: str = ""
@@ -160,11 +173,21 @@ class StudyConfig:
         return d
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes results (not device or worker settings)."""
+        """Hash of every setting that changes results.
+
+        Device and worker settings are left out, and so are file paths: the files' contents
+        enter a run's identity through their digests (``run.json``), so a moved cohort or a
+        moved results folder is still the same run.
+        """
         d = self.to_dict()
         for k in ("device", "num_workers"):
             d["training"].pop(k, None)
-        d["cohort"].pop("cache_dir", None)
+        for section, keys in PATH_KEYS.items():
+            if section in d:
+                for k in keys:
+                    d[section].pop(k, None)
+        d["cohort"]["source"] = "bids" if self.cohort.bids else "table"
+        d["attention"]["truth"] = sorted(self.attention.truth)
         blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -215,6 +238,8 @@ def _check_type(section: str, key: str, value: Any, hint: Any) -> Any:
     elif origin is list:
         if not isinstance(value, list):
             raise DfrnInputError(f"config {where} must be a list, got {value!r}")
+        (item_hint,) = hint.__args__
+        value = [_check_type(section, f"{key}[{i}]", v, item_hint) for i, v in enumerate(value)]
     elif origin is dict:
         if not isinstance(value, dict):
             raise DfrnInputError(f"config {where} must be a table, got {value!r}")
@@ -272,8 +297,15 @@ def validate(cfg: StudyConfig) -> None:
         raise DfrnInputError("config [training] target_scaling must be 'zscore' or 'none'")
     if not 0 <= t.val_fraction < 0.5:
         raise DfrnInputError("config [training] val_fraction must be in [0, 0.5)")
-    if t.device not in ("auto", "cpu", "cuda") and not t.device.startswith("cuda:"):
-        raise DfrnInputError(f"config [training] device {t.device!r} is not auto, cpu or cuda")
+    if not DEVICE_PATTERN.match(t.device):
+        raise DfrnInputError(
+            f"config [training] device {t.device!r} is not valid: use 'auto', 'cpu', 'cuda' or "
+            "'cuda:<index>'"
+        )
+    if c.intensity not in INTENSITY_MODES:
+        raise DfrnInputError(
+            f"config [cohort] intensity {c.intensity!r} is not one of {', '.join(INTENSITY_MODES)}"
+        )
     if cfg.cv.n_folds < 2 or cfg.cv.n_repeats < 1:
         raise DfrnInputError("config [cv] needs n_folds >= 2 and n_repeats >= 1")
     if cfg.factors is not None and cfg.factors.fit_on not in ("all", "train"):

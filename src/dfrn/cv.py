@@ -4,8 +4,10 @@ Each task trains one :class:`dfrn.training.DFRNRegressor` on the training subjec
 (those with a value for that factor) and predicts its test subjects. A task writes its
 folder ``cv/tasks/repeat-<r>_fold-<f>_<factor>/`` (``model.pt``, ``predictions.tsv``,
 ``history.tsv``, ``task.json``) under a temporary name and renames it into place when it
-is complete, so a folder that exists is a finished task. A re-run skips finished tasks
-and gives identical pooled predictions.
+is complete, with a ``manifest.json`` (size and SHA-256 of every file). On a re-run, a task
+counts as finished only when its folder passes that check; a folder that fails (a missing or
+edited file) is re-run, and the log says so. Pooling then fails, naming the task and the
+subjects, if any planned (repeat, fold, factor, subject) has no prediction.
 
 Targets come from a :class:`TargetProvider`, so derived targets that must be fitted inside
 the training fold (``[factors] fit_on = "train"``) plug in without leaking test subjects.
@@ -16,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,16 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
+from dfrn.errors import ResultsIntegrityError
 from dfrn.folds import iter_splits
-from dfrn.io import atomic_write_tsv, check_safe_id
+from dfrn.io import (
+    atomic_write_json,
+    atomic_write_tsv,
+    check_safe_id,
+    make_temp_dir,
+    verify_manifest,
+    write_manifest,
+)
 from dfrn.stats import PREDICTION_COLUMNS
 
 __all__ = [
@@ -37,6 +46,8 @@ __all__ = [
     "run_task",
     "run_cv",
     "collect_predictions",
+    "verify_task",
+    "read_task_meta",
     "task_seed",
 ]
 
@@ -90,6 +101,9 @@ def plan_tasks(plan: pd.DataFrame, factors: Sequence[str]) -> list[Task]:
     return tasks
 
 
+TASK_FILES = ("model.pt", "history.tsv", "predictions.tsv", "task.json")
+
+
 def run_task(
     task: Task,
     volumes: Sequence[np.ndarray],
@@ -99,20 +113,30 @@ def run_task(
     base_seed: int,
     tasks_dir: Path,
 ) -> Path:
-    """Train and evaluate one task; write its folder atomically; return the folder."""
+    """Train and evaluate one task; write its folder atomically; return the folder.
+
+    The folder is built under a temporary name, gets a ``manifest.json`` (size and SHA-256
+    of every file), and is renamed into place only when complete. An existing folder that
+    passes :func:`verify_task` is kept; one that fails is replaced.
+    """
     final = tasks_dir / task.name
-    if final.is_dir():
+    if final.is_dir() and verify_task(final, task) is None:
         return final
     y_train_all, y_test_all = targets(task.repeat, task.fold, task.train_ids, task.test_ids)
     y_train = y_train_all[task.factor].dropna()
     y_test = y_test_all[task.factor].dropna()
     seed = task_seed(base_seed, task.repeat, task.fold, task.factor_index)
-    est = make_estimator(seed, f"r{task.repeat} f{task.fold} {task.factor}")
+    est = make_estimator(seed, f"repeat {task.repeat}, fold {task.fold}, factor {task.factor}")
     tr = index_of(list(y_train.index))
     te = index_of(list(y_test.index))
     est.fit(_Subset(volumes, tr), y_train.to_numpy())  # type: ignore[attr-defined]
     pred = est.predict(_Subset(volumes, te)) if te else np.zeros(0)  # type: ignore[attr-defined]
-    tmp = Path(tempfile.mkdtemp(prefix=f".{task.name}.", suffix=".tmp", dir=tasks_dir))
+    pred = np.asarray(pred, dtype=float)
+    if pred.shape != (len(te),):
+        raise ResultsIntegrityError(
+            f"task {task.name}: {pred.shape} predictions for {len(te)} test subjects"
+        )
+    tmp = make_temp_dir(tasks_dir, task.name)
     try:
         est.save(tmp / "model.pt")  # type: ignore[attr-defined]
         atomic_write_tsv(est.history_, tmp / "history.tsv")  # type: ignore[attr-defined]
@@ -123,7 +147,7 @@ def run_task(
                 "fold": task.fold,
                 "factor": task.factor,
                 "y_true": y_test.to_numpy(float),
-                "y_pred": np.asarray(pred, dtype=float),
+                "y_pred": pred,
             },
             columns=PREDICTION_COLUMNS,
         )
@@ -140,12 +164,52 @@ def run_task(
             "y_std": float(est.y_std_),  # type: ignore[attr-defined]
             "test_ids": list(y_test.index),
         }
-        (tmp / "task.json").write_text(json.dumps(meta, indent=2) + "\n")
+        atomic_write_json(tmp / "task.json", meta)
+        write_manifest(tmp)
+        if final.exists():  # a folder that failed verification: move it aside, then drop it
+            stale = make_temp_dir(tasks_dir, f"{task.name}.stale")
+            os.replace(final, stale / task.name)
+            shutil.rmtree(stale, ignore_errors=True)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def verify_task(folder: Path, task: Task) -> str | None:
+    """None when ``folder`` is the intact result of ``task``, else the reason it is not.
+
+    Checks every file against the folder's manifest, and that ``task.json`` describes this
+    (repeat, fold, factor) with test subjects drawn from this fold's test subjects.
+    """
+    if not folder.is_dir():
+        return "its folder is missing"
+    reason = verify_manifest(folder, required=TASK_FILES)
+    if reason:
+        return reason
+    try:
+        meta = json.loads((folder / "task.json").read_text(encoding="utf-8"))
+    except Exception:
+        return "task.json is unreadable"
+    if (meta.get("repeat"), meta.get("fold"), meta.get("factor")) != (
+        task.repeat, task.fold, task.factor
+    ):
+        return "task.json describes another task"
+    if not set(meta.get("test_ids", [])) <= set(task.test_ids):
+        return "its test subjects are not this fold's"
+    return None
+
+
+def read_task_meta(folder: Path, task: Task) -> dict:
+    """``task.json`` of a verified task folder; a one-line error when the task is not intact."""
+    reason = verify_task(folder, task)
+    if reason:
+        raise ResultsIntegrityError(
+            f"task {task.name} in {folder.parent} is not intact ({reason}); rerun 'dfrn run' "
+            "with the same config and --out to redo it"
+        )
+    return json.loads((folder / "task.json").read_text(encoding="utf-8"))
 
 
 class _Subset:
@@ -172,11 +236,15 @@ def run_cv(
     cv_dir: Path,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    expected: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """Run every unfinished task in order, then pool the predictions.
+    """Run every unfinished task in order, then pool and check the predictions.
 
-    Finished tasks (an existing task folder) are skipped and reported. Leftover temporary
-    folders from an interrupted run are removed first.
+    A task counts as finished only when its folder passes :func:`verify_task` (every file
+    matches the folder's manifest). A folder that fails is re-run, and the log says why.
+    Leftover temporary folders from an interrupted run are removed first. ``expected``
+    (targets indexed by participant_id, NaN where a subject has no value) is passed to
+    :func:`collect_predictions`.
     """
     from tqdm.auto import tqdm
 
@@ -184,22 +252,85 @@ def run_cv(
     tasks_dir.mkdir(parents=True, exist_ok=True)
     for stale in tasks_dir.glob(".*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
-    done = [t for t in tasks if (tasks_dir / t.name).is_dir()]
-    todo = [t for t in tasks if not (tasks_dir / t.name).is_dir()]
+    done, todo = [], []
+    for t in tasks:
+        folder = tasks_dir / t.name
+        if not folder.exists():
+            todo.append(t)
+            continue
+        reason = verify_task(folder, t)
+        if reason is None:
+            done.append(t)
+        else:
+            log(f"task {t.name} failed its check ({reason}); re-running it")
+            todo.append(t)
     if done:
         log(f"resuming: {len(done)} of {len(tasks)} tasks already finished, skipped")
     for t in tqdm(todo, desc="cv tasks", unit="task", disable=not progress):
         run_task(t, volumes, index_of, targets, make_estimator, base_seed, tasks_dir)
-    return collect_predictions(tasks, cv_dir)
+    return collect_predictions(tasks, cv_dir, expected)
 
 
-def collect_predictions(tasks: Sequence[Task], cv_dir: Path) -> pd.DataFrame:
-    """Pool the predictions of finished tasks, in task order."""
+def collect_predictions(
+    tasks: Sequence[Task], cv_dir: Path, expected: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """Pool the predictions of every task, in task order, and check they are complete.
+
+    Parameters
+    ----------
+    tasks : sequence of Task
+        The planned tasks.
+    cv_dir : Path
+        The folder holding ``tasks/``.
+    expected : DataFrame, optional
+        Targets indexed by participant_id, one column per factor (NaN: no value). Each
+        planned (repeat, fold, factor, subject) with a value must have exactly one finite
+        prediction. Without it, the subjects listed in each task's verified ``task.json``
+        are expected.
+
+    Raises
+    ------
+    ResultsIntegrityError
+        When a task folder is missing or fails its check, or a planned prediction is
+        missing, duplicated, foreign to its fold or not finite. The message names the task
+        and the subjects.
+    """
     frames = []
     for t in tasks:
-        p = cv_dir / "tasks" / t.name / "predictions.tsv"
-        if p.is_file():
-            frames.append(pd.read_csv(p, sep="\t", dtype={"participant_id": str}))
+        folder = cv_dir / "tasks" / t.name
+        meta = read_task_meta(folder, t)
+        df = pd.read_csv(folder / "predictions.tsv", sep="\t", dtype={"participant_id": str})
+        if expected is not None:
+            col = expected.loc[list(t.test_ids), t.factor]
+            want = [str(p) for p in col.index[col.notna().to_numpy()]]
+        else:
+            want = [str(p) for p in meta["test_ids"]]
+        got = df["participant_id"].tolist()
+        problems = []
+        missing = sorted(set(want) - set(got))
+        if missing:
+            problems.append(f"no prediction for {', '.join(missing[:5])}")
+        extra = sorted(set(got) - set(want))
+        if extra:
+            problems.append(f"unexpected subjects {', '.join(extra[:5])}")
+        dup = sorted(set(df["participant_id"][df["participant_id"].duplicated()]))
+        if dup:
+            problems.append(f"duplicate predictions for {', '.join(dup[:5])}")
+        keys = df[["repeat", "fold", "factor"]].drop_duplicates()
+        if len(df) and (
+            len(keys) != 1
+            or (int(keys.iloc[0]["repeat"]), int(keys.iloc[0]["fold"]), str(keys.iloc[0]["factor"]))
+            != (t.repeat, t.fold, t.factor)
+        ):
+            problems.append("rows of another (repeat, fold, factor)")
+        if not np.all(np.isfinite(df["y_pred"].to_numpy(float))):
+            problems.append("non-finite predictions")
+        if problems:
+            raise ResultsIntegrityError(
+                f"task {t.name}: {'; '.join(problems)}; rerun 'dfrn run' with the same "
+                "config and --out to redo it"
+            )
+        frames.append(df)
     if not frames:
         return pd.DataFrame(columns=PREDICTION_COLUMNS)
     return pd.concat(frames, ignore_index=True)[PREDICTION_COLUMNS]

@@ -18,3 +18,11 @@ class DfrnInputError(DfrnError, ValueError):
 
 class ResultsFolderError(DfrnInputError):
     """A results folder that holds a different run and must not be overwritten."""
+
+
+class ResultsIntegrityError(DfrnError):
+    """Finished work that fails its check: a missing prediction, or a file that changed."""
+
+
+class DiskSpaceError(DfrnError, OSError):
+    """The disk (or quota) ran out while dfrn was writing a file."""

@@ -30,7 +30,7 @@ from dfrn.errors import DfrnInputError
 from dfrn.factors import SymptomFactors, fold_factor_scores, write_factor_outputs
 from dfrn.io import check_safe_id
 
-__all__ = ["factor_targets", "FoldFactorTargets"]
+__all__ = ["factor_targets", "fit_factor_model", "FoldFactorTargets"]
 
 
 @dataclass
@@ -53,14 +53,8 @@ class FoldFactorTargets:
         return scores.loc[list(train_ids)], scores.loc[list(test_ids)]
 
 
-def factor_targets(
-    cohort: Cohort,
-    cfg: FactorsConfig,
-    plan: pd.DataFrame,
-    out: Path,
-    log: Callable[[str], None] = print,
-) -> tuple[pd.DataFrame, TargetProvider]:
-    """Fit the factors, write ``factors/``, and return (full-cohort scores, target provider)."""
+def fit_factor_model(cohort: Cohort, cfg: FactorsConfig) -> tuple[SymptomFactors, pd.DataFrame]:
+    """Check the ``[factors]`` items and fit the full-cohort model; return it and the items."""
     if not cfg.items:
         raise DfrnInputError("config [factors] items is empty: list the item columns")
     missing = [c for c in cfg.items if c not in cohort.table.columns]
@@ -78,12 +72,30 @@ def factor_targets(
         impute=cfg.impute or None,
         tol=cfg.tol,
     )
-    scores = reference.fit_transform(items)
-    write_factor_outputs(reference, items, out)
+    reference.fit(items)
+    return reference, items
+
+
+def factor_targets(
+    cohort: Cohort,
+    cfg: FactorsConfig,
+    plan: pd.DataFrame,
+    out: Path | None,
+    log: Callable[[str], None] = print,
+) -> tuple[pd.DataFrame, TargetProvider]:
+    """Fit the factors and return (full-cohort scores, target provider).
+
+    ``factors/`` is written into ``out`` unless ``out`` is None (the pipeline writes it only
+    after every input check has passed, with :func:`write_factor_outputs`).
+    """
+    reference, items = fit_factor_model(cohort, cfg)
+    scores = reference.scores_.copy()
+    if out is not None:
+        write_factor_outputs(reference, items, out)
     var = reference.variance_table()
+    where = "all subjects" if cfg.fit_on == "all" else "per training fold, aligned to the full fit"
     log(
-        f"factors fitted on {len(items)} subjects ({'all subjects' if cfg.fit_on == 'all' else 'per training fold, aligned to the full fit'}); "
-        "variance explained: "
+        f"factors fitted on {len(items)} subjects ({where}); variance explained: "
         + ", ".join(f"{r.factor} {100 * r.proportion:.1f}%" for r in var.itertuples())
     )
     if cfg.fit_on == "all":

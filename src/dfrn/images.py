@@ -2,11 +2,27 @@
 
 Normalisation (documented choice)
 ---------------------------------
-Each image is z-scored *within the brain*: voxels inside a brain mask when one is given
-(``cohort.mask``), otherwise inside the image's non-zero voxels (skull-stripped or
-template-masked inputs are zero outside the brain). Voxels outside stay 0, so zero padding
-carries no information. This removes scanner gain and global intensity offsets, which are
-nuisance, while keeping local contrast, which is signal.
+Each image is normalised *within its region*: the voxels of the brain mask when one is given
+(``[cohort] mask``; all mask voxels, zero-valued ones included), otherwise the image's
+non-zero voxels (skull-stripped or template-masked inputs are zero outside the brain).
+Voxels outside the region are set to 0, so zero padding carries no information.
+``intensity`` (``[cohort] intensity``) picks what happens inside the region:
+
+intensity : {"zscore", "none", "minmax"}, default "zscore"
+    ``"zscore"``
+        ``(x - mean) / sd`` over the region (``sd == 0`` divides by 1). This removes scanner
+        gain and global intensity offsets, which are nuisance, while keeping local contrast,
+        which is signal. The default, for T1 intensities.
+    ``"none"``
+        Values unchanged inside the region, 0 outside (without a mask the data are returned
+        unchanged). Use it for maps whose values already mean something across subjects,
+        such as binary lesion masks or probability maps: z-scoring a 0/1 map per subject
+        turns "lesioned" into a number that depends on the lesion's size.
+    ``"minmax"``
+        ``(x - min) / (max - min)`` over the region, so the region spans [0, 1]
+        (``max == min`` gives 0); 0 outside.
+
+``"zscore"`` and ``"minmax"`` need at least 2 voxels in the region.
 
 Downsampling
 ------------
@@ -19,25 +35,40 @@ block centre (:func:`downsampled_affine`).
 Cache
 -----
 Every NIfTI is decoded once. :class:`VolumeCache` stores each normalised, downsampled volume
-as a float16 ``.npy`` file keyed by the SHA-256 of the file's bytes and the preprocessing
-parameters; training reads them back as memory maps. 5 factors × 10 folds × 5 repeats = 250
-trainings never re-decode gzip.
+as a float16 ``<key>.npy`` file keyed by the SHA-256 of the file's bytes and the preprocessing
+parameters (downsample, mask digest, intensity); training reads them back as memory maps.
+5 factors × 10 folds × 5 repeats = 250 trainings never re-decode gzip.
+
+Next to each ``<key>.npy`` a sidecar ``<key>.json`` records the SHA-256 of the ``.npy``
+bytes, the source image and summary statistics of the cached volume (``min``, ``max``,
+``std``) and ``n_unique_le_2`` (the input has at most 2 distinct values in its region, i.e.
+looks binary). The ``.npy`` is written first and the sidecar second, both atomically, so an
+entry without a sidecar is incomplete. Every :meth:`VolumeCache.prepare` re-hashes each
+entry against its sidecar and rebuilds truncated, replaced or incomplete entries from their
+NIfTI. It then refuses subjects whose cached volume is constant (``std == 0``, e.g. all zero)
+and warns when binary-looking images are z-scored. Under ``intensity="none"`` a constant
+volume is a real observation (an empty lesion map): it is only warned about, unless every
+subject's volume is constant.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import warnings
 import zlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 
+from dfrn.config import INTENSITY_MODES
 from dfrn.errors import DfrnInputError
-from dfrn.io import atomic_write, file_digest
+from dfrn.io import atomic_write, atomic_write_json, file_digest
 
 __all__ = [
     "GridSpec",
@@ -49,9 +80,11 @@ __all__ = [
     "downsampled_affine",
     "VolumeCache",
     "VolumeSet",
+    "INTENSITY_MODES",
 ]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+"""Accepted values of ``intensity`` (see the module docstring)."""
 AFFINE_ATOL = 1e-3
 
 
@@ -144,16 +177,82 @@ def check_common_grid(
     return ref
 
 
-def normalise(data: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """Z-score inside ``mask`` (or inside non-zero voxels); zero outside."""
-    inside = (data != 0) if mask is None else (mask & (data != 0))
-    out = np.zeros_like(data, dtype=np.float32)
-    values = data[inside]
-    if values.size < 2:
-        raise DfrnInputError("image has fewer than 2 brain voxels; cannot normalise")
-    sd = float(values.std())
-    out[inside] = (values - values.mean()) / (sd if sd > 0 else 1.0)
+def _check_intensity(intensity: str) -> str:
+    if intensity not in INTENSITY_MODES:
+        raise DfrnInputError(
+            f"unknown intensity normalisation {intensity!r}; use one of "
+            + ", ".join(repr(m) for m in INTENSITY_MODES)
+        )
+    return intensity
+
+
+def _region(data: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Boolean region of ``data``: all of ``mask`` when given, else the non-zero voxels."""
+    if mask is None:
+        return data != 0
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != data.shape:
+        raise DfrnInputError(f"brain mask has shape {mask.shape}, the image {data.shape}")
+    return mask
+
+
+def _at_most_two_values(values: np.ndarray) -> bool:
+    """Whether ``values`` holds at most 2 distinct values (linear time, no sort)."""
+    if values.size == 0:
+        return True
+    rest = values[values != values.flat[0]]
+    return rest.size == 0 or not bool((rest != rest.flat[0]).any())
+
+
+def _normalise(data: np.ndarray, region: np.ndarray, intensity: str) -> np.ndarray:
+    """Normalise inside ``region`` (0 outside); a region under 2 voxels gives zeros."""
+    out = np.zeros(data.shape, dtype=np.float32)
+    values = data[region].astype(np.float64)
+    if intensity == "none":
+        out[region] = values
+    elif values.size >= 2:
+        if intensity == "zscore":
+            sd = float(values.std())
+            out[region] = (values - values.mean()) / (sd if sd > 0 else 1.0)
+        else:  # minmax
+            lo, hi = float(values.min()), float(values.max())
+            out[region] = (values - lo) / (hi - lo) if hi > lo else 0.0
     return out
+
+
+def normalise(
+    data: np.ndarray, mask: np.ndarray | None = None, intensity: str = "zscore"
+) -> np.ndarray:
+    """Normalise an image inside its region and set it to 0 outside.
+
+    Parameters
+    ----------
+    data : np.ndarray
+        3D image.
+    mask : np.ndarray or None, optional
+        Brain mask of ``data``'s shape (truthy = inside). When given, the region is every
+        mask voxel, zero-valued ones included; otherwise the non-zero voxels of ``data``.
+    intensity : {"zscore", "none", "minmax"}, default "zscore"
+        ``"zscore"``: ``(x - mean) / sd`` over the region (``sd == 0`` divides by 1);
+        ``"none"``: values unchanged; ``"minmax"``: ``(x - min) / (max - min)`` (0 when
+        ``max == min``). See the module docstring.
+
+    Returns
+    -------
+    np.ndarray
+        float32 array of ``data``'s shape.
+
+    Raises
+    ------
+    DfrnInputError
+        For an unknown ``intensity``, or when ``"zscore"``/``"minmax"`` get a region of
+        fewer than 2 voxels.
+    """
+    _check_intensity(intensity)
+    region = _region(data, mask)
+    if intensity != "none" and int(region.sum()) < 2:
+        raise DfrnInputError("image has fewer than 2 brain voxels; cannot normalise")
+    return _normalise(data, region, intensity)
 
 
 def block_downsample(data: np.ndarray, factor: int) -> np.ndarray:
@@ -176,17 +275,36 @@ def downsampled_affine(affine: np.ndarray, factor: int) -> np.ndarray:
     return out
 
 
-
-
 @dataclass
 class VolumeSet:
-    """Cached, normalised volumes of a cohort, readable by index (memory maps)."""
+    """Cached, normalised volumes of a cohort, readable by index (memory maps).
+
+    Attributes
+    ----------
+    participant_ids : list of str
+        One per volume, in order.
+    files : list of Path
+        The cached float16 ``.npy`` files.
+    shape : tuple of int
+        Shape of every (possibly downsampled) volume.
+    input_grid : GridSpec
+        Grid of the input images.
+    downsample : int
+        Block-averaging factor.
+    stats : list of dict
+        Per-volume sidecar records (``sha256``, ``source``, ``min``, ``max``, ``std``,
+        ``n_unique_le_2``, ...), in the order of ``files``.
+    intensity : str
+        Intensity normalisation the volumes went through.
+    """
 
     participant_ids: list[str]
     files: list[Path]
     shape: tuple[int, int, int]
     input_grid: GridSpec
     downsample: int
+    stats: list[dict[str, Any]] = field(default_factory=list)
+    intensity: str = "zscore"
 
     def __len__(self) -> int:
         return len(self.files)
@@ -204,8 +322,29 @@ class VolumeSet:
         return downsampled_affine(self.input_grid.affine, self.downsample)
 
 
+def _listed(labels: Sequence[str], limit: int = 10) -> str:
+    more = f" and {len(labels) - limit} more" if len(labels) > limit else ""
+    return ", ".join(labels[:limit]) + more
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
+
+
 class VolumeCache:
-    """On-disk cache of preprocessed volumes (float16 ``.npy``), keyed by content and parameters."""
+    """On-disk cache of preprocessed volumes (float16 ``.npy``), keyed by content and parameters.
+
+    Each ``<key>.npy`` has a ``<key>.json`` sidecar holding ``sha256`` (of the ``.npy``
+    bytes), ``source`` (the image path it was built from), ``input_sha256``, ``intensity``,
+    ``downsample``, ``mask_sha256``, ``shape``, ``min``, ``max``, ``std`` (of the cached
+    volume), ``n_unique_le_2`` (the input has at most 2 distinct values in its region) and
+    ``input_nonzero`` (non-zero input voxels in the region).
+
+    Parameters
+    ----------
+    cache_dir : str or Path
+        Folder of the cache; created on first use.
+    """
 
     def __init__(self, cache_dir: str | Path) -> None:
         self.cache_dir = Path(cache_dir)
@@ -214,6 +353,85 @@ class VolumeCache:
         blob = json.dumps({"file": digest, "v": CACHE_VERSION, **params}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
+    @staticmethod
+    def _verify(
+        npy: Path, sidecar: Path, shape: tuple[int, ...]
+    ) -> tuple[dict[str, Any] | None, str]:
+        """Check an existing entry; return ``(stats, "")`` or ``(None, reason)``."""
+        if not sidecar.is_file():
+            return None, f"sidecar {sidecar.name} is missing"
+        try:
+            stats = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return None, f"sidecar {sidecar.name} is unreadable: {exc}"
+        if not (
+            isinstance(stats, dict)
+            and isinstance(stats.get("sha256"), str)
+            and all(_is_number(stats.get(k)) for k in ("min", "max", "std"))
+            and isinstance(stats.get("n_unique_le_2"), bool)
+            and _is_number(stats.get("input_nonzero"))
+        ):
+            return None, f"sidecar {sidecar.name} lacks a field or has a bad value"
+        try:
+            digest = file_digest(npy)
+        except OSError as exc:
+            return None, f"{npy.name} is unreadable: {exc}"
+        if digest != stats["sha256"]:
+            return None, f"SHA-256 of {npy.name} does not match its sidecar"
+        try:
+            arr = np.load(npy, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as exc:
+            return None, f"{npy.name} cannot be loaded: {exc}"
+        if tuple(arr.shape) != tuple(shape) or arr.dtype != np.float16:
+            return None, f"{npy.name} holds {arr.dtype} {tuple(arr.shape)}, not float16 {shape}"
+        return stats, ""
+
+    @staticmethod
+    def _build(
+        npy: Path,
+        path: Path,
+        label: str,
+        mask: np.ndarray | None,
+        downsample: int,
+        intensity: str,
+        extra: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Decode, normalise, downsample and write ``npy`` and its sidecar; return the stats."""
+        data, _ = load_volume(path, label)
+        region = _region(data, mask)
+        if intensity != "none" and int(region.sum()) < 2:
+            # cached as zeros: refused below together with every other constant input
+            vol = np.zeros(data.shape, dtype=np.float32)
+        else:
+            vol = _normalise(data, region, intensity)
+        vol = block_downsample(vol, downsample)
+        biggest = float(np.abs(vol).max()) if vol.size else 0.0
+        if biggest > float(np.finfo(np.float16).max):
+            raise DfrnInputError(
+                f"{label}: {path}: intensities up to {biggest:g} overflow the float16 cache "
+                f"under intensity={intensity!r}; use intensity 'zscore' or 'minmax'"
+            )
+        vol16 = vol.astype(np.float16)
+        buf = io.BytesIO()
+        np.save(buf, vol16)
+        raw = buf.getvalue()
+        v64 = vol16.astype(np.float64)
+        stats: dict[str, Any] = {
+            "version": CACHE_VERSION,
+            "sha256": hashlib.sha256(raw).hexdigest(),
+            "source": str(path),
+            **extra,
+            "shape": list(vol16.shape),
+            "min": float(v64.min()),
+            "max": float(v64.max()),
+            "std": float(v64.std()),
+            "n_unique_le_2": _at_most_two_values(data[region]),
+            "input_nonzero": int(np.count_nonzero(data[region])),
+        }
+        atomic_write(npy, lambda p: p.write_bytes(raw))
+        atomic_write_json(npy.with_suffix(".json"), stats)
+        return stats
+
     def prepare(
         self,
         participant_ids: Sequence[str],
@@ -221,13 +439,64 @@ class VolumeCache:
         downsample: int = 1,
         mask_path: Path | None = None,
         progress: bool = True,
+        intensity: str = "zscore",
+        digests: Sequence[str] | None = None,
+        log: Callable[[str], None] = print,
     ) -> VolumeSet:
-        """Validate, normalise, downsample and cache every image (each decoded at most once)."""
+        """Validate, normalise, downsample and cache every image (each decoded at most once).
+
+        Existing entries are verified against their sidecar (SHA-256 of the ``.npy``,
+        loadable, right shape); a corrupt or incomplete entry is rebuilt from its NIfTI and
+        reported through ``log``.
+
+        Parameters
+        ----------
+        participant_ids : sequence of str
+            One id per image.
+        paths : sequence of Path
+            3D NIfTI images, all on one grid.
+        downsample : int, default 1
+            Block-averaging factor.
+        mask_path : Path or None, optional
+            Brain mask on the images' grid; it defines the normalisation region.
+        progress : bool, default True
+            Show a progress bar.
+        intensity : {"zscore", "none", "minmax"}, default "zscore"
+            Intensity normalisation (see the module docstring); part of the cache key.
+        digests : sequence of str or None, optional
+            SHA-256 hex digests of ``paths`` in the same order, when the caller already has
+            them; computed with :func:`dfrn.io.file_digest` otherwise.
+        log : callable, default print
+            Receives one line per rebuilt entry.
+
+        Returns
+        -------
+        VolumeSet
+            The cached volumes, with their sidecar ``stats``.
+
+        Raises
+        ------
+        DfrnInputError
+            For a bad ``downsample`` or ``intensity``, images off the common grid, an
+            unreadable image or mask, and (one error for all of them) subjects whose cached
+            volume is constant (``std == 0``, including all zero).
+
+        Warns
+        -----
+        UserWarning
+            Once, when ``intensity == "zscore"`` and some images look binary (at most 2
+            distinct values in their region).
+        """
         from tqdm.auto import tqdm
 
         if downsample < 1:
             raise DfrnInputError(f"cohort.downsample must be a positive integer, got {downsample}")
+        _check_intensity(intensity)
+        if digests is not None and len(digests) != len(paths):
+            raise ValueError(f"digests has {len(digests)} entries for {len(paths)} paths")
         labels = [f"participant {p}" for p in participant_ids]
+        if len(labels) != len(paths):
+            raise ValueError(f"{len(labels)} participant ids for {len(paths)} paths")
         grid = check_common_grid(list(paths), labels)
         mask = None
         mask_digest = None
@@ -239,32 +508,94 @@ class VolumeCache:
                 )
             mask = load_volume(mask_path, "brain mask")[0] > 0
             mask_digest = file_digest(Path(mask_path))
-        params = {"downsample": int(downsample), "mask": mask_digest, "norm": "zscore-brain"}
+        params = {
+            "downsample": int(downsample),
+            "mask": mask_digest,
+            "norm": "brain-region",
+            "intensity": intensity,
+        }
+        shape: tuple[int, int, int] = tuple(-(-s // downsample) for s in grid.shape)  # type: ignore[assignment]
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         files: list[Path] = []
-        shape: tuple[int, int, int] | None = None
-        for path, label in tqdm(
-            list(zip(paths, labels, strict=True)),
-            desc="caching volumes",
-            disable=not progress,
-            unit="img",
+        all_stats: list[dict[str, Any]] = []
+        for i, (path, label, pid) in enumerate(
+            tqdm(
+                list(zip(paths, labels, participant_ids, strict=True)),
+                desc="caching volumes",
+                disable=not progress,
+                unit="img",
+            )
         ):
-            target = self.cache_dir / f"{self._key(file_digest(Path(path)), params)}.npy"
-            if not target.exists():
-                data, _ = load_volume(path, label)
-                try:
-                    vol = block_downsample(normalise(data, mask), downsample)
-                except DfrnInputError as exc:
-                    raise DfrnInputError(f"{label}: {path}: {exc}") from None
-                atomic_write(target, lambda p, v=vol: np.save(p, v.astype(np.float16)))
+            path = Path(path)
+            digest = digests[i] if digests is not None else file_digest(path)
+            target = self.cache_dir / f"{self._key(digest, params)}.npy"
+            stats: dict[str, Any] | None = None
+            if target.exists():
+                stats, reason = self._verify(target, target.with_suffix(".json"), shape)
+                if stats is None:
+                    log(
+                        f"cache entry for participant {pid} was corrupt or incomplete "
+                        f"({reason}); rebuilt from {path}"
+                    )
+            if stats is None:
+                extra = {
+                    "input_sha256": digest,
+                    "intensity": intensity,
+                    "downsample": int(downsample),
+                    "mask_sha256": mask_digest,
+                }
+                stats = self._build(target, path, label, mask, downsample, intensity, extra)
             files.append(target)
-            if shape is None:
-                shape = tuple(np.load(target, mmap_mode="r").shape)  # type: ignore[assignment]
-        assert shape is not None
+            all_stats.append(stats)
+
+        rows = list(zip(labels, all_stats, strict=True))
+        constant = [lab for lab, st in rows if st["std"] == 0]
+        if intensity == "zscore":
+            binary = [lab for lab, st in rows if st["n_unique_le_2"] and st["std"] > 0]
+            if binary:
+                warnings.warn(
+                    f"{len(binary)} image(s) look binary (at most 2 distinct values inside the "
+                    f"brain region): {_listed(binary, 3)}; intensity='zscore' rescales each "
+                    'one by its own mean and SD, so set [cohort] intensity = "none" for '
+                    "binary maps such as lesion masks",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        if constant and intensity == "none" and len(constant) < len(rows):
+            # raw values: an empty map is a real observation (e.g. no lesion); the network
+            # still sees the other subjects' variation
+            warnings.warn(
+                f"{len(constant)} subject(s) have constant network inputs under "
+                f"intensity='none' (e.g. an empty lesion map): {_listed(constant, 3)}",
+                UserWarning,
+                stacklevel=2,
+            )
+            constant = []
+        if constant:
+            # binary maps that z-scoring flattened (e.g. 0/1 lesion maps without a mask)
+            flattened = [
+                lab
+                for lab, st in rows
+                if st["std"] == 0 and st["n_unique_le_2"] and st["input_nonzero"] > 0
+            ]
+            hint = (
+                f"; {len(flattened)} of them are non-empty images with at most 2 distinct "
+                f"values that intensity={intensity!r} flattens: set [cohort] intensity = "
+                '"none" for binary maps such as lesion masks'
+                if flattened and intensity != "none"
+                else ""
+            )
+            raise DfrnInputError(
+                f"{len(constant)} subject(s) have constant or all-zero network inputs after "
+                f"intensity={intensity!r} normalisation: {_listed(constant)}; check the "
+                f"images and [cohort] mask/intensity{hint}"
+            )
         return VolumeSet(
             participant_ids=list(participant_ids),
             files=files,
             shape=shape,
             input_grid=grid,
             downsample=int(downsample),
+            stats=all_stats,
+            intensity=intensity,
         )

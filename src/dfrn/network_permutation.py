@@ -60,7 +60,7 @@ def network_permutation_test(
         return run_cv(
             tasks, volumes, volumes.index_of, StaticTargets(targets), make,
             cfg.training.seed, out / "permutations" / f"perm-{k:04d}", progress=False,
-            log=lambda s: None,
+            log=log, expected=targets,
         )
 
     observed = result.predictions[result.predictions["repeat"] == plan["repeat"].iloc[0]]

@@ -53,6 +53,7 @@ from dfrn.baseline import (
     _SplitEngine,
 )
 from dfrn.folds import iter_splits
+from dfrn.io import atomic_write_tsv
 from dfrn.stats import compute_metrics
 
 __all__ = [
@@ -314,5 +315,5 @@ def write_permutation_table(df: pd.DataFrame, out_dir: str | Path) -> Path:
     """Write ``out_dir/baseline/permutation.tsv``."""
     path = Path(out_dir) / "baseline" / "permutation.tsv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(path, sep="\t", index=False)
+    atomic_write_tsv(df, path, float_format=None)
     return path

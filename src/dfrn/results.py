@@ -1,17 +1,23 @@
 """The results folder: its identity, its resolved config and its environment.
 
-A results folder holds ``run.json`` (the config fingerprint and the cohort data's digest),
-``config.toml`` (the resolved config) and ``environment.json`` (Python, platform and package
-versions). :func:`open_results_dir` starts a new run in an empty or absent folder, resumes
-a run of the *same* config and data, and refuses anything else, so no result is ever
-silently overwritten.
+A results folder holds ``run.json`` (the config fingerprint and the SHA-256 of every input
+file: cohort table, images, mask, GM maps, atlases), ``config.toml`` (the resolved config)
+and ``environment.json`` (Python, platform and package versions). The identity depends on
+content, not on location: a moved or copied folder still resumes.
+
+:func:`check_results_dir` accepts an empty or absent folder, or a run of the *same* config
+and input files, and refuses anything else (naming the changed files), so no result is
+ever silently overwritten or left stale. :func:`write_run_identity` is called only after
+every input check has passed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -21,7 +27,17 @@ from dfrn.config import StudyConfig
 from dfrn.errors import ResultsFolderError
 from dfrn.io import atomic_write_json, atomic_write_text, file_digest
 
-__all__ = ["open_results_dir", "environment", "file_digest", "read_run_info"]
+__all__ = [
+    "InputFile",
+    "SCRATCH",
+    "check_results_dir",
+    "write_run_identity",
+    "verify_inputs",
+    "record_resume",
+    "environment",
+    "file_digest",
+    "read_run_info",
+]
 
 PACKAGES = (
     "dfrn",
@@ -67,60 +83,155 @@ def environment() -> dict[str, Any]:
 
 
 def read_run_info(out: Path) -> dict[str, Any] | None:
-    p = out / "run.json"
+    p = Path(out) / "run.json"
     if not p.is_file():
         return None
-    return json.loads(p.read_text())
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise ResultsFolderError(f"{p} is unreadable ({exc}); this folder cannot be resumed") from None
 
 
-def open_results_dir(
-    out: str | Path, cfg: StudyConfig, data_digest: str, allow_existing: tuple[str, ...] = ()
-) -> bool:
-    """Prepare ``out`` for this run. Returns True when resuming an earlier run.
+@dataclass(frozen=True)
+class InputFile:
+    """One input file of a study, as it enters the run's identity.
 
-    ``allow_existing`` names entries that may already be in a new folder (the demo writes
-    its synthetic cohort there first).
+    Attributes
+    ----------
+    label : str
+        What the file is, for messages (``"participant s01 T1"``).
+    path : Path
+        Where it is now.
+    digest : str
+        SHA-256 of its bytes.
+    """
+
+    label: str
+    path: Path
+    digest: str
+
+
+#: Entries of a results folder that may exist before its run.json: the volume cache (content
+#: keyed, so safe to reuse), the lock and error logs.
+SCRATCH = ("cache", ".dfrn.lock", "logs")
+
+
+def _changed_inputs(recorded: dict[str, str], inputs: dict[str, InputFile]) -> list[str]:
+    changed = []
+    for key, item in inputs.items():
+        old = recorded.get(key)
+        if old is None:
+            changed.append(f"{item.label} is new ({item.path})")
+        elif old != item.digest:
+            changed.append(f"{item.label} changed ({item.path})")
+    for key in recorded:
+        if key not in inputs:
+            changed.append(f"{key} is gone")
+    return changed
+
+
+def verify_inputs(out: str | Path, inputs: dict[str, InputFile]) -> None:
+    """Refuse when an input file differs from the one the run in ``out`` was made with.
+
+    Raises
+    ------
+    ResultsFolderError
+        Naming the changed, added or removed files (at most five, then a count).
     """
     out = Path(out)
-    fingerprint = cfg.fingerprint()
+    info = read_run_info(out)
+    if info is None:
+        raise ResultsFolderError(f"{out} is not a results folder of 'dfrn run' (no run.json)")
+    recorded = info.get("inputs")
+    if not isinstance(recorded, dict):
+        raise ResultsFolderError(
+            f"results folder {out} was made by an older dfrn that did not record its input "
+            "files; rerun with a new --out"
+        )
+    changed = _changed_inputs(recorded, inputs)
+    if changed:
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        raise ResultsFolderError(
+            f"results folder {out} was made from other input data: {len(changed)} file(s) "
+            f"differ: {'; '.join(changed[:5])}{more}; restore them, or start a new run with "
+            "another --out"
+        )
+
+
+def check_results_dir(
+    out: str | Path,
+    cfg: StudyConfig,
+    inputs: dict[str, InputFile],
+    allow_existing: tuple[str, ...] = (),
+) -> bool:
+    """Whether ``out`` can hold this run; True when it resumes an earlier one. Writes nothing.
+
+    A folder is usable when it is absent, empty (apart from :data:`SCRATCH` entries and
+    ``allow_existing``), or holds a run of the same config fingerprint and the same input
+    files (by content, so a moved or copied folder still resumes).
+
+    Raises
+    ------
+    ResultsFolderError
+        For a foreign non-empty folder, a run of another config, or changed input files.
+    """
+    out = Path(out)
     info = read_run_info(out)
     if info is not None:
+        fingerprint = cfg.fingerprint()
         if info.get("fingerprint") != fingerprint:
             raise ResultsFolderError(
                 f"results folder {out} holds a run of a different config "
                 f"(fingerprint {info.get('fingerprint')} vs {fingerprint}); "
                 "choose another --out, or rerun with the config saved in its config.toml"
             )
-        if info.get("data_digest") != data_digest:
+        verify_inputs(out, inputs)
+        return True
+    if out.exists() and not out.is_dir():
+        raise ResultsFolderError(f"results path {out} exists and is not a folder")
+    if out.is_dir():
+        allowed = set(SCRATCH) | set(allow_existing)
+        extra = sorted(p.name for p in out.iterdir() if p.name not in allowed)
+        if extra:
             raise ResultsFolderError(
-                f"results folder {out} holds a run on different cohort data "
-                "(the cohort table changed); choose another --out"
+                f"results folder {out} is not empty and holds no dfrn run "
+                f"(found {', '.join(extra[:3])}); choose another --out"
             )
-        resuming = True
-    else:
-        if out.exists() and not out.is_dir():
-            raise ResultsFolderError(f"results path {out} exists and is not a folder")
-        if out.is_dir():
-            extra = sorted(p.name for p in out.iterdir() if p.name not in allow_existing)
-            if extra:
-                raise ResultsFolderError(
-                    f"results folder {out} is not empty and holds no dfrn run "
-                    f"(found {', '.join(extra[:3])}); choose another --out"
-                )
-        resuming = False
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(
-            out / "run.json",
-            {
-                "fingerprint": fingerprint,
-                "data_digest": data_digest,
-                "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            },
-        )
-        atomic_write_text(out / "config.toml", cfg.to_toml())
-    if not (out / "environment.json").exists():
-        atomic_write_json(out / "environment.json", environment())
-    else:  # keep the first environment; record the resuming one beside it
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-        atomic_write_json(out / f"environment-resume-{stamp}.json", environment())
-    return resuming
+    return False
+
+
+def write_run_identity(out: str | Path, cfg: StudyConfig, inputs: dict[str, InputFile]) -> None:
+    """Write ``run.json`` (fingerprint and input digests), ``config.toml`` and the environment.
+
+    Call this only after every input check has passed, so a refused run leaves no identity
+    behind. ``run.json`` is written last: its presence marks the folder as a run.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.toml", cfg.to_toml())
+    atomic_write_json(out / "environment.json", environment())
+    digests = {k: v.digest for k, v in sorted(inputs.items())}
+    blob = json.dumps(digests, sort_keys=True).encode()
+    atomic_write_json(
+        out / "run.json",
+        {
+            "fingerprint": cfg.fingerprint(),
+            "inputs": digests,
+            "data_digest": hashlib.sha256(blob).hexdigest(),
+            "dfrn_version": _version("dfrn"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        },
+    )
+
+
+def record_resume(out: str | Path) -> None:
+    """Keep the first environment; record the resuming one beside it."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    atomic_write_json(Path(out) / f"environment-resume-{stamp}.json", environment())
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None

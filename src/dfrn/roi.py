@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from dfrn.errors import DfrnInputError
+from dfrn.io import atomic_write_tsv
 
 __all__ = [
     "Atlas",
@@ -432,5 +433,5 @@ def write_roi_features(df: pd.DataFrame, out_dir: str | Path) -> Path:
     path = Path(out_dir) / "baseline" / "roi_features.tsv"
     path.parent.mkdir(parents=True, exist_ok=True)
     table = df if "participant_id" in df.columns else df.rename_axis("participant_id").reset_index()
-    table.to_csv(path, sep="\t", index=False)
+    atomic_write_tsv(table, path, float_format=None)
     return path

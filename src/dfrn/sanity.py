@@ -35,6 +35,7 @@ from torch import nn
 
 from dfrn.attention import attribution
 from dfrn.errors import DfrnInputError
+from dfrn.io import atomic_write
 
 __all__ = [
     "DFRN_CASCADE",
@@ -220,7 +221,7 @@ def plot_sanity(df: pd.DataFrame, path: str | Path, *, dpi: int = 150) -> Path:
         axes[0].set_ylabel("similarity to the trained model's map")
         axes[1].legend(frameon=False, fontsize="small")
         fig.tight_layout()
-        fig.savefig(out, dpi=dpi)
+        atomic_write(out, lambda p: fig.savefig(p, dpi=dpi, format="png"))
     finally:
         plt.close(fig)
     return out

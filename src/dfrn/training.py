@@ -27,16 +27,48 @@ import pandas as pd
 import torch
 from sklearn.base import BaseEstimator, RegressorMixin
 
+from dfrn.config import DEVICE_PATTERN
+from dfrn.errors import DfrnInputError
 from dfrn.model import DFRN
 
 __all__ = ["DFRNRegressor", "resolve_device", "seed_everything"]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else the CPU."""
-    if device == "auto":
+    """The torch device for a ``[training] device`` setting, checked on this machine.
+
+    Parameters
+    ----------
+    device : str
+        ``"auto"`` (CUDA when available, else the CPU), ``"cpu"``, ``"cuda"`` or
+        ``"cuda:<index>"``.
+
+    Raises
+    ------
+    DfrnInputError
+        For a malformed value, or a CUDA device this machine does not have.
+    """
+    text = str(device).strip()
+    if not DEVICE_PATTERN.match(text):
+        raise DfrnInputError(
+            f"config [training] device {device!r} is not valid: use 'auto', 'cpu', 'cuda' or "
+            "'cuda:<index>'"
+        )
+    if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    if text.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DfrnInputError(
+                f"config [training] device {text!r} but CUDA is not available on this machine; "
+                "set device = 'auto' or 'cpu' (device does not change a run's identity)"
+            )
+        index = int(text.split(":")[1]) if ":" in text else 0
+        if index >= torch.cuda.device_count():
+            raise DfrnInputError(
+                f"config [training] device {text!r} but this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s)"
+            )
+    return torch.device(text)
 
 
 def seed_everything(seed: int) -> None:
@@ -54,10 +86,18 @@ def _batch(volumes: Sequence[np.ndarray], idx: Sequence[int], device: torch.devi
 
 
 def _batches(order: np.ndarray, size: int) -> list[np.ndarray]:
-    """Split into batches; a last batch of one joins the previous (BatchNorm needs 2)."""
+    """Split ``order`` into consecutive batches of ``size``.
+
+    A last batch of one item joins the previous batch (BatchNorm needs two samples in
+    training mode), so every item appears exactly once, in order.
+    """
+    order = np.asarray(order)
+    if size < 1:
+        raise ValueError(f"batch size must be >= 1, got {size}")
     out = [order[i : i + size] for i in range(0, len(order), size)]
     if len(out) > 1 and len(out[-1]) == 1:
-        out[-2] = np.concatenate([out[-2], out.pop()])
+        last = out.pop()
+        out[-1] = np.concatenate([out[-1], last])
     return out
 
 
@@ -103,6 +143,9 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         self.desc = desc
 
     # -- helpers -----------------------------------------------------------------------
+    def _what(self) -> str:
+        return f"{self.desc}: " if self.desc else ""
+
     def _autocast(self) -> tuple[Any, torch.amp.GradScaler | None]:
         dev = self.device_
         if dev.type == "cuda" and self.amp:
@@ -129,11 +172,13 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         y = np.asarray(y, dtype=np.float64)
         n = len(y)
         if n != len(volumes):
-            raise ValueError(f"{len(volumes)} volumes but {n} targets")
+            raise DfrnInputError(f"{self._what()}{len(volumes)} volumes but {n} targets")
         if n < 2:
-            raise ValueError("need at least 2 training subjects")
+            raise DfrnInputError(
+                f"{self._what()}{n} training subject(s) with a value; at least 2 are needed"
+            )
         if not np.all(np.isfinite(y)):
-            raise ValueError("targets contain NaN or inf")
+            raise DfrnInputError(f"{self._what()}training targets contain NaN or inf")
         self.device_ = resolve_device(self.device)
         seed_everything(self.seed)
         rng = np.random.default_rng(self.seed)
@@ -232,7 +277,8 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         from dfrn.io import atomic_write
 
         ckpt = self.checkpoint()
-        atomic_write(path, lambda p: torch.save(ckpt, p))
+        size = sum(v.numel() * v.element_size() for v in ckpt["state_dict"].values())
+        atomic_write(path, lambda p: torch.save(ckpt, p), size_hint=size + (1 << 16))
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> DFRNRegressor:
