@@ -56,15 +56,15 @@ def cohort_copy(tiny_cohort, tmp_path: Path):
     )
 
 
-def study_config(cohort, **over):
+def study_config(synth, **over):
     """A fast study config on a synthetic cohort: 2 factors, 2 folds, 1 epoch, no stages."""
     from dfrn.config import config_from_dict
 
     raw = {
         "cohort": {
-            "table": str(cohort.table),
+            "table": str(synth.table),
             "targets": ["anhedonia", "sleep"],
-            "mask": str(cohort.brain_mask),
+            "mask": str(synth.brain_mask),
         },
         "training": {"epochs": 1, "val_fraction": 0.0},
         "cv": {"n_folds": 2, "n_repeats": 1, "seed": 1},
@@ -73,4 +73,4 @@ def study_config(cohort, **over):
     }
     for section, values in over.items():
         raw.setdefault(section, {}).update(values)
-    return config_from_dict(raw, cohort.root)
+    return config_from_dict(raw, synth.root)

@@ -236,8 +236,9 @@ def test_too_few_training_values_in_a_fold(tiny_cohort, tmp_path: Path, capsys) 
     _table_with(tiny_cohort, tmp_path, sparse=values)
     rc, err = _run_cli(BASE.format(mask=tiny_cohort.brain_mask, extra='targets = ["sparse"]'),
                        tmp_path, capsys)
-    assert rc == 2 and len(err) == 1
-    assert "factor 'sparse' has" in err[0] and "training part of repeat 0, fold" in err[0]
+    assert rc == 2 and err[0].startswith("dfrn: warning: target 'sparse': 10 of 12")
+    assert len(err) == 2 and err[1].startswith("dfrn: error: factor 'sparse' has")
+    assert "in the training part of repeat 0, fold" in err[1]
 
 
 def test_block_strides_must_be_integers(tiny_cohort) -> None:

@@ -163,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     warnings.showwarning = _warning_line
+    previous = _terminate_cleanly()
     try:
         return _run(args)
     except DfrnError as exc:
@@ -171,6 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dfrn: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("dfrn: terminated; rerun the same command to resume", file=sys.stderr)
+        return 143
     except OSError as exc:
         log = _crash_log(args, traceback.format_exc())
         where = f" {exc.filename}" if exc.filename else ""
@@ -189,6 +193,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)  # type: ignore[arg-type]
+
+
+class _Terminated(BaseException):
+    """SIGTERM, turned into an exception so that locks and temporary folders are cleaned."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
+def _terminate_cleanly() -> object:
+    """Handle SIGTERM like Ctrl-C (in the main thread only); return the previous handler."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -123,9 +123,10 @@ def numeric_columns(
         inf = np.isinf(converted.to_numpy())
         if inf.any():
             pid = converted.index[inf][0]
+            more = f" (and {int(inf.sum()) - 1} more)" if inf.sum() > 1 else ""
             raise DfrnInputError(
-                f"{what} column {c!r} has an infinite value {table.at[pid, c]!r} for participant "
-                f"{pid} (and {int(inf.sum()) - 1} more); use a finite number or leave it empty"
+                f"{what} column {c!r} has an infinite value '{table.at[pid, c]}' for participant "
+                f"{pid}{more}; use a finite number or leave it empty"
             )
         out[c] = converted
     return pd.DataFrame(out, index=table.index)

@@ -26,3 +26,6 @@ class ResultsIntegrityError(DfrnError):
 
 class DiskSpaceError(DfrnError, OSError):
     """The disk (or quota) ran out while dfrn was writing a file."""
+
+    def __str__(self) -> str:
+        return str(self.strerror or super().__str__())

@@ -144,8 +144,11 @@ def atomic_write(
         os.replace(tmp_path, path)
     except BaseException as exc:
         written = tmp_path.stat().st_size if tmp_path.exists() else 0
+        # torch.save reports a full disk as an opaque stream error: look at the disk itself
+        free_at_failure = _free_bytes(path.parent) if isinstance(exc, RuntimeError) else None
         tmp_path.unlink(missing_ok=True)
-        if _is_no_space(exc) and not isinstance(exc, DiskSpaceError):
+        full = _is_no_space(exc) or (free_at_failure is not None and free_at_failure < (1 << 20))
+        if full and not isinstance(exc, DiskSpaceError):
             raise _no_space_error(path, size_hint, written) from exc
         raise
     return path
