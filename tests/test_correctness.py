@@ -292,6 +292,19 @@ def test_moved_folder_resumes_and_serves_later_stages(cohort_copy, tmp_path: Pat
     )
     third = run_study(study_config(moved_cohort), moved, **QUIET)
     assert third.resumed
+    # a later stage on the moved folder, reading the moved cohort through its config
+    from dfrn.baseline_stage import run_baseline_stage
+    from dfrn.config import load_config
+
+    cfg_text = (moved / "config.toml").read_text().replace(str(cohort_copy.root), str(new_root))
+    (moved / "config.toml").write_text(cfg_text)
+    assert load_config(moved / "config.toml").fingerprint() == study_config(moved_cohort).fingerprint()
+    base = run_baseline_stage(
+        moved, progress=False, log=lambda s: None, n_permutations=0,
+        atlas=str(new_root / "parcellation_dseg.nii.gz"),
+        atlas_labels=str(new_root / "parcellation_dseg.tsv"),
+    )
+    assert len(base["predictions"]) == 24
 
 
 def test_results_follow_the_umask(cohort_copy, tmp_path: Path) -> None:
