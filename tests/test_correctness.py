@@ -27,7 +27,7 @@ from dfrn.errors import DfrnInputError, ResultsFolderError, ResultsIntegrityErro
 from dfrn.images import VolumeCache
 from dfrn.io import write_manifest
 from dfrn.pipeline import run_study
-from dfrn.synth import make_synthetic_cohort
+from dfrn.synth import make_demo_atlases, make_synthetic_cohort
 from dfrn.training import DFRNRegressor, _batches
 
 QUIET = {"progress": False, "log": lambda s: None}
@@ -299,10 +299,11 @@ def test_moved_folder_resumes_and_serves_later_stages(cohort_copy, tmp_path: Pat
     cfg_text = (moved / "config.toml").read_text().replace(str(cohort_copy.root), str(new_root))
     (moved / "config.toml").write_text(cfg_text)
     assert load_config(moved / "config.toml").fingerprint() == study_config(moved_cohort).fingerprint()
+    atlases = make_demo_atlases(moved_cohort, n_parcels=8, seed=0)
     base = run_baseline_stage(
         moved, progress=False, log=lambda s: None, n_permutations=0,
-        atlas=str(new_root / "parcellation_dseg.nii.gz"),
-        atlas_labels=str(new_root / "parcellation_dseg.tsv"),
+        atlas=str(atlases["parcellation"]),
+        atlas_labels=str(atlases["parcellation"].with_name("parcellation_dseg.tsv")),
     )
     assert len(base["predictions"]) == 24
 
