@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dfrn.images import VolumeCache, block_downsample, load_volume, normalise
-from dfrn.synth import make_synthetic_cohort
+from dfrn.data.images import VolumeCache, block_downsample, load_volume, normalise
+from dfrn.data.synth import make_synthetic_cohort
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ def _few_threads() -> None:
 @pytest.fixture(scope="session")
 def tiny_cohort(tmp_path_factory: pytest.TempPathFactory):
     """12 synthetic subjects on an 8 mm grid (23×28×23) with planted effects."""
-    from dfrn.synth import make_synthetic_cohort
+    from dfrn.data.synth import make_synthetic_cohort
 
     return make_synthetic_cohort(
         tmp_path_factory.mktemp("tiny_cohort"), n_subjects=12, voxel_size=8.0, effect=0.4,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from dfrn.attention import (
+from dfrn.interpret.maps import (
     METHODS,
     AttributionError,
     FoldTask,
@@ -24,8 +24,8 @@ from dfrn.attention import (
     to_template_space,
 )
 from dfrn.errors import DfrnInputError
-from dfrn.model import DFRN
-from dfrn.sanity import DFRN_CASCADE, cascading_randomization, plot_sanity, ssim3d
+from dfrn.models.network import DFRN
+from dfrn.interpret.sanity import DFRN_CASCADE, cascading_randomization, plot_sanity, ssim3d
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ from sklearn.linear_model import RidgeCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from dfrn.baseline import (
+from dfrn.models.ridge import (
     DEFAULT_ALPHAS,
     RidgeBaseline,
     cross_validate_baseline,
@@ -19,8 +19,8 @@ from dfrn.baseline import (
     write_baseline_outputs,
 )
 from dfrn.errors import DfrnInputError
-from dfrn.folds import make_fold_plan
-from dfrn.permutation import (
+from dfrn.evaluation.folds import make_fold_plan
+from dfrn.evaluation.permutation import (
     PERMUTATION_COLUMNS,
     permutation_indices,
     permutation_test,
@@ -28,7 +28,7 @@ from dfrn.permutation import (
     permute_targets,
     write_permutation_table,
 )
-from dfrn.stats import PREDICTION_COLUMNS, compute_metrics
+from dfrn.evaluation.metrics import PREDICTION_COLUMNS, compute_metrics
 
 
 def _cohort(n: int = 40, p: int = 12, seed: int = 0, signal: float = 1.0):

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from dfrn.cli import main
-from dfrn.cohort import load_bids_cohort, load_cohort_table
+from dfrn.data.cohort import load_bids_cohort, load_cohort_table
 from dfrn.errors import DfrnInputError
-from dfrn.images import (
+from dfrn.data.images import (
     VolumeCache,
     block_downsample,
     check_common_grid,
@@ -164,7 +164,7 @@ def test_bids_cohort(tmp_path: Path) -> None:
 def test_cache_decodes_once_and_downsamples(tmp_path: Path, monkeypatch) -> None:
     paths = [_img(tmp_path / f"s{i}.nii.gz") for i in range(3)]
     calls = []
-    import dfrn.images as images
+    import dfrn.data.images as images
 
     real = images.load_volume
     monkeypatch.setattr(images, "load_volume", lambda *a, **k: calls.append(a) or real(*a, **k))

@@ -22,13 +22,13 @@ from conftest import study_config
 
 from dfrn.cli import main
 from dfrn.config import config_from_dict
-from dfrn.cv import collect_predictions, plan_tasks
+from dfrn.evaluation.tasks import collect_predictions, plan_tasks
 from dfrn.errors import DfrnInputError, ResultsFolderError, ResultsIntegrityError
-from dfrn.images import VolumeCache
+from dfrn.data.images import VolumeCache
 from dfrn.io import write_manifest
-from dfrn.pipeline import run_study
-from dfrn.synth import make_demo_atlases, make_synthetic_cohort
-from dfrn.training import DFRNRegressor, _batches
+from dfrn.workflows.run import run_study
+from dfrn.data.synth import make_demo_atlases, make_synthetic_cohort
+from dfrn.models.regressor import DFRNRegressor, _batches
 
 QUIET = {"progress": False, "log": lambda s: None}
 
@@ -185,7 +185,7 @@ def test_changed_image_refuses_resume_and_later_stages(cohort_copy, tmp_path: Pa
     with pytest.raises(ResultsFolderError, match=r"participant sub-0003 T1 changed .*sub-0003_T1w"):
         run_study(study_config(cohort_copy), out, **QUIET)
     with pytest.raises(ResultsFolderError, match="participant sub-0003 T1 changed"):
-        from dfrn.attention_stage import run_attention_stage
+        from dfrn.workflows.attention import run_attention_stage
 
         run_attention_stage(out, **QUIET)
 
@@ -293,7 +293,7 @@ def test_moved_folder_resumes_and_serves_later_stages(cohort_copy, tmp_path: Pat
     third = run_study(study_config(moved_cohort), moved, **QUIET)
     assert third.resumed
     # a later stage on the moved folder, reading the moved cohort through its config
-    from dfrn.baseline_stage import run_baseline_stage
+    from dfrn.workflows.baseline import run_baseline_stage
     from dfrn.config import load_config
 
     cfg_text = (moved / "config.toml").read_text().replace(str(cohort_copy.root), str(new_root))
@@ -338,12 +338,12 @@ def test_task_manifest_lists_every_file(cohort_copy, tmp_path: Path) -> None:
 
 def test_unexpected_exception_is_one_line_with_a_log(cohort_copy, tmp_path: Path, capsys,
                                                      monkeypatch) -> None:
-    import dfrn.pipeline
+    import dfrn.workflows.run
 
     def boom(*a, **k):
         raise ZeroDivisionError("planted bug")
 
-    monkeypatch.setattr(dfrn.pipeline, "run_study", boom)
+    monkeypatch.setattr(dfrn.workflows.run, "run_study", boom)
     cfg = tmp_path / "s.toml"
     cfg.write_text(study_config(cohort_copy).to_toml())
     (tmp_path / "o").mkdir()

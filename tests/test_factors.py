@@ -15,7 +15,7 @@ from sklearn.base import clone
 from sklearn.model_selection import KFold
 
 from dfrn.errors import DfrnInputError
-from dfrn.factors import (
+from dfrn.targets.factors import (
     SymptomFactors,
     align_factors,
     assign_factor_names,

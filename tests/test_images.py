@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import scipy.stats
 
-import dfrn.images as images
+import dfrn.data.images as images
 from dfrn.errors import DfrnInputError
-from dfrn.images import VolumeCache, normalise
+from dfrn.data.images import VolumeCache, normalise
 from dfrn.io import file_digest
 
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])

@@ -17,13 +17,13 @@ import pytest
 
 import dfrn
 from dfrn.errors import DfrnError
-from dfrn.lock import LOCK_NAME, ResultsFolderLocked, ResultsLock, lock_results
+from dfrn.workflows.lock import LOCK_NAME, ResultsFolderLocked, ResultsLock, lock_results
 
 DEADLINE = 60.0
 
 CHILD = """
 import sys, time
-from dfrn.lock import ResultsLock
+from dfrn.workflows.lock import ResultsLock
 lock = ResultsLock(sys.argv[1], command="dfrn run child").acquire()
 if sys.argv[2] == "stdin":
     sys.stdin.read()
@@ -257,7 +257,7 @@ def test_unreadable_holder_is_another_process(tmp_path: Path, content: bytes) ->
 
 RACER = """
 import os, sys, time
-from dfrn.lock import ResultsFolderLocked, ResultsLock
+from dfrn.workflows.lock import ResultsFolderLocked, ResultsLock
 folder, marker, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
 done = 0
 while done < rounds:

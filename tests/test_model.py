@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dfrn.model import DFRN, count_parameters
+from dfrn.models.network import DFRN, count_parameters
 
 monai_resnet = pytest.importorskip("monai.networks.nets.resnet")
 

@@ -11,9 +11,9 @@ import pytest
 
 from dfrn.config import config_from_dict, load_config
 from dfrn.errors import DfrnInputError, ResultsFolderError
-from dfrn.folds import make_fold_plan
-from dfrn.pipeline import run_study
-from dfrn.training import DFRNRegressor
+from dfrn.evaluation.folds import make_fold_plan
+from dfrn.workflows.run import run_study
+from dfrn.models.regressor import DFRNRegressor
 
 
 def _cfg(cohort, **over):

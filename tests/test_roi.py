@@ -13,7 +13,7 @@ import pytest
 from nilearn.maskers import NiftiLabelsMasker
 
 from dfrn.errors import DfrnInputError
-from dfrn.roi import (
+from dfrn.data.atlas import (
     Atlas,
     fetch_aal3_atlas,
     load_atlas,

@@ -95,31 +95,31 @@ def _run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     if args.command == "run":
         from dfrn.config import load_config
-        from dfrn.pipeline import run_study
+        from dfrn.workflows.run import run_study
 
         run_study(
             load_config(args.config), args.out, progress=progress, permutations=args.permutations
         )
     elif args.command == "demo":
-        from dfrn.demo import run_demo
+        from dfrn.workflows.demo import run_demo
 
         run_demo(args.out, full=args.full, seed=args.seed, progress=progress)
     elif args.command == "factors":
-        from dfrn.factors import run_factors
+        from dfrn.targets.factors import run_factors
 
         run_factors(
             args.items, args.n_factors, args.out, names=_parse_names(args.name),
             impute=args.impute, tol=args.tol,
         )
     elif args.command == "baseline":
-        from dfrn.baseline_stage import run_baseline_stage
+        from dfrn.workflows.baseline import run_baseline_stage
 
         run_baseline_stage(
             _results(args.results), progress=progress, atlas=args.atlas,
             atlas_labels=args.atlas_labels, n_permutations=args.permutations,
         )
     elif args.command == "attention":
-        from dfrn.attention_stage import run_attention_stage
+        from dfrn.workflows.attention import run_attention_stage
 
         run_attention_stage(
             _results(args.results), progress=progress, method=args.method, atlas=args.atlas,

@@ -33,7 +33,7 @@ from scipy import ndimage
 from scipy.stats import spearmanr
 from torch import nn
 
-from dfrn.attention import attribution
+from dfrn.interpret.maps import attribution
 from dfrn.errors import DfrnInputError
 from dfrn.io import atomic_write
 
@@ -139,7 +139,7 @@ def cascading_randomization(
         Input batch ``(N, 1, D, H, W)`` (a few subjects); metrics are averaged over them.
         Single-channel volumes are compared voxel by voxel.
     method:
-        One method name or several (see :func:`dfrn.attention.attribution`).
+        One method name or several (see :func:`dfrn.interpret.maps.attribution`).
     seed:
         Seed of the random re-initialisation (same random weights for every method).
     cascade:

@@ -11,7 +11,7 @@ Stages, in order (each resumable):
 3. train and evaluate one network per (repeat, fold, factor), skipping verified tasks;
 4. write ``cv/predictions.tsv``, ``cv/metrics.tsv``, ``cv/table1.tsv`` and Figure 2.
 
-The whole run holds the results folder's lock (:mod:`dfrn.lock`), so a second process on the
+The whole run holds the results folder's lock (:mod:`dfrn.workflows.lock`), so a second process on the
 same folder is refused with the holder's PID and host.
 
 Later stages (baseline, attention) read the same results folder.
@@ -27,16 +27,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dfrn.cohort import Cohort, load_bids_cohort, load_cohort_table
+from dfrn.data.cohort import Cohort, load_bids_cohort, load_cohort_table
 from dfrn.config import StudyConfig
-from dfrn.cv import StaticTargets, TargetProvider, plan_tasks, run_cv
+from dfrn.evaluation.tasks import StaticTargets, TargetProvider, plan_tasks, run_cv
 from dfrn.errors import DfrnInputError
-from dfrn.folds import iter_splits, make_fold_plan, validate_fold_plan
-from dfrn.images import VolumeCache, VolumeSet, check_common_grid
+from dfrn.evaluation.folds import iter_splits, make_fold_plan, validate_fold_plan
+from dfrn.data.images import VolumeCache, VolumeSet, check_common_grid
 from dfrn.io import atomic_write_tsv, file_digest
-from dfrn.lock import ResultsLock
-from dfrn.report import format_table, plot_fig2
-from dfrn.results import (
+from dfrn.workflows.lock import ResultsLock
+from dfrn.plotting import format_table, plot_fig2
+from dfrn.workflows.results import (
     InputFile,
     check_results_dir,
     read_run_info,
@@ -44,8 +44,8 @@ from dfrn.results import (
     verify_inputs,
     write_run_identity,
 )
-from dfrn.stats import compute_metrics, table1
-from dfrn.training import DFRNRegressor, resolve_device
+from dfrn.evaluation.metrics import compute_metrics, table1
+from dfrn.models.regressor import DFRNRegressor, resolve_device
 
 __all__ = [
     "StudyResult",
@@ -174,7 +174,7 @@ def study_targets(
     if cfg.factors is None:
         targets = cohort.targets
         return targets, StaticTargets(targets)
-    from dfrn.factor_targets import factor_targets
+    from dfrn.targets.providers import factor_targets
 
     return factor_targets(cohort, cfg.factors, plan, out, log)
 
@@ -294,8 +294,8 @@ def run_cv_stage(
     if not (out / "cv" / "folds.tsv").is_file():
         atomic_write_tsv(plan, out / "cv" / "folds.tsv")
     if cfg.factors is not None:
-        from dfrn.factor_targets import fit_factor_model
-        from dfrn.factors import write_factor_outputs
+        from dfrn.targets.providers import fit_factor_model
+        from dfrn.targets.factors import write_factor_outputs
 
         write_factor_outputs(*fit_factor_model(cohort, cfg.factors), out)
     log(
@@ -378,7 +378,7 @@ def run_study(
     """Run every configured stage, holding the folder's lock; returns the CV results.
 
     ``permutations`` > 0 also runs the network's permutation test (see
-    :func:`dfrn.network_permutation.network_permutation_test`).
+    :func:`dfrn.workflows.network_permutation.network_permutation_test`).
     """
     out = Path(out)
     with results_lock(out, "dfrn run", log):
@@ -395,20 +395,20 @@ def _run_study_locked(
 ) -> StudyResult:
     result = run_cv_stage(cfg, out, progress, log, allow_existing)
     if permutations > 0:
-        from dfrn.network_permutation import network_permutation_test
+        from dfrn.workflows.network_permutation import network_permutation_test
 
         result.extra["network_permutation"] = network_permutation_test(
             out, cfg, result, permutations, progress=progress, log=log
         )
     if cfg.baseline.enabled:
-        from dfrn.baseline_stage import run_baseline_stage
+        from dfrn.workflows.baseline import run_baseline_stage
 
         result.extra["baseline"] = run_baseline_stage(
             out, cfg, result.cohort, result.targets, result.extra["provider"], result.plan,
             progress=progress, log=log,
         )
     if cfg.attention.enabled:
-        from dfrn.attention_stage import run_attention_stage
+        from dfrn.workflows.attention import run_attention_stage
 
         result.extra["attention"] = run_attention_stage(
             out, cfg, result.extra["volumes"], list(result.targets.columns), result.plan,

@@ -7,7 +7,7 @@ predictions of that repeat, as in the method's Table 1.
 
 Note that the parametric p-value of a Pearson r on pooled out-of-fold predictions is not
 strictly valid (the folds' models are not independent); a permutation test
-(:mod:`dfrn.baseline`) gives a valid one.
+(:mod:`dfrn.models.ridge`) gives a valid one.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Repeated cross-validation of the network: one task per (repeat, fold, factor).
 
-Each task trains one :class:`dfrn.training.DFRNRegressor` on the training subjects of a fold
+Each task trains one :class:`dfrn.models.regressor.DFRNRegressor` on the training subjects of a fold
 (those with a value for that factor) and predicts its test subjects. A task writes its
 folder ``cv/tasks/repeat-<r>_fold-<f>_<factor>/`` (``model.pt``, ``predictions.tsv``,
 ``history.tsv``, ``task.json``) under a temporary name and renames it into place when it
@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from dfrn.errors import ResultsIntegrityError
-from dfrn.folds import iter_splits
+from dfrn.evaluation.folds import iter_splits
 from dfrn.io import (
     atomic_write_json,
     atomic_write_tsv,
@@ -36,7 +36,7 @@ from dfrn.io import (
     verify_manifest,
     write_manifest,
 )
-from dfrn.stats import PREDICTION_COLUMNS
+from dfrn.evaluation.metrics import PREDICTION_COLUMNS
 
 __all__ = [
     "Task",

@@ -3,7 +3,7 @@
 The statistic
 -------------
 For each factor, ``r`` is the Pearson correlation between true and predicted values of the
-pooled out-of-fold predictions of one repeat (as in :func:`dfrn.stats.compute_metrics`),
+pooled out-of-fold predictions of one repeat (as in :func:`dfrn.evaluation.metrics.compute_metrics`),
 averaged over the repeats of the fold plan — the "mean" row of Table 1. Each permutation
 re-runs the *whole* cross-validation (every in-fold fitting step, same folds) on permuted
 targets and computes the same statistic; the one-sided permutation p-value is
@@ -45,16 +45,16 @@ from scipy import stats as sps
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from dfrn.baseline import (
+from dfrn.models.ridge import (
     DEFAULT_ALPHAS,
     _align_inputs,
     _prepare_split_engine,
     _split_rows,
     _SplitEngine,
 )
-from dfrn.folds import iter_splits
+from dfrn.evaluation.folds import iter_splits
 from dfrn.io import atomic_write_tsv
-from dfrn.stats import compute_metrics
+from dfrn.evaluation.metrics import compute_metrics
 
 __all__ = [
     "PERMUTATION_COLUMNS",
@@ -164,7 +164,7 @@ def permutation_test_generic(
     ``cv_predict(targets)`` must run the full cross-validation (fixed folds, every fitting
     step inside the training folds) on the given targets table — same index and columns as
     ``targets``, values permuted — and return long predictions
-    (:data:`dfrn.stats.PREDICTION_COLUMNS`). ``observed``, if given, are the predictions on
+    (:data:`dfrn.evaluation.metrics.PREDICTION_COLUMNS`). ``observed``, if given, are the predictions on
     the unpermuted targets (saves one run). Permutations are
     ``permutation_indices(len(targets), n_perm, seed)`` applied with
     :func:`permute_targets`. ``n_jobs > 1`` runs permutations in joblib workers.
@@ -234,7 +234,7 @@ def permutation_test(
 ) -> pd.DataFrame:
     """Permutation test of the ridge baseline on the fold plan (all repeats).
 
-    Same inputs as :func:`dfrn.baseline.cross_validate_baseline`. Gives the same result
+    Same inputs as :func:`dfrn.models.ridge.cross_validate_baseline`. Gives the same result
     as ``permutation_test_generic(lambda t: cross_validate_baseline(features, t, plan,
     covariates), targets_of_the_plan_subjects, n_perm, seed)``, but, as covariate
     regression and scaling do not depend on the target, each fold's design is prepared

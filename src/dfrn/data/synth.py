@@ -261,7 +261,7 @@ def make_demo_atlases(cohort: SynthCohort, n_parcels: int = 60, seed: int = 0) -
       written over them under their anatomical names (hippocampus, insula, …). Attention
       maps are ranked on it, so the output can say *which* structure a factor is read from.
     """
-    from dfrn.roi import synthetic_parcellation
+    from dfrn.data.atlas import synthetic_parcellation
 
     assert cohort.brain_mask is not None
     parc = synthetic_parcellation(cohort.brain_mask, n_parcels, seed=seed)

@@ -30,7 +30,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from dfrn.attention import (
+from dfrn.interpret.maps import (
     FoldTask,
     factor_attention_map,
     localisation_scores,
@@ -39,20 +39,20 @@ from dfrn.attention import (
     to_template_space,
 )
 from dfrn.config import StudyConfig
-from dfrn.cv import plan_tasks, read_task_meta
+from dfrn.evaluation.tasks import plan_tasks, read_task_meta
 from dfrn.errors import DfrnInputError
-from dfrn.images import VolumeSet
+from dfrn.data.images import VolumeSet
 from dfrn.io import atomic_write_nifti, atomic_write_tsv
-from dfrn.report import format_table
-from dfrn.sanity import cascading_randomization, plot_sanity
-from dfrn.training import DFRNRegressor, resolve_device
+from dfrn.plotting import format_table
+from dfrn.interpret.sanity import cascading_randomization, plot_sanity
+from dfrn.models.regressor import DFRNRegressor, resolve_device
 
 __all__ = ["run_attention_stage", "load_atlas_for"]
 
 
 def load_atlas_for(atlas: str, labels: str, log: Callable[[str], None]):
     """The configured atlas, or AAL3 from nilearn when online; None (with a note) otherwise."""
-    from dfrn.roi import fetch_aal3_atlas, load_atlas
+    from dfrn.data.atlas import fetch_aal3_atlas, load_atlas
 
     if atlas:
         if not labels:
@@ -100,7 +100,7 @@ def run_attention_stage(
     checks that the input files are those the run was made with.
     """
     if cfg is None:
-        from dfrn.pipeline import open_finished_study, prepare_volumes, results_lock
+        from dfrn.workflows.run import open_finished_study, prepare_volumes, results_lock
 
         with results_lock(Path(out), "dfrn attention", log):
             study = open_finished_study(out, progress)
@@ -113,7 +113,7 @@ def run_attention_stage(
             )
     from tqdm.auto import tqdm
 
-    from dfrn.pipeline import load_study_cohort, prepare_volumes
+    from dfrn.workflows.run import load_study_cohort, prepare_volumes
 
     out = Path(out)
     a = cfg.attention

@@ -15,11 +15,11 @@ frozen, to the test fold, in this order:
    R² over inner folds (first best alpha on ties), then ridge is refitted on the whole
    training fold with it. This is exactly scikit-learn's ``RidgeCV(alphas, cv=inner_cv)``
    on the scaled training data (checked by the tests), computed from one SVD per inner fold
-   so that many targets — e.g. 1,000 permuted copies, see :mod:`dfrn.permutation` — are
+   so that many targets — e.g. 1,000 permuted copies, see :mod:`dfrn.evaluation.permutation` — are
    solved at the cost of one.
 
 :func:`cross_validate_baseline` runs this on the same fold plan as the network and returns
-out-of-fold predictions in the long format of :mod:`dfrn.stats`.
+out-of-fold predictions in the long format of :mod:`dfrn.evaluation.metrics`.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from dfrn.errors import DfrnInputError
-from dfrn.folds import iter_splits
+from dfrn.evaluation.folds import iter_splits
 from dfrn.io import atomic_write, atomic_write_tsv
-from dfrn.stats import PREDICTION_COLUMNS, compute_metrics
+from dfrn.evaluation.metrics import PREDICTION_COLUMNS, compute_metrics
 
 __all__ = [
     "DEFAULT_ALPHAS",
@@ -404,7 +404,7 @@ def cross_validate_baseline(
     it as a column); ``targets`` has one column per factor and may hold NaN: a subject with
     a missing value is left out of that factor's training and test sets (other factors
     keep it). One :class:`RidgeBaseline` is fitted per (repeat, fold, factor). The result
-    is deterministic and has the columns of :data:`dfrn.stats.PREDICTION_COLUMNS`, one row
+    is deterministic and has the columns of :data:`dfrn.evaluation.metrics.PREDICTION_COLUMNS`, one row
     per (repeat, test subject, factor). With ``return_models=True`` the fitted models,
     keyed by ``(repeat, fold, factor)``, are returned too. BLAS runs single-threaded inside
     (the matrices are small; threads only add overhead on a busy machine).
@@ -492,7 +492,7 @@ def plot_fig3(
 ) -> Path:
     """Figure 3: mean Pearson r per factor, ridge regression next to DFRN, ± sd over repeats.
 
-    Both inputs are metrics tables of :func:`dfrn.stats.compute_metrics` (one row per
+    Both inputs are metrics tables of :func:`dfrn.evaluation.metrics.compute_metrics` (one row per
     repeat and factor). ``dfrn_metrics`` may be None to draw the ridge bars alone. Written
     with the Agg canvas (no display needed); the usual path is
     ``figures/fig3_rr_vs_dfrn.png``.

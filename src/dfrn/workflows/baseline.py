@@ -3,7 +3,7 @@
 Reads the results folder's config, cohort and fold plan (``cv/folds.tsv``), computes ROI
 features (gray-matter volume per atlas region from the cohort's ``gm`` column; mean T1
 intensity per region, with a warning, when there are no GM maps), cross-validates
-:class:`dfrn.baseline.RidgeBaseline` on the network's (repeat, fold) plan, runs the
+:class:`dfrn.models.ridge.RidgeBaseline` on the network's (repeat, fold) plan, runs the
 permutation test, and draws Figure 3 next to the network's metrics when they exist.
 
 Outputs: ``baseline/roi_features.tsv``, ``baseline/predictions.tsv``,
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from dfrn.attention_stage import load_atlas_for
-from dfrn.baseline import (
+from dfrn.workflows.attention import load_atlas_for
+from dfrn.models.ridge import (
     DEFAULT_ALPHAS,
     RidgeBaseline,
     cross_validate_baseline,
@@ -27,15 +27,15 @@ from dfrn.baseline import (
     plot_fig3,
     write_baseline_outputs,
 )
-from dfrn.cohort import Cohort
+from dfrn.data.cohort import Cohort
 from dfrn.config import StudyConfig
-from dfrn.cv import StaticTargets, TargetProvider
+from dfrn.evaluation.tasks import StaticTargets, TargetProvider
 from dfrn.errors import DfrnInputError
-from dfrn.folds import iter_splits
-from dfrn.permutation import permutation_test, write_permutation_table
-from dfrn.report import format_table
-from dfrn.roi import roi_mean_intensity, roi_volumes, write_roi_features
-from dfrn.stats import PREDICTION_COLUMNS, compute_metrics
+from dfrn.evaluation.folds import iter_splits
+from dfrn.evaluation.permutation import permutation_test, write_permutation_table
+from dfrn.plotting import format_table
+from dfrn.data.atlas import roi_mean_intensity, roi_volumes, write_roi_features
+from dfrn.evaluation.metrics import PREDICTION_COLUMNS, compute_metrics
 
 __all__ = ["run_baseline_stage"]
 
@@ -109,7 +109,7 @@ def run_baseline_stage(
     checks that the input files are those the run was made with.
     """
     if cfg is None:
-        from dfrn.pipeline import open_finished_study, results_lock
+        from dfrn.workflows.run import open_finished_study, results_lock
 
         with results_lock(Path(out), "dfrn baseline", log):
             study = open_finished_study(out, progress)
@@ -117,7 +117,7 @@ def run_baseline_stage(
                 out, study.cfg, study.cohort, None, None, study.plan, progress, log, atlas,
                 atlas_labels, n_permutations,
             )
-    from dfrn.pipeline import load_study_cohort, study_targets
+    from dfrn.workflows.run import load_study_cohort, study_targets
 
     out = Path(out)
     b = cfg.baseline

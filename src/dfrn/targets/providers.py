@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from dfrn.cohort import Cohort
+from dfrn.data.cohort import Cohort
 from dfrn.config import FactorsConfig
-from dfrn.cv import StaticTargets, TargetProvider
+from dfrn.evaluation.tasks import StaticTargets, TargetProvider
 from dfrn.errors import DfrnInputError
-from dfrn.factors import SymptomFactors, fold_factor_scores, write_factor_outputs
+from dfrn.targets.factors import SymptomFactors, fold_factor_scores, write_factor_outputs
 from dfrn.io import check_safe_id
 
 __all__ = ["factor_targets", "fit_factor_model", "FoldFactorTargets"]

@@ -1,13 +1,13 @@
 """Training one DFRN for one factor: a scikit-learn style regressor.
 
-``DFRNRegressor(...).fit(volumes, y)`` trains a fresh :class:`dfrn.model.DFRN` with the
+``DFRNRegressor(...).fit(volumes, y)`` trains a fresh :class:`dfrn.models.network.DFRN` with the
 method's loss (sum of squared errors), Adam (lr 0.001) and batch size 4. What the paper
 leaves open is set by parameters whose defaults are documented in
 :class:`dfrn.config.TrainingConfig`: targets z-scored with the *training* data's mean and sd,
 at most 50 epochs, early stopping on an inner validation split (10% of the training
 subjects, patience 10, best weights kept), no weight decay, no augmentation.
 
-``volumes`` is any sequence of 3D arrays (e.g. :class:`dfrn.images.VolumeSet`, or a list of
+``volumes`` is any sequence of 3D arrays (e.g. :class:`dfrn.data.images.VolumeSet`, or a list of
 arrays); only the subjects given are read, so nothing outside the training fold is touched.
 
 Determinism: weights, the inner split and batch order come from ``seed``. On CUDA, cuDNN is
@@ -29,7 +29,7 @@ from sklearn.base import BaseEstimator, RegressorMixin
 
 from dfrn.config import DEVICE_PATTERN
 from dfrn.errors import DfrnInputError
-from dfrn.model import DFRN
+from dfrn.models.network import DFRN
 
 __all__ = ["DFRNRegressor", "resolve_device", "seed_everything"]
 

@@ -113,7 +113,7 @@ class InputFile:
 
 #: Entries of a results folder that may exist before its run.json: the volume cache (content
 #: keyed, so safe to reuse), the lock and error logs.
-SCRATCH = ("cache", ".dfrn.lock", "logs")
+SCRATCH = ("cache", ".dfrn.workflows.lock", "logs")
 
 
 def _changed_inputs(recorded: dict[str, str], inputs: dict[str, InputFile]) -> list[str]:
