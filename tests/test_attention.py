@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from dfrn.errors import DfrnInputError
 from dfrn.interpret.maps import (
     METHODS,
     AttributionError,
@@ -23,9 +24,8 @@ from dfrn.interpret.maps import (
     rank_regions,
     to_template_space,
 )
-from dfrn.errors import DfrnInputError
-from dfrn.models.network import DFRN
 from dfrn.interpret.sanity import DFRN_CASCADE, cascading_randomization, plot_sanity, ssim3d
+from dfrn.models.network import DFRN
 
 
 @pytest.fixture(autouse=True)

@@ -11,15 +11,9 @@ from sklearn.linear_model import RidgeCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from dfrn.models.ridge import (
-    DEFAULT_ALPHAS,
-    RidgeBaseline,
-    cross_validate_baseline,
-    plot_fig3,
-    write_baseline_outputs,
-)
 from dfrn.errors import DfrnInputError
 from dfrn.evaluation.folds import make_fold_plan
+from dfrn.evaluation.metrics import PREDICTION_COLUMNS, compute_metrics
 from dfrn.evaluation.permutation import (
     PERMUTATION_COLUMNS,
     permutation_indices,
@@ -28,7 +22,13 @@ from dfrn.evaluation.permutation import (
     permute_targets,
     write_permutation_table,
 )
-from dfrn.evaluation.metrics import PREDICTION_COLUMNS, compute_metrics
+from dfrn.models.ridge import (
+    DEFAULT_ALPHAS,
+    RidgeBaseline,
+    cross_validate_baseline,
+    plot_fig3,
+    write_baseline_outputs,
+)
 
 
 def _cohort(n: int = 40, p: int = 12, seed: int = 0, signal: float = 1.0):

@@ -13,7 +13,6 @@ import pytest
 
 from dfrn.cli import main
 from dfrn.data.cohort import load_bids_cohort, load_cohort_table
-from dfrn.errors import DfrnInputError
 from dfrn.data.images import (
     VolumeCache,
     block_downsample,
@@ -21,6 +20,7 @@ from dfrn.data.images import (
     downsampled_affine,
     load_volume,
 )
+from dfrn.errors import DfrnInputError
 
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
 

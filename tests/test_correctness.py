@@ -22,13 +22,13 @@ from conftest import study_config
 
 from dfrn.cli import main
 from dfrn.config import config_from_dict
-from dfrn.evaluation.tasks import collect_predictions, plan_tasks
-from dfrn.errors import DfrnInputError, ResultsFolderError, ResultsIntegrityError
 from dfrn.data.images import VolumeCache
-from dfrn.io import write_manifest
-from dfrn.workflows.run import run_study
 from dfrn.data.synth import make_demo_atlases, make_synthetic_cohort
+from dfrn.errors import DfrnInputError, ResultsFolderError, ResultsIntegrityError
+from dfrn.evaluation.tasks import collect_predictions, plan_tasks
+from dfrn.io import write_manifest
 from dfrn.models.regressor import DFRNRegressor, _batches
+from dfrn.workflows.run import run_study
 
 QUIET = {"progress": False, "log": lambda s: None}
 
@@ -293,8 +293,8 @@ def test_moved_folder_resumes_and_serves_later_stages(cohort_copy, tmp_path: Pat
     third = run_study(study_config(moved_cohort), moved, **QUIET)
     assert third.resumed
     # a later stage on the moved folder, reading the moved cohort through its config
-    from dfrn.workflows.baseline import run_baseline_stage
     from dfrn.config import load_config
+    from dfrn.workflows.baseline import run_baseline_stage
 
     cfg_text = (moved / "config.toml").read_text().replace(str(cohort_copy.root), str(new_root))
     (moved / "config.toml").write_text(cfg_text)

@@ -13,8 +13,8 @@ import pytest
 import scipy.stats
 
 import dfrn.data.images as images
-from dfrn.errors import DfrnInputError
 from dfrn.data.images import VolumeCache, normalise
+from dfrn.errors import DfrnInputError
 from dfrn.io import file_digest
 
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])

@@ -12,8 +12,8 @@ import pytest
 from dfrn.config import config_from_dict, load_config
 from dfrn.errors import DfrnInputError, ResultsFolderError
 from dfrn.evaluation.folds import make_fold_plan
-from dfrn.workflows.run import run_study
 from dfrn.models.regressor import DFRNRegressor
+from dfrn.workflows.run import run_study
 
 
 def _cfg(cohort, **over):

@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 from nilearn.maskers import NiftiLabelsMasker
 
-from dfrn.errors import DfrnInputError
 from dfrn.data.atlas import (
     Atlas,
     fetch_aal3_atlas,
@@ -22,6 +21,7 @@ from dfrn.data.atlas import (
     synthetic_parcellation,
     write_roi_features,
 )
+from dfrn.errors import DfrnInputError
 
 DATA = Path(
     os.environ.get("DFRN_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")

@@ -11,8 +11,8 @@ import pytest
 
 from dfrn.cli import main
 from dfrn.config import config_from_dict
-from dfrn.workflows.run import run_study
 from dfrn.data.synth import make_demo_atlases
+from dfrn.workflows.run import run_study
 
 
 def _with_items(cohort, tmp: Path, n_items: int = 8) -> Path:

@@ -22,6 +22,7 @@ __all__ = [
     "compute_metrics",
     "table1",
     "format_r_p",
+    "mean_r",
 ]
 
 PREDICTION_COLUMNS = ["participant_id", "repeat", "fold", "factor", "y_true", "y_pred"]
@@ -88,9 +89,43 @@ def table1(metrics: pd.DataFrame) -> pd.DataFrame:
             row[f] = format_r_p(g.at[f, "pearson_r"], g.at[f, "p_value"]) if f in g.index else ""
         rows.append(row)
     summary = {"repeat": "mean ± sd"}
+    means = mean_r(metrics)
     for f in factors:
-        r = metrics.loc[metrics["factor"] == f, "pearson_r"].to_numpy(float)
-        sd = float(np.nanstd(r, ddof=1)) if np.sum(np.isfinite(r)) > 1 else 0.0
-        summary[f] = f"{np.nanmean(r):.2f} ± {sd:.2f}"
+        summary[f] = f"{means.at[f, 'mean_r']:.2f} ± {means.at[f, 'sd_r']:.2f}"
     rows.append(summary)
     return pd.DataFrame(rows, columns=["repeat", *factors])
+
+
+def mean_r(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sd over repeats of Pearson r per factor, in the factors' first-seen order.
+
+    The one place that summarises a metrics table (Table 1's last row, Figure 3, the
+    ridge-vs-DFRN table, the demo's summary and the permutation tests all use it).
+
+    Parameters
+    ----------
+    metrics : DataFrame
+        Output of :func:`compute_metrics` (``repeat``, ``factor``, ``n``, ``pearson_r``, ...).
+
+    Returns
+    -------
+    DataFrame
+        Indexed by factor, with ``mean_r``, ``sd_r`` (ddof 1; 0 with one repeat), ``n_repeats``
+        and ``n`` (subjects in the first repeat).
+    """
+    factors = list(dict.fromkeys(metrics["factor"]))
+    rows = []
+    for f in factors:
+        g = metrics[metrics["factor"] == f]
+        r = g["pearson_r"].to_numpy(float)
+        finite = r[np.isfinite(r)]
+        rows.append(
+            {
+                "factor": f,
+                "mean_r": float(finite.mean()) if len(finite) else float("nan"),
+                "sd_r": float(finite.std(ddof=1)) if len(finite) > 1 else 0.0,
+                "n_repeats": len(r),
+                "n": int(g["n"].iloc[0]),
+            }
+        )
+    return pd.DataFrame(rows).set_index("factor")

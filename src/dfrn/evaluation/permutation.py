@@ -45,6 +45,9 @@ from scipy import stats as sps
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from dfrn.evaluation.folds import iter_splits
+from dfrn.evaluation.metrics import compute_metrics
+from dfrn.io import atomic_write_tsv
 from dfrn.models.ridge import (
     DEFAULT_ALPHAS,
     _align_inputs,
@@ -52,9 +55,6 @@ from dfrn.models.ridge import (
     _split_rows,
     _SplitEngine,
 )
-from dfrn.evaluation.folds import iter_splits
-from dfrn.io import atomic_write_tsv
-from dfrn.evaluation.metrics import compute_metrics
 
 __all__ = [
     "PERMUTATION_COLUMNS",

@@ -21,13 +21,13 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import pandas as pd
 
 from dfrn.errors import ResultsIntegrityError
 from dfrn.evaluation.folds import iter_splits
+from dfrn.evaluation.metrics import PREDICTION_COLUMNS
 from dfrn.io import (
     atomic_write_json,
     atomic_write_tsv,
@@ -36,12 +36,10 @@ from dfrn.io import (
     verify_manifest,
     write_manifest,
 )
-from dfrn.evaluation.metrics import PREDICTION_COLUMNS
+from dfrn.targets.providers import TargetProvider
 
 __all__ = [
     "Task",
-    "TargetProvider",
-    "StaticTargets",
     "plan_tasks",
     "run_task",
     "run_cv",
@@ -50,26 +48,6 @@ __all__ = [
     "read_task_meta",
     "task_seed",
 ]
-
-
-class TargetProvider(Protocol):
-    """Gives the training and test targets of one split (index participant_id)."""
-
-    def __call__(
-        self, repeat: int, fold: int, train_ids: Sequence[str], test_ids: Sequence[str]
-    ) -> tuple[pd.DataFrame, pd.DataFrame]: ...
-
-
-@dataclass
-class StaticTargets:
-    """Targets fixed before cross-validation (a score column, or factors fitted on all)."""
-
-    targets: pd.DataFrame
-
-    def __call__(
-        self, repeat: int, fold: int, train_ids: Sequence[str], test_ids: Sequence[str]
-    ) -> tuple[pd.DataFrame, pd.DataFrame]:
-        return self.targets.loc[list(train_ids)], self.targets.loc[list(test_ids)]
 
 
 @dataclass(frozen=True)

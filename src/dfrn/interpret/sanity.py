@@ -33,8 +33,8 @@ from scipy import ndimage
 from scipy.stats import spearmanr
 from torch import nn
 
-from dfrn.interpret.maps import attribution
 from dfrn.errors import DfrnInputError
+from dfrn.interpret.maps import attribution
 from dfrn.io import atomic_write
 
 __all__ = [

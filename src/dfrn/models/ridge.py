@@ -37,8 +37,8 @@ from threadpoolctl import threadpool_limits
 
 from dfrn.errors import DfrnInputError
 from dfrn.evaluation.folds import iter_splits
-from dfrn.io import atomic_write, atomic_write_tsv
 from dfrn.evaluation.metrics import PREDICTION_COLUMNS, compute_metrics
+from dfrn.io import atomic_write, atomic_write_tsv
 
 __all__ = [
     "DEFAULT_ALPHAS",

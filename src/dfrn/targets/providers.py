@@ -20,17 +20,43 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import pandas as pd
 
-from dfrn.data.cohort import Cohort
 from dfrn.config import FactorsConfig
-from dfrn.evaluation.tasks import StaticTargets, TargetProvider
+from dfrn.data.cohort import Cohort
 from dfrn.errors import DfrnInputError
-from dfrn.targets.factors import SymptomFactors, fold_factor_scores, write_factor_outputs
 from dfrn.io import check_safe_id
+from dfrn.targets.factors import SymptomFactors, fold_factor_scores, write_factor_outputs
 
-__all__ = ["factor_targets", "fit_factor_model", "FoldFactorTargets"]
+__all__ = [
+    "TargetProvider",
+    "StaticTargets",
+    "factor_targets",
+    "fit_factor_model",
+    "FoldFactorTargets",
+]
+
+
+class TargetProvider(Protocol):
+    """Gives the training and test targets of one split (index participant_id)."""
+
+    def __call__(
+        self, repeat: int, fold: int, train_ids: Sequence[str], test_ids: Sequence[str]
+    ) -> tuple[pd.DataFrame, pd.DataFrame]: ...
+
+
+@dataclass
+class StaticTargets:
+    """Targets fixed before cross-validation (a score column, or factors fitted on all)."""
+
+    targets: pd.DataFrame
+
+    def __call__(
+        self, repeat: int, fold: int, train_ids: Sequence[str], test_ids: Sequence[str]
+    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+        return self.targets.loc[list(train_ids)], self.targets.loc[list(test_ids)]
 
 
 @dataclass

@@ -30,6 +30,10 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from dfrn.config import StudyConfig
+from dfrn.data.images import VolumeSet
+from dfrn.errors import DfrnInputError
+from dfrn.evaluation.tasks import plan_tasks, read_task_meta
 from dfrn.interpret.maps import (
     FoldTask,
     factor_attention_map,
@@ -38,14 +42,10 @@ from dfrn.interpret.maps import (
     rank_regions,
     to_template_space,
 )
-from dfrn.config import StudyConfig
-from dfrn.evaluation.tasks import plan_tasks, read_task_meta
-from dfrn.errors import DfrnInputError
-from dfrn.data.images import VolumeSet
-from dfrn.io import atomic_write_nifti, atomic_write_tsv
-from dfrn.plotting import format_table
 from dfrn.interpret.sanity import cascading_randomization, plot_sanity
+from dfrn.io import atomic_write_nifti, atomic_write_tsv
 from dfrn.models.regressor import DFRNRegressor, resolve_device
+from dfrn.plotting import format_table
 
 __all__ = ["run_attention_stage", "load_atlas_for"]
 
@@ -100,7 +100,7 @@ def run_attention_stage(
     checks that the input files are those the run was made with.
     """
     if cfg is None:
-        from dfrn.workflows.run import open_finished_study, prepare_volumes, results_lock
+        from dfrn.workflows.study import open_finished_study, prepare_volumes, results_lock
 
         with results_lock(Path(out), "dfrn attention", log):
             study = open_finished_study(out, progress)
@@ -113,7 +113,7 @@ def run_attention_stage(
             )
     from tqdm.auto import tqdm
 
-    from dfrn.workflows.run import load_study_cohort, prepare_volumes
+    from dfrn.workflows.study import load_study_cohort, prepare_volumes
 
     out = Path(out)
     a = cfg.attention

@@ -18,7 +18,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from dfrn.workflows.attention import load_atlas_for
+from dfrn.config import StudyConfig
+from dfrn.data.atlas import roi_mean_intensity, roi_volumes, write_roi_features
+from dfrn.data.cohort import Cohort
+from dfrn.errors import DfrnInputError
+from dfrn.evaluation.folds import iter_splits
+from dfrn.evaluation.metrics import PREDICTION_COLUMNS, compute_metrics
+from dfrn.evaluation.permutation import permutation_test, write_permutation_table
 from dfrn.models.ridge import (
     DEFAULT_ALPHAS,
     RidgeBaseline,
@@ -27,15 +33,9 @@ from dfrn.models.ridge import (
     plot_fig3,
     write_baseline_outputs,
 )
-from dfrn.data.cohort import Cohort
-from dfrn.config import StudyConfig
-from dfrn.evaluation.tasks import StaticTargets, TargetProvider
-from dfrn.errors import DfrnInputError
-from dfrn.evaluation.folds import iter_splits
-from dfrn.evaluation.permutation import permutation_test, write_permutation_table
 from dfrn.plotting import format_table
-from dfrn.data.atlas import roi_mean_intensity, roi_volumes, write_roi_features
-from dfrn.evaluation.metrics import PREDICTION_COLUMNS, compute_metrics
+from dfrn.targets.providers import StaticTargets, TargetProvider
+from dfrn.workflows.attention import load_atlas_for
 
 __all__ = ["run_baseline_stage"]
 
@@ -109,7 +109,7 @@ def run_baseline_stage(
     checks that the input files are those the run was made with.
     """
     if cfg is None:
-        from dfrn.workflows.run import open_finished_study, results_lock
+        from dfrn.workflows.study import open_finished_study, results_lock
 
         with results_lock(Path(out), "dfrn baseline", log):
             study = open_finished_study(out, progress)
@@ -117,7 +117,7 @@ def run_baseline_stage(
                 out, study.cfg, study.cohort, None, None, study.plan, progress, log, atlas,
                 atlas_labels, n_permutations,
             )
-    from dfrn.workflows.run import load_study_cohort, study_targets
+    from dfrn.workflows.study import load_study_cohort, study_targets
 
     out = Path(out)
     b = cfg.baseline

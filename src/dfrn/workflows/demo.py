@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dfrn.config import StudyConfig, config_from_dict
-from dfrn.workflows.run import StudyResult, run_study
-from dfrn.workflows.results import read_run_info
 from dfrn.data.synth import FACTORS, make_demo_atlases, make_synthetic_cohort
+from dfrn.workflows.results import read_run_info
+from dfrn.workflows.run import StudyResult, run_study
 
 __all__ = ["DemoSettings", "QUICK", "FULL", "run_demo", "demo_config"]
 

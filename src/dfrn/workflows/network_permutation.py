@@ -19,11 +19,12 @@ from pathlib import Path
 import pandas as pd
 
 from dfrn.config import StudyConfig
-from dfrn.evaluation.tasks import StaticTargets, plan_tasks, run_cv
 from dfrn.errors import DfrnInputError
-from dfrn.io import atomic_write_tsv
 from dfrn.evaluation.permutation import permutation_test_generic
+from dfrn.evaluation.tasks import plan_tasks, run_cv
+from dfrn.io import atomic_write_tsv
 from dfrn.plotting import format_table
+from dfrn.targets.providers import StaticTargets
 
 __all__ = ["network_permutation_test"]
 
@@ -37,7 +38,7 @@ def network_permutation_test(
     log: Callable[[str], None] = print,
 ) -> pd.DataFrame:
     """Run ``n_perm`` permutations of the network CV (first repeat) and write the table."""
-    from dfrn.workflows.run import make_estimator_factory
+    from dfrn.workflows.study import make_estimator_factory
 
     if not isinstance(result.extra["provider"], StaticTargets):
         raise DfrnInputError(

@@ -23,11 +23,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from dfrn.config import StudyConfig
 from dfrn.errors import ResultsFolderError
 from dfrn.io import atomic_write_json, atomic_write_text, file_digest
 
 __all__ = [
+    "ResultsFolder",
     "InputFile",
     "SCRATCH",
     "check_results_dir",
@@ -235,3 +238,145 @@ def _version(name: str) -> str | None:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return None
+
+
+@dataclass(frozen=True)
+class ResultsFolder:
+    """Every path of a results folder, and validated readers of its tables.
+
+    No other module spells a results path: stages ask this object. Readers check what they
+    read (columns, the fold plan's coverage) and raise one-line errors naming the file.
+
+    Parameters
+    ----------
+    root : Path
+        The results folder.
+    """
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    # identity and scratch
+    @property
+    def run_json(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def config_toml(self) -> Path:
+        return self.root / "config.toml"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    # cross-validation
+    @property
+    def cv(self) -> Path:
+        return self.root / "cv"
+
+    @property
+    def tasks(self) -> Path:
+        return self.cv / "tasks"
+
+    @property
+    def folds(self) -> Path:
+        return self.cv / "folds.tsv"
+
+    @property
+    def predictions(self) -> Path:
+        return self.cv / "predictions.tsv"
+
+    @property
+    def metrics(self) -> Path:
+        return self.cv / "metrics.tsv"
+
+    @property
+    def table1(self) -> Path:
+        return self.cv / "table1.tsv"
+
+    @property
+    def network_permutation(self) -> Path:
+        return self.cv / "permutation.tsv"
+
+    def permutation_cv(self, index: int) -> Path:
+        """The CV folder of network permutation ``index``."""
+        return self.root / "permutations" / f"perm-{index:04d}"
+
+    # later stages
+    @property
+    def factors(self) -> Path:
+        return self.root / "factors"
+
+    @property
+    def baseline(self) -> Path:
+        return self.root / "baseline"
+
+    @property
+    def roi_features(self) -> Path:
+        return self.baseline / "roi_features.tsv"
+
+    @property
+    def baseline_predictions(self) -> Path:
+        return self.baseline / "predictions.tsv"
+
+    @property
+    def baseline_metrics(self) -> Path:
+        return self.baseline / "metrics.tsv"
+
+    @property
+    def baseline_permutation(self) -> Path:
+        return self.baseline / "permutation.tsv"
+
+    def attention(self, method: str | None = None) -> Path:
+        """``attention/``, or ``attention/method-<m>/`` for a method other than the config's."""
+        base = self.root / "attention"
+        return base if method is None else base / f"method-{method}"
+
+    def figure(self, name: str) -> Path:
+        """``figures/<name>.png``."""
+        return self.root / "figures" / f"{name}.png"
+
+    # readers
+    def is_run(self) -> bool:
+        return self.run_json.is_file() and self.config_toml.is_file()
+
+    def read_folds(self, participant_ids: list[str] | None = None) -> pd.DataFrame:
+        """The fold plan, checked to cover ``participant_ids`` once per repeat."""
+        from dfrn.evaluation.folds import validate_fold_plan
+
+        plan = self._read(self.folds, ("participant_id", "repeat", "fold"))
+        if participant_ids is not None:
+            validate_fold_plan(plan, participant_ids)
+        return plan
+
+    def read_predictions(self, path: Path | None = None) -> pd.DataFrame:
+        """A long predictions table (``cv/predictions.tsv`` by default), columns checked."""
+        from dfrn.evaluation.metrics import PREDICTION_COLUMNS
+
+        return self._read(path or self.predictions, tuple(PREDICTION_COLUMNS))
+
+    def read_metrics(self, path: Path | None = None) -> pd.DataFrame:
+        """A metrics table (``cv/metrics.tsv`` by default), columns checked."""
+        from dfrn.evaluation.metrics import METRIC_COLUMNS
+
+        return self._read(path or self.metrics, tuple(METRIC_COLUMNS))
+
+    def _read(self, path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+        if not path.is_file():
+            raise ResultsFolderError(
+                f"{path} is missing; rerun 'dfrn run' with the same config and --out"
+            )
+        try:
+            df = pd.read_csv(path, sep="\t", dtype={"participant_id": str})
+        except Exception as exc:
+            raise ResultsFolderError(f"{path} is unreadable ({exc})") from None
+        missing = [c for c in columns if c not in df.columns]
+        if missing:
+            raise ResultsFolderError(f"{path} lacks the column(s) {', '.join(missing)}")
+        return df

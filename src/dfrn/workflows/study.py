@@ -1,0 +1,277 @@
+"""The study context shared by the stages: cohort, input files, targets, volumes, lock.
+
+``dfrn run`` (:mod:`dfrn.workflows.run`) and the later stages (``dfrn baseline``,
+``dfrn attention``, the network permutation test) all load a study through these functions,
+so each check (input digests, targets, the fold plan, the folder's lock) exists once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dfrn.config import StudyConfig
+from dfrn.data.cohort import Cohort, load_bids_cohort, load_cohort_table
+from dfrn.data.images import VolumeCache, VolumeSet
+from dfrn.errors import DfrnInputError
+from dfrn.evaluation.folds import iter_splits, make_fold_plan, validate_fold_plan
+from dfrn.io import file_digest
+from dfrn.models.regressor import DFRNRegressor
+from dfrn.targets.providers import StaticTargets, TargetProvider
+from dfrn.workflows.lock import ResultsLock
+from dfrn.workflows.results import (
+    InputFile,
+    read_run_info,
+    verify_inputs,
+)
+
+__all__ = [
+    "load_study_cohort",
+    "collect_inputs",
+    "fold_plan_for",
+    "prepare_volumes",
+    "study_targets",
+    "check_targets",
+    "results_lock",
+    "make_estimator_factory",
+    "FinishedStudy",
+    "open_finished_study",
+]
+
+
+def load_study_cohort(cfg: StudyConfig) -> Cohort:
+    """The cohort named by ``[cohort]``; targets are validated unless factors derive them."""
+    c = cfg.cohort
+    targets = [] if cfg.factors is not None else list(c.targets)
+    if c.table:
+        return load_cohort_table(c.table, targets, c.image_column, c.covariates)
+    return load_bids_cohort(c.bids, targets, c.covariates, session=c.session or None)
+
+
+def collect_inputs(cfg: StudyConfig, cohort: Cohort, progress: bool = False) -> dict[str, InputFile]:
+    """Every input file of the study with its SHA-256, keyed by role (not by location).
+
+    The cohort table (or BIDS ``participants.tsv``), each participant's T1, the GM maps (when
+    the baseline reads them), the brain mask, and the atlases, label tables, template and
+    ground-truth masks named in the config.
+    """
+    from tqdm.auto import tqdm
+
+    c = cfg.cohort
+    wanted: list[tuple[str, str, Path]] = []
+    table = Path(c.table) if c.table else Path(c.bids) / "participants.tsv"
+    wanted.append(("cohort_table", "the cohort table", table))
+    for pid, p in zip(cohort.participant_ids, cohort.images, strict=True):
+        wanted.append((f"t1/{pid}", f"participant {pid} T1", Path(p)))
+    if cfg.baseline.enabled:
+        gm = cohort.path_column(c.gm_column)
+        for pid, p in zip(cohort.participant_ids, gm or [], strict=False):
+            if not p.is_file():
+                raise DfrnInputError(f"participant {pid}: GM map not found: {p}")
+            wanted.append((f"gm/{pid}", f"participant {pid} GM map", p))
+    if c.mask:
+        wanted.append(("mask", "the brain mask", Path(c.mask)))
+    stages = [("baseline", cfg.baseline, ("atlas", "atlas_labels"))]
+    stages.append(("attention", cfg.attention, ("atlas", "atlas_labels", "template")))
+    for section, sub, keys in stages:
+        if not sub.enabled:
+            continue
+        for k in keys:
+            value = getattr(sub, k)
+            if value:
+                wanted.append((f"{section}.{k}", f"[{section}] {k}", Path(value)))
+    if cfg.attention.enabled:
+        for factor, value in sorted(cfg.attention.truth.items()):
+            wanted.append((f"attention.truth.{factor}", f"[attention] truth {factor}", Path(value)))
+    out: dict[str, InputFile] = {}
+    for key, label, path in tqdm(wanted, desc="checking inputs", unit="file", disable=not progress):
+        if not path.is_file():
+            raise DfrnInputError(f"{label}: file not found: {path}")
+        out[key] = InputFile(label, path, file_digest(path))
+    return out
+
+
+def fold_plan_for(cohort: Cohort, cfg: StudyConfig, out: Path) -> pd.DataFrame:
+    """The saved fold plan (validated) on resume, else a new one (not yet written)."""
+    path = out / "cv" / "folds.tsv"
+    if path.is_file() and read_run_info(out) is not None:
+        plan = pd.read_csv(path, sep="\t", dtype={"participant_id": str})
+        validate_fold_plan(plan, cohort.participant_ids)
+        return plan
+    return make_fold_plan(cohort.participant_ids, cfg.cv.n_folds, cfg.cv.n_repeats, cfg.cv.seed)
+
+
+def prepare_volumes(
+    cohort: Cohort,
+    cfg: StudyConfig,
+    out: Path,
+    progress: bool,
+    inputs: dict[str, InputFile] | None = None,
+    log: Callable[[str], None] = print,
+) -> VolumeSet:
+    """Normalised, downsampled, cached network inputs (refuses constant inputs)."""
+    cache = VolumeCache(Path(cfg.cohort.cache_dir) if cfg.cohort.cache_dir else out / "cache")
+    mask = Path(cfg.cohort.mask) if cfg.cohort.mask else None
+    digests = None
+    if inputs is not None:
+        digests = [inputs[f"t1/{pid}"].digest for pid in cohort.participant_ids]
+    return cache.prepare(
+        cohort.participant_ids,
+        cohort.images,
+        cfg.cohort.downsample,
+        mask,
+        progress=progress,
+        intensity=cfg.cohort.intensity,
+        digests=digests,
+        log=log,
+    )
+
+
+def study_targets(
+    cohort: Cohort,
+    cfg: StudyConfig,
+    plan: pd.DataFrame,
+    out: Path | None,
+    log: Callable[[str], None],
+) -> tuple[pd.DataFrame, TargetProvider]:
+    """The targets and their provider; ``factors/`` is written into ``out`` unless None."""
+    if cfg.factors is None:
+        targets = cohort.targets
+        return targets, StaticTargets(targets)
+    from dfrn.targets.providers import factor_targets
+
+    return factor_targets(cohort, cfg.factors, plan, out, log)
+
+
+def check_targets(targets: pd.DataFrame, plan: pd.DataFrame, n_folds: int) -> None:
+    """Refuse targets a network cannot be trained or evaluated on, before any training.
+
+    Each factor needs finite values, at least ``n_folds`` subjects with a value, more than one
+    distinct value, and at least 2 subjects with a value in the training part of every fold.
+
+    Raises
+    ------
+    DfrnInputError
+        One line naming the factor (and the repeat and fold).
+    """
+    for f in targets.columns:
+        v = targets[f].to_numpy(float)
+        if np.isinf(v).any():
+            pid = targets.index[np.isinf(v)][0]
+            raise DfrnInputError(f"factor {f!r} has an infinite value for participant {pid}")
+        n = int(np.isfinite(v).sum())
+        if n < n_folds:
+            raise DfrnInputError(
+                f"factor {f!r} has {n} subjects with a value, fewer than cv.n_folds={n_folds}"
+            )
+        values = np.unique(v[np.isfinite(v)])
+        if len(values) < 2:
+            raise DfrnInputError(
+                f"factor {f!r} is constant ({values[0]:g} for all {n} subjects with a value): "
+                "it cannot be predicted; remove it from [cohort] targets"
+            )
+    for r, fold, train, _ in iter_splits(plan):
+        counts = targets.loc[train].notna().sum()
+        for f, count in counts.items():
+            if count < 2:
+                raise DfrnInputError(
+                    f"factor {f!r} has {int(count)} subject(s) with a value in the training part "
+                    f"of repeat {r}, fold {fold} (at least 2 are needed); lower cv.n_folds or "
+                    "add subjects with a value"
+                )
+
+
+@contextlib.contextmanager
+def results_lock(out: Path, command: str, log: Callable[[str], None]) -> Iterator[None]:
+    """Hold the results folder's lock; a one-line error when the folder cannot be written."""
+    created = not Path(out).exists()
+    try:
+        lock = ResultsLock(out, command=command, log=log).acquire()
+    except OSError as exc:
+        if created:
+            _remove_if_empty(Path(out))
+        raise DfrnInputError(
+            f"cannot write to the results folder {out}: {exc.strerror or exc}"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+        if created:
+            _remove_if_empty(Path(out))
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def make_estimator_factory(cfg: StudyConfig, progress: bool) -> Callable[[int, str], DFRNRegressor]:
+    t = cfg.training
+
+    def make(seed: int, desc: str) -> DFRNRegressor:
+        return DFRNRegressor(
+            block_strides=tuple(cfg.model.block_strides),
+            epochs=t.epochs,
+            batch_size=t.batch_size,
+            lr=t.lr,
+            weight_decay=t.weight_decay,
+            target_scaling=t.target_scaling,
+            val_fraction=t.val_fraction,
+            patience=t.patience,
+            seed=seed,
+            device=t.device,
+            amp=t.amp,
+            progress=progress,
+            desc=desc,
+        )
+
+    return make
+
+
+@dataclass
+class FinishedStudy:
+    """A finished run's config, cohort and fold plan, checked against its input files."""
+
+    out: Path
+    cfg: StudyConfig
+    cohort: Cohort
+    plan: pd.DataFrame
+    inputs: dict[str, InputFile]
+
+
+def open_finished_study(out: str | Path, progress: bool = False) -> FinishedStudy:
+    """Load a results folder for a later stage (``dfrn baseline``, ``dfrn attention``).
+
+    The input files must still be those the run was made with (by content; the folder may
+    have moved), and the fold plan must cover the cohort.
+
+    Raises
+    ------
+    DfrnInputError
+        When ``out`` is not a results folder, or an input file changed (naming it).
+    """
+    from dfrn.config import load_config
+
+    out = Path(out)
+    if read_run_info(out) is None or not (out / "config.toml").is_file():
+        raise DfrnInputError(f"{out} is not a results folder of 'dfrn run' (no run.json)")
+    plan_path = out / "cv" / "folds.tsv"
+    if not plan_path.is_file():
+        raise DfrnInputError(f"{out} has no cv/folds.tsv; rerun 'dfrn run' to finish the run")
+    cfg = load_config(out / "config.toml")
+    cohort = load_study_cohort(cfg)
+    inputs = collect_inputs(cfg, cohort, progress)
+    verify_inputs(out, inputs)
+    plan = pd.read_csv(plan_path, sep="\t", dtype={"participant_id": str})
+    validate_fold_plan(plan, cohort.participant_ids)
+    return FinishedStudy(out, cfg, cohort, plan, inputs)
+
+
