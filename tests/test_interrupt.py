@@ -50,7 +50,7 @@ def _wait_for(predicate, proc: subprocess.Popen | None = None, what: str = "") -
 
 def _lock_pid(out: Path) -> int | None:
     try:
-        return int(json.loads((out / ".dfrn.workflows.lock").read_text())["pid"])
+        return int(json.loads((out / ".dfrn.lock").read_text())["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -93,7 +93,7 @@ def test_second_run_refused_killed_run_resumes_identically(tiny_cohort, tmp_path
     assert sorted(p.name for p in (out / "cv/tasks").iterdir()) == [
         "repeat-0_fold-0_sleep", "repeat-0_fold-1_sleep"
     ]  # no half-written or duplicated task folder
-    assert not (out / ".dfrn.workflows.lock").exists()
+    assert not (out / ".dfrn.lock").exists()
 
     reference = _dfrn("run", str(cfg), "--out", str(tmp_path / "ref"), "--no-progress")
     _, err = reference.communicate(timeout=DEADLINE)
@@ -120,7 +120,7 @@ def test_signal_mid_training_cleans_up_and_resumes(tiny_cohort, tmp_path: Path, 
         pytest.skip("the run finished before the signal")
     assert proc.returncode == rc, err
     assert err.strip().splitlines()[-1] == f"dfrn: {word}; rerun the same command to resume"
-    assert not (out / ".dfrn.workflows.lock").exists()  # released on the way out
+    assert not (out / ".dfrn.lock").exists()  # released on the way out
     assert not list((out / "cv/tasks").glob(".*.tmp"))  # no half-written task left behind
     again = _dfrn("run", str(cfg), "--out", str(out), "--no-progress")
     _, err = again.communicate(timeout=DEADLINE)

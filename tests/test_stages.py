@@ -80,7 +80,6 @@ def test_baseline_and_attention_stages_and_cli(tiny_cohort, tmp_path: Path, caps
             "atlas": str(atlases["parcellation"]),
             "atlas_labels": str(atlases["parcellation"].with_suffix("").with_suffix(".tsv")),
             "n_permutations": 19,
-            "covariates": ["age"],
         },
         "attention": {
             "atlas": str(atlases["regions"]),

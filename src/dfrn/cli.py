@@ -105,7 +105,7 @@ def _run(args: argparse.Namespace) -> int:
 
         run_demo(args.out, full=args.full, seed=args.seed, progress=progress)
     elif args.command == "factors":
-        from dfrn.targets.factors import run_factors
+        from dfrn.workflows.factors import run_factors
 
         run_factors(
             args.items, args.n_factors, args.out, names=_parse_names(args.name),
@@ -115,23 +115,17 @@ def _run(args: argparse.Namespace) -> int:
         from dfrn.workflows.baseline import run_baseline_stage
 
         run_baseline_stage(
-            _results(args.results), progress=progress, atlas=args.atlas,
+            args.results, progress=progress, atlas=args.atlas,
             atlas_labels=args.atlas_labels, n_permutations=args.permutations,
         )
     elif args.command == "attention":
         from dfrn.workflows.attention import run_attention_stage
 
         run_attention_stage(
-            _results(args.results), progress=progress, method=args.method, atlas=args.atlas,
+            args.results, progress=progress, method=args.method, atlas=args.atlas,
             atlas_labels=args.atlas_labels,
         )
     return 0
-
-
-def _results(path: Path) -> Path:
-    if not (path / "run.json").is_file() or not (path / "cv" / "folds.tsv").is_file():
-        raise DfrnInputError(f"{path} is not a results folder of 'dfrn run' (no run.json or cv/)")
-    return path
 
 
 def _crash_log(args: argparse.Namespace | None, text: str) -> Path | None:
@@ -144,7 +138,9 @@ def _crash_log(args: argparse.Namespace | None, text: str) -> Path | None:
     for attr in ("out", "results"):
         value = getattr(args, attr, None) if args is not None else None
         if isinstance(value, Path) and value.is_dir():
-            folders.append(value / "logs")
+            from dfrn.workflows.results import ResultsFolder
+
+            folders.append(ResultsFolder(value).logs)
     folders.append(Path(tempfile.gettempdir()))
     for folder in folders:
         try:

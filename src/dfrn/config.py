@@ -70,6 +70,8 @@ class CohortConfig:
     targets: list[str] = field(default_factory=list)
     """Score columns to predict (one network each). Empty when ``[factors]`` derives them."""
     covariates: list[str] = field(default_factory=list)
+    """Covariates (e.g. age, sex) regressed out of the ridge baseline's features inside each
+    training fold. The one covariates list of a study."""
     gm_column: str = "gm"
     """Optional column of gray-matter probability maps (used by the baseline)."""
     mask: str = ""
@@ -111,7 +113,6 @@ class TrainingConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
-    num_workers: int = 0
 
 
 @dataclass
@@ -140,7 +141,6 @@ class BaselineConfig:
     atlas_labels: str = ""
     n_permutations: int = 1000
     alphas: list[float] = field(default_factory=list)
-    covariates: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -180,8 +180,7 @@ class StudyConfig:
         moved results folder is still the same run.
         """
         d = self.to_dict()
-        for k in ("device", "num_workers"):
-            d["training"].pop(k, None)
+        d["training"].pop("device", None)
         for section, keys in PATH_KEYS.items():
             if section in d:
                 for k in keys:
@@ -211,6 +210,11 @@ SECTIONS: dict[str, type] = {
     "factors": FactorsConfig,
     "baseline": BaselineConfig,
     "attention": AttentionConfig,
+}
+#: Keys of earlier versions, with what to do instead.
+REMOVED_KEYS = {
+    ("baseline", "covariates"): "list covariates once, in [cohort] covariates",
+    ("training", "num_workers"): "it had no effect; delete it",
 }
 PATH_KEYS = {
     "cohort": ("table", "bids", "mask", "cache_dir"),
@@ -251,6 +255,9 @@ def _build(section: str, cls: type, raw: Any, base: Path) -> Any:
         raise DfrnInputError(f"config [{section}] must be a table")
     hints = get_type_hints(cls)
     known = {f.name for f in fields(cls)}
+    for key in raw:
+        if (section, key) in REMOVED_KEYS:
+            raise DfrnInputError(f"config [{section}] {key} was removed: {REMOVED_KEYS[section, key]}")
     unknown = sorted(set(raw) - known)
     if unknown:
         raise DfrnInputError(

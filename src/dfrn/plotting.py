@@ -1,4 +1,8 @@
-"""Figures and printed tables of the cross-validation results.
+"""Every figure dfrn draws, and the plain-text tables it prints; one style.
+
+Figures are built on :class:`matplotlib.figure.Figure` objects (no pyplot state and no
+backend switch, so they are safe in workers and inside other programs) and written as PNG
+through :func:`dfrn.io.atomic_write`. Library modules never draw; workflows call these.
 
 Figure 2 plots, for each factor, every subject's out-of-fold prediction (averaged over
 repeats) against the true score, with a robust-regression line (statsmodels ``RLM`` with
@@ -7,14 +11,17 @@ Huber's T norm), and the mean Pearson r over repeats in the title.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
+from dfrn.data.images import ImageLike
 from dfrn.io import atomic_write
 
-__all__ = ["robust_line", "plot_fig2", "format_table"]
+__all__ = ["robust_line", "plot_fig2", "plot_loadings", "format_table"]
 
 
 def robust_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -29,16 +36,25 @@ def robust_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 def plot_fig2(predictions: pd.DataFrame, metrics: pd.DataFrame, path: str | Path) -> Path:
-    """Predicted vs real score per factor, with a robust-regression line."""
-    import matplotlib
+    """Figure 2: predicted vs real score per factor, with a robust-regression line.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Parameters
+    ----------
+    predictions : DataFrame
+        Long predictions table (``participant_id``, ``factor``, ``y_true``, ``y_pred``, ...).
+    metrics : DataFrame
+        Metrics per (repeat, factor), for the mean r in each title.
+    path : str or Path
+        The PNG to write (atomically).
+    """
+    from dfrn.evaluation.metrics import mean_r
 
     factors = list(dict.fromkeys(predictions["factor"]))
+    means = mean_r(metrics) if len(metrics) else None
     ncol = min(len(factors), 5)
     nrow = int(np.ceil(len(factors) / ncol))
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 3.2 * nrow), squeeze=False)
+    fig = Figure(figsize=(3.2 * ncol, 3.2 * nrow))
+    axes = np.atleast_1d(fig.subplots(nrow, ncol, squeeze=False))
     for ax, factor in zip(axes.flat, factors, strict=False):
         g = predictions[predictions["factor"] == factor]
         per_subject = g.groupby("participant_id")[["y_true", "y_pred"]].mean()
@@ -49,8 +65,8 @@ def plot_fig2(predictions: pd.DataFrame, metrics: pd.DataFrame, path: str | Path
             b0, b1 = robust_line(x, y)
             xs = np.linspace(x.min(), x.max(), 50)
             ax.plot(xs, b0 + b1 * xs, color="tab:red", lw=2, label="robust fit (RLM)")
-        r = metrics.loc[metrics["factor"] == factor, "pearson_r"]
-        ax.set_title(f"{factor}\nmean r = {np.nanmean(r):.2f}", fontsize=10)
+        r = means.at[factor, "mean_r"] if means is not None and factor in means.index else np.nan
+        ax.set_title(f"{factor}\nmean r = {r:.2f}", fontsize=10)
         ax.set_xlabel("real score")
         ax.set_ylabel("predicted score")
     for ax in list(axes.flat)[len(factors) :]:
@@ -58,9 +74,33 @@ def plot_fig2(predictions: pd.DataFrame, metrics: pd.DataFrame, path: str | Path
     axes.flat[0].legend(fontsize=7, loc="upper left")
     fig.suptitle("Out-of-fold predictions (mean over repeats)")
     fig.tight_layout()
+    return _save(fig, path, dpi=120)
+
+
+def plot_loadings(loadings: pd.DataFrame, path: str | Path) -> Path:
+    """Annotated heatmap of rotated factor loadings (items × factors)."""
+    n_items, k = loadings.shape
+    fig = Figure(figsize=(1.1 * k + 2.8, 0.32 * n_items + 1.6))
+    ax = fig.add_subplot()
+    values = loadings.to_numpy()
+    image = ax.imshow(values, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+    ax.set_xticks(np.arange(k), labels=[str(c) for c in loadings.columns], rotation=35, ha="right")
+    ax.set_yticks(np.arange(n_items), labels=[str(i) for i in loadings.index])
+    for i in range(n_items):
+        for j in range(k):
+            v = values[i, j]
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if abs(v) > 0.6 else "black")
+    ax.set_title("Rotated factor loadings")
+    fig.colorbar(image, ax=ax, label="loading", shrink=0.8)
+    fig.tight_layout()
+    return _save(fig, path, dpi=120)
+
+
+def _save(fig: Figure, path: str | Path, dpi: int = 120, **kwargs: object) -> Path:
+    """Write a figure as PNG atomically (no pyplot state, no backend switch)."""
     out = Path(path)
-    atomic_write(out, lambda p: fig.savefig(p, dpi=120, format="png"))
-    plt.close(fig)
+    atomic_write(out, lambda p: fig.savefig(p, dpi=dpi, format="png", **kwargs))
     return out
 
 
@@ -68,3 +108,206 @@ def format_table(df: pd.DataFrame, title: str = "") -> str:
     """A plain-text rendering of a small table, for printing."""
     text = df.to_string(index=False)
     return f"{title}\n{text}" if title else text
+
+
+def plot_fig3(
+    ridge_metrics: pd.DataFrame,
+    dfrn_metrics: pd.DataFrame | None,
+    path: str | Path,
+) -> Path:
+    """Figure 3: mean Pearson r per factor, ridge regression next to DFRN, ± sd over repeats.
+
+    Parameters
+    ----------
+    ridge_metrics : DataFrame
+        Metrics of the ridge baseline (:func:`dfrn.evaluation.metrics.compute_metrics`, one
+        row per repeat and factor).
+    dfrn_metrics : DataFrame or None
+        The network's metrics, in the same format; None draws the ridge bars alone.
+    path : str or Path
+        The PNG to write (atomically); usually ``figures/fig3_rr_vs_dfrn.png``.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    from matplotlib.figure import Figure
+
+    from dfrn.evaluation.metrics import mean_r
+
+    tables = [("Ridge regression (ROI volumes)", ridge_metrics, "#8c8c8c")]
+    if dfrn_metrics is not None:
+        tables.append(("DFRN", dfrn_metrics, "#1f77b4"))
+    factors = list(
+        dict.fromkeys(
+            [str(f) for _, m, _ in tables[::-1] for f in m["factor"]]  # DFRN's order first
+        )
+    )
+    fig = Figure(figsize=(max(4.0, 1.3 * len(factors) + 2.0), 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    width = 0.8 / len(tables)
+    xs = np.arange(len(factors))
+    for k, (label, metrics, color) in enumerate(tables):
+        summary = mean_r(metrics.assign(factor=metrics["factor"].astype(str))).reindex(factors)
+        mean = summary["mean_r"].to_numpy(float)
+        sd = summary["sd_r"].fillna(0.0).to_numpy(float)
+        offset = (k - (len(tables) - 1) / 2) * width
+        ax.bar(xs + offset, mean, width, yerr=sd, capsize=3, label=label, color=color)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks(xs, factors, rotation=20 if len(factors) > 4 else 0, ha="center")
+    ax.set_ylabel("Pearson r (mean ± sd over repeats)")
+    ax.set_title("Out-of-fold prediction of symptom factors")
+    ax.legend(frameon=False, fontsize="small")
+    out = Path(path)
+    atomic_write(out, lambda p: fig.savefig(p, dpi=150, format="png"))
+    return out
+
+
+__all__ += ["plot_fig3"]
+
+
+def plot_fam(
+    maps: Mapping[str, ImageLike],
+    template_img: ImageLike,
+    path: str | Path,
+    *,
+    threshold_percentile: float = 90.0,
+    display_mode: str = "z",
+    n_cuts: int = 7,
+    dpi: int = 150,
+) -> Path:
+    """Figure 4: the template with one attention overlay per factor (one row each).
+
+    Pass the **absolute** maps (:attr:`dfrn.interpret.maps.AttentionMaps.absolute` through
+    :func:`dfrn.interpret.maps.to_template_space`): the figure shows where each factor's
+    networks attend. Each overlay is thresholded at ``threshold_percentile`` of its non-zero
+    |values|; all-nonnegative maps use a sequential colour map, signed maps a symmetric one.
+
+    Parameters
+    ----------
+    maps : mapping of str to nibabel image, str or Path
+        Factor name → attention map on the template grid, in row order.
+    template_img : nibabel image, str or Path
+        The background image.
+    path : str or Path
+        The PNG to write (atomically); usually ``figures/fig4_fam.png``.
+    threshold_percentile : float, default 90.0
+        Percentile of each map's non-zero |values| below which it is not drawn.
+    display_mode : str, default "z"
+        nilearn display mode; ``"x"``, ``"y"`` and ``"z"`` show ``n_cuts`` slices.
+    n_cuts : int, default 7
+        Slices per row for the single-axis display modes.
+    dpi : int, default 150
+        Resolution of the PNG.
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    Raises
+    ------
+    DfrnInputError
+        For no maps, or an unreadable or non-3D map or template.
+    """
+    from matplotlib.figure import Figure
+    from nilearn import plotting
+
+    from dfrn.data.images import load_img
+    from dfrn.errors import DfrnInputError
+
+    if not maps:
+        raise DfrnInputError("plot_fam needs at least one factor map")
+    template = load_img(template_img, "template")
+    n = len(maps)
+    fig = Figure(figsize=(14, 2.6 * n), facecolor="black")
+    for row, (factor, img) in enumerate(maps.items()):
+        im = load_img(img, f"attention map of {factor}")
+        data = np.asarray(im.dataobj, dtype=np.float64)
+        vals = np.abs(data[np.isfinite(data) & (data != 0)])
+        thr = float(np.percentile(vals, threshold_percentile)) if vals.size else 0.0
+        vmax = float(vals.max()) if vals.size else 1.0
+        signed = bool(np.nanmin(data) < 0) if data.size else False
+        ax = fig.add_axes((0.0, 1.0 - (row + 1) / n, 1.0, 1.0 / n))
+        plotting.plot_stat_map(
+            im,
+            bg_img=template,
+            display_mode=display_mode,
+            cut_coords=n_cuts if display_mode in ("x", "y", "z") else None,
+            axes=ax,
+            figure=fig,
+            title=str(factor),
+            threshold=thr,
+            vmax=vmax,
+            cmap="cold_hot" if signed else "hot",
+            symmetric_cbar=signed,
+            colorbar=True,
+            annotate=True,
+            draw_cross=False,
+            black_bg=True,
+        )
+    out = Path(path)
+    atomic_write(
+        out, lambda p: fig.savefig(p, dpi=dpi, facecolor=fig.get_facecolor(), format="png")
+    )
+    return out
+
+
+def plot_sanity(df: pd.DataFrame, path: str | Path, *, dpi: int = 150) -> Path:
+    """Spearman and SSIM against the randomisation step, one line per method.
+
+    Parameters
+    ----------
+    df : DataFrame
+        The table of :func:`dfrn.interpret.sanity.cascading_randomization` (columns
+        ``method, step, spearman, ssim``; more are ignored).
+    path : str or Path
+        The PNG to write (atomically); usually ``figures/attention_sanity.png``.
+    dpi : int, default 150
+        Resolution of the PNG.
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    Raises
+    ------
+    DfrnInputError
+        When a column is missing.
+    """
+    from matplotlib.figure import Figure
+
+    from dfrn.errors import DfrnInputError
+
+    missing = {"method", "step", "spearman", "ssim"} - set(df.columns)
+    if missing:
+        raise DfrnInputError(f"sanity table lacks columns {sorted(missing)}")
+    steps = list(dict.fromkeys(df["step"]))
+    pos = {s: i for i, s in enumerate(steps)}
+    fig = Figure(figsize=(10, 3.8))
+    axes = fig.subplots(1, 2, sharex=True)
+    for ax, metric, title in zip(
+        axes,
+        ("spearman", "ssim"),
+        ("Spearman rank correlation of |map|", "SSIM of |map|"),
+        strict=True,
+    ):
+        for meth, sub in df.groupby("method", sort=False):
+            ax.plot([pos[s] for s in sub["step"]], sub[metric], marker="o", label=str(meth))
+        ax.axhline(0.0, color="grey", lw=0.8, ls=":")
+        ax.set_xticks(range(len(steps)))
+        ax.set_xticklabels(steps, rotation=45, ha="right")
+        ax.set_ylim(-0.2, 1.05)
+        ax.set_title(title)
+        ax.set_xlabel("randomised from the top down to")
+    axes[0].set_ylabel("similarity to the trained model's map")
+    axes[1].legend(frameon=False, fontsize="small")
+    fig.tight_layout()
+    out = Path(path)
+    atomic_write(out, lambda p: fig.savefig(p, dpi=dpi, format="png"))
+    return out
+
+
+__all__ += ["plot_fam", "plot_sanity"]

@@ -1,4 +1,4 @@
-"""Atlas regions and per-region gray-matter volumes: the features of the ridge baseline.
+"""Atlases and per-region summaries of images: aggregates an image over atlas labels.
 
 An :class:`Atlas` is a deterministic label image plus a label table (``index``, ``name``).
 It comes from a file pair (:func:`load_atlas`, e.g. AAL3v1 on the MNI152 1 mm grid), from
@@ -6,9 +6,12 @@ nilearn's AAL3 download (:func:`fetch_aal3_atlas`, needs the internet) or, for o
 demos, from :func:`synthetic_parcellation`, which splits a brain mask into compact parcels
 by k-means on the voxel coordinates.
 
-:func:`roi_volumes` turns gray-matter probability maps into a subjects × regions table of
-volumes in ml; :func:`roi_mean_intensity` gives the mean image value per region instead
-(the fallback when only T1 images are available).
+:func:`region_table` is the one aggregation of an image over atlas labels (sum, mean or
+volume per region). :func:`roi_volumes` uses it to turn gray-matter probability maps into a
+subjects × regions table of volumes in ml, the features of the ridge baseline;
+:func:`roi_mean_intensity` gives the mean image value per region instead (the fallback when
+only T1 images are available). The ranking of attention maps by region
+(:func:`dfrn.interpret.regions.rank_regions`) uses it too.
 
 Grid handling
 -------------
@@ -34,20 +37,25 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from dfrn.data.images import ImageLike, as_3d, image_name, load_img
 from dfrn.errors import DfrnInputError
-from dfrn.io import atomic_write_tsv
 
 __all__ = [
     "Atlas",
+    "STATISTICS",
+    "NONFINITE",
     "load_atlas",
     "fetch_aal3_atlas",
     "synthetic_parcellation",
+    "region_table",
     "roi_volumes",
     "roi_mean_intensity",
-    "write_roi_features",
 ]
 
-ImageLike = nib.spatialimages.SpatialImage | str | Path
+STATISTICS: tuple[str, ...] = ("sum", "mean", "volume")
+"""Per-region statistics of :func:`region_table`."""
+NONFINITE: tuple[str, ...] = ("zero", "ignore")
+"""How :func:`region_table` treats NaN and inf voxels."""
 
 _AFFINE_TOL = 1e-3
 
@@ -56,21 +64,32 @@ _AFFINE_TOL = 1e-3
 class Atlas:
     """A deterministic atlas: an integer label image and its label table.
 
-    ``labels`` has columns ``index`` (int, > 0) and ``name`` (str), one row per region that
-    has at least one voxel in ``img``, in table order. Label 0 is background.
+    Attributes
+    ----------
+    img : nibabel.Nifti1Image
+        The label image; 0 is background.
+    labels : pd.DataFrame
+        Columns ``index`` (int, > 0) and ``name`` (str), one row per region that has at
+        least one voxel in ``img``, in table order. Voxels whose label is not in the table
+        belong to no region.
+    source : str
+        Where the atlas came from, for messages.
     """
 
     img: nib.Nifti1Image
     labels: pd.DataFrame
     source: str = ""
     _data: np.ndarray | None = field(default=None, repr=False, compare=False)
+    _grids: dict[tuple, _LabelIndex] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def names(self) -> list[str]:
+        """Region names, in table order."""
         return self.labels["name"].astype(str).tolist()
 
     @property
     def indices(self) -> np.ndarray:
+        """Region labels (int64), in table order."""
         return self.labels["index"].to_numpy(dtype=np.int64)
 
     def label_data(self) -> np.ndarray:
@@ -84,37 +103,8 @@ class Atlas:
 # loading and validating atlases
 
 
-def _load_img(img: ImageLike, what: str) -> nib.spatialimages.SpatialImage:
-    if isinstance(img, str | Path):
-        path = Path(img)
-        if not path.is_file():
-            raise DfrnInputError(f"{what} {path} does not exist")
-        try:
-            return nib.load(path)
-        except Exception as exc:  # nibabel raises several types for unreadable files
-            raise DfrnInputError(f"{what} {path} is not a readable image: {exc}") from exc
-    if not hasattr(img, "affine") or not hasattr(img, "dataobj"):
-        raise DfrnInputError(f"{what} is not a nibabel image or a path: {type(img).__name__}")
-    return img
-
-
-def _img_name(img: ImageLike, fallback: str) -> str:
-    if isinstance(img, str | Path):
-        return str(img)
-    fname = img.get_filename() if hasattr(img, "get_filename") else None
-    return str(fname) if fname else fallback
-
-
-def _as_3d(data: np.ndarray, name: str) -> np.ndarray:
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise DfrnInputError(f"{name} must be a 3-D image, got shape {data.shape}")
-    return data
-
-
 def _integer_labels(img: nib.spatialimages.SpatialImage, name: str) -> np.ndarray:
-    data = _as_3d(np.asanyarray(img.dataobj), name)
+    data = as_3d(np.asanyarray(img.dataobj), name)
     if not np.issubdtype(data.dtype, np.integer):
         data = np.asarray(data, dtype=np.float64)
         if not np.all(np.isfinite(data)) or np.any(data != np.round(data)):
@@ -185,8 +175,26 @@ def load_atlas(atlas_path: str | Path, labels_tsv: str | Path) -> Atlas:
     Labels that occur in the image but not in the table are an error; labels of the table
     with no voxel in the image are left out with a ``UserWarning`` (the "empty labels"
     note; AAL3v1 has four: 35, 36, 81, 82). Row 0 of the table, if any, is background.
+
+    Parameters
+    ----------
+    atlas_path : str or Path
+        The 3D integer label image.
+    labels_tsv : str or Path
+        Its label table, with columns ``index`` and ``name``.
+
+    Returns
+    -------
+    Atlas
+        The atlas, with the non-empty labels of the table.
+
+    Raises
+    ------
+    DfrnInputError
+        For a missing, unreadable or non-3D image, non-integer or negative labels, a bad
+        table, or labels of the image that the table does not name.
     """
-    img = _load_img(atlas_path, "atlas image")
+    img = load_img(atlas_path, "atlas image")
     labels = _read_label_table(labels_tsv)
     return _build_atlas(img, labels, str(atlas_path))
 
@@ -196,8 +204,22 @@ def fetch_aal3_atlas(data_dir: str | Path | None = None) -> Atlas:
 
     Needs the internet on first use (nilearn caches it in ``data_dir``). The image is on a
     2 mm MNI grid (nilearn lists its template as MNIColin27); :func:`roi_volumes` resamples
-    it onto 1 mm MNI images by nearest neighbour. Any failure is a DfrnInputError that
-    suggests ``--atlas``/``--atlas-labels``.
+    it onto 1 mm MNI images by nearest neighbour.
+
+    Parameters
+    ----------
+    data_dir : str or Path, optional
+        nilearn's download cache.
+
+    Returns
+    -------
+    Atlas
+        AAL3v2 with its nilearn label table.
+
+    Raises
+    ------
+    DfrnInputError
+        For any failure, suggesting ``--atlas``/``--atlas-labels``.
     """
     try:
         from nilearn.datasets import fetch_atlas_aal
@@ -209,8 +231,7 @@ def fetch_aal3_atlas(data_dir: str | Path | None = None) -> Atlas:
                 "name": [str(n) for n in bunch["labels"]],
             }
         )
-        maps = bunch["maps"]
-        img = maps if hasattr(maps, "affine") else nib.load(maps)
+        img = load_img(bunch["maps"], "AAL3 atlas image")
     except Exception as exc:
         raise DfrnInputError(
             f"could not download the AAL3 atlas with nilearn ({type(exc).__name__}: {exc}); "
@@ -227,12 +248,32 @@ def synthetic_parcellation(mask_img: ImageLike, n_regions: int, seed: int = 0) -
     named ``parcel_001``, ``parcel_002``, ... K-means is fitted on at most 10,000 mask
     voxels and then assigns every mask voxel to its nearest centroid, so a 1 mm brain mask
     takes about a second.
+
+    Parameters
+    ----------
+    mask_img : nibabel image, str or Path
+        The brain mask (voxels > 0 are inside).
+    n_regions : int
+        Number of parcels, at least 1.
+    seed : int, default 0
+        Seed of the voxel subsample and of k-means.
+
+    Returns
+    -------
+    Atlas
+        The parcellation, on the mask's grid.
+
+    Raises
+    ------
+    DfrnInputError
+        For an unreadable or non-3D mask, ``n_regions < 1``, fewer mask voxels than
+        parcels, or a degenerate k-means that leaves a parcel empty.
     """
     from sklearn.cluster import KMeans
 
-    img = _load_img(mask_img, "brain mask")
-    name = _img_name(mask_img, "brain mask")
-    data = _as_3d(np.asanyarray(img.dataobj), name)
+    img = load_img(mask_img, "brain mask")
+    name = image_name(mask_img, "brain mask")
+    data = as_3d(np.asanyarray(img.dataobj), name)
     ijk = np.argwhere(data > 0)
     if n_regions < 1:
         raise DfrnInputError(f"synthetic parcellation needs n_regions >= 1, got {n_regions}")
@@ -320,61 +361,133 @@ class _LabelIndex:
         self.counts = np.bincount(self.codes, minlength=self.n_regions)
 
 
-class _GridCache:
-    """Atlas label indices per image grid; resamples the atlas once per distinct grid."""
+def _label_index(atlas: Atlas, img: nib.spatialimages.SpatialImage, name: str) -> _LabelIndex:
+    """The atlas's label index on the grid of ``img``; resampled once per distinct grid."""
+    shape = tuple(int(s) for s in img.shape[:3])
+    key = (shape, np.round(img.affine, 4).tobytes())
+    if key in atlas._grids:
+        return atlas._grids[key]
+    atlas_img = atlas.img
+    if _same_grid(shape, img.affine, atlas_img.shape[:3], atlas_img.affine):
+        labels = atlas.label_data()
+    elif _differs_only_in_resolution(shape, img.affine, atlas_img.shape[:3], atlas_img.affine):
+        from nilearn.image import resample_to_img
 
-    def __init__(self, atlas: Atlas) -> None:
-        self.atlas = atlas
-        self._cache: dict[tuple, _LabelIndex] = {}
-        self._warned_lost = False
-
-    def get(self, img: nib.spatialimages.SpatialImage, name: str) -> _LabelIndex:
-        shape = tuple(img.shape[:3])
-        key = (shape, np.round(img.affine, 4).tobytes())
-        if key in self._cache:
-            return self._cache[key]
-        atlas_img = self.atlas.img
-        if _same_grid(shape, img.affine, atlas_img.shape[:3], atlas_img.affine):
-            labels = self.atlas.label_data()
-        elif _differs_only_in_resolution(shape, img.affine, atlas_img.shape[:3], atlas_img.affine):
-            from nilearn.image import resample_to_img
-
-            target = nib.Nifti1Image(np.zeros(shape, dtype=np.uint8), img.affine)
-            src = nib.Nifti1Image(self.atlas.label_data().astype(np.int32), atlas_img.affine)
-            res = resample_to_img(
-                src, target, interpolation="nearest", force_resample=True, copy_header=True
-            )
-            labels = np.rint(np.asarray(res.dataobj)).astype(np.int64)
-        else:
-            raise DfrnInputError(
-                f"image {name} is not on the atlas grid (image shape {shape}, atlas shape "
-                f"{tuple(atlas_img.shape[:3])}; affines differ beyond a change of resolution): "
-                "register it to the atlas template first"
-            )
-        index = _LabelIndex(labels, self.atlas)
-        lost = [n for n, c in zip(self.atlas.names, index.counts, strict=True) if c == 0]
-        if lost and not self._warned_lost:
-            self._warned_lost = True
-            warnings.warn(
-                f"resampling atlas {self.atlas.source} to the grid of {name} left "
-                f"{len(lost)} region(s) without voxels: {', '.join(lost)}",
-                UserWarning,
-                stacklevel=4,
-            )
-        self._cache[key] = index
-        return index
+        target = nib.Nifti1Image(np.zeros(shape, dtype=np.uint8), img.affine)
+        src = nib.Nifti1Image(atlas.label_data().astype(np.int32), atlas_img.affine)
+        res = resample_to_img(
+            src, target, interpolation="nearest", force_resample=True, copy_header=True
+        )
+        labels = np.rint(np.asarray(res.dataobj)).astype(np.int64)
+    else:
+        raise DfrnInputError(
+            f"image {name} is not on the atlas grid (image shape {shape}, atlas shape "
+            f"{tuple(atlas_img.shape[:3])}; affines differ beyond a change of resolution): "
+            "register it to the atlas template first"
+        )
+    index = _LabelIndex(labels, atlas)
+    lost = [n for n, c in zip(atlas.names, index.counts, strict=True) if c == 0]
+    if lost:
+        warnings.warn(
+            f"resampling atlas {atlas.source} to the grid of {name} left "
+            f"{len(lost)} region(s) without voxels: {', '.join(lost)}",
+            UserWarning,
+            stacklevel=3,
+        )
+    atlas._grids[key] = index
+    return index
 
 
 # --------------------------------------------------------------------------------------
-# features
+# per-region tables
 
 
-def _region_table(
+def region_table(
+    img: ImageLike,
+    atlas: Atlas,
+    statistic: str = "mean",
+    *,
+    nonfinite: str = "zero",
+    name: str | None = None,
+) -> pd.DataFrame:
+    """Aggregate one image over the regions of an atlas.
+
+    Parameters
+    ----------
+    img : nibabel image, str or Path
+        A 3D image on the atlas grid, or on a grid that differs from it only in resolution
+        (then the atlas is resampled onto the image grid by nearest neighbour, once per grid
+        and atlas; see the module notes).
+    atlas : Atlas
+        The regions: every label of ``atlas.labels``, in table order.
+    statistic : {"sum", "mean", "volume"}, default "mean"
+        ``"sum"``: Σ of the voxel values in the region; ``"mean"``: that sum over the
+        region's voxel count (NaN for a region with no voxel); ``"volume"``: the sum × the
+        image's voxel volume (mm³, from its affine) / 1000, i.e. ml for a probability map.
+    nonfinite : {"zero", "ignore"}, default "zero"
+        ``"zero"``: NaN and inf voxels count as 0 and are counted in ``n_voxels``;
+        ``"ignore"``: they are left out of the sum and of ``n_voxels``.
+    name : str, optional
+        The image's name in messages; by default its file name, else ``"image"``.
+
+    Returns
+    -------
+    pd.DataFrame
+        One row per atlas region, in table order, with columns ``region`` (name),
+        ``label`` (int), ``<statistic>`` (float) and ``n_voxels`` (voxels aggregated).
+
+    Raises
+    ------
+    DfrnInputError
+        For an unreadable or non-3D image, an image that is not on the atlas grid, or an
+        unknown ``statistic`` or ``nonfinite``.
+
+    Warns
+    -----
+    UserWarning
+        When resampling the atlas onto a new grid leaves regions without voxels.
+    """
+    if statistic not in STATISTICS:
+        raise DfrnInputError(f"unknown region statistic {statistic!r}; use one of {STATISTICS}")
+    if nonfinite not in NONFINITE:
+        raise DfrnInputError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+    name = name or image_name(img, "image")
+    image = load_img(img, "image")
+    index = _label_index(atlas, image, name)
+    data = as_3d(np.asanyarray(image.dataobj), name)
+    values = data.ravel()[index.voxels].astype(np.float64)
+    if nonfinite == "zero":
+        values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        codes, counts = index.codes, index.counts
+    else:
+        finite = np.isfinite(values)
+        codes, values = index.codes[finite], values[finite]
+        counts = np.bincount(codes, minlength=index.n_regions)
+    sums = np.bincount(codes, weights=values, minlength=index.n_regions)
+    if statistic == "volume":
+        stat = sums * _voxel_volume_mm3(image.affine) / 1000.0
+    elif statistic == "mean":
+        with np.errstate(invalid="ignore", divide="ignore"):
+            stat = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    else:
+        stat = sums
+    return pd.DataFrame(
+        {
+            "region": atlas.names,
+            "label": atlas.indices,
+            statistic: stat,
+            "n_voxels": counts.astype(np.int64),
+        }
+    )
+
+
+def _subject_table(
     images: Sequence[ImageLike],
     atlas: Atlas,
     participant_ids: Sequence[str],
-    reducer: str,
+    statistic: str,
 ) -> pd.DataFrame:
+    """Subjects × regions table of :func:`region_table` values."""
     ids = [str(p) for p in participant_ids]
     if len(ids) != len(images):
         raise DfrnInputError(
@@ -383,23 +496,12 @@ def _region_table(
     dup = sorted({p for p in ids if ids.count(p) > 1})
     if dup:
         raise DfrnInputError(f"duplicated participant ids: {dup}")
-    cache = _GridCache(atlas)
     out = np.empty((len(ids), len(atlas.indices)), dtype=np.float64)
     for row, (img_like, pid) in enumerate(zip(images, ids, strict=True)):
-        name = _img_name(img_like, f"of subject {pid}")
-        img = _load_img(img_like, f"image of subject {pid}")
-        index = cache.get(img, name)
-        data = _as_3d(np.asanyarray(img.dataobj), name)
-        values = data.ravel()[index.voxels].astype(np.float64)
-        values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
-        sums = np.bincount(index.codes, weights=values, minlength=index.n_regions)
-        if reducer == "volume":
-            out[row] = sums * _voxel_volume_mm3(img.affine) / 1000.0
-        else:
-            with np.errstate(invalid="ignore", divide="ignore"):
-                out[row] = np.where(index.counts > 0, sums / np.maximum(index.counts, 1), np.nan)
-    df = pd.DataFrame(out, index=pd.Index(ids, name="participant_id"), columns=atlas.names)
-    return df
+        img = load_img(img_like, f"image of subject {pid}")
+        name = image_name(img_like, f"of subject {pid}")
+        out[row] = region_table(img, atlas, statistic, name=name)[statistic].to_numpy()
+    return pd.DataFrame(out, index=pd.Index(ids, name="participant_id"), columns=atlas.names)
 
 
 def roi_volumes(
@@ -408,12 +510,25 @@ def roi_volumes(
     """Gray-matter volume per region in ml, one row per participant.
 
     ``volume = Σ_{voxels v in region} GM(v) × voxel volume (mm³) / 1000``, with the voxel
-    volume from the image affine's determinant. ``images`` are gray-matter probability (or
-    modulated GM) maps, as nibabel images or paths, in the order of ``participant_ids``.
-    Non-finite values count as 0. Returns a DataFrame indexed by ``participant_id`` with one
-    column per atlas region name, in atlas order. See the module notes for grid handling.
+    volume from the image affine's determinant (:func:`region_table` with
+    ``statistic="volume"``). Non-finite values count as 0. See the module notes for grid
+    handling.
+
+    Parameters
+    ----------
+    images : sequence of nibabel image, str or Path
+        Gray-matter probability (or modulated GM) maps, in the order of ``participant_ids``.
+    atlas : Atlas
+        The regions.
+    participant_ids : sequence of str
+        One unique id per image.
+
+    Returns
+    -------
+    pd.DataFrame
+        Indexed by ``participant_id``, one column per atlas region name, in atlas order.
     """
-    return _region_table(images, atlas, participant_ids, "volume")
+    return _subject_table(images, atlas, participant_ids, "volume")
 
 
 def roi_mean_intensity(
@@ -421,17 +536,23 @@ def roi_mean_intensity(
 ) -> pd.DataFrame:
     """Mean image value per region, one row per participant (fallback features from T1).
 
-    Same layout and grid rules as :func:`roi_volumes`; a region with no voxel on the image
-    grid (possible after resampling) is NaN. Callers should warn that these are intensity,
-    not gray-matter volume, features.
+    Same layout and grid rules as :func:`roi_volumes` (:func:`region_table` with
+    ``statistic="mean"``); a region with no voxel on the image grid (possible after
+    resampling) is NaN. Callers should warn that these are intensity, not gray-matter
+    volume, features.
+
+    Parameters
+    ----------
+    images : sequence of nibabel image, str or Path
+        Images on the atlas grid (or one differing only in resolution).
+    atlas : Atlas
+        The regions.
+    participant_ids : sequence of str
+        One unique id per image.
+
+    Returns
+    -------
+    pd.DataFrame
+        Indexed by ``participant_id``, one column per atlas region name, in atlas order.
     """
-    return _region_table(images, atlas, participant_ids, "mean")
-
-
-def write_roi_features(df: pd.DataFrame, out_dir: str | Path) -> Path:
-    """Write ``out_dir/baseline/roi_features.tsv`` (participant_id first, then regions)."""
-    path = Path(out_dir) / "baseline" / "roi_features.tsv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = df if "participant_id" in df.columns else df.rename_axis("participant_id").reset_index()
-    atomic_write_tsv(table, path, float_format=None)
-    return path
+    return _subject_table(images, atlas, participant_ids, "mean")

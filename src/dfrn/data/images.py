@@ -72,6 +72,10 @@ from dfrn.io import atomic_write, atomic_write_json, file_digest
 
 __all__ = [
     "GridSpec",
+    "ImageLike",
+    "load_img",
+    "as_3d",
+    "image_name",
     "read_header",
     "load_volume",
     "check_common_grid",
@@ -82,6 +86,9 @@ __all__ = [
     "VolumeSet",
     "INTENSITY_MODES",
 ]
+
+ImageLike = nib.spatialimages.SpatialImage | str | Path
+"""A nibabel image or the path of an image file."""
 
 CACHE_VERSION = 2
 """Accepted values of ``intensity`` (see the module docstring)."""
@@ -102,38 +109,173 @@ class GridSpec:
         return {"shape": list(self.shape), "affine": np.asarray(self.affine).round(6).tolist()}
 
 
-def _open(path: Path, what: str) -> nib.spatialimages.SpatialImage:
-    if not path.exists():
-        raise DfrnInputError(f"{what}: image file not found: {path}")
-    if not path.is_file():
-        raise DfrnInputError(f"{what}: not a file: {path}")
-    try:
-        img = nib.load(str(path))
-    except Exception as exc:  # nibabel raises several types for non-NIfTI input
-        raise DfrnInputError(f"{what}: {path} is not a readable NIfTI image ({exc})") from None
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def image_name(img_or_path: ImageLike, fallback: str) -> str:
+    """The file an image came from, for messages.
+
+    Parameters
+    ----------
+    img_or_path : nibabel image, str or Path
+        An image or the path of one.
+    fallback : str
+        Returned for an in-memory image that has no file name.
+
+    Returns
+    -------
+    str
+        The path, the image's file name, or ``fallback``.
+    """
+    if isinstance(img_or_path, str | Path):
+        return str(img_or_path)
+    fname = img_or_path.get_filename() if hasattr(img_or_path, "get_filename") else None
+    return str(fname) if fname else fallback
+
+
+def load_img(
+    img_or_path: ImageLike, what: str = "image", *, noun: str = "image"
+) -> nib.spatialimages.SpatialImage:
+    """The one image loader of dfrn: a 3D nibabel image from a path or an image.
+
+    Only the header is read; the voxel data stay on disk until they are accessed.
+
+    Parameters
+    ----------
+    img_or_path : nibabel image, str or Path
+        A file to open, or an already loaded nibabel image (returned as is once checked).
+    what : str, default "image"
+        What the image is (``"participant sub-01"``, ``"atlas image"``), for messages.
+    noun : str, default "image"
+        What a 3D image is called in the message for a wrong shape (``"T1 image"``).
+
+    Returns
+    -------
+    nibabel.spatialimages.SpatialImage
+        The image; its shape is 3D, or 4D with a singleton 4th axis (see :func:`as_3d`).
+
+    Raises
+    ------
+    DfrnInputError
+        One line naming the file when it does not exist, is not a file, cannot be read as an
+        image, or is not 3D; or when ``img_or_path`` is neither a path nor an image.
+    """
+    if isinstance(img_or_path, str | Path):
+        path = Path(img_or_path)
+        if not path.exists():
+            raise DfrnInputError(f"{what}: image file not found ({path} does not exist)")
+        if not path.is_file():
+            raise DfrnInputError(f"{what}: not a file: {path}")
+        try:
+            img = nib.load(str(path))
+        except Exception as exc:  # nibabel raises several types for non-image input
+            raise DfrnInputError(
+                f"{what}: {path} is not a readable NIfTI image ({_one_line(exc)})"
+            ) from None
+    elif hasattr(img_or_path, "affine") and hasattr(img_or_path, "dataobj"):
+        img = img_or_path
+    else:
+        raise DfrnInputError(
+            f"{what} is not a nibabel image or a path: {type(img_or_path).__name__}"
+        )
+    shape = tuple(int(s) for s in img.shape)
+    if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
+        raise DfrnInputError(
+            f"{what}: {image_name(img_or_path, 'the image')} has shape {shape}; "
+            f"a 3D {noun} is required ({len(shape)}D given)"
+        )
+    return img
+
+
+def as_3d(data: np.ndarray, name: str) -> np.ndarray:
+    """Drop a singleton 4th axis; refuse anything that is not then 3D.
+
+    Parameters
+    ----------
+    data : np.ndarray
+        Voxel data of an image (or any array).
+    name : str
+        The image's name or file, for the message.
+
+    Returns
+    -------
+    np.ndarray
+        ``data`` as a 3D array (a view when a 4th axis was dropped).
+
+    Raises
+    ------
+    DfrnInputError
+        When ``data`` is not 3D (nor 4D with a singleton 4th axis).
+    """
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DfrnInputError(f"{name} must be a 3-D image, got shape {data.shape}")
+    return data
+
+
+def _load_nifti(path: str | Path, what: str) -> nib.spatialimages.SpatialImage:
+    """:func:`load_img` for cohort images, which must be NIfTI files."""
+    img = load_img(Path(path), what, noun="T1 image")
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise DfrnInputError(f"{what}: {path} is not a NIfTI image ({type(img).__name__})")
     return img
 
 
-def read_header(path: str | Path, what: str = "image") -> GridSpec:
-    """Read only the header: the grid of a 3D image (a trailing singleton 4th axis is allowed)."""
-    img = _open(Path(path), what)
-    shape = tuple(int(s) for s in img.shape)
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    if len(shape) != 3:
-        raise DfrnInputError(
-            f"{what}: {path} has shape {shape}; a 3D T1 image is required (4D or 2D given)"
-        )
+def _grid(img: nib.spatialimages.SpatialImage) -> GridSpec:
+    shape = tuple(int(s) for s in img.shape[:3])
     return GridSpec(shape=shape, affine=np.asarray(img.affine, dtype=float))  # type: ignore[arg-type]
 
 
+def read_header(path: str | Path, what: str = "image") -> GridSpec:
+    """Read only the header: the grid of a 3D NIfTI image (a singleton 4th axis is allowed).
+
+    Parameters
+    ----------
+    path : str or Path
+        The NIfTI file.
+    what : str, default "image"
+        What the file is, for messages.
+
+    Returns
+    -------
+    GridSpec
+        Shape and affine of the image.
+
+    Raises
+    ------
+    DfrnInputError
+        See :func:`load_img`; also for a readable image that is not NIfTI.
+    """
+    return _grid(_load_nifti(path, what))
+
+
 def load_volume(path: str | Path, what: str = "image") -> tuple[np.ndarray, np.ndarray]:
-    """Load a 3D NIfTI as float32 data and its affine, with clear errors for bad files."""
+    """Load a 3D NIfTI as float32 data and its affine, with clear errors for bad files.
+
+    Parameters
+    ----------
+    path : str or Path
+        The NIfTI file.
+    what : str, default "image"
+        What the file is, for messages.
+
+    Returns
+    -------
+    data : np.ndarray
+        float32, 3D.
+    affine : np.ndarray
+        4×4 voxel-to-world affine.
+
+    Raises
+    ------
+    DfrnInputError
+        See :func:`read_header`; also for truncated or corrupt data and NaN or inf voxels.
+    """
     path = Path(path)
-    spec = read_header(path, what)
-    img = _open(path, what)
+    img = _load_nifti(path, what)
+    spec = _grid(img)
     try:
         data = np.asarray(img.get_fdata(dtype=np.float32))
     except (EOFError, OSError, zlib.error, ValueError) as exc:

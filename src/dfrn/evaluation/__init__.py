@@ -1,1 +1,54 @@
-"""evaluation."""
+"""Evaluation layer: fold plans, CV tasks, metrics, the ridge CV loop, permutation tests.
+
+Public names are re-exported here and imported on first use, so importing one
+module of the layer does not import the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "FOLD_COLUMNS": "folds",
+    "METRIC_COLUMNS": "metrics",
+    "PERMUTATION_COLUMNS": "permutation",
+    "PREDICTION_COLUMNS": "metrics",
+    "RidgeInputs": "ridge_cv",
+    "Task": "tasks",
+    "align_ridge_inputs": "ridge_cv",
+    "align_targets": "ridge_cv",
+    "collect_predictions": "tasks",
+    "compute_metrics": "metrics",
+    "cross_validate_ridge": "ridge_cv",
+    "format_r_p": "metrics",
+    "iter_splits": "folds",
+    "make_fold_plan": "folds",
+    "mean_r": "metrics",
+    "permutation_indices": "permutation",
+    "permutation_test": "permutation",
+    "permutation_test_generic": "permutation",
+    "permute_targets": "permutation",
+    "plan_tasks": "tasks",
+    "prepare_split_engine": "ridge_cv",
+    "read_task_meta": "tasks",
+    "run_cv": "tasks",
+    "run_task": "tasks",
+    "split_rows": "ridge_cv",
+    "table1": "metrics",
+    "task_seed": "tasks",
+    "validate_fold_plan": "folds",
+    "verify_task": "tasks",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -29,15 +29,18 @@ permuted among the subjects that have one, in the order induced by the same ``pe
 
 :func:`permutation_test_generic` drives any cross-validated predictor (e.g. the network with
 ``--permutations N``, possibly on a one-repeat plan to save time, in which case the
-statistic is that repeat's pooled r). :func:`permutation_test` is the ridge baseline's
-version: numerically the same as the generic test driving :func:`cross_validate_baseline`,
-but all permutations are solved together from one SVD per (inner) fold.
+statistic is that repeat's pooled r): it calls back ``cv_predict(index, targets)`` with the
+permutation's number, so a caller can keep each permutation's work apart.
+:func:`permutation_test` is the ridge baseline's version: numerically the same as the
+generic test driving :func:`dfrn.evaluation.ridge_cv.cross_validate_ridge`, but all
+permutations are solved together from one SVD per (inner) fold.
+
+This module computes and returns tables; writing them is the workflows' job.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -46,15 +49,14 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from dfrn.evaluation.folds import iter_splits
-from dfrn.evaluation.metrics import compute_metrics
-from dfrn.io import atomic_write_tsv
-from dfrn.models.ridge import (
-    DEFAULT_ALPHAS,
-    _align_inputs,
-    _prepare_split_engine,
-    _split_rows,
-    _SplitEngine,
+from dfrn.evaluation.metrics import compute_metrics, mean_r
+from dfrn.evaluation.ridge_cv import (
+    align_ridge_inputs,
+    align_targets,
+    prepare_split_engine,
+    split_rows,
 )
+from dfrn.models.ridge import DEFAULT_ALPHAS, MultiTargetRidgeCV
 
 __all__ = [
     "PERMUTATION_COLUMNS",
@@ -62,7 +64,6 @@ __all__ = [
     "permute_targets",
     "permutation_test_generic",
     "permutation_test",
-    "write_permutation_table",
 ]
 
 PERMUTATION_COLUMNS = ["factor", "n", "r", "p_parametric", "p_permutation", "n_perm"]
@@ -71,7 +72,19 @@ _TIE_TOL = 1e-12
 
 
 def permutation_indices(n_subjects: int, n_perm: int, seed: int = 0) -> np.ndarray:
-    """The ``(n_perm, n_subjects)`` subject permutations used for a given seed."""
+    """The subject permutations used for a given seed.
+
+    Parameters
+    ----------
+    n_subjects : int
+    n_perm : int
+    seed : int, default 0
+
+    Returns
+    -------
+    ndarray of int, shape (n_perm, n_subjects)
+        Row ``k`` is permutation ``k``.
+    """
     rng = np.random.default_rng(seed)
     if n_perm == 0:
         return np.empty((0, n_subjects), dtype=np.int64)
@@ -88,6 +101,17 @@ def permute_targets(targets: pd.DataFrame, perm: np.ndarray) -> pd.DataFrame:
 
     Per column, missing values stay where they are and the observed values are permuted
     among the observed rows in the order induced by ``perm``.
+
+    Parameters
+    ----------
+    targets : DataFrame
+        One column per factor; NaN marks a missing value.
+    perm : ndarray of int, shape (len(targets),)
+        A permutation of ``range(len(targets))``.
+
+    Returns
+    -------
+    DataFrame
     """
     perm = np.asarray(perm)
     if sorted(perm.tolist()) != list(range(len(targets))):
@@ -105,9 +129,10 @@ def permute_targets(targets: pd.DataFrame, perm: np.ndarray) -> pd.DataFrame:
 def _statistic(predictions: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
     """Mean over repeats of the pooled Pearson r per factor, and n (subjects in repeat 0)."""
     metrics = compute_metrics(predictions)
-    r = metrics.groupby("factor", sort=False)["pearson_r"].mean()
-    n = metrics.groupby("factor", sort=False)["n"].first()
-    return r, n
+    if metrics.empty:
+        return pd.Series(dtype=float), pd.Series(dtype=int)
+    summary = mean_r(metrics)
+    return summary["mean_r"], summary["n"]
 
 
 def _p_parametric(r: float, n: int) -> float:
@@ -149,8 +174,12 @@ def _table(
     return out
 
 
+CVPredict = Callable[[int | None, pd.DataFrame], pd.DataFrame]
+"""``cv_predict(index, targets) -> predictions``: one full cross-validation on ``targets``."""
+
+
 def permutation_test_generic(
-    cv_predict: Callable[[pd.DataFrame], pd.DataFrame],
+    cv_predict: CVPredict,
     targets: pd.DataFrame,
     n_perm: int = 1000,
     seed: int = 0,
@@ -161,36 +190,57 @@ def permutation_test_generic(
 ) -> pd.DataFrame:
     """Permutation test of any cross-validated predictor.
 
-    ``cv_predict(targets)`` must run the full cross-validation (fixed folds, every fitting
-    step inside the training folds) on the given targets table — same index and columns as
-    ``targets``, values permuted — and return long predictions
-    (:data:`dfrn.evaluation.metrics.PREDICTION_COLUMNS`). ``observed``, if given, are the predictions on
-    the unpermuted targets (saves one run). Permutations are
-    ``permutation_indices(len(targets), n_perm, seed)`` applied with
-    :func:`permute_targets`. ``n_jobs > 1`` runs permutations in joblib workers.
+    Parameters
+    ----------
+    cv_predict : callable ``(index: int | None, targets: DataFrame) -> DataFrame``
+        Runs the full cross-validation (fixed folds, every fitting step inside the training
+        folds) on the given targets table — same index and columns as ``targets``, values
+        permuted — and returns long predictions
+        (:data:`dfrn.evaluation.metrics.PREDICTION_COLUMNS`). ``index`` is the permutation's
+        number, ``0 … n_perm - 1`` (row ``index`` of :func:`permutation_indices`), or None
+        for the unpermuted targets when ``observed`` is not given. Calls may come in any
+        order, and from joblib workers when ``n_jobs > 1``.
+    targets : DataFrame
+        The unpermuted targets, one row per subject and one column per factor.
+    n_perm : int, default 1000
+        Number of permutations, ``permutation_indices(len(targets), n_perm, seed)``, applied
+        with :func:`permute_targets`.
+    seed : int, default 0
+    observed : DataFrame, optional
+        The predictions on the unpermuted targets (saves one run).
+    n_jobs : int, default 1
+        Permutations run in this many joblib workers.
+    progress : bool, default True
+        Show a progress bar.
 
-    Returns one row per factor with :data:`PERMUTATION_COLUMNS`; the null distribution of
-    each factor is in ``result.attrs["null_r"][factor]``.
+    Returns
+    -------
+    DataFrame
+        One row per factor with :data:`PERMUTATION_COLUMNS`; the statistic is
+        :func:`dfrn.evaluation.metrics.mean_r` of the predictions' metrics. The null
+        distribution of each factor is in ``result.attrs["null_r"][factor]``.
     """
     if observed is None:
-        observed = cv_predict(targets)
+        observed = cv_predict(None, targets)
     r_obs, n_obs = _statistic(observed)
     factors = [str(f) for f in r_obs.index]
     perms = permutation_indices(len(targets), n_perm, seed)
 
-    def one(perm: np.ndarray) -> pd.Series:
-        return _statistic(cv_predict(permute_targets(targets, perm)))[0]
+    def one(index: int, perm: np.ndarray) -> pd.Series:
+        return _statistic(cv_predict(index, permute_targets(targets, perm)))[0]
 
     bar = tqdm(total=n_perm, desc="permutations", disable=not progress)
     results: list[pd.Series] = []
     if n_jobs == 1:
-        for perm in perms:
-            results.append(one(perm))
+        for index, perm in enumerate(perms):
+            results.append(one(index, perm))
             bar.update()
     else:
         from joblib import Parallel, delayed
 
-        gen = Parallel(n_jobs=n_jobs, return_as="generator")(delayed(one)(p) for p in perms)
+        gen = Parallel(n_jobs=n_jobs, return_as="generator")(
+            delayed(one)(index, perm) for index, perm in enumerate(perms)
+        )
         for res in gen:
             results.append(res)
             bar.update()
@@ -229,21 +279,48 @@ def permutation_test(
     n_jobs: int = 1,
     progress: bool = True,
     *,
-    alphas: tuple[float, ...] | list[float] = DEFAULT_ALPHAS,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
     inner_cv: int = 5,
 ) -> pd.DataFrame:
     """Permutation test of the ridge baseline on the fold plan (all repeats).
 
-    Same inputs as :func:`dfrn.models.ridge.cross_validate_baseline`. Gives the same result
-    as ``permutation_test_generic(lambda t: cross_validate_baseline(features, t, plan,
-    covariates), targets_of_the_plan_subjects, n_perm, seed)``, but, as covariate
-    regression and scaling do not depend on the target, each fold's design is prepared
-    once and all ``n_perm + 1`` target vectors are solved together (``n_jobs`` threads
-    share the folds; BLAS runs single-threaded inside). Permutations are drawn over the
-    plan's subjects in their order of first appearance in ``plan``. Memory grows with
+    Gives the same result as ``permutation_test_generic(lambda i, t:
+    cross_validate_ridge(features, t, plan, covariates), targets_of_the_plan_subjects,
+    n_perm, seed)``, but, as covariate regression and scaling do not depend on the target,
+    each fold's design is prepared once and all ``n_perm + 1`` target vectors are solved
+    together (``n_jobs`` threads share the folds; BLAS runs single-threaded inside). The
+    statistic is computed for all permutations at once, as the NaN-skipping mean over
+    repeats of each repeat's pooled r — what :func:`dfrn.evaluation.metrics.mean_r` gives
+    per permutation (the tests check the two agree). Permutations are drawn over the plan's
+    subjects in their order of first appearance in ``plan``. Memory grows with
     ``n_perm × subjects × len(alphas)`` per fold (about 30 MB for 1,000 × 116 × 17).
+
+    Parameters
+    ----------
+    features : DataFrame
+        ROI features, indexed by ``participant_id``.
+    targets : DataFrame
+        Targets fixed before cross-validation, one column per factor (NaN: missing).
+    plan : DataFrame
+        The fold plan.
+    n_perm : int, default 1000
+    seed : int, default 0
+    covariates : DataFrame, optional
+        Raw covariates (see :func:`dfrn.evaluation.ridge_cv.cross_validate_ridge`).
+    n_jobs : int, default 1
+        Threads sharing the folds.
+    progress : bool, default True
+    alphas : sequence of float, default DEFAULT_ALPHAS
+    inner_cv : int, default 5
+
+    Returns
+    -------
+    DataFrame
+        As :func:`permutation_test_generic`.
     """
-    ids, x, targs, c = _align_inputs(features, targets, plan, covariates)
+    inputs = align_ridge_inputs(features, plan, covariates)
+    ids = inputs.ids
+    targs = align_targets(targets, ids)
     factors = [str(f) for f in targs.columns]
     perms = permutation_indices(len(ids), n_perm, seed)
     identity = np.arange(len(ids))[None, :]
@@ -264,17 +341,17 @@ def permutation_test(
 
     def run_split(split: tuple[int, int, list[str], list[str]]) -> list[tuple]:
         repeat, fold, train, test = split
-        engines: dict[bytes, tuple[np.ndarray, np.ndarray, _SplitEngine | None]] = {}
+        engines: dict[bytes, tuple[np.ndarray, np.ndarray, MultiTargetRidgeCV | None]] = {}
         out = []
         for f in factors:
             obs = observed_mask[f]
             key = obs.tobytes()
             if key not in engines:
-                tr, te = _split_rows(ids, train, test, obs)
+                tr, te = split_rows(ids, train, test, obs)
                 if len(te) == 0:
                     engines[key] = (tr, te, None)
                 else:
-                    engines[key] = (tr, te, _prepare_split_engine(x, c, tr, te, alphas, inner_cv))
+                    engines[key] = (tr, te, prepare_split_engine(inputs, tr, te, alphas, inner_cv))
             tr, te, engine = engines[key]
             if engine is not None:
                 pred, _ = engine.predict(y_mats[f][tr])
@@ -310,10 +387,3 @@ def permutation_test(
         r_obs[f], null[f], n_obs[f] = float(stat[0]), stat[1:], int(obs.sum())
     return _table(factors, r_obs, n_obs, null)
 
-
-def write_permutation_table(df: pd.DataFrame, out_dir: str | Path) -> Path:
-    """Write ``out_dir/baseline/permutation.tsv``."""
-    path = Path(out_dir) / "baseline" / "permutation.tsv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_tsv(df, path, float_format=None)
-    return path

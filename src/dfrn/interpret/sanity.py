@@ -1,4 +1,4 @@
-"""Model-randomisation sanity check of attention maps (Adebayo et al., NeurIPS 2018).
+"""Cascading model-randomisation sanity check of attention maps (Adebayo et al., 2018).
 
 A map that explains the *trained* model must change when the model's learned weights are
 replaced by random ones. The cascading test randomises the network from the top (``fc``)
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -34,14 +33,12 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from dfrn.errors import DfrnInputError
-from dfrn.interpret.maps import attribution
-from dfrn.io import atomic_write
+from dfrn.interpret.attribution import attribution
 
 __all__ = [
     "DFRN_CASCADE",
     "cascading_randomization",
     "ssim3d",
-    "plot_sanity",
 ]
 
 # (step label, module names randomised at that step), from the top of DFRN down.
@@ -76,6 +73,29 @@ def ssim3d(
 
     Borders of half the window width are excluded from the mean when the volume is larger
     than the window, as in scikit-image.
+
+    Parameters
+    ----------
+    a, b : np.ndarray
+        Volumes of one shape.
+    data_range : float, default 1.0
+        Value range of the data (1 for min-max normalised maps).
+    sigma : float, default 1.5
+        SD of the Gaussian window, in voxels.
+    truncate : float, default 3.5
+        Window half-width in SDs.
+    k1, k2 : float, default 0.01, 0.03
+        Stabilising constants of Wang et al. (2004).
+
+    Returns
+    -------
+    float
+        The mean SSIM, in [-1, 1].
+
+    Raises
+    ------
+    DfrnInputError
+        When the shapes differ.
     """
     x = np.asarray(a, dtype=np.float64)
     y = np.asarray(b, dtype=np.float64)
@@ -133,26 +153,35 @@ def cascading_randomization(
 
     Parameters
     ----------
-    model:
+    model : nn.Module
         The trained model; it is not modified (a deep copy is randomised).
-    x:
+    x : torch.Tensor
         Input batch ``(N, 1, D, H, W)`` (a few subjects); metrics are averaged over them.
         Single-channel volumes are compared voxel by voxel.
-    method:
-        One method name or several (see :func:`dfrn.interpret.maps.attribution`).
-    seed:
+    method : str or sequence of str, default "guided_backprop"
+        One method name or several (see :func:`dfrn.interpret.attribution.attribution`).
+    seed : int, default 0
         Seed of the random re-initialisation (same random weights for every method).
-    cascade:
+    cascade : sequence of (str, sequence of str), default DFRN_CASCADE
         ``(step label, module names)`` from the top of the network down; default
         :data:`DFRN_CASCADE` (fc, layer4, layer3, layer2, layer1, conv1 + bn1).
-    mask:
-        Optional boolean ``(D, H, W)`` mask restricting the Spearman correlation (e.g. brain).
+    mask : np.ndarray, optional
+        Boolean ``(D, H, W)`` mask restricting the Spearman correlation (e.g. brain).
+    **method_kwargs
+        Passed to :func:`dfrn.interpret.attribution.attribution`.
 
     Returns
     -------
-    One row per (method, step): ``method, step, spearman, ssim``. The first step of each method
-    is ``"trained"`` (the map against itself: 1, 1); step *s* means every stage from the top
-    down to and including *s* is randomised.
+    pd.DataFrame
+        One row per (method, step): ``method, step, spearman, ssim``. The first step of each
+        method is ``"trained"`` (the map against itself: 1, 1); step *s* means every stage
+        from the top down to and including *s* is randomised.
+
+    Raises
+    ------
+    DfrnInputError
+        For a batch that is not ``(N, 1, D, H, W)``, a cascade naming modules the model
+        lacks, or a mask of another shape.
     """
     methods = [method] if isinstance(method, str) else list(method)
     if x.ndim != 5 or x.shape[1] != 1:
@@ -186,42 +215,3 @@ def cascading_randomization(
                 rows.append({"method": meth, "step": label, "spearman": rho, "ssim": ss})
         del work
     return pd.DataFrame(rows, columns=["method", "step", "spearman", "ssim"])
-
-
-def plot_sanity(df: pd.DataFrame, path: str | Path, *, dpi: int = 150) -> Path:
-    """Line plot of Spearman and SSIM against the randomisation step, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    missing = {"method", "step", "spearman", "ssim"} - set(df.columns)
-    if missing:
-        raise DfrnInputError(f"sanity table lacks columns {sorted(missing)}")
-    steps = list(dict.fromkeys(df["step"]))
-    pos = {s: i for i, s in enumerate(steps)}
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
-    try:
-        for ax, metric, title in zip(
-            axes,
-            ("spearman", "ssim"),
-            ("Spearman rank correlation of |map|", "SSIM of |map|"),
-            strict=True,
-        ):
-            for meth, sub in df.groupby("method", sort=False):
-                ax.plot([pos[s] for s in sub["step"]], sub[metric], marker="o", label=str(meth))
-            ax.axhline(0.0, color="grey", lw=0.8, ls=":")
-            ax.set_xticks(range(len(steps)))
-            ax.set_xticklabels(steps, rotation=45, ha="right")
-            ax.set_ylim(-0.2, 1.05)
-            ax.set_title(title)
-            ax.set_xlabel("randomised from the top down to")
-        axes[0].set_ylabel("similarity to the trained model's map")
-        axes[1].legend(frameon=False, fontsize="small")
-        fig.tight_layout()
-        atomic_write(out, lambda p: fig.savefig(p, dpi=dpi, format="png"))
-    finally:
-        plt.close(fig)
-    return out

@@ -1,1 +1,41 @@
-"""models."""
+"""Models layer: the DFRN network, its scikit-learn style regressor, the ridge estimator.
+
+Public names are re-exported here and imported on first use, so importing one
+module of the layer does not import the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "BasicBlock": "network",
+    "DEFAULT_ALPHAS": "ridge",
+    "DEFAULT_BLOCK_STRIDES": "network",
+    "DFRN": "network",
+    "DFRNRegressor": "regressor",
+    "MultiTargetRidgeCV": "ridge",
+    "PAPER_LITERAL_STRIDES": "network",
+    "RidgeBaseline": "ridge",
+    "RidgePath": "ridge",
+    "apply_preprocess": "ridge",
+    "count_parameters": "network",
+    "encode_covariates": "ridge",
+    "fit_preprocess": "ridge",
+    "index_by_participant": "ridge",
+    "resolve_device": "regressor",
+    "seed_everything": "regressor",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -30,9 +30,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from dfrn.config import ModelConfig
+from dfrn.errors import DfrnInputError
+
 __all__ = ["DFRN", "BasicBlock", "count_parameters", "DEFAULT_BLOCK_STRIDES", "PAPER_LITERAL_STRIDES"]
 
-DEFAULT_BLOCK_STRIDES: tuple[int, int, int, int] = (1, 2, 2, 2)
+DEFAULT_BLOCK_STRIDES: tuple[int, ...] = tuple(ModelConfig().block_strides)  # one default
 PAPER_LITERAL_STRIDES: tuple[int, int, int, int] = (1, 1, 1, 1)
 BLOCK_CHANNELS: tuple[int, int, int, int] = (64, 128, 256, 512)
 
@@ -83,7 +86,9 @@ class DFRN(nn.Module):
         super().__init__()
         strides = tuple(int(s) for s in block_strides)
         if len(strides) != 4 or any(s < 1 for s in strides):
-            raise ValueError(f"block_strides must be four positive integers, got {block_strides!r}")
+            raise DfrnInputError(
+                f"block_strides must be four positive integers, got {block_strides!r}"
+            )
         self.block_strides = strides
         self.conv1 = nn.Conv3d(
             in_channels, 64, kernel_size=7, stride=(1, 2, 2), padding=3, bias=False

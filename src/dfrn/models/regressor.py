@@ -27,11 +27,16 @@ import pandas as pd
 import torch
 from sklearn.base import BaseEstimator, RegressorMixin
 
-from dfrn.config import DEVICE_PATTERN
+from dfrn.config import DEVICE_PATTERN, ModelConfig, TrainingConfig
 from dfrn.errors import DfrnInputError
 from dfrn.models.network import DFRN
 
 __all__ = ["DFRNRegressor", "resolve_device", "seed_everything"]
+
+
+# the defaults live in the config dataclasses only
+_TRAIN = TrainingConfig()
+_MODEL = ModelConfig()
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -114,17 +119,17 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
 
     def __init__(
         self,
-        block_strides: Sequence[int] = (1, 2, 2, 2),
-        epochs: int = 50,
-        batch_size: int = 4,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        target_scaling: str = "zscore",
-        val_fraction: float = 0.1,
-        patience: int = 10,
-        seed: int = 0,
-        device: str = "auto",
-        amp: bool = True,
+        block_strides: Sequence[int] = tuple(_MODEL.block_strides),
+        epochs: int = _TRAIN.epochs,
+        batch_size: int = _TRAIN.batch_size,
+        lr: float = _TRAIN.lr,
+        weight_decay: float = _TRAIN.weight_decay,
+        target_scaling: str = _TRAIN.target_scaling,
+        val_fraction: float = _TRAIN.val_fraction,
+        patience: int = _TRAIN.patience,
+        seed: int = _TRAIN.seed,
+        device: str = _TRAIN.device,
+        amp: bool = _TRAIN.amp,
         progress: bool = False,
         desc: str = "",
     ) -> None:

@@ -41,7 +41,6 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
 
 from dfrn.errors import DfrnInputError
-from dfrn.io import atomic_write, atomic_write_tsv
 
 __all__ = [
     "ID_COLUMN",
@@ -54,7 +53,6 @@ __all__ = [
     "fold_factor_scores",
     "read_items_table",
     "varimax",
-    "write_factor_outputs",
 ]
 
 ID_COLUMN = "participant_id"
@@ -654,105 +652,3 @@ def fold_factor_scores(
     model = align_factors(model, reference, method=method)
     rows = [*train, *test] if include_train else test
     return model.transform(frame.loc[rows])
-
-
-# --------------------------------------------------------------------------------------------
-# Outputs
-# --------------------------------------------------------------------------------------------
-
-
-def _plot_loadings(loadings: pd.DataFrame, path: Path) -> None:
-    from matplotlib.figure import Figure
-
-    n_items, k = loadings.shape
-    fig = Figure(figsize=(1.1 * k + 2.8, 0.32 * n_items + 1.6))
-    ax = fig.add_subplot()
-    values = loadings.to_numpy()
-    image = ax.imshow(values, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
-    ax.set_xticks(np.arange(k), labels=[str(c) for c in loadings.columns], rotation=35, ha="right")
-    ax.set_yticks(np.arange(n_items), labels=[str(i) for i in loadings.index])
-    for i in range(n_items):
-        for j in range(k):
-            v = values[i, j]
-            ax.text(
-                j,
-                i,
-                f"{v:.2f}",
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="white" if abs(v) > 0.6 else "black",
-            )
-    ax.set_title("Rotated factor loadings")
-    fig.colorbar(image, ax=ax, label="loading", shrink=0.8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")
-
-
-def write_factor_outputs(
-    model: SymptomFactors, items: pd.DataFrame, out_dir: str | Path
-) -> dict[str, Path]:
-    """Write the factor tables and the loadings heatmap; return their paths by kind.
-
-    * ``factors/loadings.tsv``: column ``item`` then one column per factor;
-    * ``factors/scores.tsv``: ``participant_id`` then one column per factor (``items`` scored
-      with :meth:`SymptomFactors.transform`);
-    * ``factors/variance.tsv``: ``factor``, ``variance``, ``proportion``, ``cumulative``;
-    * ``figures/factor_loadings.png``: annotated heatmap of the loadings.
-
-    Keys of the returned dict: ``loadings``, ``scores``, ``variance``, ``figure``.
-    """
-    check_is_fitted(model, "loadings_")
-    out_dir = Path(out_dir)
-    factors_dir = out_dir / "factors"
-    figures_dir = out_dir / "figures"
-    factors_dir.mkdir(parents=True, exist_ok=True)
-    figures_dir.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "loadings": factors_dir / "loadings.tsv",
-        "scores": factors_dir / "scores.tsv",
-        "variance": factors_dir / "variance.tsv",
-        "figure": figures_dir / "factor_loadings.png",
-    }
-    scores = model.transform(items)
-    atomic_write_tsv(model.loadings_.rename_axis("item").reset_index(), paths["loadings"])
-    atomic_write_tsv(scores.rename_axis(ID_COLUMN).reset_index(), paths["scores"])
-    atomic_write_tsv(model.variance_table(), paths["variance"])
-    atomic_write(paths["figure"], lambda p: _plot_loadings(model.loadings_, p))
-    return paths
-
-
-def run_factors(
-    items_path: str | Path,
-    n_factors: int,
-    out_dir: str | Path,
-    *,
-    names: Mapping[str, Sequence[str]] | None = None,
-    impute: str | None = None,
-    tol: float = 1e-5,
-    log: Any = print,
-) -> SymptomFactors:
-    """``dfrn factors``: fit on an items table, write the outputs, print a summary.
-
-    Refuses to overwrite an existing ``factors/`` folder in ``out_dir``.
-    """
-    out_dir = Path(out_dir)
-    if (out_dir / "factors").exists():
-        raise DfrnInputError(
-            f"{out_dir / 'factors'} already exists; choose another --out (results are never "
-            "overwritten)"
-        )
-    items = read_items_table(items_path)
-    model = SymptomFactors(n_factors=n_factors, names=names or None, impute=impute, tol=tol)
-    model.fit(items)
-    paths = write_factor_outputs(model, items, out_dir)
-    var = model.variance_table()
-    log(f"{len(items)} participants x {items.shape[1]} items -> {n_factors} varimax factors")
-    log(var.round(4).to_string(index=False))
-    if not names:
-        top = model.top_items(3)
-        log("top-loading items per factor (name them with --name FACTOR=ITEM,ITEM):")
-        for factor, g in top.groupby("factor", sort=False):
-            log(f"  {factor}: " + ", ".join(f"{r.item} ({r.loading:.2f})" for r in g.itertuples()))
-    log(f"wrote {', '.join(str(p) for p in paths.values())}")
-    return model

@@ -12,14 +12,13 @@ Two modes (``fit_on``):
   fold.
 
 Either way the full-cohort fit is written to ``factors/`` (loadings, scores, variance) with
-the loadings heatmap ``figures/factor_loadings.png``.
+the loadings heatmap ``figures/factor_loadings.png`` (by :mod:`dfrn.workflows.factors`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 import pandas as pd
@@ -28,7 +27,7 @@ from dfrn.config import FactorsConfig
 from dfrn.data.cohort import Cohort
 from dfrn.errors import DfrnInputError
 from dfrn.io import check_safe_id
-from dfrn.targets.factors import SymptomFactors, fold_factor_scores, write_factor_outputs
+from dfrn.targets.factors import SymptomFactors, fold_factor_scores
 
 __all__ = [
     "TargetProvider",
@@ -106,18 +105,11 @@ def factor_targets(
     cohort: Cohort,
     cfg: FactorsConfig,
     plan: pd.DataFrame,
-    out: Path | None,
     log: Callable[[str], None] = print,
 ) -> tuple[pd.DataFrame, TargetProvider]:
-    """Fit the factors and return (full-cohort scores, target provider).
-
-    ``factors/`` is written into ``out`` unless ``out`` is None (the pipeline writes it only
-    after every input check has passed, with :func:`write_factor_outputs`).
-    """
+    """Fit the factors and return (full-cohort scores, target provider). Writes nothing."""
     reference, items = fit_factor_model(cohort, cfg)
     scores = reference.scores_.copy()
-    if out is not None:
-        write_factor_outputs(reference, items, out)
     var = reference.variance_table()
     where = "all subjects" if cfg.fit_on == "all" else "per training fold, aligned to the full fit"
     log(

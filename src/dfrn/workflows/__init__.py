@@ -1,1 +1,66 @@
-"""workflows."""
+"""Workflows layer: the stages that read and write a results folder, and the demo.
+
+Public names are re-exported here and imported on first use, so importing one
+module of the layer does not import the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "DemoSettings": "demo",
+    "FULL": "demo",
+    "FinishedStudy": "study",
+    "InputFile": "results",
+    "LOCK_NAME": "lock",
+    "QUICK": "demo",
+    "ResultsFolder": "results",
+    "ResultsFolderLocked": "lock",
+    "ResultsLock": "lock",
+    "SCRATCH": "results",
+    "StudyResult": "run",
+    "check_results_dir": "results",
+    "check_targets": "study",
+    "collect_inputs": "study",
+    "demo_config": "demo",
+    "environment": "results",
+    "file_digest": "results",
+    "fold_plan_for": "study",
+    "load_atlas_for": "attention",
+    "load_study_cohort": "study",
+    "lock_results": "lock",
+    "make_estimator_factory": "study",
+    "network_permutation_test": "network_permutation",
+    "open_finished_study": "study",
+    "prepare_volumes": "study",
+    "read_run_info": "results",
+    "record_resume": "results",
+    "results_lock": "study",
+    "run_attention_stage": "attention",
+    "run_baseline_stage": "baseline",
+    "run_cv_stage": "run",
+    "run_demo": "demo",
+    "run_factors": "factors",
+    "run_study": "run",
+    "study_targets": "study",
+    "verify_inputs": "results",
+    "write_baseline_outputs": "baseline",
+    "write_factor_outputs": "factors",
+    "write_permutation_table": "baseline",
+    "write_roi_features": "baseline",
+    "write_run_identity": "results",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -1,4 +1,4 @@
-"""The attention stage of a study: factor attention maps (FAM) from the trained CV models.
+"""The attention stage of a study: computes and writes factor attention maps and their tables.
 
 For each factor it loads the (repeat, fold) checkpoints of ``cv/tasks`` one at a time,
 computes each test subject's map with the model of the fold in which that subject was a
@@ -17,41 +17,104 @@ subjects, folds and repeats (Eq. 4). Outputs, in the results folder:
 
 Another method than the configured one (``dfrn attention --method``) writes into
 ``attention/method-<method>/`` and ``figures/*_<method>.png`` instead, so no map is
-overwritten or mistaken for another method's.
+overwritten or mistaken for another method's. Every folder comes from
+:class:`dfrn.workflows.results.ResultsFolder`; the file names inside them are spelled once,
+in :class:`_AttentionFiles`.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
+import torch
+from torch import nn
 
 from dfrn.config import StudyConfig
-from dfrn.data.images import VolumeSet
+from dfrn.data.atlas import Atlas
+from dfrn.data.images import VolumeSet, load_img
 from dfrn.errors import DfrnInputError
 from dfrn.evaluation.tasks import plan_tasks, read_task_meta
 from dfrn.interpret.maps import (
     FoldTask,
     factor_attention_map,
     localisation_scores,
-    plot_fam,
-    rank_regions,
     to_template_space,
 )
-from dfrn.interpret.sanity import cascading_randomization, plot_sanity
+from dfrn.interpret.regions import rank_regions
+from dfrn.interpret.sanity import cascading_randomization
 from dfrn.io import atomic_write_nifti, atomic_write_tsv
 from dfrn.models.regressor import DFRNRegressor, resolve_device
-from dfrn.plotting import format_table
+from dfrn.plotting import format_table, plot_fam, plot_sanity
+from dfrn.workflows.results import ResultsFolder
 
 __all__ = ["run_attention_stage", "load_atlas_for"]
 
 
-def load_atlas_for(atlas: str, labels: str, log: Callable[[str], None]):
-    """The configured atlas, or AAL3 from nilearn when online; None (with a note) otherwise."""
+@dataclass(frozen=True)
+class _AttentionFiles:
+    """The attention stage's files in a results folder, for one attribution method.
+
+    ``own`` is True for the configured method (``attention/``, ``figures/<name>.png``);
+    another method gets ``attention/method-<m>/`` and ``figures/<name>_<m>.png``.
+    """
+
+    folder: ResultsFolder
+    method: str
+    own: bool
+
+    @property
+    def _method(self) -> str | None:
+        return None if self.own else self.method
+
+    @property
+    def dir(self) -> Path:
+        return self.folder.attention(self._method)
+
+    def fam(self, factor: str, absolute: bool) -> Path:
+        return self.folder.fam(factor, self._method, absolute)
+
+    def table(self, name: str) -> Path:
+        """``regions``, ``localisation`` or ``sanity``."""
+        return self.folder.attention_table(name, self._method)
+
+    def figure(self, name: str) -> Path:
+        return self.folder.figure(name if self.own else f"{name}_{self.method}")
+
+    def task_dir(self, task_name: str) -> Path:
+        return self.folder.task_dir(task_name)
+
+    def task_model(self, task_name: str) -> Path:
+        return self.task_dir(task_name) / "model.pt"
+
+
+def load_atlas_for(atlas: str, labels: str, log: Callable[[str], None]) -> Atlas | None:
+    """The configured atlas, or AAL3 from nilearn when online.
+
+    Parameters
+    ----------
+    atlas : str
+        Path of a label image, or ``""`` for AAL3 from nilearn.
+    labels : str
+        Path of its ``index``/``name`` TSV (required with ``atlas``).
+    log : callable
+        Receives a note when no atlas is available.
+
+    Returns
+    -------
+    Atlas or None
+        None (with a note) when no atlas was given and AAL3 cannot be downloaded.
+
+    Raises
+    ------
+    DfrnInputError
+        For an atlas without its label table, or an unreadable atlas.
+    """
     from dfrn.data.atlas import fetch_aal3_atlas, load_atlas
 
     if atlas:
@@ -65,17 +128,20 @@ def load_atlas_for(atlas: str, labels: str, log: Callable[[str], None]):
         return None
 
 
-def _factor_tasks(out: Path, plan: pd.DataFrame, factor: str, volumes: VolumeSet, device: str):
+def _factor_tasks(
+    files: _AttentionFiles, plan: pd.DataFrame, factor: str, volumes: VolumeSet, device: str
+) -> list[FoldTask]:
     tasks = []
     for t in plan_tasks(plan, [factor]):
-        folder = out / "cv" / "tasks" / t.name
+        folder = files.task_dir(t.name)
         if not folder.is_dir():
             raise DfrnInputError(
                 f"task {t.name} has not finished; rerun 'dfrn run' to complete the CV first"
             )
         meta = read_task_meta(folder, t)  # every file checked against the task's manifest
+        model_path = files.task_model(t.name)
 
-        def loader(p=folder / "model.pt"):
+        def loader(p: Path = model_path) -> nn.Module:
             return DFRNRegressor.load(p, device=device).model_
 
         tasks.append(FoldTask(loader, volumes.index_of(meta["test_ids"]), t.repeat, t.fold))
@@ -98,6 +164,32 @@ def run_attention_stage(
 
     Called without ``cfg`` (``dfrn attention RESULTS``), it takes the folder's lock and first
     checks that the input files are those the run was made with.
+
+    Parameters
+    ----------
+    out : str or Path
+        The results folder.
+    cfg : StudyConfig, optional
+        The study's config; None opens the finished study in ``out``.
+    volumes : VolumeSet, optional
+        The cached training volumes; prepared from the cohort when None.
+    factors : list of str, optional
+        Factors to map; by default those of ``cv/predictions.tsv``.
+    plan : pd.DataFrame, optional
+        The fold plan; read from ``cv/folds.tsv`` when None.
+    progress : bool, default True
+        Show progress bars.
+    log : callable, default print
+        Receives the printed tables and notes.
+    method : str, optional
+        Attribution method; the configured one by default.
+    atlas, atlas_labels : str, optional
+        Override the configured atlas and its label table.
+
+    Returns
+    -------
+    dict of str to pd.DataFrame
+        ``regions``, ``localisation`` and ``sanity`` tables, for those that were made.
     """
     if cfg is None:
         from dfrn.workflows.study import open_finished_study, prepare_volumes, results_lock
@@ -115,38 +207,33 @@ def run_attention_stage(
 
     from dfrn.workflows.study import load_study_cohort, prepare_volumes
 
-    out = Path(out)
+    folder = ResultsFolder(Path(out))
     a = cfg.attention
     method = method or a.method
     resolve_device(cfg.training.device)
     if volumes is None:
-        volumes = prepare_volumes(load_study_cohort(cfg), cfg, out, progress, log=log)
+        volumes = prepare_volumes(load_study_cohort(cfg), cfg, folder.root, progress, log=log)
     if plan is None:
-        plan = pd.read_csv(out / "cv" / "folds.tsv", sep="\t", dtype={"participant_id": str})
+        plan = folder.read_folds(volumes.participant_ids)
     if factors is None:
-        pred = pd.read_csv(out / "cv" / "predictions.tsv", sep="\t")
-        factors = list(dict.fromkeys(pred["factor"]))
+        factors = list(dict.fromkeys(folder.read_predictions()["factor"]))
     device = str(resolve_device(cfg.training.device))
     ref_img = nib.Nifti1Image(
         np.zeros(volumes.input_grid.shape, np.uint8), volumes.input_grid.affine
     )
     # the configured method writes attention/; another one (--method) its own subfolder
-    own = method == a.method
-    att_dir = out / "attention" if own else out / "attention" / f"method-{method}"
-    suffix = "" if own else f"_{method}"
-    att_dir.mkdir(parents=True, exist_ok=True)
-    maps: dict[str, nib.Nifti1Image] = {}
+    files = _AttentionFiles(folder, method, own=method == a.method)
+    maps: dict[str, nib.spatialimages.SpatialImage] = {}
     for factor in tqdm(factors, desc=f"attention ({method})", disable=not progress):
-        signed_path = att_dir / f"{factor}_fam.nii.gz"
-        abs_path = att_dir / f"{factor}_fam_abs.nii.gz"
+        signed_path, abs_path = files.fam(factor, False), files.fam(factor, True)
         if not (signed_path.is_file() and abs_path.is_file()):
-            tasks = _factor_tasks(out, plan, factor, volumes, device)
+            tasks = _factor_tasks(files, plan, factor, volumes, device)
             fam = factor_attention_map(tasks, volumes, method, mode=a.mode, device=device)
             signed = to_template_space(fam.signed, ref_img, volumes.downsample)
             absolute = to_template_space(fam.absolute, ref_img, volumes.downsample)
             atomic_write_nifti(signed, signed_path)
             atomic_write_nifti(absolute, abs_path)
-        maps[factor] = nib.load(abs_path)
+        maps[factor] = load_img(abs_path, f"attention map of {factor}")
     results: dict[str, pd.DataFrame] = {}
 
     atlas_obj = load_atlas_for(atlas or a.atlas, atlas_labels or a.atlas_labels, log)
@@ -155,7 +242,7 @@ def run_attention_stage(
             [rank_regions(img, atlas_obj.img, atlas_obj.labels, f) for f, img in maps.items()],
             ignore_index=True,
         )
-        atomic_write_tsv(regions, att_dir / "regions.tsv")
+        atomic_write_tsv(regions, files.table("regions"))
         top = regions[regions["rank"] <= a.top_regions][["factor", "rank", "region", "mean_attention"]]
         log(format_table(top, f"Top {a.top_regions} regions by mean |attention| per factor"))
         results["regions"] = regions
@@ -163,42 +250,39 @@ def run_attention_stage(
     if a.truth:
         brain = None
         if cfg.cohort.mask:
-            brain = np.asarray(nib.load(cfg.cohort.mask).dataobj) > 0
+            brain = np.asarray(load_img(cfg.cohort.mask, "brain mask").dataobj) > 0
         rows = []
         for f, img in maps.items():
             if f not in a.truth:
                 continue
-            truth = np.asarray(nib.load(a.truth[f]).dataobj) > 0
+            truth = np.asarray(load_img(a.truth[f], f"truth mask of {f}").dataobj) > 0
             scores = localisation_scores(np.asarray(img.dataobj, dtype=np.float32), truth, brain)
             rows.append({"factor": f, **scores})
         loc = pd.DataFrame(rows)
-        atomic_write_tsv(loc, att_dir / "localisation.tsv")
+        atomic_write_tsv(loc, files.table("localisation"))
         log(format_table(loc.round(3), "Localisation of |FAM| against the planted regions"))
         results["localisation"] = loc
 
-    template = a.template
-    if template:
-        template_img = nib.load(template)
+    if a.template:
+        template_img = load_img(a.template, "attention template")
     else:
         from nilearn.datasets import load_mni152_template
 
         template_img = load_mni152_template(resolution=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        plot_fam(maps, template_img, out / "figures" / f"fig4_fam{suffix}.png")
+        plot_fam(maps, template_img, files.figure("fig4_fam"))
 
     if a.sanity:
-        first = _factor_tasks(out, plan, factors[0], volumes, device)[0]
-        model = first.model() if callable(first.model) else first.model
+        first = _factor_tasks(files, plan, factors[0], volumes, device)[0]
+        model = first.model if isinstance(first.model, nn.Module) else first.model()
         idx = list(first.test_indices)[:4]
         x = np.stack([np.asarray(volumes[i], dtype=np.float32) for i in idx])[:, None]
-        import torch
-
         methods = list(dict.fromkeys([method, "gradient"]))
         sanity = cascading_randomization(model, torch.from_numpy(x).to(device), methods, seed=0)
         sanity.insert(0, "factor", factors[0])
-        atomic_write_tsv(sanity, att_dir / "sanity.tsv")
-        plot_sanity(sanity, out / "figures" / f"attention_sanity{suffix}.png")
+        atomic_write_tsv(sanity, files.table("sanity"))
+        plot_sanity(sanity, files.figure("attention_sanity"))
         log(format_table(sanity.round(3), f"Sanity check: cascading randomisation ({factors[0]})"))
         results["sanity"] = sanity
     return results

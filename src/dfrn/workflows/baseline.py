@@ -1,10 +1,13 @@
-"""The baseline stage of a study: ridge regression on atlas ROI volumes, same folds.
+"""The baseline stage of a study: ridge regression on atlas ROI volumes, same folds, its files.
 
-Reads the results folder's config, cohort and fold plan (``cv/folds.tsv``), computes ROI
-features (gray-matter volume per atlas region from the cohort's ``gm`` column; mean T1
-intensity per region, with a warning, when there are no GM maps), cross-validates
-:class:`dfrn.models.ridge.RidgeBaseline` on the network's (repeat, fold) plan, runs the
-permutation test, and draws Figure 3 next to the network's metrics when they exist.
+Reads the results folder's config, cohort and fold plan, computes ROI features (gray-matter
+volume per atlas region from the cohort's ``gm`` column; mean T1 intensity per region, with
+a warning, when there are no GM maps), cross-validates
+:class:`dfrn.models.ridge.RidgeBaseline` on the network's (repeat, fold) plan with
+:func:`dfrn.evaluation.ridge_cv.cross_validate_ridge` (covariates: ``[cohort] covariates``),
+runs the permutation test, and draws Figure 3 next to the network's metrics when they
+exist. This module writes the stage's files; every path comes from
+:class:`dfrn.workflows.results.ResultsFolder`.
 
 Outputs: ``baseline/roi_features.tsv``, ``baseline/predictions.tsv``,
 ``baseline/metrics.tsv``, ``baseline/permutation.tsv`` and ``figures/fig3_rr_vs_dfrn.png``.
@@ -19,31 +22,103 @@ from pathlib import Path
 import pandas as pd
 
 from dfrn.config import StudyConfig
-from dfrn.data.atlas import roi_mean_intensity, roi_volumes, write_roi_features
+from dfrn.data.atlas import Atlas, roi_mean_intensity, roi_volumes
 from dfrn.data.cohort import Cohort
 from dfrn.errors import DfrnInputError
-from dfrn.evaluation.folds import iter_splits
-from dfrn.evaluation.metrics import PREDICTION_COLUMNS, compute_metrics
-from dfrn.evaluation.permutation import permutation_test, write_permutation_table
-from dfrn.models.ridge import (
-    DEFAULT_ALPHAS,
-    RidgeBaseline,
-    cross_validate_baseline,
-    encode_covariates,
-    plot_fig3,
-    write_baseline_outputs,
-)
-from dfrn.plotting import format_table
+from dfrn.evaluation.metrics import PREDICTION_COLUMNS, compute_metrics, mean_r
+from dfrn.evaluation.permutation import permutation_test
+from dfrn.evaluation.ridge_cv import cross_validate_ridge
+from dfrn.io import atomic_write_tsv
+from dfrn.models.ridge import DEFAULT_ALPHAS, encode_covariates
+from dfrn.plotting import format_table, plot_fig3
 from dfrn.targets.providers import StaticTargets, TargetProvider
 from dfrn.workflows.attention import load_atlas_for
+from dfrn.workflows.results import ResultsFolder
 
-__all__ = ["run_baseline_stage"]
+__all__ = [
+    "run_baseline_stage",
+    "write_roi_features",
+    "write_baseline_outputs",
+    "write_permutation_table",
+]
+
+_FIG3 = "fig3_rr_vs_dfrn"  # Figure 3's name in figures/
 
 
-def _features(cohort: Cohort, cfg: StudyConfig, atlas, out: Path, log) -> pd.DataFrame:
-    path = out / "baseline" / "roi_features.tsv"
-    if path.is_file():
-        return pd.read_csv(path, sep="\t", dtype={"participant_id": str}).set_index(
+def write_roi_features(features: pd.DataFrame, out: str | Path) -> Path:
+    """Write the ROI feature table (``participant_id`` first, then regions), full precision.
+
+    Parameters
+    ----------
+    features : DataFrame
+        Indexed by ``participant_id`` (or holding it as a column), one column per region.
+    out : str or Path
+        The results folder.
+
+    Returns
+    -------
+    Path
+        ``baseline/roi_features.tsv``.
+    """
+    path = ResultsFolder(Path(out)).roi_features
+    table = (
+        features
+        if "participant_id" in features.columns
+        else features.rename_axis("participant_id").reset_index()
+    )
+    atomic_write_tsv(table, path, float_format=None)
+    return path
+
+
+def write_baseline_outputs(predictions: pd.DataFrame, out: str | Path) -> tuple[Path, Path]:
+    """Write the baseline's predictions and their metrics, full precision.
+
+    Parameters
+    ----------
+    predictions : DataFrame
+        Long predictions (:data:`dfrn.evaluation.metrics.PREDICTION_COLUMNS`).
+    out : str or Path
+        The results folder.
+
+    Returns
+    -------
+    tuple of Path
+        ``baseline/predictions.tsv`` and ``baseline/metrics.tsv``.
+    """
+    folder = ResultsFolder(Path(out))
+    pred_path, metrics_path = folder.baseline_predictions, folder.baseline_metrics
+    atomic_write_tsv(predictions[PREDICTION_COLUMNS], pred_path, float_format=None)
+    atomic_write_tsv(compute_metrics(predictions), metrics_path, float_format=None)
+    return pred_path, metrics_path
+
+
+def write_permutation_table(table: pd.DataFrame, out: str | Path) -> Path:
+    """Write the ridge permutation test's table, full precision.
+
+    Parameters
+    ----------
+    table : DataFrame
+        Output of :func:`dfrn.evaluation.permutation.permutation_test`.
+    out : str or Path
+        The results folder.
+
+    Returns
+    -------
+    Path
+        ``baseline/permutation.tsv``.
+    """
+    path = ResultsFolder(Path(out)).baseline_permutation
+    atomic_write_tsv(table, path, float_format=None)
+    return path
+
+
+def _features(
+    cohort: Cohort, cfg: StudyConfig, atlas: Atlas, folder: ResultsFolder,
+    log: Callable[[str], None],
+) -> pd.DataFrame:
+    """The ROI features: read back when already written, else computed and written."""
+    if folder.roi_features.is_file():
+        return pd.read_csv(folder.roi_features, sep="\t", dtype={"participant_id": str}).set_index(
             "participant_id"
         )
     gm = cohort.path_column(cfg.cohort.gm_column)
@@ -63,31 +138,22 @@ def _features(cohort: Cohort, cfg: StudyConfig, atlas, out: Path, log) -> pd.Dat
         feats = roi_mean_intensity(cohort.images, atlas, cohort.participant_ids)
     feats.index = feats.index.astype(str)
     feats.index.name = "participant_id"
-    write_roi_features(feats, out)
+    write_roi_features(feats, folder.root)
     return feats
 
 
-def _predict_with_provider(
-    feats: pd.DataFrame, provider: TargetProvider, plan: pd.DataFrame,
-    cov: pd.DataFrame | None, alphas,
-) -> pd.DataFrame:
-    """Ridge CV where targets are fitted per fold (``[factors] fit_on = "train"``)."""
-    rows = []
-    for r, f, train, test in iter_splits(plan):
-        y_train, y_test = provider(r, f, train, test)
-        for factor in y_train.columns:
-            ytr = y_train[factor].dropna()
-            yte = y_test[factor].dropna()
-            model = RidgeBaseline(alphas=alphas).fit(
-                feats.loc[ytr.index], ytr.to_numpy(),
-                covariates=None if cov is None else cov.loc[ytr.index],
-            )
-            pred = model.predict(feats.loc[yte.index], covariates=None if cov is None else cov.loc[yte.index])
-            rows.append(pd.DataFrame({
-                "participant_id": yte.index, "repeat": r, "fold": f, "factor": factor,
-                "y_true": yte.to_numpy(), "y_pred": pred,
-            }))
-    return pd.concat(rows, ignore_index=True)[PREDICTION_COLUMNS]
+def _covariates(cohort: Cohort, cfg: StudyConfig) -> pd.DataFrame | None:
+    """The encoded ``[cohort] covariates`` of the cohort, or None when there are none."""
+    names = list(cfg.cohort.covariates)
+    if not names:
+        return None
+    missing = [c for c in names if c not in cohort.table.columns]
+    if missing:
+        raise DfrnInputError(
+            f"covariate {missing[0]!r} of [cohort] covariates is not in the cohort table "
+            f"(available: {', '.join(map(str, cohort.table.columns))})"
+        )
+    return encode_covariates(cohort.table[names])
 
 
 def run_baseline_stage(
@@ -107,6 +173,33 @@ def run_baseline_stage(
 
     Called without ``cfg`` (``dfrn baseline RESULTS``), it takes the folder's lock and first
     checks that the input files are those the run was made with.
+
+    Parameters
+    ----------
+    out : str or Path
+        The results folder.
+    cfg : StudyConfig, optional
+        The study's config; None to read the folder's own (a later ``dfrn baseline``).
+    cohort : Cohort, optional
+        The loaded cohort (loaded from ``cfg`` when None).
+    targets : DataFrame, optional
+        The full-cohort targets; with ``provider``, from ``cfg`` when either is None.
+    provider : TargetProvider, optional
+        The per-split targets (a ``StaticTargets`` unless factors are fitted per fold).
+    plan : DataFrame, optional
+        The fold plan (read from the folder when None).
+    progress : bool, default True
+    log : callable, default print
+    atlas, atlas_labels : str, optional
+        Override ``[baseline] atlas`` and ``atlas_labels``.
+    n_permutations : int, optional
+        Override ``[baseline] n_permutations``.
+
+    Returns
+    -------
+    dict of str to DataFrame
+        ``predictions``, ``metrics``, ``summary`` (mean r per factor, ridge next to DFRN)
+        and, when run, ``permutation``; empty when there is no atlas.
     """
     if cfg is None:
         from dfrn.workflows.study import open_finished_study, results_lock
@@ -119,60 +212,43 @@ def run_baseline_stage(
             )
     from dfrn.workflows.study import load_study_cohort, study_targets
 
-    out = Path(out)
+    folder = ResultsFolder(Path(out))
     b = cfg.baseline
     cohort = cohort or load_study_cohort(cfg)
     if plan is None:
-        plan = pd.read_csv(out / "cv" / "folds.tsv", sep="\t", dtype={"participant_id": str})
+        plan = folder.read_folds()
     if targets is None or provider is None:
-        targets, provider = study_targets(cohort, cfg, plan, out, log)
+        targets, provider = study_targets(cohort, cfg, plan, folder.root, log)
     atlas_obj = load_atlas_for(atlas or b.atlas, atlas_labels or b.atlas_labels, log)
     if atlas_obj is None:
         log("baseline skipped: it needs an atlas (--atlas/--atlas-labels or [baseline] atlas)")
         return {}
-    feats = _features(cohort, cfg, atlas_obj, out, log)
+    feats = _features(cohort, cfg, atlas_obj, folder, log)
     alphas = tuple(b.alphas) if b.alphas else DEFAULT_ALPHAS
-    cov = None
-    if b.covariates:
-        missing = [c for c in b.covariates if c not in cohort.table.columns]
-        if missing:
-            raise DfrnInputError(
-                f"baseline covariate {missing[0]!r} is not in the cohort table "
-                f"(available: {', '.join(map(str, cohort.table.columns))})"
-            )
-        cov = encode_covariates(cohort.table[list(b.covariates)])
-        if cov.isna().any().any():
-            pid = cov.index[cov.isna().any(axis=1)][0]
-            raise DfrnInputError(f"participant {pid}: a baseline covariate is missing")
-    static = isinstance(provider, StaticTargets)
-    if static:
-        pred = cross_validate_baseline(feats, targets, plan, cov, alphas=alphas)
-    else:
-        pred = _predict_with_provider(feats, provider, plan, cov, alphas)
-    write_baseline_outputs(pred, out)
+    cov = _covariates(cohort, cfg)
+    pred = cross_validate_ridge(feats, provider, plan, cov, alphas=alphas)
+    write_baseline_outputs(pred, folder.root)
     metrics = compute_metrics(pred)
     results = {"predictions": pred, "metrics": metrics}
 
     n_perm = b.n_permutations if n_permutations is None else n_permutations
-    if n_perm > 0 and static:
+    if n_perm > 0 and isinstance(provider, StaticTargets):
         perm = permutation_test(
             feats, targets, plan, n_perm=n_perm, seed=cfg.cv.seed, covariates=cov,
             progress=progress, alphas=alphas,
         )
-        write_permutation_table(perm, out)
+        write_permutation_table(perm, folder.root)
         log(format_table(perm.round(4), f"Ridge baseline: permutation test ({n_perm} permutations)"))
         results["permutation"] = perm
     elif n_perm > 0:
         log("note: the permutation test needs targets fixed before CV; skipped with fit_on = 'train'")
 
-    dfrn_metrics = None
-    if (out / "cv" / "metrics.tsv").is_file():
-        dfrn_metrics = pd.read_csv(out / "cv" / "metrics.tsv", sep="\t")
-    plot_fig3(metrics, dfrn_metrics, out / "figures" / "fig3_rr_vs_dfrn.png")
-    summary = metrics.groupby("factor", sort=False)["pearson_r"].mean().rename("ridge_r").to_frame()
+    dfrn_metrics = folder.read_metrics() if folder.metrics.is_file() else None
+    plot_fig3(metrics, dfrn_metrics, folder.figure(_FIG3))
+    summary = mean_r(metrics)["mean_r"].rename("ridge_r").to_frame()
     if dfrn_metrics is not None:
-        summary["dfrn_r"] = dfrn_metrics.groupby("factor", sort=False)["pearson_r"].mean()
+        dfrn_metrics = dfrn_metrics.assign(factor=dfrn_metrics["factor"].astype(str))
+        summary["dfrn_r"] = mean_r(dfrn_metrics)["mean_r"]
     log(format_table(summary.reset_index().round(3), "Mean Pearson r over repeats: ridge vs DFRN"))
     results["summary"] = summary
     return results
-

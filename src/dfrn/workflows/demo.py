@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dfrn.config import StudyConfig, config_from_dict
 from dfrn.data.synth import FACTORS, make_demo_atlases, make_synthetic_cohort
-from dfrn.workflows.results import read_run_info
+from dfrn.workflows.results import ResultsFolder, read_run_info
 from dfrn.workflows.run import StudyResult, run_study
 
 __all__ = ["DemoSettings", "QUICK", "FULL", "run_demo", "demo_config"]
@@ -81,7 +81,6 @@ def demo_config(synth_dir: Path, s: DemoSettings, seed: int = 0) -> StudyConfig:
             "table": str(synth_dir / "participants.tsv"),
             "image_column": "t1",
             "targets": list(FACTORS),
-            "covariates": ["age", "sex"],
             "gm_column": "gm",
             "mask": str(synth_dir / "brain_mask.nii.gz"),
             "downsample": s.downsample,
@@ -114,7 +113,7 @@ def run_demo(
     """Generate the planted cohort into ``out/synth`` and run the pipeline into ``out``."""
     s = settings or (FULL if full else QUICK)
     out = Path(out)
-    synth_dir = out / "synth"
+    synth_dir = ResultsFolder(out).synth
     t0 = time.perf_counter()
     if full:
         log(f"dfrn demo --full: the paper's protocol ({PAPER}); use a GPU.")

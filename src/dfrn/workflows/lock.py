@@ -8,7 +8,7 @@ the process holding it.
 
 How it works
 ------------
-The lock is the file ``<folder>/.dfrn.workflows.lock`` locked with ``flock(LOCK_EX | LOCK_NB)``.
+The lock is the file ``<folder>/.dfrn.lock`` locked with ``flock(LOCK_EX | LOCK_NB)``.
 
 * A ``flock`` lock belongs to the *open file description*, not to the path or the
   process: a second :func:`os.open` of the same file, even in the same process, is
@@ -50,7 +50,7 @@ from dfrn.errors import DfrnError
 
 __all__ = ["LOCK_NAME", "ResultsFolderLocked", "ResultsLock", "lock_results"]
 
-LOCK_NAME = ".dfrn.workflows.lock"
+LOCK_NAME = ".dfrn.lock"
 
 _BUSY = {errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES}
 _MAX_TRIES = 50
@@ -77,7 +77,7 @@ class ResultsLock:
     Attributes
     ----------
     path : Path
-        The lock file, ``<folder>/.dfrn.workflows.lock``.
+        The lock file, ``<folder>/.dfrn.lock``.
     holder : dict or None
         When :meth:`acquire` was refused: what the lock file said about the process
         holding the lock (may be ``None`` or partial if the file could not be read).

@@ -1,4 +1,4 @@
-"""Permutation test of the network (``dfrn run --permutations N``).
+"""The network's permutation test in a study (``dfrn run --permutations N``) and its files.
 
 Each permutation shuffles the targets across subjects (one shuffle shared by all factors)
 and re-runs the network's whole cross-validation on the *first repeat* of the fold plan,
@@ -7,8 +7,9 @@ the pooled out-of-fold Pearson r of that repeat; p = (1 + #{r_perm ≥ r}) / (1 
 
 Cost: N × n_folds × n_factors trainings — with the paper's 10 folds and 5 factors, 50
 trainings per permutation, i.e. N = 100 permutations cost 10× the main 5 × 10-fold run.
-Every permutation's tasks are written under ``permutations/perm-XXXX/`` and a re-run
-resumes where it stopped. The table goes to ``cv/permutation.tsv``.
+Permutation ``k``'s tasks are written under ``permutations/perm-kkkk/``
+(:meth:`dfrn.workflows.results.ResultsFolder.permutation_cv`) and a re-run resumes where
+it stopped. The table goes to ``cv/permutation.tsv``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dfrn.evaluation.tasks import plan_tasks, run_cv
 from dfrn.io import atomic_write_tsv
 from dfrn.plotting import format_table
 from dfrn.targets.providers import StaticTargets
+from dfrn.workflows.results import ResultsFolder
 
 __all__ = ["network_permutation_test"]
 
@@ -37,7 +39,32 @@ def network_permutation_test(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> pd.DataFrame:
-    """Run ``n_perm`` permutations of the network CV (first repeat) and write the table."""
+    """Run ``n_perm`` permutations of the network CV (first repeat) and write the table.
+
+    Parameters
+    ----------
+    out : Path
+        The results folder.
+    cfg : StudyConfig
+        The study's config.
+    result : StudyResult
+        The finished main run (its plan, targets, predictions and ``extra`` volumes and
+        provider).
+    n_perm : int
+        Number of permutations.
+    progress : bool, default True
+    log : callable, default print
+
+    Returns
+    -------
+    DataFrame
+        The table of :func:`dfrn.evaluation.permutation.permutation_test_generic`.
+
+    Raises
+    ------
+    DfrnInputError
+        When the targets are fitted per fold (``[factors] fit_on = "train"``).
+    """
     from dfrn.workflows.study import make_estimator_factory
 
     if not isinstance(result.extra["provider"], StaticTargets):
@@ -54,13 +81,14 @@ def network_permutation_test(
         f"network permutation test: {n_perm} permutations × {len(tasks)} trainings "
         f"(first repeat, {plan['fold'].nunique()} folds × {len(factors)} factors)"
     )
-    counter = iter(range(n_perm))
+    folder = ResultsFolder(Path(out))
 
-    def cv_predict(targets: pd.DataFrame) -> pd.DataFrame:
-        k = next(counter)
+    def cv_predict(index: int | None, targets: pd.DataFrame) -> pd.DataFrame:
+        if index is None:  # the observed predictions are passed below: never asked for
+            raise RuntimeError("the network's unpermuted CV is the main run's")
         return run_cv(
             tasks, volumes, volumes.index_of, StaticTargets(targets), make,
-            cfg.training.seed, out / "permutations" / f"perm-{k:04d}", progress=False,
+            cfg.training.seed, folder.permutation_cv(index), progress=False,
             log=log, expected=targets,
         )
 
@@ -68,6 +96,6 @@ def network_permutation_test(
     table = permutation_test_generic(
         cv_predict, result.targets, n_perm, seed=cfg.cv.seed, observed=observed, progress=progress
     )
-    atomic_write_tsv(table, out / "cv" / "permutation.tsv")
+    atomic_write_tsv(table, folder.network_permutation)
     log(format_table(table.round(4), f"DFRN permutation test ({n_perm} permutations)"))
     return table

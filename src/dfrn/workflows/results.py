@@ -86,7 +86,7 @@ def environment() -> dict[str, Any]:
 
 
 def read_run_info(out: Path) -> dict[str, Any] | None:
-    p = Path(out) / "run.json"
+    p = ResultsFolder(Path(out)).run_json
     if not p.is_file():
         return None
     try:
@@ -116,7 +116,7 @@ class InputFile:
 
 #: Entries of a results folder that may exist before its run.json: the volume cache (content
 #: keyed, so safe to reuse), the lock and error logs.
-SCRATCH = ("cache", ".dfrn.workflows.lock", "logs")
+SCRATCH = ("cache", ".dfrn.lock", "logs")
 
 
 def _changed_inputs(recorded: dict[str, str], inputs: dict[str, InputFile]) -> list[str]:
@@ -209,14 +209,14 @@ def write_run_identity(out: str | Path, cfg: StudyConfig, inputs: dict[str, Inpu
     Call this only after every input check has passed, so a refused run leaves no identity
     behind. ``run.json`` is written last: its presence marks the folder as a run.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.toml", cfg.to_toml())
-    atomic_write_json(out / "environment.json", environment())
+    folder = ResultsFolder(Path(out))
+    folder.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder.config_toml, cfg.to_toml())
+    atomic_write_json(folder.environment_json, environment())
     digests = {k: v.digest for k, v in sorted(inputs.items())}
     blob = json.dumps(digests, sort_keys=True).encode()
     atomic_write_json(
-        out / "run.json",
+        folder.run_json,
         {
             "fingerprint": cfg.fingerprint(),
             "inputs": digests,
@@ -230,7 +230,8 @@ def write_run_identity(out: str | Path, cfg: StudyConfig, inputs: dict[str, Inpu
 def record_resume(out: str | Path) -> None:
     """Keep the first environment; record the resuming one beside it."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    atomic_write_json(Path(out) / f"environment-resume-{stamp}.json", environment())
+    root = ResultsFolder(Path(out)).root
+    atomic_write_json(root / f"environment-resume-{stamp}.json", environment())
 
 
 def _version(name: str) -> str | None:
@@ -266,6 +267,15 @@ class ResultsFolder:
     @property
     def config_toml(self) -> Path:
         return self.root / "config.toml"
+
+    @property
+    def environment_json(self) -> Path:
+        return self.root / "environment.json"
+
+    @property
+    def synth(self) -> Path:
+        """The demo's synthetic cohort."""
+        return self.root / "synth"
 
     @property
     def cache(self) -> Path:
@@ -337,6 +347,18 @@ class ResultsFolder:
         """``attention/``, or ``attention/method-<m>/`` for a method other than the config's."""
         base = self.root / "attention"
         return base if method is None else base / f"method-{method}"
+
+    def fam(self, factor: str, method: str | None = None, absolute: bool = False) -> Path:
+        """A factor attention map: ``attention[/method-<m>]/<factor>_fam[_abs].nii.gz``."""
+        return self.attention(method) / f"{factor}_fam{'_abs' if absolute else ''}.nii.gz"
+
+    def attention_table(self, name: str, method: str | None = None) -> Path:
+        """``regions``, ``localisation`` or ``sanity`` table of the attention stage."""
+        return self.attention(method) / f"{name}.tsv"
+
+    def task_dir(self, task_name: str) -> Path:
+        """The folder of one finished CV task."""
+        return self.tasks / task_name
 
     def figure(self, name: str) -> Path:
         """``figures/<name>.png``."""

@@ -34,6 +34,7 @@ from dfrn.io import atomic_write_tsv
 from dfrn.models.regressor import resolve_device
 from dfrn.plotting import format_table, plot_fig2
 from dfrn.workflows.results import (
+    ResultsFolder,
     check_results_dir,
     record_resume,
     write_run_identity,
@@ -89,11 +90,12 @@ def run_cv_stage(
         record_resume(out)
     else:
         write_run_identity(out, cfg, inputs)
-    if not (out / "cv" / "folds.tsv").is_file():
-        atomic_write_tsv(plan, out / "cv" / "folds.tsv")
+    folder = ResultsFolder(out)
+    if not folder.folds.is_file():
+        atomic_write_tsv(plan, folder.folds)
     if cfg.factors is not None:
-        from dfrn.targets.factors import write_factor_outputs
         from dfrn.targets.providers import fit_factor_model
+        from dfrn.workflows.factors import write_factor_outputs
 
         write_factor_outputs(*fit_factor_model(cohort, cfg.factors), out)
     log(
@@ -109,17 +111,17 @@ def run_cv_stage(
         provider,
         make_estimator_factory(cfg, progress),
         cfg.training.seed,
-        out / "cv",
+        folder.cv,
         progress=progress,
         log=log,
         expected=targets,
     )
     metrics = compute_metrics(predictions)
     t1 = table1(metrics)
-    atomic_write_tsv(predictions, out / "cv" / "predictions.tsv")
-    atomic_write_tsv(metrics, out / "cv" / "metrics.tsv")
-    atomic_write_tsv(t1, out / "cv" / "table1.tsv")
-    plot_fig2(predictions, metrics, out / "figures" / "fig2_scatter.png")
+    atomic_write_tsv(predictions, folder.predictions)
+    atomic_write_tsv(metrics, folder.metrics)
+    atomic_write_tsv(t1, folder.table1)
+    plot_fig2(predictions, metrics, folder.figure("fig2_scatter"))
     log(format_table(t1, "Table 1 — Pearson r (p) of out-of-fold predictions, per repeat"))
     result = StudyResult(out, resumed, cohort, targets, plan, predictions, metrics, t1)
     result.extra.update(volumes=volumes, provider=provider, inputs=inputs)

@@ -19,13 +19,14 @@ from dfrn.config import StudyConfig
 from dfrn.data.cohort import Cohort, load_bids_cohort, load_cohort_table
 from dfrn.data.images import VolumeCache, VolumeSet
 from dfrn.errors import DfrnInputError
-from dfrn.evaluation.folds import iter_splits, make_fold_plan, validate_fold_plan
+from dfrn.evaluation.folds import iter_splits, make_fold_plan
 from dfrn.io import file_digest
 from dfrn.models.regressor import DFRNRegressor
 from dfrn.targets.providers import StaticTargets, TargetProvider
 from dfrn.workflows.lock import ResultsLock
 from dfrn.workflows.results import (
     InputFile,
+    ResultsFolder,
     read_run_info,
     verify_inputs,
 )
@@ -98,11 +99,9 @@ def collect_inputs(cfg: StudyConfig, cohort: Cohort, progress: bool = False) -> 
 
 def fold_plan_for(cohort: Cohort, cfg: StudyConfig, out: Path) -> pd.DataFrame:
     """The saved fold plan (validated) on resume, else a new one (not yet written)."""
-    path = out / "cv" / "folds.tsv"
-    if path.is_file() and read_run_info(out) is not None:
-        plan = pd.read_csv(path, sep="\t", dtype={"participant_id": str})
-        validate_fold_plan(plan, cohort.participant_ids)
-        return plan
+    folder = ResultsFolder(out)
+    if folder.folds.is_file() and read_run_info(out) is not None:
+        return folder.read_folds(cohort.participant_ids)
     return make_fold_plan(cohort.participant_ids, cfg.cv.n_folds, cfg.cv.n_repeats, cfg.cv.seed)
 
 
@@ -115,7 +114,7 @@ def prepare_volumes(
     log: Callable[[str], None] = print,
 ) -> VolumeSet:
     """Normalised, downsampled, cached network inputs (refuses constant inputs)."""
-    cache = VolumeCache(Path(cfg.cohort.cache_dir) if cfg.cohort.cache_dir else out / "cache")
+    cache = VolumeCache(Path(cfg.cohort.cache_dir) if cfg.cohort.cache_dir else ResultsFolder(out).cache)
     mask = Path(cfg.cohort.mask) if cfg.cohort.mask else None
     digests = None
     if inputs is not None:
@@ -143,9 +142,13 @@ def study_targets(
     if cfg.factors is None:
         targets = cohort.targets
         return targets, StaticTargets(targets)
-    from dfrn.targets.providers import factor_targets
+    from dfrn.targets.providers import factor_targets, fit_factor_model
+    from dfrn.workflows.factors import write_factor_outputs
 
-    return factor_targets(cohort, cfg.factors, plan, out, log)
+    targets, provider = factor_targets(cohort, cfg.factors, plan, log)
+    if out is not None:
+        write_factor_outputs(*fit_factor_model(cohort, cfg.factors), out)
+    return targets, provider
 
 
 def check_targets(targets: pd.DataFrame, plan: pd.DataFrame, n_folds: int) -> None:
@@ -261,17 +264,16 @@ def open_finished_study(out: str | Path, progress: bool = False) -> FinishedStud
     from dfrn.config import load_config
 
     out = Path(out)
-    if read_run_info(out) is None or not (out / "config.toml").is_file():
+    folder = ResultsFolder(out)
+    if read_run_info(out) is None or not folder.config_toml.is_file():
         raise DfrnInputError(f"{out} is not a results folder of 'dfrn run' (no run.json)")
-    plan_path = out / "cv" / "folds.tsv"
-    if not plan_path.is_file():
+    if not folder.folds.is_file():
         raise DfrnInputError(f"{out} has no cv/folds.tsv; rerun 'dfrn run' to finish the run")
-    cfg = load_config(out / "config.toml")
+    cfg = load_config(folder.config_toml)
     cohort = load_study_cohort(cfg)
     inputs = collect_inputs(cfg, cohort, progress)
     verify_inputs(out, inputs)
-    plan = pd.read_csv(plan_path, sep="\t", dtype={"participant_id": str})
-    validate_fold_plan(plan, cohort.participant_ids)
+    plan = folder.read_folds(cohort.participant_ids)
     return FinishedStudy(out, cfg, cohort, plan, inputs)
 
 

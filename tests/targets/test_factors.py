@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import data_dir
 from scipy.optimize import linear_sum_assignment
 from sklearn.base import clone
 from sklearn.model_selection import KFold
@@ -22,12 +22,10 @@ from dfrn.targets.factors import (
     fold_factor_scores,
     read_items_table,
     varimax,
-    write_factor_outputs,
 )
+from dfrn.workflows.factors import write_factor_outputs
 
-DATA = Path(
-    os.environ.get("DFRN_TEST_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
-)
+DATA = data_dir()
 EHD = DATA / "items" / "ehd20.tsv"
 BDI = DATA / "items" / "bdi13_wsc.tsv"
 needs_ehd = pytest.mark.skipif(not EHD.is_file(), reason=f"{EHD} not found")

@@ -1,8 +1,7 @@
-"""ROI features: atlas loading, grid handling and parity with nilearn's labels masker."""
+"""Atlases and region tables: loading, grid handling and parity with nilearn's labels masker."""
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
@@ -10,22 +9,21 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import data_dir
 from nilearn.maskers import NiftiLabelsMasker
 
 from dfrn.data.atlas import (
     Atlas,
     fetch_aal3_atlas,
     load_atlas,
+    region_table,
     roi_mean_intensity,
     roi_volumes,
     synthetic_parcellation,
-    write_roi_features,
 )
 from dfrn.errors import DfrnInputError
 
-DATA = Path(
-    os.environ.get("DFRN_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-)
+DATA = data_dir()
 AAL_IMG = DATA / "atlas" / "tpl-MNI152NLin6Asym_res-01_atlas-AAL3v1_dseg.nii.gz"
 AAL_TSV = DATA / "atlas" / "tpl-MNI152NLin6Asym_res-01_atlas-AAL3v1_dseg.tsv"
 TEMPLATE = DATA / "mni152" / "tpl-MNI152NLin6Asym_res-01_T1w.nii.gz"
@@ -173,16 +171,6 @@ def test_synthetic_parcellation_covers_mask(tmp_path: Path) -> None:
         synthetic_parcellation(mask_img, 0)
 
 
-def test_write_roi_features(tmp_path: Path) -> None:
-    df = pd.DataFrame(
-        {"a": [1.5, 2.0], "b": [0.25, 3.0]}, index=pd.Index(["s1", "s2"], name="participant_id")
-    )
-    path = write_roi_features(df, tmp_path)
-    assert path == tmp_path / "baseline" / "roi_features.tsv"
-    back = pd.read_csv(path, sep="\t", index_col="participant_id")
-    pd.testing.assert_frame_equal(back, df)
-
-
 def test_fetch_aal3_failure_is_input_error(monkeypatch: pytest.MonkeyPatch) -> None:
     import nilearn.datasets
 
@@ -192,3 +180,57 @@ def test_fetch_aal3_failure_is_input_error(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(nilearn.datasets, "fetch_atlas_aal", offline)
     with pytest.raises(DfrnInputError, match="--atlas"):
         fetch_aal3_atlas()
+
+
+def test_region_table_statistics_and_nonfinite_voxels(tmp_path: Path) -> None:
+    atlas = _small_atlas(tmp_path, zoom=2.0)
+    rng = np.random.default_rng(4)
+    data = rng.random((32, 32, 32))
+    data[3, 3, 3] = np.nan  # region 1
+    data[3, 3, 4] = np.inf  # region 1
+    img = nib.Nifti1Image(data, atlas.img.affine)
+    lab = atlas.label_data()
+    total = region_table(img, atlas, "sum")
+    assert list(total.columns) == ["region", "label", "sum", "n_voxels"]
+    assert total["region"].tolist() == atlas.names
+    assert total["label"].tolist() == atlas.indices.tolist()
+    zeroed = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
+    for _, row in total.iterrows():
+        inside = lab == row["label"]
+        assert row["sum"] == pytest.approx(zeroed[inside].sum(), rel=1e-12)
+        assert row["n_voxels"] == inside.sum()
+    volume = region_table(img, atlas, "volume")
+    np.testing.assert_allclose(volume["volume"], total["sum"] * 8.0 / 1000, rtol=1e-12)
+    mean = region_table(img, atlas, "mean")
+    np.testing.assert_allclose(mean["mean"], total["sum"] / total["n_voxels"], rtol=1e-12)
+    # "ignore" leaves the two non-finite voxels out of the sum and the count
+    ignored = region_table(img, atlas, "mean", nonfinite="ignore")
+    inside = (lab == 1) & np.isfinite(data)
+    assert ignored["n_voxels"][0] == total["n_voxels"][0] - 2 == inside.sum()
+    assert ignored["mean"][0] == pytest.approx(data[inside].mean(), rel=1e-12)
+    np.testing.assert_array_equal(ignored["mean"][1:], mean["mean"][1:])
+    # the same numbers as the subject tables
+    path = tmp_path / "img.nii.gz"
+    nib.save(img, path)
+    np.testing.assert_array_equal(roi_volumes([path], atlas, ["s"]).to_numpy()[0], volume["volume"])
+    with pytest.raises(DfrnInputError, match="unknown region statistic"):
+        region_table(img, atlas, "median")
+    with pytest.raises(DfrnInputError, match="nonfinite"):
+        region_table(img, atlas, "sum", nonfinite="drop")
+
+
+def test_unreadable_or_non_3d_images_are_one_line_errors(tmp_path: Path) -> None:
+    atlas = _small_atlas(tmp_path)
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_text("not an image")
+    with pytest.raises(DfrnInputError, match=r"atlas image: .*bad.nii.gz is not a readable") as e:
+        load_atlas(bad, tmp_path / "atlas.tsv")
+    assert "\n" not in str(e.value)
+    four_d = tmp_path / "four.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((32, 32, 32, 2), np.float32), atlas.img.affine), four_d)
+    with pytest.raises(DfrnInputError, match=r"four.nii.gz has shape \(32, 32, 32, 2\); a 3D"):
+        roi_volumes([four_d], atlas, ["s"])
+    with pytest.raises(DfrnInputError, match=r"image of subject s: image file not found"):
+        roi_volumes([tmp_path / "gone.nii.gz"], atlas, ["s"])
+    with pytest.raises(DfrnInputError, match="not a nibabel image or a path"):
+        roi_volumes([np.ones((32, 32, 32))], atlas, ["s"])

@@ -1,0 +1,398 @@
+"""Cross-validation of the ridge baseline on the study's fold plan: the one ridge CV loop.
+
+:func:`cross_validate_ridge` fits one :class:`dfrn.models.ridge.RidgeBaseline` per
+(repeat, fold, factor) on the training subjects of the network's fold plan and predicts
+the test subjects. Targets come either fixed before cross-validation (a DataFrame, or a
+:class:`dfrn.targets.providers.StaticTargets`) or from any
+:class:`dfrn.targets.providers.TargetProvider`, which is asked for each split's training
+and test targets (e.g. factors refitted on the training fold); a fixed table is simply a
+provider whose answer does not depend on the fold. A subject whose target is missing
+(NaN) is left out of that factor's training and test sets; other factors keep it.
+
+The helpers below (:func:`align_ridge_inputs`, :func:`align_targets`, :func:`split_rows`,
+:func:`prepare_split_engine`) are shared with the fast ridge permutation test of
+:mod:`dfrn.evaluation.permutation`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Literal, overload
+
+import numpy as np
+import pandas as pd
+from threadpoolctl import threadpool_limits
+
+from dfrn.errors import DfrnInputError
+from dfrn.evaluation.folds import iter_splits
+from dfrn.evaluation.metrics import PREDICTION_COLUMNS
+from dfrn.models.ridge import (
+    DEFAULT_ALPHAS,
+    MultiTargetRidgeCV,
+    RidgeBaseline,
+    apply_preprocess,
+    encode_covariates,
+    fit_preprocess,
+    index_by_participant,
+)
+from dfrn.targets.providers import StaticTargets, TargetProvider
+
+__all__ = [
+    "RidgeInputs",
+    "align_ridge_inputs",
+    "align_targets",
+    "split_rows",
+    "prepare_split_engine",
+    "cross_validate_ridge",
+]
+
+ModelKey = tuple[int, int, str]
+
+
+@dataclass(frozen=True)
+class RidgeInputs:
+    """The plan's subjects with their features and covariates as arrays.
+
+    Attributes
+    ----------
+    ids : list of str
+        The fold plan's subjects, in order of first appearance.
+    x : ndarray of shape (n, p)
+        ROI features, finite.
+    covariates : ndarray of shape (n, q) or None
+        Encoded covariates (see :func:`dfrn.models.ridge.encode_covariates`).
+    """
+
+    ids: list[str]
+    x: np.ndarray
+    covariates: np.ndarray | None
+
+    @cached_property
+    def _positions(self) -> dict[str, int]:
+        return {p: i for i, p in enumerate(self.ids)}
+
+    def rows(self, labels: Sequence[str]) -> np.ndarray:
+        """Row positions of participant ``labels`` (strings) in :attr:`ids`."""
+        pos = self._positions
+        missing = [p for p in labels if p not in pos]
+        if missing:
+            raise DfrnInputError(f"subject {missing[0]} is not in the fold plan")
+        return np.array([pos[p] for p in labels], dtype=int)
+
+
+def _first_bad(df: pd.DataFrame, bad: np.ndarray) -> tuple[str, str]:
+    i, j = np.argwhere(bad)[0]
+    return str(df.index[i]), str(df.columns[j])
+
+
+def _plan_ids(plan: pd.DataFrame) -> list[str]:
+    return [str(p) for p in dict.fromkeys(plan["participant_id"].astype(str))]
+
+
+def _require(ids: list[str], table: pd.DataFrame, what: str) -> None:
+    missing = [p for p in ids if p not in table.index]
+    if missing:
+        raise DfrnInputError(
+            f"subject {missing[0]} of the fold plan has no {what} "
+            f"({len(missing)} subject(s) missing)"
+        )
+
+
+def _float_targets(targs: pd.DataFrame, what: str) -> pd.DataFrame:
+    """Numeric target columns as floats; NaN allowed (missing), infinity refused."""
+    non_numeric = [c for c in targs.columns if not pd.api.types.is_numeric_dtype(targs[c])]
+    if non_numeric:
+        raise DfrnInputError(f"{what} column '{non_numeric[0]}' is not numeric")
+    targs = targs.astype(float)
+    if np.isinf(targs.to_numpy()).any():
+        pid, col = _first_bad(targs, np.isinf(targs.to_numpy()))
+        raise DfrnInputError(f"target '{col}' is infinite for subject {pid}")
+    return targs
+
+
+def align_ridge_inputs(
+    features: pd.DataFrame,
+    plan: pd.DataFrame,
+    covariates: pd.DataFrame | None = None,
+) -> RidgeInputs:
+    """Features and covariates of the plan's subjects, checked and in plan order.
+
+    Parameters
+    ----------
+    features : DataFrame
+        ROI features, indexed by ``participant_id`` (or holding it as a column).
+    plan : DataFrame
+        The fold plan (``participant_id``, ``repeat``, ``fold``).
+    covariates : DataFrame, optional
+        Raw covariates; encoded with :func:`dfrn.models.ridge.encode_covariates`.
+
+    Returns
+    -------
+    RidgeInputs
+
+    Raises
+    ------
+    DfrnInputError
+        When a plan subject lacks features or covariates, or a feature is non-numeric,
+        missing or infinite (naming the column and subject).
+    """
+    ids = _plan_ids(plan)
+    feats = index_by_participant(features, "ROI feature table")
+    _require(ids, feats, "ROI features")
+    cov = None
+    if covariates is not None:
+        cov = encode_covariates(covariates)
+        _require(ids, cov, "covariates")
+    feats = feats.loc[ids]
+    non_numeric = [c for c in feats.columns if not pd.api.types.is_numeric_dtype(feats[c])]
+    if non_numeric:
+        raise DfrnInputError(f"ROI feature column '{non_numeric[0]}' is not numeric")
+    x = feats.to_numpy(dtype=float)
+    if not np.all(np.isfinite(x)):
+        pid, col = _first_bad(feats, ~np.isfinite(x))
+        raise DfrnInputError(f"ROI feature '{col}' is missing or infinite for subject {pid}")
+    c = None if cov is None else cov.loc[ids].to_numpy(dtype=float)
+    return RidgeInputs(ids, x, c)
+
+
+def align_targets(targets: pd.DataFrame, ids: list[str]) -> pd.DataFrame:
+    """Targets of subjects ``ids`` (in that order) as floats; NaN marks a missing value.
+
+    Parameters
+    ----------
+    targets : DataFrame
+        One column per factor, indexed by ``participant_id`` (or holding it as a column).
+    ids : list of str
+        The subjects, e.g. :attr:`RidgeInputs.ids`.
+
+    Returns
+    -------
+    DataFrame
+
+    Raises
+    ------
+    DfrnInputError
+        When a subject has no row, a column is not numeric or a value is infinite.
+    """
+    targs = index_by_participant(targets, "targets table")
+    _require(ids, targs, "targets")
+    return _float_targets(targs.loc[ids], "target")
+
+
+def split_rows(
+    ids: list[str], train: Sequence[str], test: Sequence[str], observed: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row positions of one split's training and test subjects that have a target value.
+
+    Parameters
+    ----------
+    ids : list of str
+        All subjects (row order of ``observed``).
+    train, test : sequence of str
+        The split's subjects.
+    observed : ndarray of bool, shape (len(ids),)
+        Whether each subject has a value.
+
+    Returns
+    -------
+    tr, te : ndarray of int
+        In the order of ``train`` and ``test``.
+    """
+    pos = {p: i for i, p in enumerate(ids)}
+    tr = np.array([pos[str(p)] for p in train], dtype=int)
+    te = np.array([pos[str(p)] for p in test], dtype=int)
+    return tr[observed[tr]], te[observed[te]]
+
+
+def prepare_split_engine(
+    inputs: RidgeInputs,
+    tr: np.ndarray,
+    te: np.ndarray,
+    alphas: Sequence[float],
+    inner_cv: int,
+) -> MultiTargetRidgeCV:
+    """The target-independent part of :class:`RidgeBaseline` for one split, with test rows.
+
+    Covariate regression and scaling are fitted on rows ``tr`` and applied to ``tr`` and
+    ``te``; the returned engine then solves any number of target columns on ``tr`` and
+    predicts ``te`` (the same numbers as fitting ``RidgeBaseline`` per column).
+
+    Parameters
+    ----------
+    inputs : RidgeInputs
+    tr, te : ndarray of int
+        Training and test rows.
+    alphas : sequence of float
+    inner_cv : int
+
+    Returns
+    -------
+    MultiTargetRidgeCV
+    """
+    x, c = inputs.x, inputs.covariates
+    c_tr = None if c is None else c[tr]
+    c_te = None if c is None else c[te]
+    b0, b, scaler = fit_preprocess(x[tr], c_tr)
+    z_train = apply_preprocess(x[tr], c_tr, b0, b, scaler)
+    z_test = apply_preprocess(x[te], c_te, b0, b, scaler)
+    return MultiTargetRidgeCV(z_train, z_test, alphas, inner_cv)
+
+
+def _fold_targets(
+    table: pd.DataFrame, allowed: set[str], part: str, repeat: int, fold: int
+) -> pd.DataFrame:
+    """A provider's answer for one split, checked: its subjects belong to that part."""
+    table = table.copy()
+    table.index = table.index.astype(str)
+    table = _float_targets(table, "target")
+    outside = [p for p in table.index if p not in allowed]
+    if outside:
+        raise DfrnInputError(
+            f"the target provider gave {part} targets for subject {outside[0]}, who is not a "
+            f"{part} subject of repeat {repeat} fold {fold}"
+        )
+    return table
+
+
+@overload
+def cross_validate_ridge(
+    features: pd.DataFrame,
+    targets: pd.DataFrame | TargetProvider,
+    plan: pd.DataFrame,
+    covariates: pd.DataFrame | None = ...,
+    *,
+    alphas: Sequence[float] = ...,
+    inner_cv: int = ...,
+    return_models: Literal[False] = ...,
+) -> pd.DataFrame: ...
+
+
+@overload
+def cross_validate_ridge(
+    features: pd.DataFrame,
+    targets: pd.DataFrame | TargetProvider,
+    plan: pd.DataFrame,
+    covariates: pd.DataFrame | None = ...,
+    *,
+    alphas: Sequence[float] = ...,
+    inner_cv: int = ...,
+    return_models: Literal[True],
+) -> tuple[pd.DataFrame, dict[ModelKey, RidgeBaseline]]: ...
+
+
+def cross_validate_ridge(
+    features: pd.DataFrame,
+    targets: pd.DataFrame | TargetProvider,
+    plan: pd.DataFrame,
+    covariates: pd.DataFrame | None = None,
+    *,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    inner_cv: int = 5,
+    return_models: bool = False,
+) -> pd.DataFrame | tuple[pd.DataFrame, dict[ModelKey, RidgeBaseline]]:
+    """Out-of-fold ridge predictions for every factor on the fold plan.
+
+    Parameters
+    ----------
+    features : DataFrame
+        ROI features, indexed by ``participant_id`` (or holding it as a column).
+    targets : DataFrame or TargetProvider
+        Either the targets fixed before cross-validation (one column per factor, NaN for a
+        missing value; a :class:`dfrn.targets.providers.StaticTargets` is unwrapped to its
+        table), or a provider called as ``targets(repeat, fold, train_ids, test_ids)`` that
+        returns that split's training and test targets (indexed by ``participant_id``).
+    plan : DataFrame
+        The fold plan (``participant_id``, ``repeat``, ``fold``).
+    covariates : DataFrame, optional
+        Raw covariates of the plan's subjects, encoded with
+        :func:`dfrn.models.ridge.encode_covariates` and regressed out of the features inside
+        each training fold.
+    alphas : sequence of float, default DEFAULT_ALPHAS
+        Candidate penalties.
+    inner_cv : int, default 5
+        Inner folds for choosing the penalty.
+    return_models : bool, default False
+        Also return the fitted models, keyed by ``(repeat, fold, factor)``.
+
+    Returns
+    -------
+    DataFrame or (DataFrame, dict)
+        The predictions, with :data:`dfrn.evaluation.metrics.PREDICTION_COLUMNS`: one row
+        per (repeat, test subject with a value, factor), in (repeat, fold, factor) order;
+        and, with ``return_models``, the models. Deterministic. BLAS runs single-threaded
+        inside (the matrices are small; threads only add overhead on a busy machine).
+
+    Raises
+    ------
+    DfrnInputError
+        For a subject lacking features, targets or covariates, a non-numeric, missing or
+        infinite value, a provider answering with subjects outside the split, or a split
+        with fewer training subjects than ``inner_cv`` for a factor.
+    """
+    inputs = align_ridge_inputs(features, plan, covariates)
+    if isinstance(targets, StaticTargets):
+        targets = targets.targets
+    if isinstance(targets, pd.DataFrame):
+        provider: TargetProvider = StaticTargets(align_targets(targets, inputs.ids))
+    else:
+        provider = targets
+    with threadpool_limits(limits=1, user_api="blas"):  # small matrices: threads only cost
+        return _cross_validate(inputs, provider, plan, alphas, inner_cv, return_models)
+
+
+def _cross_validate(
+    inputs: RidgeInputs,
+    provider: TargetProvider,
+    plan: pd.DataFrame,
+    alphas: Sequence[float],
+    inner_cv: int,
+    return_models: bool,
+) -> pd.DataFrame | tuple[pd.DataFrame, dict[ModelKey, RidgeBaseline]]:
+    x, c = inputs.x, inputs.covariates
+    frames: list[pd.DataFrame] = []
+    models: dict[ModelKey, RidgeBaseline] = {}
+    for repeat, fold, train, test in iter_splits(plan):
+        train, test = [str(p) for p in train], [str(p) for p in test]
+        y_train, y_test = provider(repeat, fold, train, test)
+        y_train = _fold_targets(y_train, set(train), "training", repeat, fold)
+        y_test = _fold_targets(y_test, set(test), "test", repeat, fold)
+        for factor in y_train.columns:
+            if factor not in y_test.columns:
+                raise DfrnInputError(
+                    f"the target provider gave no test targets for factor '{factor}' "
+                    f"(repeat {repeat} fold {fold})"
+                )
+            ytr = y_train[factor][np.isfinite(y_train[factor].to_numpy())]
+            yte = y_test[factor][np.isfinite(y_test[factor].to_numpy())]
+            if len(yte) == 0:
+                continue
+            if len(ytr) < inner_cv:
+                raise DfrnInputError(
+                    f"factor '{factor}': repeat {repeat} fold {fold} has {len(ytr)} training "
+                    f"subjects with a value, fewer than the ridge inner_cv={inner_cv}"
+                )
+            tr, te = inputs.rows(list(ytr.index)), inputs.rows(list(yte.index))
+            model = RidgeBaseline(alphas=alphas, inner_cv=inner_cv)
+            model.fit(x[tr], ytr.to_numpy(), None if c is None else c[tr])
+            pred = model.predict(x[te], None if c is None else c[te])
+            if return_models:
+                models[(repeat, fold, str(factor))] = model
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "participant_id": [inputs.ids[i] for i in te],
+                        "repeat": repeat,
+                        "fold": fold,
+                        "factor": str(factor),
+                        "y_true": yte.to_numpy(),
+                        "y_pred": pred,
+                    }
+                )
+            )
+    out = (
+        pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=PREDICTION_COLUMNS)
+    )
+    out = out[PREDICTION_COLUMNS]
+    return (out, models) if return_models else out

@@ -1,0 +1,68 @@
+"""The baseline stage's files: ROI features, predictions, metrics, permutation table, Figure 3."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dfrn.evaluation.folds import make_fold_plan
+from dfrn.evaluation.metrics import compute_metrics
+from dfrn.evaluation.permutation import PERMUTATION_COLUMNS, permutation_test
+from dfrn.evaluation.ridge_cv import cross_validate_ridge
+from dfrn.plotting import plot_fig3
+from dfrn.workflows.baseline import (
+    write_baseline_outputs,
+    write_permutation_table,
+    write_roi_features,
+)
+from dfrn.workflows.results import ResultsFolder
+
+
+def _cohort(n: int = 30, p: int = 6, seed: int = 3):
+    rng = np.random.default_rng(seed)
+    ids = [f"sub-{i:03d}" for i in range(n)]
+    index = pd.Index(ids, name="participant_id")
+    x = pd.DataFrame(rng.normal(size=(n, p)), index=index, columns=[f"roi_{j}" for j in range(p)])
+    strong = x.iloc[:, :3].sum(axis=1) + 0.1 * rng.normal(size=n)
+    targets = pd.DataFrame({"strong": strong, "noise": rng.normal(size=n)}, index=index)
+    return ids, x, targets
+
+
+def test_baseline_tables_and_figure_are_written_where_the_folder_says(tmp_path: Path) -> None:
+    ids, x, targets = _cohort()
+    plan = make_fold_plan(ids, n_folds=5, n_repeats=2, seed=1)
+    pred = cross_validate_ridge(x, targets, plan)
+    metrics = compute_metrics(pred)
+    folder = ResultsFolder(tmp_path)
+
+    roi_path = write_roi_features(x, tmp_path)
+    assert roi_path == folder.roi_features == tmp_path / "baseline" / "roi_features.tsv"
+    back = pd.read_csv(roi_path, sep="\t", dtype={"participant_id": str})
+    assert back.columns[0] == "participant_id" and back.shape == (30, 7)
+    np.testing.assert_array_equal(back.set_index("participant_id").to_numpy(), x.to_numpy())
+
+    pred_path, metrics_path = write_baseline_outputs(pred, tmp_path)
+    assert pred_path == folder.baseline_predictions == tmp_path / "baseline" / "predictions.tsv"
+    assert metrics_path == folder.baseline_metrics
+    assert len(pd.read_csv(pred_path, sep="\t")) == len(pred)
+    assert list(pd.read_csv(metrics_path, sep="\t")["factor"].unique()) == ["strong", "noise"]
+    # full precision: the numbers read back are the numbers computed
+    np.testing.assert_array_equal(pd.read_csv(pred_path, sep="\t")["y_pred"], pred["y_pred"])
+
+    perm = permutation_test(x, targets, plan, n_perm=9, seed=0, progress=False)
+    path = write_permutation_table(perm, tmp_path)
+    assert path == folder.baseline_permutation == tmp_path / "baseline" / "permutation.tsv"
+    assert list(pd.read_csv(path, sep="\t").columns) == PERMUTATION_COLUMNS
+
+    fig = plot_fig3(
+        metrics,
+        metrics.assign(pearson_r=metrics["pearson_r"] * 0.5),
+        folder.figure("fig3_rr_vs_dfrn"),
+    )
+    assert fig == tmp_path / "figures" / "fig3_rr_vs_dfrn.png"
+    assert fig.is_file() and fig.stat().st_size > 1000
+    alone = plot_fig3(metrics, None, tmp_path / "figures" / "ridge_only.png")
+    assert alone.is_file()
+    assert not list((tmp_path / "figures").glob(".*tmp*"))  # written atomically
