@@ -27,6 +27,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "dfrn"
 
 RANK = {
     "errors": 0,
+    "_exports": 0,
     "io": 1,
     "config": 1,
     "data": 2,

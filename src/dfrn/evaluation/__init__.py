@@ -6,8 +6,7 @@ module of the layer does not import the others.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from dfrn._exports import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "FOLD_COLUMNS": "folds",
@@ -42,13 +41,4 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from dfrn.errors import DfrnInputError
+
 __all__ = [
     "PREDICTION_COLUMNS",
     "METRIC_COLUMNS",
@@ -53,7 +55,7 @@ def compute_metrics(predictions: pd.DataFrame) -> pd.DataFrame:
     """Metrics per (repeat, factor) from a long predictions table."""
     missing = [c for c in PREDICTION_COLUMNS if c not in predictions.columns]
     if missing:
-        raise ValueError(f"predictions table lacks columns {missing}")
+        raise DfrnInputError(f"predictions table lacks the column(s) {', '.join(missing)}")
     rows = []
     factor_order = list(dict.fromkeys(predictions["factor"]))
     for (repeat, factor), g in predictions.groupby(["repeat", "factor"], sort=False):
