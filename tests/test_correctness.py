@@ -27,30 +27,15 @@ from dfrn.data.synth import make_demo_atlases, make_synthetic_cohort
 from dfrn.errors import DfrnInputError, ResultsFolderError, ResultsIntegrityError
 from dfrn.evaluation.tasks import collect_predictions, plan_tasks
 from dfrn.io import write_manifest
-from dfrn.models.regressor import DFRNRegressor, _batches
+from dfrn.models.regressor import DFRNRegressor
 from dfrn.workflows.run import run_study
 
 QUIET = {"progress": False, "log": lambda s: None}
 
 
 # -- 1. batches ---------------------------------------------------------------------------
-def test_batches_of_nine_by_four() -> None:
-    out = _batches(np.arange(9), 4)
-    assert [b.tolist() for b in out] == [[0, 1, 2, 3], [4, 5, 6, 7, 8]]
-    assert [b.tolist() for b in _batches(np.arange(5), 4)] == [[0, 1, 2, 3, 4]]
 
 
-@pytest.mark.parametrize("size", range(1, 9))
-def test_batches_cover_every_index_exactly_once(size: int) -> None:
-    rng = np.random.default_rng(size)
-    for n in range(1, 51):
-        order = rng.permutation(n)
-        batches = _batches(order, size)
-        joined = np.concatenate(batches)
-        assert joined.tolist() == order.tolist(), (n, size)  # each index once, in order
-        if n > 1:
-            assert min(len(b) for b in batches) >= min(2, size if size > 1 else 1)
-        assert all(len(b) <= size + 1 for b in batches)
 
 
 @pytest.fixture(scope="module")
@@ -241,9 +226,6 @@ def test_too_few_training_values_in_a_fold(tiny_cohort, tmp_path: Path, capsys) 
     assert "in the training part of repeat 0, fold" in err[1]
 
 
-def test_block_strides_must_be_integers(tiny_cohort) -> None:
-    with pytest.raises(DfrnInputError, match=r"\[model\] block_strides\[1\] must be an integer"):
-        study_config(tiny_cohort, model={"block_strides": [1, 2.5, 2, 2]})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

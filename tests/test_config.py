@@ -1,0 +1,57 @@
+"""The study config: unknown and removed keys, element types, and a location-free fingerprint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import study_config
+
+from dfrn.config import config_from_dict
+from dfrn.errors import DfrnInputError
+
+
+def test_unknown_section_and_bad_values(tiny_cohort) -> None:
+    with pytest.raises(DfrnInputError, match=r"unknown config section \[trainig\]"):
+        config_from_dict({"cohort": {"table": "x", "targets": ["a"]}, "trainig": {}}, Path("."))
+    with pytest.raises(DfrnInputError, match=r"\[training\] epochs must be an integer"):
+        study_config(tiny_cohort, training={"epochs": "ten"})
+
+
+def test_block_strides_must_be_integers(tiny_cohort) -> None:
+    with pytest.raises(DfrnInputError, match=r"\[model\] block_strides\[1\] must be an integer"):
+        study_config(tiny_cohort, model={"block_strides": [1, 2.5, 2, 2]})
+
+
+def test_removed_keys_say_what_to_do(tiny_cohort) -> None:
+    with pytest.raises(DfrnInputError, match=r"\[baseline\] covariates was removed: list covariates once, in \[cohort\] covariates"):
+        study_config(tiny_cohort, baseline={"covariates": ["age"]})
+    with pytest.raises(DfrnInputError, match=r"\[training\] num_workers was removed"):
+        study_config(tiny_cohort, training={"num_workers": 2})
+
+
+def test_fingerprint_ignores_paths_and_device_but_not_settings(tiny_cohort, tmp_path: Path) -> None:
+    import dataclasses
+
+    a = study_config(tiny_cohort)
+    moved = dataclasses.replace(tiny_cohort, root=tmp_path, table=tmp_path / "t.tsv",
+                                brain_mask=tmp_path / "m.nii.gz")
+    b = study_config(moved, training={"device": "cpu"})
+    assert a.fingerprint() == b.fingerprint()
+    assert a.fingerprint() != study_config(tiny_cohort, cohort={"intensity": "none"}).fingerprint()
+    assert a.fingerprint() != study_config(tiny_cohort, training={"epochs": 3}).fingerprint()
+
+
+def test_defaults_live_in_the_config() -> None:
+    import inspect
+
+    from dfrn.config import ModelConfig, TrainingConfig
+    from dfrn.models.network import DFRN
+    from dfrn.models.regressor import DFRNRegressor
+
+    params = inspect.signature(DFRNRegressor).parameters
+    t = TrainingConfig()
+    for name in ("epochs", "batch_size", "lr", "weight_decay", "val_fraction", "patience", "seed"):
+        assert params[name].default == getattr(t, name), name
+    assert list(params["block_strides"].default) == ModelConfig().block_strides
+    assert list(inspect.signature(DFRN).parameters["block_strides"].default) == ModelConfig().block_strides
