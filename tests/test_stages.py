@@ -52,6 +52,13 @@ def test_study_with_factors_section(tiny_cohort, tmp_path: Path, fit_on: str) ->
                 "figures/factor_loadings.png"]:
         assert (out / rel).is_file(), rel
     assert sorted(res.predictions["factor"].unique()) == ["anhedonia", "sleep"]
+    stability = pd.read_csv(out / "factors/stability.tsv", sep="\t")
+    assert sorted(stability["factor"].unique()) == ["anhedonia", "sleep"]
+    assert stability["congruence"].between(0, 1).all()
+    if fit_on == "train":  # one row per (fold, factor) of the plan
+        assert sorted(stability["resample"].unique()) == ["repeat-0_fold-0", "repeat-0_fold-1"]
+    else:  # split-half resamples
+        assert len(stability) == 2 * 50
     scores = pd.read_csv(out / "factors/scores.tsv", sep="\t").set_index("participant_id")
     truth = pd.read_csv(tiny_cohort.table, sep="\t").set_index("participant_id")
     # the named factor tracks the score that drove its items

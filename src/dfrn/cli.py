@@ -54,8 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
         "factors", parents=[common], help="symptom factors (PCA + varimax) from rating-scale items"
     )
     p.add_argument("items", type=Path, help="TSV/CSV: participant_id plus one column per item")
-    p.add_argument("--n-factors", type=int, default=5)
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument(
+        "--n-factors", type=_n_factors, default=5, metavar="N|parallel|map",
+        help="number of factors, or the criterion that chooses it (default 5)",
+    )
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (required unless --suggest)")
+    p.add_argument(
+        "--suggest", action="store_true",
+        help="only report how many factors the items support (Kaiser, parallel analysis, MAP)",
+    )
+    p.add_argument("--resamples", type=int, default=50, metavar="N",
+                   help="split-half resamples for the stability estimate (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="seed of parallel analysis and resampling")
     p.add_argument(
         "--name", action="append", default=[], metavar="FACTOR=ITEM,ITEM",
         help="name a factor by its marker items (repeatable), e.g. anhedonia=hamd_1,hamd_7",
@@ -79,6 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
                 help="attribution method (default: the config's, guided_backprop)",
             )
     return parser
+
+
+def _n_factors(text: str) -> int | str:
+    if text in ("parallel", "map"):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number, 'parallel' or 'map'"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("the number of factors must be at least 1")
+    return value
 
 
 def _parse_names(pairs: Sequence[str]) -> dict[str, list[str]]:
@@ -105,12 +130,17 @@ def _run(args: argparse.Namespace) -> int:
 
         run_demo(args.out, full=args.full, seed=args.seed, progress=progress)
     elif args.command == "factors":
-        from dfrn.workflows.factors import run_factors
+        from dfrn.workflows.factors import run_factors, suggest_factors
 
-        run_factors(
-            args.items, args.n_factors, args.out, names=_parse_names(args.name),
-            impute=args.impute, tol=args.tol,
-        )
+        if args.suggest:
+            suggest_factors(args.items, args.out, seed=args.seed)
+        elif args.out is None:
+            raise DfrnInputError("dfrn factors needs --out DIR (or --suggest)")
+        else:
+            run_factors(
+                args.items, args.n_factors, args.out, names=_parse_names(args.name),
+                impute=args.impute, tol=args.tol, n_resamples=args.resamples, seed=args.seed,
+            )
     elif args.command == "baseline":
         from dfrn.workflows.baseline import run_baseline_stage
 

@@ -30,6 +30,7 @@ import hashlib
 import json
 import re
 import tomllib
+import types
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -127,7 +128,14 @@ class FactorsConfig:
     """Derive the targets from rating-scale items (PCA + varimax)."""
 
     items: list[str] = field(default_factory=list)
-    n_factors: int = 5
+    n_factors: int | str = 5
+    """A number, or ``"parallel"`` / ``"map"`` to let that criterion choose it."""
+    align: str = "hungarian"
+    """How fold fits are matched to the full fit: ``"hungarian"`` (permute and flip the
+    fold's varimax factors) or ``"procrustes"`` (rotate the fold's components onto the full
+    fit; for items whose varimax solution is unstable)."""
+    n_resamples: int = 50
+    """Split-half resamples for the stability estimate when ``fit_on = "all"``."""
     names: dict[str, list[str]] = field(default_factory=dict)
     fit_on: str = "all"
     impute: str = ""
@@ -226,6 +234,14 @@ PATH_KEYS = {
 def _check_type(section: str, key: str, value: Any, hint: Any) -> Any:
     origin = getattr(hint, "__origin__", None)
     where = f"[{section}] {key}"
+    if isinstance(hint, types.UnionType):
+        for member in hint.__args__:
+            try:
+                return _check_type(section, key, value, member)
+            except DfrnInputError:
+                continue
+        names = " or ".join(getattr(m, "__name__", str(m)) for m in hint.__args__)
+        raise DfrnInputError(f"config {where} must be {names}, got {value!r}")
     if hint is bool:
         if not isinstance(value, bool):
             raise DfrnInputError(f"config {where} must be true or false, got {value!r}")
@@ -315,8 +331,21 @@ def validate(cfg: StudyConfig) -> None:
         )
     if cfg.cv.n_folds < 2 or cfg.cv.n_repeats < 1:
         raise DfrnInputError("config [cv] needs n_folds >= 2 and n_repeats >= 1")
-    if cfg.factors is not None and cfg.factors.fit_on not in ("all", "train"):
-        raise DfrnInputError("config [factors] fit_on must be 'all' or 'train'")
+    if cfg.factors is not None:
+        f = cfg.factors
+        if f.fit_on not in ("all", "train"):
+            raise DfrnInputError("config [factors] fit_on must be 'all' or 'train'")
+        if f.align not in ("hungarian", "procrustes"):
+            raise DfrnInputError("config [factors] align must be 'hungarian' or 'procrustes'")
+        if isinstance(f.n_factors, str) and f.n_factors not in ("parallel", "map"):
+            raise DfrnInputError(
+                f"config [factors] n_factors must be a number, 'parallel' or 'map', got "
+                f"{f.n_factors!r}"
+            )
+        if isinstance(f.n_factors, int) and f.n_factors < 1:
+            raise DfrnInputError("config [factors] n_factors must be at least 1")
+        if f.n_resamples < 1:
+            raise DfrnInputError("config [factors] n_resamples must be at least 1")
 
 
 def load_config(path: str | Path) -> StudyConfig:

@@ -311,3 +311,27 @@ def plot_sanity(df: pd.DataFrame, path: str | Path, *, dpi: int = 150) -> Path:
 
 
 __all__ += ["plot_fam", "plot_sanity"]
+
+
+def plot_scree(observed: np.ndarray, random_threshold: np.ndarray, random_mean: np.ndarray,
+               n_components: int, path: str | Path) -> Path:
+    """Scree plot with the parallel-analysis curves (95th percentile and mean of random data)."""
+    k = np.arange(1, len(observed) + 1)
+    fig = Figure(figsize=(5.5, 3.8))
+    ax = fig.add_subplot()
+    ax.plot(k, observed, "o-", color="tab:blue", label="items (observed)")
+    ax.plot(k, random_threshold, "--", color="tab:red", label="random data, 95th percentile")
+    ax.plot(k, random_mean, ":", color="tab:red", label="random data, mean")
+    ax.axhline(1.0, color="grey", lw=0.8, label="eigenvalue 1 (Kaiser)")
+    ax.axvline(n_components + 0.5, color="tab:green", lw=1,
+               label=f"parallel analysis: {n_components}")
+    ax.set_xlabel("component")
+    ax.set_ylabel("eigenvalue")
+    ax.set_xticks(k)
+    ax.set_title("Scree plot and parallel analysis")
+    ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return _save(fig, path, dpi=120)
+
+
+__all__ += ["plot_scree"]

@@ -9,21 +9,36 @@ from __future__ import annotations
 from dfrn._exports import lazy_exports
 
 _EXPORTS: dict[str, str] = {
+    "CRITERIA": "retention",
     "FoldFactorTargets": "providers",
     "ID_COLUMN": "factors",
+    "ParallelAnalysis": "retention",
+    "STABILITY_COLUMNS": "stability",
     "StaticTargets": "providers",
     "SymptomFactors": "factors",
     "TargetProvider": "providers",
     "VarimaxResult": "factors",
+    "VelicerMAP": "retention",
     "align_factors": "factors",
     "assign_factor_names": "factors",
+    "congruence_band": "stability",
     "default_factor_names": "factors",
     "factor_congruence": "factors",
     "factor_targets": "providers",
     "fit_factor_model": "providers",
     "fold_factor_scores": "factors",
+    "fold_stability": "stability",
+    "item_correlation": "retention",
+    "kaiser_criterion": "retention",
+    "parallel_analysis": "retention",
     "read_items_table": "factors",
+    "resolve_n_factors": "retention",
+    "split_half_stability": "stability",
+    "subset_stability": "stability",
+    "suggest_n_factors": "retention",
+    "summarise_stability": "stability",
     "varimax": "factors",
+    "velicer_map": "retention",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -28,6 +28,7 @@ from dfrn.data.cohort import Cohort
 from dfrn.errors import DfrnInputError
 from dfrn.io import check_safe_id
 from dfrn.targets.factors import SymptomFactors, fold_factor_scores
+from dfrn.targets.retention import resolve_n_factors
 
 __all__ = [
     "TargetProvider",
@@ -64,6 +65,7 @@ class FoldFactorTargets:
 
     items: pd.DataFrame
     reference: SymptomFactors
+    method: str = "hungarian"
     _cache: dict[tuple[int, int], pd.DataFrame] = field(default_factory=dict)
 
     def __call__(
@@ -72,7 +74,8 @@ class FoldFactorTargets:
         key = (repeat, fold)
         if key not in self._cache:
             self._cache[key] = fold_factor_scores(
-                self.items, list(train_ids), list(test_ids), self.reference, include_train=True
+                self.items, list(train_ids), list(test_ids), self.reference, include_train=True,
+                method=self.method,
             )
         scores = self._cache[key]
         return scores.loc[list(train_ids)], scores.loc[list(test_ids)]
@@ -91,8 +94,9 @@ def fit_factor_model(cohort: Cohort, cfg: FactorsConfig) -> tuple[SymptomFactors
     for name in cfg.names:
         check_safe_id(name, "factor name")
     items = cohort.table[list(cfg.items)]
+    n_factors = resolve_n_factors(items, cfg.n_factors)
     reference = SymptomFactors(
-        n_factors=cfg.n_factors,
+        n_factors=n_factors,
         names=dict(cfg.names) or None,
         impute=cfg.impute or None,
         tol=cfg.tol,
@@ -118,4 +122,5 @@ def factor_targets(
     )
     if cfg.fit_on == "all":
         return scores, StaticTargets(scores)
-    return scores, FoldFactorTargets(items, reference)
+    log(f"fold fits are aligned to the full fit by {cfg.align} matching")
+    return scores, FoldFactorTargets(items, reference, cfg.align)

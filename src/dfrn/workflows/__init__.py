@@ -44,12 +44,14 @@ _EXPORTS: dict[str, str] = {
     "run_factors": "factors",
     "run_study": "run",
     "study_targets": "study",
+    "suggest_factors": "factors",
     "verify_inputs": "results",
     "write_baseline_outputs": "baseline",
     "write_factor_outputs": "factors",
     "write_permutation_table": "baseline",
     "write_roi_features": "baseline",
     "write_run_identity": "results",
+    "write_stability": "factors",
 }
 
 __all__ = sorted(_EXPORTS)
