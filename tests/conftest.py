@@ -70,6 +70,7 @@ def study_config(synth, **over):
         "cv": {"n_folds": 2, "n_repeats": 1, "seed": 1},
         "baseline": {"enabled": False},
         "attention": {"enabled": False},
+        "final": {"enabled": False},
     }
     for section, values in over.items():
         raw.setdefault(section, {}).update(values)

@@ -101,6 +101,7 @@ def test_binary_lesion_maps_predict_their_load(tmp_path: Path) -> None:
         "cv": {"n_folds": 3, "n_repeats": 1},
         "baseline": {"enabled": False},
         "attention": {"enabled": False},
+        "final": {"enabled": False},
     }
     torch.manual_seed(0)
     res = run_study(config_from_dict(raw, tmp_path), tmp_path / "res", **QUIET)

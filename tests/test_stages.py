@@ -44,6 +44,7 @@ def test_study_with_factors_section(tiny_cohort, tmp_path: Path, fit_on: str) ->
         "cv": {"n_folds": 2, "n_repeats": 1},
         "baseline": {"enabled": False},
         "attention": {"enabled": False},
+        "final": {"enabled": False},
     }
     cfg = config_from_dict(raw, tmp_path)
     res = run_study(cfg, tmp_path / "out", progress=False, log=lambda s: None)
@@ -146,6 +147,7 @@ def test_network_permutation_test(tiny_cohort, tmp_path: Path) -> None:
         "cv": {"n_folds": 2, "n_repeats": 1},
         "baseline": {"enabled": False},
         "attention": {"enabled": False},
+        "final": {"enabled": False},
     }
     cfg = config_from_dict(raw, tmp_path)
     out = tmp_path / "out"

@@ -74,6 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impute", choices=["median"], default=None, help="impute missing items")
     p.add_argument("--tol", type=float, default=1e-5, help="varimax tolerance (R's default)")
 
+    p = sub.add_parser(
+        "predict", parents=[common],
+        help="apply a study's model packages to new scans (grid and leakage checks)",
+    )
+    p.add_argument("model", type=Path, help="a results folder of 'dfrn run', or models/<factor>/")
+    p.add_argument("--cohort", type=Path, required=True,
+                   help="TSV/CSV with participant_id and an image column, or a BIDS root")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--image-column", default="t1", help="image column of a cohort table")
+    p.add_argument("--session", default=None, help="BIDS session label")
+    p.add_argument("--allow-training-subjects", action="store_true",
+                   help="also predict scans the models were trained on (in-sample)")
+    p.add_argument("--attention", action="store_true",
+                   help="also write each subject's attention map per factor")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<index>")
+
     for name, what in (("baseline", "ridge baseline on atlas ROI volumes"),
                        ("attention", "factor attention maps")):
         p = sub.add_parser(name, parents=[common], help=f"{what} for a finished run")
@@ -141,6 +157,14 @@ def _run(args: argparse.Namespace) -> int:
                 args.items, args.n_factors, args.out, names=_parse_names(args.name),
                 impute=args.impute, tol=args.tol, n_resamples=args.resamples, seed=args.seed,
             )
+    elif args.command == "predict":
+        from dfrn.workflows.predict import predict_cohort
+
+        predict_cohort(
+            args.model, args.cohort, args.out, image_column=args.image_column,
+            session=args.session, allow_training_subjects=args.allow_training_subjects,
+            attention=args.attention, device=args.device, progress=progress,
+        )
     elif args.command == "baseline":
         from dfrn.workflows.baseline import run_baseline_stage
 

@@ -50,6 +50,7 @@ __all__ = [
     "FactorsConfig",
     "BaselineConfig",
     "AttentionConfig",
+    "FinalConfig",
     "StudyConfig",
     "load_config",
     "DEVICE_PATTERN",
@@ -165,6 +166,19 @@ class AttentionConfig:
 
 
 @dataclass
+class FinalConfig:
+    """The model packages ``dfrn run`` writes to ``models/<factor>/`` after cross-validation.
+
+    ``mode = "ensemble"`` (default) packages the fold models of the first repeat, with no
+    extra training; ``"refit"`` trains one network on all subjects for the median number of
+    epochs the folds' early stopping chose.
+    """
+
+    enabled: bool = True
+    mode: str = "ensemble"
+
+
+@dataclass
 class StudyConfig:
     cohort: CohortConfig = field(default_factory=CohortConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -173,6 +187,7 @@ class StudyConfig:
     factors: FactorsConfig | None = None
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
+    final: FinalConfig = field(default_factory=FinalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -218,6 +233,7 @@ SECTIONS: dict[str, type] = {
     "factors": FactorsConfig,
     "baseline": BaselineConfig,
     "attention": AttentionConfig,
+    "final": FinalConfig,
 }
 #: Keys of earlier versions, with what to do instead.
 REMOVED_KEYS = {
@@ -331,6 +347,8 @@ def validate(cfg: StudyConfig) -> None:
         )
     if cfg.cv.n_folds < 2 or cfg.cv.n_repeats < 1:
         raise DfrnInputError("config [cv] needs n_folds >= 2 and n_repeats >= 1")
+    if cfg.final.mode not in ("ensemble", "refit"):
+        raise DfrnInputError("config [final] mode must be 'ensemble' or 'refit'")
     if cfg.factors is not None:
         f = cfg.factors
         if f.fit_on not in ("all", "train"):

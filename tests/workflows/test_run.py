@@ -24,6 +24,7 @@ def _cfg(cohort, **over):
         "cv": {"n_folds": 2, "n_repeats": 1, "seed": 1},
         "baseline": {"enabled": False},
         "attention": {"enabled": False},
+        "final": {"enabled": False},
     }
     for section, values in over.items():
         raw.setdefault(section, {}).update(values)

@@ -360,6 +360,10 @@ class ResultsFolder:
         """The folder of one finished CV task."""
         return self.tasks / task_name
 
+    def model_package(self, factor: str) -> Path:
+        """``models/<factor>/``: the factor's model package."""
+        return self.root / "models" / factor
+
     def figure(self, name: str) -> Path:
         """``figures/<name>.png``."""
         return self.root / "figures" / f"{name}.png"

@@ -185,6 +185,13 @@ def _run_study_locked(
         result.extra["network_permutation"] = network_permutation_test(
             out, cfg, result, permutations, progress=progress, log=log
         )
+    if cfg.final.enabled:
+        from dfrn.workflows.packages import write_model_packages
+
+        result.extra["packages"] = write_model_packages(
+            out, cfg, result.extra["volumes"], result.targets, result.plan, result.metrics,
+            result.extra["inputs"], progress=progress, log=log,
+        )
     if cfg.baseline.enabled:
         from dfrn.workflows.baseline import run_baseline_stage
 

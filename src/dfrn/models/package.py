@@ -1,0 +1,259 @@
+"""Self-describing model packages: a factor's networks as safetensors plus validated metadata.
+
+A package is a folder ``models/<factor>/`` holding
+
+* ``model-<k>.safetensors``: the weights of each network (no pickle, so loading runs no code);
+* ``metadata.json``: what the networks expect and what they were trained on (modelled on
+  MONAI bundle metadata): dfrn, torch and numpy versions; the network's ``block_strides``;
+  the input grid (template name, shape, affine, downsample factor), its normalisation
+  (``intensity``, and the brain mask's SHA-256 with the mask itself in the package); the
+  target (name, each network's scaling mean and sd); the preprocessing; the SHA-256 of every
+  training scan (for the leakage check); the cross-validated performance; the intended use;
+* ``brain_mask.nii.gz`` when training normalised inside a mask;
+* ``README.md`` generated from the metadata.
+
+:func:`load_package` validates the metadata against :data:`METADATA_SCHEMA` (JSON Schema),
+checks every weight file's SHA-256, and refuses packages written by a newer dfrn.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dfrn.errors import DfrnInputError
+from dfrn.io import file_digest
+
+__all__ = [
+    "METADATA_SCHEMA",
+    "SCHEMA_VERSION",
+    "ModelPackage",
+    "load_package",
+    "validate_metadata",
+    "package_readme",
+    "INTENDED_USE",
+    "dfrn_version",
+]
+
+SCHEMA_VERSION = 1
+
+INTENDED_USE = (
+    "Research use only. Predicts a symptom-factor score from a T1-weighted MRI registered to "
+    "the package's template grid, for group-level research on cohorts like the training "
+    "cohort. Not a diagnostic device; not validated for individual clinical decisions."
+)
+
+_NUMBER = {"type": "number"}
+_SHA = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+
+METADATA_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "required": ["schema_version", "dfrn_version", "versions", "factor", "mode", "network",
+                 "input", "models", "training_scans_sha256", "performance", "intended_use",
+                 "preprocessing"],
+    "properties": {
+        "schema_version": {"type": "integer", "minimum": 1},
+        "dfrn_version": {"type": "string", "pattern": r"^\d+\.\d+"},
+        "versions": {"type": "object"},
+        "factor": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"},
+        "mode": {"enum": ["ensemble", "refit"]},
+        "network": {
+            "type": "object",
+            "required": ["name", "block_strides"],
+            "properties": {
+                "name": {"const": "DFRN"},
+                "block_strides": {"type": "array", "items": {"type": "integer", "minimum": 1},
+                                  "minItems": 4, "maxItems": 4},
+            },
+        },
+        "input": {
+            "type": "object",
+            "required": ["template", "shape", "affine", "downsample", "intensity", "mask"],
+            "properties": {
+                "template": {"type": "string"},
+                "shape": {"type": "array", "items": {"type": "integer", "minimum": 1},
+                          "minItems": 3, "maxItems": 3},
+                "affine": {"type": "array", "minItems": 4, "maxItems": 4,
+                           "items": {"type": "array", "items": _NUMBER, "minItems": 4,
+                                     "maxItems": 4}},
+                "downsample": {"type": "integer", "minimum": 1},
+                "intensity": {"enum": ["zscore", "none", "minmax"]},
+                "mask": {"oneOf": [{"type": "null"}, {
+                    "type": "object", "required": ["file", "sha256"],
+                    "properties": {"file": {"type": "string"}, "sha256": _SHA}}]},
+            },
+        },
+        "models": {
+            "type": "array", "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["file", "sha256", "y_mean", "y_std"],
+                "properties": {"file": {"type": "string", "pattern": r"^[A-Za-z0-9._-]+$"},
+                               "sha256": _SHA, "y_mean": _NUMBER,
+                               "y_std": {"type": "number", "exclusiveMinimum": 0}},
+            },
+        },
+        "training_scans_sha256": {"type": "array", "items": _SHA},
+        "performance": {"type": "object"},
+        "preprocessing": {"type": "object"},
+        "intended_use": {"type": "string"},
+    },
+}
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    out = []
+    for part in text.split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+def dfrn_version() -> str:
+    """The installed dfrn's version."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("dfrn")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0.0.0"
+
+
+def validate_metadata(meta: Any, where: str = "metadata.json") -> dict[str, Any]:
+    """Validate package metadata against :data:`METADATA_SCHEMA`; a one-line error if not."""
+    import jsonschema
+
+    try:
+        jsonschema.validate(meta, METADATA_SCHEMA)
+    except jsonschema.ValidationError as exc:
+        path = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
+        raise DfrnInputError(
+            f"{where} fails validation at {path}: {exc.message}"
+        ) from None
+    if meta["schema_version"] > SCHEMA_VERSION:
+        raise DfrnInputError(
+            f"{where} has schema version {meta['schema_version']}; this dfrn reads up to "
+            f"{SCHEMA_VERSION}: upgrade dfrn"
+        )
+    current = dfrn_version()
+    if _version_tuple(meta["dfrn_version"]) > _version_tuple(current):
+        raise DfrnInputError(
+            f"{where} was written by dfrn {meta['dfrn_version']}, newer than this dfrn "
+            f"{current}: upgrade dfrn to use it"
+        )
+    return meta
+
+
+@dataclass
+class ModelPackage:
+    """A loaded, verified package: its metadata and its networks (as DFRNRegressor)."""
+
+    folder: Path
+    metadata: dict[str, Any]
+    estimators: list[Any]
+
+    @property
+    def factor(self) -> str:
+        return str(self.metadata["factor"])
+
+    @property
+    def mask_path(self) -> Path | None:
+        mask = self.metadata["input"]["mask"]
+        return None if mask is None else self.folder / mask["file"]
+
+
+def load_package(folder: str | Path, device: str = "cpu") -> ModelPackage:
+    """Load and verify a model package (schema, version, weight and mask digests).
+
+    Raises
+    ------
+    DfrnInputError
+        One line naming the file at fault.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from dfrn.models.network import DFRN
+    from dfrn.models.regressor import DFRNRegressor, resolve_device
+
+    folder = Path(folder)
+    meta_path = folder / "metadata.json"
+    if not meta_path.is_file():
+        raise DfrnInputError(f"{folder} is not a dfrn model package (no metadata.json)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise DfrnInputError(f"{meta_path} is not valid JSON ({exc})") from None
+    validate_metadata(meta, str(meta_path))
+    mask = meta["input"]["mask"]
+    if mask is not None:
+        mpath = folder / mask["file"]
+        if not mpath.is_file() or file_digest(mpath) != mask["sha256"]:
+            raise DfrnInputError(f"{mpath}: missing, or not the mask the networks were trained with")
+    dev = resolve_device(device)
+    estimators = []
+    for entry in meta["models"]:
+        wpath = folder / entry["file"]
+        if not wpath.is_file():
+            raise DfrnInputError(f"{wpath}: weight file missing from the package")
+        if file_digest(wpath) != entry["sha256"]:
+            raise DfrnInputError(f"{wpath}: SHA-256 differs from metadata.json (file changed)")
+        net = DFRN(block_strides=meta["network"]["block_strides"])
+        state = load_file(str(wpath))
+        try:
+            net.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v
+                                 for k, v in state.items()})
+        except RuntimeError as exc:
+            raise DfrnInputError(f"{wpath}: weights do not fit the network ({exc})") from None
+        est = DFRNRegressor(block_strides=tuple(meta["network"]["block_strides"]), device=device)
+        est.device_ = dev
+        est.model_ = net.to(dev).eval()
+        est.y_mean_ = float(entry["y_mean"])
+        est.y_std_ = float(entry["y_std"])
+        est.best_epoch_ = int(entry.get("best_epoch", -1))
+        estimators.append(est)
+    return ModelPackage(folder, meta, estimators)
+
+
+def package_readme(meta: dict[str, Any]) -> str:
+    """The package's README.md, generated from its metadata."""
+    inp = meta["input"]
+    perf = meta["performance"]
+    r = perf.get("mean_r")
+    perm = perf.get("permutation_p")
+    lines = [
+        f"# dfrn model package: {meta['factor']}",
+        "",
+        f"{len(meta['models'])} network(s) ({meta['mode']}) predicting the symptom factor "
+        f"**{meta['factor']}** from a T1-weighted MRI. Written by dfrn {meta['dfrn_version']}.",
+        "",
+        "## Input",
+        f"- grid: {inp['template']}, shape {tuple(inp['shape'])}, affine rows "
+        f"{inp['affine']}",
+        f"- preprocessing: {meta['preprocessing'].get('kind', 'user-registered')}; "
+        f"normalisation `{inp['intensity']}`"
+        + (" inside the packaged brain mask" if inp["mask"] else "")
+        + f"; downsample {inp['downsample']}",
+        "",
+        "## Performance (cross-validated)",
+        f"- mean Pearson r over repeats: {r:.3f}" if r is not None else "- not recorded",
+    ]
+    if perm is not None:
+        lines.append(f"- permutation p: {perm:.4g}")
+    lines += [
+        f"- training scans: {len(meta['training_scans_sha256'])} (their SHA-256 are in "
+        "metadata.json; `dfrn predict` refuses them unless `--allow-training-subjects`)",
+        "",
+        "## Intended use",
+        meta["intended_use"],
+        "",
+        "## Use",
+        "```bash",
+        "dfrn predict MODEL_OR_RESULTS --cohort new_subjects.tsv --out predictions/",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,174 @@
+"""Write a finished study's model packages, ``models/<factor>/`` (see :mod:`dfrn.models.package`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dfrn.config import StudyConfig
+from dfrn.data.images import VolumeSet
+from dfrn.evaluation.metrics import mean_r
+from dfrn.evaluation.tasks import plan_tasks, read_task_meta
+from dfrn.io import atomic_write, atomic_write_json, atomic_write_text, file_digest, make_temp_dir
+from dfrn.models.package import (
+    INTENDED_USE,
+    SCHEMA_VERSION,
+    dfrn_version,
+    load_package,
+    package_readme,
+    validate_metadata,
+)
+from dfrn.models.regressor import DFRNRegressor
+from dfrn.workflows.results import InputFile, ResultsFolder
+
+__all__ = ["write_model_packages", "template_name"]
+
+FSL_MNI_SHAPE = (182, 218, 182)
+
+
+def template_name(shape: tuple[int, ...], affine: np.ndarray) -> str:
+    """A name for the input grid: the FSL MNI152 1 mm grid when it is that, else "custom"."""
+    if tuple(shape) == FSL_MNI_SHAPE and np.allclose(np.abs(np.diag(affine)[:3]), 1.0):
+        return "MNI152NLin6Asym res-1 (FSL grid, 182x218x182)"
+    return "custom grid (see shape and affine)"
+
+
+def _save_weights(est: DFRNRegressor, path: Path) -> str:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in est.model_.state_dict().items()}
+    atomic_write(path, lambda p: save_file(state, str(p)))
+    return file_digest(path)
+
+
+def _refit(cfg: StudyConfig, volumes: VolumeSet, y: pd.Series, epochs: int, seed: int,
+           progress: bool) -> DFRNRegressor:
+    from dfrn.workflows.study import make_estimator_factory
+
+    est = make_estimator_factory(cfg, progress)(seed, f"refit {y.name}")
+    est.set_params(epochs=max(1, epochs), val_fraction=0.0)
+    idx = volumes.index_of(list(y.index))
+    return est.fit([volumes[i] for i in idx], y.to_numpy(float))
+
+
+def write_model_packages(
+    out: Path,
+    cfg: StudyConfig,
+    volumes: VolumeSet,
+    targets: pd.DataFrame,
+    plan: pd.DataFrame,
+    metrics: pd.DataFrame,
+    inputs: dict[str, InputFile],
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Path]:
+    """Write (or keep, when already complete) one package per factor; return their folders.
+
+    ``ensemble`` packages the first repeat's fold models; ``refit`` trains one network on all
+    subjects with a value, for the median of the folds' chosen epoch counts.
+    """
+    folder = ResultsFolder(out)
+    perm = None
+    if folder.network_permutation.is_file():
+        perm = pd.read_csv(folder.network_permutation, sep="\t").set_index("factor")
+    summary = mean_r(metrics)
+    first = plan[plan["repeat"] == plan["repeat"].min()]
+    mask = cfg.cohort.mask
+    written: dict[str, Path] = {}
+    for factor in targets.columns:
+        final = folder.model_package(factor)
+        if final.is_dir():
+            try:
+                load_package(final)
+                written[factor] = final
+                continue
+            except Exception:  # an incomplete or damaged package is rebuilt
+                pass
+        tmp = make_temp_dir(final.parent, factor)
+        try:
+            models: list[dict[str, Any]] = []
+            tasks = plan_tasks(first, [factor])
+            if cfg.final.mode == "ensemble":
+                for k, t in enumerate(tasks):
+                    meta = read_task_meta(folder.task_dir(t.name), t)
+                    est = DFRNRegressor.load(folder.task_dir(t.name) / "model.pt")
+                    name = f"model-{k}.safetensors"
+                    models.append({"file": name, "sha256": _save_weights(est, tmp / name),
+                                   "y_mean": est.y_mean_, "y_std": est.y_std_,
+                                   "repeat": t.repeat, "fold": t.fold,
+                                   "best_epoch": int(meta["best_epoch"])})
+            else:
+                epochs = [read_task_meta(folder.task_dir(t.name), t)["best_epoch"] + 1
+                          for t in tasks]
+                y = targets[factor].dropna()
+                est = _refit(cfg, volumes, y, int(np.median(epochs)), cfg.training.seed, progress)
+                models.append({"file": "model-0.safetensors",
+                               "sha256": _save_weights(est, tmp / "model-0.safetensors"),
+                               "y_mean": est.y_mean_, "y_std": est.y_std_,
+                               "epochs": int(np.median(epochs))})
+            mask_entry = None
+            if mask:
+                atomic_write(tmp / "brain_mask.nii.gz",
+                             lambda p: shutil.copyfile(mask, p))
+                mask_entry = {"file": "brain_mask.nii.gz", "sha256": file_digest(Path(mask))}
+            trained_on = targets[factor].dropna().index
+            grid = volumes.input_grid
+            meta = {
+                "schema_version": SCHEMA_VERSION,
+                "dfrn_version": dfrn_version(),
+                "versions": _versions(),
+                "factor": factor,
+                "mode": cfg.final.mode,
+                "network": {"name": "DFRN", "block_strides": list(cfg.model.block_strides),
+                            "in_channels": 1},
+                "input": {
+                    "template": template_name(grid.shape, grid.affine),
+                    "shape": list(grid.shape),
+                    "affine": np.asarray(grid.affine, dtype=float).round(6).tolist(),
+                    "downsample": int(volumes.downsample),
+                    "intensity": cfg.cohort.intensity,
+                    "mask": mask_entry,
+                },
+                "target": {"name": factor, "units": "factor score (the training cohort's scale)"},
+                "models": models,
+                "preprocessing": {"kind": "user-registered"},
+                "training_scans_sha256": sorted({inputs[f"t1/{p}"].digest for p in trained_on}),
+                "performance": {
+                    "mean_r": float(summary.at[factor, "mean_r"]),
+                    "sd_r": float(summary.at[factor, "sd_r"]),
+                    "n_repeats": int(summary.at[factor, "n_repeats"]),
+                    "permutation_p": None if perm is None or factor not in perm.index
+                    else float(perm.at[factor, "p_permutation"]),
+                },
+                "intended_use": INTENDED_USE,
+            }
+            validate_metadata(meta)
+            atomic_write_json(tmp / "metadata.json", meta)
+            atomic_write_text(tmp / "README.md", package_readme(meta))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        written[factor] = final
+    log(f"model packages ({cfg.final.mode}): {', '.join(str(p) for p in written.values())}")
+    return written
+
+
+def _versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in ("dfrn", "torch", "numpy", "nibabel"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out

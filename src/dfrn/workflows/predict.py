@@ -1,0 +1,150 @@
+"""``dfrn predict``: apply a study's model packages to new scans, with grid and leakage checks.
+
+For every package (``MODEL`` itself, or each ``RESULTS/models/<factor>/``):
+
+1. every scan's header is checked against the package's grid (shape and affine, within
+   1e-3 mm): a scan off the grid is refused, by name, with a pointer to ``dfrn prep``;
+2. scans whose SHA-256 is among the package's training scans are refused (the leakage check)
+   unless ``allow_training_subjects``;
+3. scans are normalised and downsampled by :class:`dfrn.data.images.VolumeCache` with the
+   package's mask and settings: the code path that made the training inputs;
+4. every network of the package predicts; ``predictions.tsv`` holds participant_id, factor,
+   prediction (the ensemble mean), ensemble_sd and n_models.
+
+With ``attention`` each subject's guided-backprop map (averaged over the package's networks,
+on the input grid, with its affine) is written to ``attention/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from dfrn.data.cohort import Cohort, load_bids_cohort, load_cohort_table
+from dfrn.data.images import AFFINE_ATOL, VolumeCache, read_header
+from dfrn.errors import DfrnInputError, ResultsFolderError
+from dfrn.io import atomic_write_nifti, atomic_write_tsv, file_digest
+from dfrn.models.package import ModelPackage, load_package
+
+__all__ = ["PREDICT_COLUMNS", "find_packages", "predict_cohort"]
+
+PREDICT_COLUMNS = ["participant_id", "factor", "prediction", "ensemble_sd", "n_models"]
+
+
+def find_packages(path: str | Path) -> list[Path]:
+    """The package folders in ``path``: itself, or ``path/models/*`` of a results folder."""
+    path = Path(path)
+    if (path / "metadata.json").is_file():
+        return [path]
+    models = path / "models"
+    found = sorted(p for p in models.iterdir() if (p / "metadata.json").is_file()) \
+        if models.is_dir() else []
+    if not found:
+        raise DfrnInputError(
+            f"{path} holds no model package (no metadata.json, no models/<factor>/); run "
+            "'dfrn run' to the end first"
+        )
+    return found
+
+
+def _load_cohort(source: Path, image_column: str, session: str | None) -> Cohort:
+    if source.is_dir():
+        return load_bids_cohort(source, [], session=session)
+    return load_cohort_table(source, [], image_column)
+
+
+def _check_grid(cohort: Cohort, package: ModelPackage) -> None:
+    inp = package.metadata["input"]
+    shape = tuple(inp["shape"])
+    affine = np.asarray(inp["affine"], dtype=float)
+    bad = []
+    for pid, path in zip(cohort.participant_ids, cohort.images, strict=True):
+        spec = read_header(path, f"participant {pid}")
+        if spec.shape != shape or not np.allclose(spec.affine, affine, atol=AFFINE_ATOL):
+            bad.append(f"participant {pid} ({path}, shape {spec.shape})")
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise DfrnInputError(
+            f"{len(bad)} scan(s) are not on the grid of model {package.factor} "
+            f"({inp['template']}, shape {shape}): {'; '.join(bad[:5])}{more}; register them "
+            "to the template first (dfrn prep)"
+        )
+
+
+def predict_cohort(
+    model_or_results: str | Path,
+    cohort_source: str | Path,
+    out: str | Path,
+    *,
+    image_column: str = "t1",
+    session: str | None = None,
+    allow_training_subjects: bool = False,
+    attention: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> pd.DataFrame:
+    """Predict every factor of the packages for every scan of a cohort; write ``out``.
+
+    Raises
+    ------
+    DfrnInputError
+        For a package that fails validation, a scan off the grid, a training scan (without
+        ``allow_training_subjects``), or an ``out`` folder that already holds predictions.
+    """
+    out = Path(out)
+    if (out / "predictions.tsv").exists():
+        raise ResultsFolderError(f"{out} already holds predictions.tsv; choose another --out")
+    packages = [load_package(p, device=device) for p in find_packages(model_or_results)]
+    cohort = _load_cohort(Path(cohort_source), image_column, session)
+    digests = [file_digest(p) for p in cohort.images]
+    for package in packages:
+        _check_grid(cohort, package)
+        trained = set(package.metadata["training_scans_sha256"])
+        seen = [pid for pid, d in zip(cohort.participant_ids, digests, strict=True) if d in trained]
+        if seen and not allow_training_subjects:
+            more = f" and {len(seen) - 5} more" if len(seen) > 5 else ""
+            raise DfrnInputError(
+                f"{len(seen)} scan(s) were used to train model {package.factor}: participant "
+                f"{', '.join(seen[:5])}{more}; their predictions would be in-sample (pass "
+                "--allow-training-subjects to predict them anyway)"
+            )
+    rows = []
+    for package in packages:
+        inp = package.metadata["input"]
+        volumes = VolumeCache(out / "cache").prepare(
+            cohort.participant_ids, cohort.images, int(inp["downsample"]), package.mask_path,
+            progress=progress, intensity=inp["intensity"], digests=digests, log=log,
+        )
+        preds = np.stack([est.predict(volumes) for est in package.estimators])
+        sd = preds.std(axis=0, ddof=1) if len(preds) > 1 else np.zeros(preds.shape[1])
+        for i, pid in enumerate(cohort.participant_ids):
+            rows.append((pid, package.factor, float(preds[:, i].mean()), float(sd[i]),
+                         len(preds)))
+        if attention:
+            _write_attention(package, volumes, cohort, out, log)
+    table = pd.DataFrame(rows, columns=PREDICT_COLUMNS)
+    atomic_write_tsv(table, out / "predictions.tsv", float_format=None)
+    log(f"predicted {len(packages)} factor(s) for {len(cohort)} scan(s): {out / 'predictions.tsv'}")
+    return table
+
+
+def _write_attention(package: ModelPackage, volumes, cohort: Cohort, out: Path, log) -> None:
+    import torch
+
+    from dfrn.interpret.attribution import attribution
+    from dfrn.interpret.maps import to_template_space
+
+    inp = package.metadata["input"]
+    ref = nib.Nifti1Image(np.zeros(tuple(inp["shape"]), np.uint8), np.asarray(inp["affine"]))
+    for i, pid in enumerate(cohort.participant_ids):
+        x = torch.from_numpy(np.asarray(volumes[i], dtype=np.float32)[None, None])
+        maps = [attribution(est.model_, x.to(est.device_), "guided_backprop")[0, 0]
+                .detach().cpu().numpy() for est in package.estimators]
+        img = to_template_space(np.mean(maps, axis=0), ref, int(inp["downsample"]))
+        atomic_write_nifti(img, out / "attention" / f"{pid}_{package.factor}_fam.nii.gz")
+    log(f"attention maps for {package.factor}: {out / 'attention'}")
