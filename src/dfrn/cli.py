@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write each subject's attention map per factor")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<index>")
 
+    p = sub.add_parser("report", parents=[common],
+                       help="write RESULTS/report.html (one self-contained page)")
+    p.add_argument("results", type=Path, help="results folder of 'dfrn run'")
+
     for name, what in (("baseline", "ridge baseline on atlas ROI volumes"),
                        ("attention", "factor attention maps")):
         p = sub.add_parser(name, parents=[common], help=f"{what} for a finished run")
@@ -157,6 +161,13 @@ def _run(args: argparse.Namespace) -> int:
                 args.items, args.n_factors, args.out, names=_parse_names(args.name),
                 impute=args.impute, tol=args.tol, n_resamples=args.resamples, seed=args.seed,
             )
+    elif args.command == "report":
+        from dfrn.workflows.report import write_report
+        from dfrn.workflows.results import ResultsFolder
+
+        if not ResultsFolder(args.results).is_run():
+            raise DfrnInputError(f"{args.results} is not a results folder of 'dfrn run'")
+        print(f"report: {write_report(args.results)}")
     elif args.command == "predict":
         from dfrn.workflows.predict import predict_cohort
 

@@ -146,11 +146,16 @@ def run_demo(
         "ranked on those parcels with the 5 planted structures named (synth/regions_dseg)"
     )
     cfg = demo_config(synth_dir.resolve(), s, seed)
-    result = run_study(cfg, out, progress=progress, log=log, allow_existing=("synth",))
+    shrunk = (f"dfrn demo --full: the paper's protocol ({PAPER})." if full else
+              f"CPU-sized demo on a synthetic cohort with planted effects. Shrunk from the "
+              f"paper's protocol ({PAPER}) to: {s.describe()}.")
+    result = run_study(cfg, out, progress=progress, log=log, allow_existing=("synth",),
+                       notes=(shrunk,))
     mean_r = result.metrics.groupby("factor", sort=False)["pearson_r"].mean()
     log(
         "planted signal recovered (mean r per factor): "
         + ", ".join(f"{f} {r:.2f}" for f, r in mean_r.items())
     )
     log(f"demo finished in {time.perf_counter() - t0:.0f} s; results in {out}")
+    log(f"open the report: {result.extra['report']}")
     return result

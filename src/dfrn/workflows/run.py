@@ -159,15 +159,18 @@ def run_study(
     log: Callable[[str], None] = print,
     allow_existing: tuple[str, ...] = (),
     permutations: int = 0,
+    notes: tuple[str, ...] = (),
 ) -> StudyResult:
     """Run every configured stage, holding the folder's lock; returns the CV results.
+
+    ``notes`` are shown at the top of ``report.html`` (the demo says what it shrank).
 
     ``permutations`` > 0 also runs the network's permutation test (see
     :func:`dfrn.workflows.network_permutation.network_permutation_test`).
     """
     out = Path(out)
     with results_lock(out, "dfrn run", log):
-        return _run_study_locked(cfg, out, progress, log, allow_existing, permutations)
+        return _run_study_locked(cfg, out, progress, log, allow_existing, permutations, notes)
 
 
 def _run_study_locked(
@@ -177,6 +180,7 @@ def _run_study_locked(
     log: Callable[[str], None],
     allow_existing: tuple[str, ...],
     permutations: int,
+    notes: tuple[str, ...] = (),
 ) -> StudyResult:
     result = run_cv_stage(cfg, out, progress, log, allow_existing)
     if permutations > 0:
@@ -206,4 +210,8 @@ def _run_study_locked(
             out, cfg, result.extra["volumes"], list(result.targets.columns), result.plan,
             progress=progress, log=log,
         )
+    from dfrn.workflows.report import write_report
+
+    result.extra["report"] = write_report(out, notes=list(notes))
+    log(f"report: {result.extra['report']}")
     return result

@@ -1,0 +1,215 @@
+"""``dfrn report``: one self-contained HTML page for a results folder (jinja2 template).
+
+The page embeds every figure as a base64 PNG and each factor's interactive slice viewer
+(nilearn ``view_img``, its scripts inlined, in an ``<iframe srcdoc>``), and it references no
+network resource, so it opens from a USB stick. It is written to ``RESULTS/report.html``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import warnings
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from dfrn.evaluation.metrics import mean_r
+from dfrn.io import atomic_write_text
+from dfrn.workflows.results import ResultsFolder
+
+__all__ = ["write_report", "REFERENCES"]
+
+REFERENCES = [
+    "DFRN: deep factor regression of depression symptom factors from structural MRI (the "
+    "method implemented here).",
+    "Hara K, Kataoka H, Satoh Y (2018). Can spatiotemporal 3D CNNs retrace the history of 2D "
+    "CNNs and ImageNet? CVPR.",
+    "Springenberg JT et al. (2015). Striving for simplicity: the all convolutional net "
+    "(guided backpropagation). ICLR workshop.",
+    "Adebayo J et al. (2018). Sanity checks for saliency maps. NeurIPS.",
+    "Kaiser HF (1958). The varimax criterion for analytic rotation in factor analysis. "
+    "Psychometrika 23:187-200.",
+    "Horn JL (1965). A rationale and test for the number of factors in factor analysis. "
+    "Psychometrika 30:179-185.",
+    "Lorenzo-Seva U, ten Berge JMF (2006). Tucker's congruence coefficient as a meaningful "
+    "index of factor similarity. Methodology 2:57-64.",
+    "Rolls ET et al. (2020). Automated anatomical labelling atlas 3. NeuroImage 206:116189.",
+    "Abraham A et al. (2014). Machine learning for neuroimaging with scikit-learn (nilearn). "
+    "Front Neuroinform 8:14.",
+]
+
+
+def _png(path: Path) -> str | None:
+    return base64.b64encode(path.read_bytes()).decode("ascii") if path.is_file() else None
+
+
+def _table(path: Path, round_to: int | None = 3, max_rows: int | None = None) -> str | None:
+    if not path.is_file():
+        return None
+    df = pd.read_csv(path, sep="\t")
+    if max_rows is not None:
+        df = df.head(max_rows)
+    return _frame(df, round_to)
+
+
+def _frame(df: pd.DataFrame, round_to: int | None = 3) -> str:
+    if round_to is not None:
+        df = df.round(round_to)
+    return df.to_html(index=False, border=0, na_rep="", escape=True)
+
+
+_NETWORK_LINK = re.compile(r"<link[^>]+href=[\"']https?://[^>]*>", re.IGNORECASE)
+
+
+def _viewer(factor: str, fam: Path, background: Any) -> dict[str, str]:
+    from nilearn.plotting import view_img
+
+    img = nib.load(fam)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    thr = float(np.percentile(data[data > 0], 90)) if np.any(data > 0) else 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        view = view_img(img, bg_img=background, threshold=thr, symmetric_cmap=False,
+                        cmap="hot", title=f"|FAM| {factor}", black_bg=True)
+        page = view.get_standalone()
+    page = _NETWORK_LINK.sub("", page)  # nilearn links its favicon from the web
+    return {"factor": factor, "srcdoc": page}
+
+
+def _sanity(path: Path) -> tuple[str | None, str, bool]:
+    if not path.is_file():
+        return None, "", False
+    df = pd.read_csv(path, sep="\t")
+    verdicts = []
+    fails = False
+    for method, g in df.groupby("method", sort=False):
+        fc = g.loc[g["step"] == "fc", "spearman"]
+        if len(fc):
+            rho = float(fc.iloc[0])
+            bad = rho > 0.8
+            fails |= bad and method == df["method"].iloc[0]
+            verdicts.append(
+                f"{method}: after randomising only the output layer the map keeps a Spearman "
+                f"correlation of {rho:.2f} with the trained model's map, so it "
+                + ("mostly shows the image, not what the network learned (fails)."
+                   if bad else "depends on what the network learned (passes).")
+            )
+    return _frame(df), " ".join(verdicts), fails
+
+
+def _methods(cfg: dict[str, Any], n_subjects: int, factors: list[str]) -> str:
+    c, t, cv = cfg["cohort"], cfg["training"], cfg["cv"]
+    text = (
+        f"{n_subjects} participants' T1-weighted images on a common grid were normalised "
+        f"({c.get('intensity', 'zscore')}"
+        + (" inside a brain mask" if c.get("mask") else "")
+        + f") and downsampled by {c.get('downsample', 1)}. One 3D ResNet-10-style network per "
+        f"symptom factor ({', '.join(factors)}; block strides "
+        f"{cfg['model']['block_strides']}) was trained with the sum of squared errors, Adam "
+        f"(lr {t['lr']}), batch size {t['batch_size']}, at most {t['epochs']} epochs"
+        + (f" with early stopping on {t['val_fraction']:.0%} of the training subjects"
+           if t["val_fraction"] else "")
+        + f". Performance was estimated by {cv['n_repeats']} × {cv['n_folds']}-fold "
+        "subject-level cross-validation (Pearson r of pooled out-of-fold predictions per "
+        "repeat). "
+    )
+    if "factors" in cfg:
+        f = cfg["factors"]
+        text += (
+            f"Symptom factors were derived by principal components with varimax rotation "
+            f"({f['n_factors']} factors, fitted on {'all subjects' if f['fit_on'] == 'all' else 'each training fold'}). "
+        )
+    if cfg.get("baseline", {}).get("enabled", True):
+        text += ("A ridge regression on atlas gray-matter volumes was evaluated on the same "
+                 "folds, with a permutation test. ")
+    if cfg.get("attention", {}).get("enabled", True):
+        text += (f"Factor attention maps were computed with {cfg['attention']['method']} and "
+                 "checked with the cascading model-randomisation test.")
+    return text
+
+
+def write_report(out: str | Path, notes: list[str] | None = None) -> Path:
+    """Write ``out/report.html`` from whatever the results folder holds; return its path."""
+    import tomllib
+
+    import jinja2
+
+    from dfrn.models.package import dfrn_version
+
+    folder = ResultsFolder(Path(out))
+    cfg = tomllib.loads(folder.config_toml.read_text(encoding="utf-8"))
+    env = json.loads(folder.environment_json.read_text(encoding="utf-8"))
+    plan = folder.read_folds()
+    metrics = folder.read_metrics()
+    factors = list(dict.fromkeys(metrics["factor"]))
+    n_subjects = int(plan["participant_id"].nunique())
+
+    ridge = None
+    if folder.baseline_metrics.is_file():
+        both = mean_r(metrics)[["mean_r", "sd_r"]].rename(columns={"mean_r": "dfrn_r",
+                                                                   "sd_r": "dfrn_sd"})
+        base = mean_r(folder.read_metrics(folder.baseline_metrics))[["mean_r", "sd_r"]]
+        both = both.join(base.rename(columns={"mean_r": "ridge_r", "sd_r": "ridge_sd"}))
+        ridge = _frame(both.reset_index())
+
+    viewers = []
+    template = cfg.get("attention", {}).get("template") or "MNI152"
+    background: Any = template
+    if template != "MNI152" and Path(template).is_file():
+        background = nib.load(template)
+    for factor in factors:
+        fam = folder.fam(factor, absolute=True)
+        if fam.is_file():
+            viewers.append(_viewer(factor, fam, background))
+    sanity, verdict, fails = _sanity(folder.attention_table("sanity"))
+    regions = None
+    if folder.attention_table("regions").is_file():
+        reg = pd.read_csv(folder.attention_table("regions"), sep="\t")
+        regions = _frame(reg[reg["rank"] <= 5], 4)
+    stability = _table(folder.factors / "stability_summary.tsv")
+
+    ds = cfg["cohort"].get("downsample", 1)
+    context = {
+        "title": folder.root.resolve().name,
+        "version": dfrn_version(),
+        "written": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "n_subjects": n_subjects,
+        "factors": factors,
+        "cv": f"{cfg['cv']['n_repeats']} × {cfg['cv']['n_folds']}-fold, seed {cfg['cv']['seed']}",
+        "network_input": f"downsample {ds}, intensity {cfg['cohort'].get('intensity', 'zscore')}",
+        "environment": f"Python {env.get('python')}, torch {env.get('packages', {}).get('torch')}"
+                       f", {env.get('platform')}",
+        "notes": notes or [],
+        "config_text": folder.config_toml.read_text(encoding="utf-8"),
+        "table1": _table(folder.table1, None),
+        "stability": stability,
+        "fig2": _png(folder.figure("fig2_scatter")),
+        "ridge": ridge,
+        "fig3": _png(folder.figure("fig3_rr_vs_dfrn")),
+        "network_permutation": _table(folder.network_permutation, 4),
+        "baseline_permutation": _table(folder.baseline_permutation, 4),
+        "fig4": _png(folder.figure("fig4_fam")),
+        "viewers": viewers,
+        "regions": regions,
+        "sanity": sanity,
+        "sanity_verdict": verdict,
+        "sanity_fails": fails,
+        "loadings": _table(folder.factors / "loadings.tsv"),
+        "fig_loadings": _png(folder.figure("factor_loadings")),
+        "prep_text": "No preprocessing ran in dfrn: the images were registered by the user "
+                     "(QC tables and mosaics appear here when dfrn prep made the inputs).",
+        "methods": _methods(cfg, n_subjects, factors),
+        "references": REFERENCES,
+    }
+    loader = jinja2.PackageLoader("dfrn.workflows", "templates")
+    environment = jinja2.Environment(loader=loader, autoescape=jinja2.select_autoescape(["j2"]))
+    text = environment.get_template("report.html.j2").render(**context)
+    path = folder.root / "report.html"
+    atomic_write_text(path, text)
+    return path
