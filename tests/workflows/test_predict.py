@@ -130,3 +130,21 @@ def test_tampered_package_is_refused(study, tmp_path: Path, capsys, tamper: str)
     expected = {"schema": "fails validation at network/block_strides/2",
                 "weights": "SHA-256 differs", "newer": "newer than this dfrn"}[tamper]
     assert expected in text
+
+
+def test_refit_mode_trains_one_network_for_the_folds_epochs(tiny_cohort, tmp_path: Path) -> None:
+    cfg = study_config(tiny_cohort, final={"enabled": True, "mode": "refit"},
+                       cohort={"targets": ["sleep"]}, training={"epochs": 2})
+    out = tmp_path / "res"
+    run_study(cfg, out, progress=False, log=lambda s: None)
+    package = load_package(out / "models" / "sleep")
+    assert package.metadata["mode"] == "refit" and len(package.estimators) == 1
+    assert package.metadata["models"][0]["epochs"] == 2  # median of the folds' best epochs + 1
+    table = pd.read_csv(tiny_cohort.table, sep="\t")
+    y = table["sleep"]
+    assert package.estimators[0].y_mean_ == pytest.approx(y.mean())
+    pred_dir = tmp_path / "p"
+    assert main(["predict", str(out), "--cohort", str(tiny_cohort.table), "--out",
+                 str(pred_dir), "--allow-training-subjects", "--no-progress"]) == 0
+    pred = pd.read_csv(pred_dir / "predictions.tsv", sep="\t")
+    assert (pred["n_models"] == 1).all() and (pred["ensemble_sd"] == 0).all()
