@@ -75,3 +75,20 @@ def study_config(synth, **over):
     for section, values in over.items():
         raw.setdefault(section, {}).update(values)
     return config_from_dict(raw, synth.root)
+
+
+def roi_cohort(n: int = 40, p: int = 12, seed: int = 0, signal: float = 1.0):
+    """ROI features, targets (a strong one and noise) and covariates for ridge tests."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    ids = [f"sub-{i:03d}" for i in range(n)]
+    index = pd.Index(ids, name="participant_id")
+    x = pd.DataFrame(rng.normal(size=(n, p)), index=index, columns=[f"roi_{j}" for j in range(p)])
+    strong = x.iloc[:, :3].sum(axis=1) * signal + 0.1 * rng.normal(size=n)
+    targets = pd.DataFrame({"strong": strong, "noise": rng.normal(size=n)}, index=index)
+    cov = pd.DataFrame(
+        {"age": rng.normal(50, 10, n), "sex": rng.choice(["F", "M"], n)}, index=index
+    )
+    return ids, x, targets, cov

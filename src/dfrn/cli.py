@@ -163,10 +163,7 @@ def _run(args: argparse.Namespace) -> int:
             )
     elif args.command == "report":
         from dfrn.workflows.report import write_report
-        from dfrn.workflows.results import ResultsFolder
 
-        if not ResultsFolder(args.results).is_run():
-            raise DfrnInputError(f"{args.results} is not a results folder of 'dfrn run'")
         print(f"report: {write_report(args.results)}")
     elif args.command == "predict":
         from dfrn.workflows.predict import predict_cohort

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import roi_cohort
 
 from dfrn.evaluation.folds import make_fold_plan
 from dfrn.evaluation.metrics import compute_metrics, mean_r
@@ -16,19 +17,6 @@ from dfrn.evaluation.permutation import (
     permute_targets,
 )
 from dfrn.evaluation.ridge_cv import cross_validate_ridge
-
-
-def _cohort(n: int = 40, p: int = 12, seed: int = 0, signal: float = 1.0):
-    rng = np.random.default_rng(seed)
-    ids = [f"sub-{i:03d}" for i in range(n)]
-    index = pd.Index(ids, name="participant_id")
-    x = pd.DataFrame(rng.normal(size=(n, p)), index=index, columns=[f"roi_{j}" for j in range(p)])
-    strong = x.iloc[:, :3].sum(axis=1) * signal + 0.1 * rng.normal(size=n)
-    targets = pd.DataFrame({"strong": strong, "noise": rng.normal(size=n)}, index=index)
-    cov = pd.DataFrame(
-        {"age": rng.normal(50, 10, n), "sex": rng.choice(["F", "M"], n)}, index=index
-    )
-    return ids, x, targets, cov
 
 
 def test_permute_targets_keeps_missingness() -> None:
@@ -47,7 +35,7 @@ def test_permute_targets_keeps_missingness() -> None:
 
 
 def test_permutation_p_values_noise_and_signal() -> None:
-    ids, x, targets, _ = _cohort(n=40, p=10, seed=4)
+    ids, x, targets, _ = roi_cohort(n=40, p=10, seed=4)
     plan = make_fold_plan(ids, n_folds=5, n_repeats=2, seed=0)
     res = permutation_test(x, targets, plan, n_perm=99, seed=0, progress=False)
     assert list(res.columns) == PERMUTATION_COLUMNS
@@ -62,7 +50,7 @@ def test_permutation_p_values_noise_and_signal() -> None:
 
 
 def test_fast_ridge_permutations_equal_generic_driver() -> None:
-    ids, x, targets, cov = _cohort(n=30, p=8, seed=5, signal=0.2)
+    ids, x, targets, cov = roi_cohort(n=30, p=8, seed=5, signal=0.2)
     targets.loc[ids[:3], "noise"] = np.nan
     plan = make_fold_plan(ids, n_folds=5, n_repeats=1, seed=2)
 
@@ -82,7 +70,7 @@ def test_fast_ridge_permutations_equal_generic_driver() -> None:
 
 @pytest.mark.parametrize("n_jobs", [1, 2])
 def test_generic_callback_gets_each_permutation_index(n_jobs: int) -> None:
-    ids, x, targets, _ = _cohort(n=20, p=4, seed=6)
+    ids, x, targets, _ = roi_cohort(n=20, p=4, seed=6)
     plan = make_fold_plan(ids, n_folds=4, n_repeats=1, seed=0)
     perms = permutation_indices(len(ids), 5, seed=3)
     seen: dict[int | None, pd.DataFrame] = {}

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import roi_cohort
 from sklearn.linear_model import LinearRegression, RidgeCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -17,19 +18,6 @@ from dfrn.evaluation.metrics import PREDICTION_COLUMNS, compute_metrics
 from dfrn.evaluation.ridge_cv import cross_validate_ridge
 from dfrn.models.ridge import DEFAULT_ALPHAS
 from dfrn.targets.providers import StaticTargets
-
-
-def _cohort(n: int = 40, p: int = 12, seed: int = 0, signal: float = 1.0):
-    rng = np.random.default_rng(seed)
-    ids = [f"sub-{i:03d}" for i in range(n)]
-    index = pd.Index(ids, name="participant_id")
-    x = pd.DataFrame(rng.normal(size=(n, p)), index=index, columns=[f"roi_{j}" for j in range(p)])
-    strong = x.iloc[:, :3].sum(axis=1) * signal + 0.1 * rng.normal(size=n)
-    targets = pd.DataFrame({"strong": strong, "noise": rng.normal(size=n)}, index=index)
-    cov = pd.DataFrame(
-        {"age": rng.normal(50, 10, n), "sex": rng.choice(["F", "M"], n)}, index=index
-    )
-    return ids, x, targets, cov
 
 
 def _parity_data():
@@ -156,7 +144,7 @@ def test_provider_is_asked_once_per_split_and_may_not_leak() -> None:
 
 def test_fold_parameters_do_not_see_test_subjects() -> None:
     """Changing a test subject's data leaves every parameter of its test folds unchanged."""
-    ids, x, targets, cov = _cohort(n=40, p=12, seed=2)
+    ids, x, targets, cov = roi_cohort(n=40, p=12, seed=2)
     plan = make_fold_plan(ids, n_folds=5, n_repeats=2, seed=0)
     pred_a, models_a = cross_validate_ridge(x, targets, plan, cov, return_models=True)
 
@@ -200,7 +188,7 @@ def test_fold_parameters_do_not_see_test_subjects() -> None:
 
 
 def test_cross_validate_format_nan_drop_and_determinism() -> None:
-    ids, x, targets, cov = _cohort(n=30, p=6, seed=3)
+    ids, x, targets, cov = roi_cohort(n=30, p=6, seed=3)
     targets.loc[ids[:4], "noise"] = np.nan
     plan = make_fold_plan(ids, n_folds=5, n_repeats=2, seed=1)
     pred = cross_validate_ridge(x, targets, plan, cov)
@@ -221,7 +209,7 @@ def test_cross_validate_format_nan_drop_and_determinism() -> None:
 
 
 def test_cross_validate_input_errors() -> None:
-    ids, x, targets, cov = _cohort(n=20, p=4)
+    ids, x, targets, cov = roi_cohort(n=20, p=4)
     plan = make_fold_plan(ids, n_folds=4, n_repeats=1, seed=0)
     with pytest.raises(DfrnInputError, match="sub-005"):
         cross_validate_ridge(x.drop(index="sub-005"), targets, plan)

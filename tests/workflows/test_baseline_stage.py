@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from conftest import roi_cohort
 
 from dfrn.evaluation.folds import make_fold_plan
 from dfrn.evaluation.metrics import compute_metrics
@@ -20,18 +21,8 @@ from dfrn.workflows.baseline import (
 from dfrn.workflows.results import ResultsFolder
 
 
-def _cohort(n: int = 30, p: int = 6, seed: int = 3):
-    rng = np.random.default_rng(seed)
-    ids = [f"sub-{i:03d}" for i in range(n)]
-    index = pd.Index(ids, name="participant_id")
-    x = pd.DataFrame(rng.normal(size=(n, p)), index=index, columns=[f"roi_{j}" for j in range(p)])
-    strong = x.iloc[:, :3].sum(axis=1) + 0.1 * rng.normal(size=n)
-    targets = pd.DataFrame({"strong": strong, "noise": rng.normal(size=n)}, index=index)
-    return ids, x, targets
-
-
 def test_baseline_tables_and_figure_are_written_where_the_folder_says(tmp_path: Path) -> None:
-    ids, x, targets = _cohort()
+    ids, x, targets, _ = roi_cohort(n=30, p=6, seed=3)
     plan = make_fold_plan(ids, n_folds=5, n_repeats=2, seed=1)
     pred = cross_validate_ridge(x, targets, plan)
     metrics = compute_metrics(pred)

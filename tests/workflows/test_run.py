@@ -7,34 +7,17 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import study_config
 
-from dfrn.config import config_from_dict, load_config
+from dfrn.config import load_config
 from dfrn.errors import DfrnInputError, ResultsFolderError
 from dfrn.workflows.run import run_study
-
-
-def _cfg(cohort, **over):
-    raw = {
-        "cohort": {
-            "table": str(cohort.table),
-            "targets": ["anhedonia", "sleep"],
-            "mask": str(cohort.brain_mask),
-        },
-        "training": {"epochs": 1, "val_fraction": 0.0},
-        "cv": {"n_folds": 2, "n_repeats": 1, "seed": 1},
-        "baseline": {"enabled": False},
-        "attention": {"enabled": False},
-        "final": {"enabled": False},
-    }
-    for section, values in over.items():
-        raw.setdefault(section, {}).update(values)
-    return config_from_dict(raw, cohort.root)
 
 
 def test_pipeline_outputs_resume_and_refusal(tiny_cohort, tmp_path: Path) -> None:
     out = tmp_path / "res"
     logs: list[str] = []
-    res = run_study(_cfg(tiny_cohort), out, progress=False, log=logs.append)
+    res = run_study(study_config(tiny_cohort), out, progress=False, log=logs.append)
     for rel in ["cv/folds.tsv", "cv/predictions.tsv", "cv/metrics.tsv", "cv/table1.tsv",
                 "figures/fig2_scatter.png", "config.toml", "environment.json", "run.json"]:
         assert (out / rel).is_file(), rel
@@ -47,7 +30,7 @@ def test_pipeline_outputs_resume_and_refusal(tiny_cohort, tmp_path: Path) -> Non
     assert list(t1.columns) == ["repeat", "anhedonia", "sleep"] and t1["repeat"].iloc[-1] == "mean ± sd"
     assert any("Table 1" in line for line in logs)
     # the resolved config reloads to the same fingerprint
-    assert load_config(out / "config.toml").fingerprint() == _cfg(tiny_cohort).fingerprint()
+    assert load_config(out / "config.toml").fingerprint() == study_config(tiny_cohort).fingerprint()
     tasks = sorted(p.name for p in (out / "cv/tasks").iterdir())
     assert tasks == [
         "repeat-0_fold-0_anhedonia", "repeat-0_fold-0_sleep",
@@ -58,7 +41,7 @@ def test_pipeline_outputs_resume_and_refusal(tiny_cohort, tmp_path: Path) -> Non
     (out / "cv/tasks/.repeat-0_fold-1_sleep.abc.tmp").mkdir()
     mtime = (out / "cv/tasks/repeat-0_fold-0_sleep/model.pt").stat().st_mtime_ns
     logs.clear()
-    res2 = run_study(_cfg(tiny_cohort), out, progress=False, log=logs.append)
+    res2 = run_study(study_config(tiny_cohort), out, progress=False, log=logs.append)
     assert res2.resumed
     assert "resuming: 3 of 4 tasks already finished, skipped" in logs
     assert (out / "cv/tasks/repeat-0_fold-0_sleep/model.pt").stat().st_mtime_ns == mtime
@@ -67,19 +50,19 @@ def test_pipeline_outputs_resume_and_refusal(tiny_cohort, tmp_path: Path) -> Non
 
     # a different config must not touch this folder
     with pytest.raises(ResultsFolderError, match="holds a run of a different config"):
-        run_study(_cfg(tiny_cohort, training={"epochs": 2}), out, progress=False, log=logs.append)
+        run_study(study_config(tiny_cohort, training={"epochs": 2}), out, progress=False, log=logs.append)
 
 
 def test_refuses_non_empty_foreign_folder(tiny_cohort, tmp_path: Path) -> None:
     (tmp_path / "mine.txt").write_text("precious")
     with pytest.raises(ResultsFolderError, match="not empty and holds no dfrn run"):
-        run_study(_cfg(tiny_cohort), tmp_path, progress=False, log=lambda s: None)
+        run_study(study_config(tiny_cohort), tmp_path, progress=False, log=lambda s: None)
     assert (tmp_path / "mine.txt").read_text() == "precious"
 
 
 def test_fewer_subjects_than_folds(tiny_cohort, tmp_path: Path) -> None:
     with pytest.raises(DfrnInputError, match=r"12 subjects, fewer than cv.n_folds=20"):
-        run_study(_cfg(tiny_cohort, cv={"n_folds": 20}), tmp_path / "o", progress=False)
+        run_study(study_config(tiny_cohort, cv={"n_folds": 20}), tmp_path / "o", progress=False)
 
 
 

@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from dfrn.errors import DfrnInputError
 from dfrn.evaluation.metrics import mean_r
 from dfrn.io import atomic_write_text
 from dfrn.workflows.results import ResultsFolder
@@ -143,6 +144,11 @@ def write_report(out: str | Path, notes: list[str] | None = None) -> Path:
     from dfrn.models.package import dfrn_version
 
     folder = ResultsFolder(Path(out))
+    if not folder.is_run() or not folder.metrics.is_file():
+        raise DfrnInputError(
+            f"{out} is not a finished results folder of 'dfrn run' (no run.json or "
+            "cv/metrics.tsv); run or resume 'dfrn run' first"
+        )
     cfg = tomllib.loads(folder.config_toml.read_text(encoding="utf-8"))
     env = json.loads(folder.environment_json.read_text(encoding="utf-8"))
     plan = folder.read_folds()

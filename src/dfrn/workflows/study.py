@@ -58,7 +58,7 @@ def collect_inputs(cfg: StudyConfig, cohort: Cohort, progress: bool = False) -> 
     """Every input file of the study with its SHA-256, keyed by role (not by location).
 
     The cohort table (or BIDS ``participants.tsv``), each participant's T1, the GM maps (when
-    the baseline reads them), the brain mask, and the atlases, label tables, template and
+    the table has a GM column), the brain mask, and the atlases, label tables, template and
     ground-truth masks named in the config.
     """
     from tqdm.auto import tqdm
@@ -69,9 +69,11 @@ def collect_inputs(cfg: StudyConfig, cohort: Cohort, progress: bool = False) -> 
     wanted.append(("cohort_table", "the cohort table", table))
     for pid, p in zip(cohort.participant_ids, cohort.images, strict=True):
         wanted.append((f"t1/{pid}", f"participant {pid} T1", Path(p)))
-    if cfg.baseline.enabled:
-        gm = cohort.path_column(c.gm_column)
-        for pid, p in zip(cohort.participant_ids, gm or [], strict=False):
+    # GM maps count whenever the table names them: a later 'dfrn baseline' reads them even
+    # when the run itself had the baseline disabled
+    gm = cohort.path_column(c.gm_column)
+    if gm is not None:
+        for pid, p in zip(cohort.participant_ids, gm, strict=True):
             if not p.is_file():
                 raise DfrnInputError(f"participant {pid}: GM map not found: {p}")
             wanted.append((f"gm/{pid}", f"participant {pid} GM map", p))
