@@ -92,3 +92,25 @@ def roi_cohort(n: int = 40, p: int = 12, seed: int = 0, signal: float = 1.0):
         {"age": rng.normal(50, 10, n), "sex": rng.choice(["F", "M"], n)}, index=index
     )
     return ids, x, targets, cov
+
+
+def template_2mm(shared: Path, folder: Path) -> tuple[Path, Path]:
+    """The shared 1 mm MNI152NLin6Asym template and mask resampled to 2 mm (91×109×91)."""
+    import nibabel as nib
+    import numpy as np
+    from nilearn.image import resample_img
+
+    t1_path, mask_path = folder / "tpl_res-2_T1w.nii.gz", folder / "tpl_res-2_mask.nii.gz"
+    if t1_path.is_file() and mask_path.is_file():
+        return t1_path, mask_path
+    src = nib.load(shared / "mni152" / "tpl-MNI152NLin6Asym_res-01_T1w.nii.gz")
+    msk = nib.load(shared / "mni152" / "tpl-MNI152NLin6Asym_res-01_desc-brain_mask.nii.gz")
+    affine = src.affine.copy()
+    affine[:3, :3] *= 2
+    kw = {"target_affine": affine, "target_shape": (91, 109, 91), "force_resample": True,
+          "copy_header": True}
+    t1 = resample_img(src, interpolation="continuous", **kw)
+    nib.Nifti1Image(t1.get_fdata(dtype=np.float32), affine).to_filename(t1_path)
+    m = resample_img(msk, interpolation="nearest", **kw)
+    nib.Nifti1Image((m.get_fdata() > 0.5).astype(np.uint8), affine).to_filename(mask_path)
+    return t1_path, mask_path

@@ -55,3 +55,22 @@ def test_defaults_live_in_the_config() -> None:
         assert params[name].default == getattr(t, name), name
     assert list(params["block_strides"].default) == ModelConfig().block_strides
     assert list(inspect.signature(DFRN).parameters["block_strides"].default) == ModelConfig().block_strides
+
+
+def test_prep_section_is_validated_and_enters_the_fingerprint(tiny_cohort) -> None:
+    base = study_config(tiny_cohort)
+    syn = study_config(tiny_cohort, prep={"transform": "syn"})
+    assert syn.prep is not None and syn.prep.transform == "syn" and syn.prep.dice_min == 0.90
+    assert base.prep is None and "[prep]" not in base.to_toml() and "[prep]" in syn.to_toml()
+    affine = study_config(tiny_cohort, prep={"transform": "affine"})
+    more_jobs = study_config(tiny_cohort, prep={"transform": "syn", "jobs": 8})
+    assert len({base.fingerprint(), syn.fingerprint(), affine.fingerprint()}) == 3
+    assert more_jobs.fingerprint() == syn.fingerprint()  # parallelism does not change results
+    with pytest.raises(DfrnInputError, match=r"\[prep\] transform 'rigid' must be 'syn' or 'affine'"):
+        study_config(tiny_cohort, prep={"transform": "rigid"})
+    with pytest.raises(DfrnInputError, match=r"\[prep\] needs both template and template_mask"):
+        study_config(tiny_cohort, prep={"template": "t.nii.gz"})
+    deriv = study_config(tiny_cohort, cohort={"table": str(tiny_cohort.table), "targets": ["sleep"],
+                                              "derivatives": "/data/fmriprep"})
+    assert deriv.fingerprint() != study_config(
+        tiny_cohort, cohort={"table": str(tiny_cohort.table), "targets": ["sleep"]}).fingerprint()

@@ -90,6 +90,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write each subject's attention map per factor")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<index>")
 
+    p = sub.add_parser(
+        "prep", parents=[common],
+        help="raw T1 scans → MNI152NLin6Asym 1 mm, brain mask and GM maps (antspyx), or import "
+        "fMRIPrep derivatives",
+    )
+    p.add_argument("input", type=Path, nargs="?", default=None,
+                   help="BIDS root, or TSV/CSV with participant_id and a T1 path column")
+    p.add_argument("--out", type=Path, required=True, help="derivatives folder (new, or a resume)")
+    p.add_argument("--image-column", default="t1", help="T1 path column of a table")
+    p.add_argument("--session", default=None, help="BIDS session label")
+    p.add_argument("--transform", choices=["syn", "affine"], default="syn",
+                   help="affine then SyN (default), or affine only")
+    p.add_argument("--template", default=None, help="template T1 (default: TemplateFlow)")
+    p.add_argument("--template-mask", default=None, help="the template's brain mask")
+    p.add_argument("--jobs", type=int, default=1, help="subjects at once (one process each)")
+    p.add_argument("--seed", type=int, default=0, help="ANTs random seed (default 0)")
+    p.add_argument("--no-deterministic", action="store_true",
+                   help="let ANTs use several threads per subject (faster, not repeatable)")
+    p.add_argument("--from-derivatives", type=Path, default=None, metavar="DIR",
+                   help="take template-space images from fMRIPrep/sMRIPrep derivatives")
+    p.add_argument("--dice-min", type=float, default=0.90, help="QC flag below this Dice")
+    p.add_argument("--corr-min", type=float, default=0.40,
+                   help="QC flag below this T1 correlation with the template")
+
     p = sub.add_parser("report", parents=[common],
                        help="write RESULTS/report.html (one self-contained page)")
     p.add_argument("results", type=Path, help="results folder of 'dfrn run'")
@@ -161,6 +185,16 @@ def _run(args: argparse.Namespace) -> int:
                 args.items, args.n_factors, args.out, names=_parse_names(args.name),
                 impute=args.impute, tol=args.tol, n_resamples=args.resamples, seed=args.seed,
             )
+    elif args.command == "prep":
+        from dfrn.workflows.prep import run_prep
+
+        run_prep(
+            args.input, args.out, image_column=args.image_column, session=args.session,
+            derivatives=args.from_derivatives, transform=args.transform, seed=args.seed,
+            deterministic=not args.no_deterministic, template=args.template,
+            template_mask=args.template_mask, jobs=args.jobs, dice_min=args.dice_min,
+            corr_min=args.corr_min, progress=progress,
+        )
     elif args.command == "report":
         from dfrn.workflows.report import write_report
 

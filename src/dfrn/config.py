@@ -51,6 +51,7 @@ __all__ = [
     "BaselineConfig",
     "AttentionConfig",
     "FinalConfig",
+    "PrepConfig",
     "StudyConfig",
     "load_config",
     "DEVICE_PATTERN",
@@ -87,6 +88,11 @@ class CohortConfig:
     """Integer block-average factor (1 = full resolution)."""
     cache_dir: str = ""
     """Volume cache; defaults to ``<results>/cache``."""
+    derivatives: str = ""
+    """fMRIPrep/sMRIPrep derivatives folder: the images come from its
+    ``space-MNI152NLin6Asym[_res-<r>]_desc-preproc_T1w``, ``desc-brain_mask`` and
+    ``label-GM_probseg`` files (resampled by world coordinates onto the template grid, into
+    ``<results>/prep/``); ``table`` or ``bids`` still names the participants and scores."""
 
 
 @dataclass
@@ -179,6 +185,30 @@ class FinalConfig:
 
 
 @dataclass
+class PrepConfig:
+    """``dfrn prep`` inside ``dfrn run``: raw T1 scans → template space, into ``<results>/prep/``.
+
+    With this section, ``[cohort]`` names raw scans (native space, with skull); the study
+    then uses ``<results>/prep/cohort.tsv`` (preprocessed T1, modulated GM and mask).
+    """
+
+    transform: str = "syn"
+    """``"syn"`` (affine then SyN) or ``"affine"`` (linear only)."""
+    template: str = ""
+    """Template T1 (MNI152NLin6Asym 1 mm); empty: TemplateFlow (see dfrn.data.templates)."""
+    template_mask: str = ""
+    seed: int = 0
+    deterministic: bool = True
+    """One ITK thread per subject: the only setting in which ANTs repeats exactly."""
+    jobs: int = 1
+    """Subjects preprocessed in parallel processes."""
+    dice_min: float = 0.90
+    """A subject whose brain-mask Dice with the template's is lower is flagged."""
+    corr_min: float = 0.40
+    """A subject whose T1 correlation with the template in the brain is lower is flagged."""
+
+
+@dataclass
 class StudyConfig:
     cohort: CohortConfig = field(default_factory=CohortConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -188,11 +218,13 @@ class StudyConfig:
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     final: FinalConfig = field(default_factory=FinalConfig)
+    prep: PrepConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if d["factors"] is None:
-            del d["factors"]
+        for optional in ("factors", "prep"):
+            if d[optional] is None:
+                del d[optional]
         return d
 
     def fingerprint(self) -> str:
@@ -204,11 +236,14 @@ class StudyConfig:
         """
         d = self.to_dict()
         d["training"].pop("device", None)
+        if "prep" in d:
+            d["prep"].pop("jobs", None)
         for section, keys in PATH_KEYS.items():
             if section in d:
                 for k in keys:
                     d[section].pop(k, None)
         d["cohort"]["source"] = "bids" if self.cohort.bids else "table"
+        d["cohort"]["derivatives"] = bool(self.cohort.derivatives)
         d["attention"]["truth"] = sorted(self.attention.truth)
         blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -234,6 +269,7 @@ SECTIONS: dict[str, type] = {
     "baseline": BaselineConfig,
     "attention": AttentionConfig,
     "final": FinalConfig,
+    "prep": PrepConfig,
 }
 #: Keys of earlier versions, with what to do instead.
 REMOVED_KEYS = {
@@ -241,7 +277,8 @@ REMOVED_KEYS = {
     ("training", "num_workers"): "it had no effect; delete it",
 }
 PATH_KEYS = {
-    "cohort": ("table", "bids", "mask", "cache_dir"),
+    "cohort": ("table", "bids", "mask", "cache_dir", "derivatives"),
+    "prep": ("template", "template_mask"),
     "baseline": ("atlas", "atlas_labels"),
     "attention": ("atlas", "atlas_labels", "template"),
 }
@@ -349,6 +386,18 @@ def validate(cfg: StudyConfig) -> None:
         raise DfrnInputError("config [cv] needs n_folds >= 2 and n_repeats >= 1")
     if cfg.final.mode not in ("ensemble", "refit"):
         raise DfrnInputError("config [final] mode must be 'ensemble' or 'refit'")
+    if cfg.prep is not None:
+        p = cfg.prep
+        if p.transform not in ("syn", "affine"):
+            raise DfrnInputError(
+                f"config [prep] transform {p.transform!r} must be 'syn' or 'affine'"
+            )
+        if p.jobs < 1 or p.seed < 0:
+            raise DfrnInputError("config [prep] jobs must be >= 1 and seed >= 0")
+        if not (0 <= p.dice_min <= 1 and -1 <= p.corr_min <= 1):
+            raise DfrnInputError("config [prep] dice_min must be in [0, 1], corr_min in [-1, 1]")
+        if bool(p.template) != bool(p.template_mask):
+            raise DfrnInputError("config [prep] needs both template and template_mask, or neither")
     if cfg.factors is not None:
         f = cfg.factors
         if f.fit_on not in ("all", "train"):

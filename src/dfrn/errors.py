@@ -29,3 +29,7 @@ class DiskSpaceError(DfrnError, OSError):
 
     def __str__(self) -> str:
         return str(self.strerror or super().__str__())
+
+
+class PrepFailedError(DfrnError):
+    """``dfrn prep`` finished, but one or more subjects failed (listed in ``qc.tsv``)."""

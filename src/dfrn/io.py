@@ -193,19 +193,26 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(folder: str | Path, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+def write_manifest(
+    folder: str | Path, exclude: tuple[str, ...] = (), recursive: bool = False
+) -> dict[str, Any]:
     """Write ``folder/manifest.json``: name, size and SHA-256 of every file in ``folder``.
 
-    Sub-folders are not allowed (a task folder is flat). Returns the manifest.
+    Sub-folders are not allowed (a task folder is flat) unless ``recursive``: then files in
+    sub-folders are listed by their POSIX path relative to ``folder``. Returns the manifest.
     """
     folder = Path(folder)
     files: dict[str, dict[str, Any]] = {}
-    for p in sorted(folder.iterdir()):
-        if p.name == MANIFEST_NAME or p.name in exclude:
+    entries = sorted(folder.rglob("*")) if recursive else sorted(folder.iterdir())
+    for p in entries:
+        name = p.relative_to(folder).as_posix()
+        if name == MANIFEST_NAME or p.name in exclude:
+            continue
+        if recursive and p.is_dir():
             continue
         if not p.is_file():
             raise ValueError(f"manifest: {p} is not a plain file")
-        files[p.name] = {"size": p.stat().st_size, "sha256": file_digest(p)}
+        files[name] = {"size": p.stat().st_size, "sha256": file_digest(p)}
     manifest = {"version": 1, "files": files}
     atomic_write_json(folder / MANIFEST_NAME, manifest)
     return manifest

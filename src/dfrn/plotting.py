@@ -335,3 +335,51 @@ def plot_scree(observed: np.ndarray, random_threshold: np.ndarray, random_mean: 
 
 
 __all__ += ["plot_scree"]
+
+
+def plot_registration_qc(
+    t1_img: ImageLike, template_mask: ImageLike, path: str | Path, *, title: str = "",
+    dpi: int = 100,
+) -> Path:
+    """QC of one registration: the warped T1 with the template's brain outline, three planes.
+
+    Parameters
+    ----------
+    t1_img : nibabel image, str or Path
+        The subject's T1 in template space.
+    template_mask : nibabel image, str or Path
+        The template's brain mask; its outline is drawn in red.
+    path : str or Path
+        The PNG to write (atomically).
+    title : str
+        Usually the subject and the QC figures.
+    dpi : int, default 100
+        Resolution of the PNG.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    from matplotlib.figure import Figure
+    from nilearn import plotting
+
+    from dfrn.data.images import load_img
+
+    t1 = load_img(t1_img, "warped T1")
+    mask = load_img(template_mask, "template mask")
+    fig = Figure(figsize=(10, 3.6), facecolor="black")
+    ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
+    display = plotting.plot_anat(
+        t1, display_mode="ortho", cut_coords=(0, -18, 12), axes=ax, figure=fig,
+        title=title or None, annotate=True, draw_cross=False, black_bg=True, dim=0,
+    )
+    display.add_contours(mask, levels=[0.5], colors="r", linewidths=1.0)
+    out = Path(path)
+    atomic_write(
+        out, lambda p: fig.savefig(p, dpi=dpi, facecolor=fig.get_facecolor(), format="png")
+    )
+    return out
+
+
+__all__ += ["plot_registration_qc"]

@@ -23,7 +23,14 @@ import pandas as pd
 from dfrn.errors import DfrnInputError
 from dfrn.io import check_safe_id
 
-__all__ = ["Cohort", "read_table", "load_cohort_table", "load_bids_cohort", "numeric_columns"]
+__all__ = [
+    "Cohort",
+    "read_table",
+    "load_cohort_table",
+    "load_bids_cohort",
+    "find_bids_t1",
+    "numeric_columns",
+]
 
 
 @dataclass
@@ -196,6 +203,34 @@ def load_cohort_table(
     return _finish(df, images, targets, covariates, path)
 
 
+def find_bids_t1(root: str | Path, pid: str, session: str | None = None) -> Path:
+    """The one ``anat/*_T1w.nii[.gz]`` of a participant (in ``ses-<session>`` if given).
+
+    Raises
+    ------
+    DfrnInputError
+        When the subject's folder or T1 is missing, or several T1 images match.
+    """
+    root = Path(root)
+    sub = pid if pid.startswith("sub-") else f"sub-{pid}"
+    sub_dir = root / sub
+    if not sub_dir.is_dir():
+        raise DfrnInputError(f"participant {pid}: BIDS folder {sub_dir} not found")
+    patterns = ["anat/*_T1w.nii.gz", "anat/*_T1w.nii"]
+    ses_glob = f"ses-{session}" if session else "ses-*"
+    found = [] if session else sorted({p for pat in patterns for p in sub_dir.glob(pat)})
+    found += sorted({p for pat in patterns for p in sub_dir.glob(f"{ses_glob}/{pat}")})
+    if not found:
+        raise DfrnInputError(f"participant {pid}: no *_T1w.nii[.gz] under {sub_dir}")
+    if len(found) > 1:
+        names = ", ".join(str(p.relative_to(root)) for p in found[:4])
+        raise DfrnInputError(
+            f"participant {pid}: {len(found)} T1 images ({names}); choose one with "
+            "cohort.session or use a cohort table"
+        )
+    return found[0]
+
+
 def load_bids_cohort(
     root: str | Path,
     targets: Sequence[str],
@@ -211,23 +246,5 @@ def load_bids_cohort(
     if not root.is_dir():
         raise DfrnInputError(f"BIDS root not found: {root}")
     df = read_table(root / "participants.tsv")
-    images = []
-    for pid in df.index:
-        sub = pid if pid.startswith("sub-") else f"sub-{pid}"
-        sub_dir = root / sub
-        if not sub_dir.is_dir():
-            raise DfrnInputError(f"participant {pid}: BIDS folder {sub_dir} not found")
-        patterns = ["anat/*_T1w.nii.gz", "anat/*_T1w.nii"]
-        ses_glob = f"ses-{session}" if session else "ses-*"
-        found = sorted({p for pat in patterns for p in sub_dir.glob(pat)})
-        found += sorted({p for pat in patterns for p in sub_dir.glob(f"{ses_glob}/{pat}")})
-        if not found:
-            raise DfrnInputError(f"participant {pid}: no *_T1w.nii[.gz] under {sub_dir}")
-        if len(found) > 1:
-            names = ", ".join(str(p.relative_to(root)) for p in found[:4])
-            raise DfrnInputError(
-                f"participant {pid}: {len(found)} T1 images ({names}); choose one with "
-                "cohort.session or use a cohort table"
-            )
-        images.append(found[0])
+    images = [find_bids_t1(root, pid, session) for pid in df.index]
     return _finish(df, images, targets, covariates, root)

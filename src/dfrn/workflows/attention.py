@@ -212,7 +212,7 @@ def run_attention_stage(
     method = method or a.method
     resolve_device(cfg.training.device)
     if volumes is None:
-        volumes = prepare_volumes(load_study_cohort(cfg), cfg, folder.root, progress, log=log)
+        volumes = prepare_volumes(load_study_cohort(cfg, folder.root), cfg, folder.root, progress, log=log)
     if plan is None:
         plan = folder.read_folds(volumes.participant_ids)
     if factors is None:

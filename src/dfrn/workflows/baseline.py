@@ -214,7 +214,7 @@ def run_baseline_stage(
 
     folder = ResultsFolder(Path(out))
     b = cfg.baseline
-    cohort = cohort or load_study_cohort(cfg)
+    cohort = cohort or load_study_cohort(cfg, folder.root)
     if plan is None:
         plan = folder.read_folds()
     if targets is None or provider is None:

@@ -164,14 +164,15 @@ def verify_inputs(out: str | Path, inputs: dict[str, InputFile]) -> None:
 def check_results_dir(
     out: str | Path,
     cfg: StudyConfig,
-    inputs: dict[str, InputFile],
+    inputs: dict[str, InputFile] | None,
     allow_existing: tuple[str, ...] = (),
 ) -> bool:
     """Whether ``out`` can hold this run; True when it resumes an earlier one. Writes nothing.
 
     A folder is usable when it is absent, empty (apart from :data:`SCRATCH` entries and
     ``allow_existing``), or holds a run of the same config fingerprint and the same input
-    files (by content, so a moved or copied folder still resumes).
+    files (by content, so a moved or copied folder still resumes). ``inputs = None`` checks
+    only the config and the folder (before a prep stage writes into it).
 
     Raises
     ------
@@ -188,7 +189,8 @@ def check_results_dir(
                 f"(fingerprint {info.get('fingerprint')} vs {fingerprint}); "
                 "choose another --out, or rerun with the config saved in its config.toml"
             )
-        verify_inputs(out, inputs)
+        if inputs is not None:
+            verify_inputs(out, inputs)
         return True
     if out.exists() and not out.is_dir():
         raise ResultsFolderError(f"results path {out} exists and is not a folder")
@@ -280,6 +282,11 @@ class ResultsFolder:
     @property
     def cache(self) -> Path:
         return self.root / "cache"
+
+    @property
+    def prep(self) -> Path:
+        """``dfrn prep``'s derivatives folder when the study has ``[prep]`` or derivatives."""
+        return self.root / "prep"
 
     @property
     def logs(self) -> Path:

@@ -36,6 +36,7 @@ from dfrn.plotting import format_table, plot_fig2
 from dfrn.workflows.results import (
     ResultsFolder,
     check_results_dir,
+    read_run_info,
     record_resume,
     write_run_identity,
 )
@@ -47,7 +48,9 @@ from dfrn.workflows.study import (
     make_estimator_factory,
     prepare_volumes,
     results_lock,
+    run_study_prep,
     study_targets,
+    uses_prep,
 )
 
 __all__ = ["StudyResult", "run_study", "run_cv_stage"]
@@ -91,7 +94,11 @@ def run_cv_stage(
     """Stages 1–4 (see the module docstring). The caller holds the folder's lock."""
     out = Path(out)
     resolve_device(cfg.training.device)  # before any caching: cuda on a CPU machine is refused
-    cohort = load_study_cohort(cfg)
+    if uses_prep(cfg):
+        check_results_dir(out, cfg, None, (*allow_existing, "prep"))
+        run_study_prep(cfg, out, progress, log, resumed=read_run_info(out) is not None)
+        allow_existing = (*allow_existing, "prep")
+    cohort = load_study_cohort(cfg, out)
     check_common_grid(cohort.images, [f"participant {p}" for p in cohort.participant_ids])
     inputs = collect_inputs(cfg, cohort, progress)
     resumed = check_results_dir(out, cfg, inputs, allow_existing)

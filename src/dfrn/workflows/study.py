@@ -32,7 +32,11 @@ from dfrn.workflows.results import (
 )
 
 __all__ = [
+    "uses_prep",
+    "cohort_table_path",
     "load_study_cohort",
+    "warn_prep_qc",
+    "run_study_prep",
     "collect_inputs",
     "fold_plan_for",
     "prepare_volumes",
@@ -45,13 +49,89 @@ __all__ = [
 ]
 
 
-def load_study_cohort(cfg: StudyConfig) -> Cohort:
-    """The cohort named by ``[cohort]``; targets are validated unless factors derive them."""
+def uses_prep(cfg: StudyConfig) -> bool:
+    """Whether the study's images come from its own prep stage (``<results>/prep/``)."""
+    return cfg.prep is not None or bool(cfg.cohort.derivatives)
+
+
+def cohort_table_path(cfg: StudyConfig, out: str | Path | None) -> Path:
+    """The table the study's cohort is read from (``<results>/prep/cohort.tsv`` with prep)."""
+    c = cfg.cohort
+    if uses_prep(cfg):
+        if out is None:
+            raise ValueError("a study with [prep] or [cohort] derivatives needs its results folder")
+        return ResultsFolder(Path(out)).prep / "cohort.tsv"
+    return Path(c.table) if c.table else Path(c.bids) / "participants.tsv"
+
+
+def load_study_cohort(cfg: StudyConfig, out: str | Path | None = None) -> Cohort:
+    """The cohort named by ``[cohort]``; targets are validated unless factors derive them.
+
+    With ``[prep]`` or ``[cohort] derivatives`` the cohort is ``<out>/prep/cohort.tsv``,
+    written by :func:`run_study_prep`. A cohort made by ``dfrn prep`` warns about subjects
+    that QC flagged or that failed and are missing from it.
+    """
     c = cfg.cohort
     targets = [] if cfg.factors is not None else list(c.targets)
-    if c.table:
-        return load_cohort_table(c.table, targets, c.image_column, c.covariates)
-    return load_bids_cohort(c.bids, targets, c.covariates, session=c.session or None)
+    if uses_prep(cfg):
+        table = cohort_table_path(cfg, out)
+        if not table.is_file():
+            raise DfrnInputError(
+                f"{table} is missing: the study's prep stage has not finished; rerun 'dfrn run'"
+            )
+        cohort = load_cohort_table(table, targets, "t1", c.covariates)
+    elif c.table:
+        cohort = load_cohort_table(c.table, targets, c.image_column, c.covariates)
+    else:
+        cohort = load_bids_cohort(c.bids, targets, c.covariates, session=c.session or None)
+    warn_prep_qc(cohort)
+    return cohort
+
+
+def warn_prep_qc(cohort: Cohort) -> None:
+    """Warn about subjects ``dfrn prep`` flagged (``prep_status``) or that failed (``qc.tsv``)."""
+    import warnings
+
+    if "prep_status" in cohort.table.columns:
+        flagged = cohort.table.index[cohort.table["prep_status"].astype(str) == "flagged"]
+        if len(flagged):
+            warnings.warn(
+                f"{len(flagged)} subject(s) were flagged by dfrn prep's QC and are included: "
+                f"{', '.join(map(str, flagged[:5]))}; check qc.tsv and their QC figures",
+                UserWarning, stacklevel=2,
+            )
+    qc_path = cohort.source.parent / "qc.tsv" if cohort.source.is_file() else None
+    if qc_path is not None and qc_path.is_file() and "prep_status" in cohort.table.columns:
+        qc = pd.read_csv(qc_path, sep="\t", dtype={"participant_id": str})
+        failed = qc.loc[qc["status"] == "failed", "participant_id"].tolist()
+        if failed:
+            warnings.warn(
+                f"{len(failed)} subject(s) failed dfrn prep and are not in the cohort: "
+                f"{', '.join(failed[:5])} (see {qc_path})", UserWarning, stacklevel=2,
+            )
+
+
+def run_study_prep(cfg: StudyConfig, out: Path, progress: bool, log: Callable[[str], None],
+                   resumed: bool) -> None:
+    """The study's prep stage: raw scans (``[prep]``) or derivatives into ``<out>/prep``.
+
+    Finished subjects are reused. On a resumed run, a raw scan that changed since it was
+    preprocessed is refused (the study's results were made from the old one). Failed subjects
+    stop the study with an error naming them.
+    """
+    from dfrn.config import PrepConfig
+    from dfrn.workflows.prep import run_prep
+
+    c = cfg.cohort
+    p = cfg.prep or PrepConfig()
+    run_prep(
+        c.table or c.bids, ResultsFolder(out).prep, image_column=c.image_column,
+        session=c.session or None, derivatives=c.derivatives or None, transform=p.transform,
+        seed=p.seed, deterministic=p.deterministic, template=p.template or None,
+        template_mask=p.template_mask or None, jobs=p.jobs, dice_min=p.dice_min,
+        corr_min=p.corr_min, progress=progress, log=log,
+        changed_input="refuse" if resumed else "rerun",
+    )
 
 
 def collect_inputs(cfg: StudyConfig, cohort: Cohort, progress: bool = False) -> dict[str, InputFile]:
@@ -65,7 +145,7 @@ def collect_inputs(cfg: StudyConfig, cohort: Cohort, progress: bool = False) -> 
 
     c = cfg.cohort
     wanted: list[tuple[str, str, Path]] = []
-    table = Path(c.table) if c.table else Path(c.bids) / "participants.tsv"
+    table = cohort.source if uses_prep(cfg) else cohort_table_path(cfg, None)
     wanted.append(("cohort_table", "the cohort table", table))
     for pid, p in zip(cohort.participant_ids, cohort.images, strict=True):
         wanted.append((f"t1/{pid}", f"participant {pid} T1", Path(p)))
@@ -272,7 +352,7 @@ def open_finished_study(out: str | Path, progress: bool = False) -> FinishedStud
     if not folder.folds.is_file():
         raise DfrnInputError(f"{out} has no cv/folds.tsv; rerun 'dfrn run' to finish the run")
     cfg = load_config(folder.config_toml)
-    cohort = load_study_cohort(cfg)
+    cohort = load_study_cohort(cfg, out)
     inputs = collect_inputs(cfg, cohort, progress)
     verify_inputs(out, inputs)
     plan = folder.read_folds(cohort.participant_ids)

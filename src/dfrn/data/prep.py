@@ -1,0 +1,345 @@
+"""Preprocessing of one raw T1 scan with ANTsPy: template space, brain mask, gray matter.
+
+Steps, per subject (:func:`preprocess_t1`):
+
+1. reorient to RAS (nibabel's axis codes; ITK calls the same orientation ``LPI``);
+2. N4 bias-field correction;
+3. registration to the template: affine, then SyN (``antsRegistrationSyNQuick[s]``), or
+   affine only (``transform = "affine"``, like Clinica's ``t1-linear``);
+4. brain mask: the template's mask carried back through the inverse transform;
+5. three-class k-means / Atropos segmentation inside the mask, classes **ordered by mean T1
+   intensity**, so that 1 = CSF, 2 = GM, 3 = WM whatever order the clustering returns;
+6. GM probability warped to the template, and **modulated GM**: warped GM × the Jacobian
+   determinant of the full template→native transform (affine part included), computed from
+   the composed displacement field. Its sum × the template's voxel volume is the subject's
+   native GM volume.
+
+Reproducibility: ANTs registration is only repeatable single-threaded (two-thread runs of the
+same seed differ), so :func:`ants_environment` sets ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``
+to 1 in deterministic mode; the sampling seed is fixed with ``random_seed``.
+
+antspyx is an optional extra (``pip install 'dfrn[prep]'``); it is imported only here, when
+needed. Nothing is downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from dfrn.errors import DfrnInputError
+
+__all__ = [
+    "PREP_TRANSFORMS",
+    "PrepParams",
+    "PrepResult",
+    "require_ants",
+    "ants_environment",
+    "check_t1",
+    "order_classes",
+    "preprocess_t1",
+    "registration_qc",
+    "set_ants_threads",
+]
+
+#: ``transform`` choices and the ANTsPy ``type_of_transform`` each one runs.
+PREP_TRANSFORMS: dict[str, str] = {
+    "syn": "antsRegistrationSyNQuick[s]",
+    "affine": "Affine",
+}
+_CLASSES = ("CSF", "GM", "WM")
+
+
+def require_ants() -> Any:
+    """Import antspyx, or raise a one-line error saying how to install it."""
+    try:
+        import ants  # type: ignore[import-not-found]
+    except ImportError:
+        raise DfrnInputError(
+            "dfrn prep needs antspyx: pip install 'dfrn[prep]'"
+        ) from None
+    return ants
+
+
+def ants_environment(deterministic: bool, threads: int) -> dict[str, str]:
+    """Environment variables for ANTs/ITK: thread count and the random seed.
+
+    Parameters
+    ----------
+    deterministic : bool
+        One ITK thread, the only setting under which ANTs registration repeats exactly.
+    threads : int
+        Threads per subject when not deterministic.
+    """
+    n = 1 if deterministic else max(1, int(threads))
+    return {"ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": str(n)}
+
+
+@dataclass(frozen=True)
+class PrepParams:
+    """Settings of :func:`preprocess_t1` (validated on construction).
+
+    Attributes
+    ----------
+    transform : str
+        ``"syn"`` (affine then SyN) or ``"affine"``.
+    seed : int
+        ANTs' random seed (metric sampling).
+    """
+
+    transform: str = "syn"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.transform not in PREP_TRANSFORMS:
+            raise DfrnInputError(
+                f"prep transform {self.transform!r} is not one of {', '.join(PREP_TRANSFORMS)}"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise DfrnInputError(f"prep seed must be a non-negative integer, not {self.seed!r}")
+
+
+@dataclass
+class PrepResult:
+    """Everything :func:`preprocess_t1` computes for one subject.
+
+    Template-space images are on the template's grid with the template's affine; native-space
+    images carry the reoriented input's affine.
+    """
+
+    t1_template: nib.Nifti1Image
+    mask_template: nib.Nifti1Image
+    gm_template: nib.Nifti1Image
+    gm_modulated: nib.Nifti1Image
+    t1_native: nib.Nifti1Image
+    mask_native: nib.Nifti1Image
+    dseg_native: nib.Nifti1Image
+    transforms: dict[str, Path]
+    """``affine`` (.mat), and for SyN ``warp`` and ``inverse_warp`` (.nii.gz), in a work folder."""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def check_t1(path: str | Path, label: str) -> nib.Nifti1Image:
+    """Load a T1 and refuse what cannot be one, with a one-line error naming the subject.
+
+    Refused: unreadable files, non-3D images (a singleton 4th axis is allowed), non-finite
+    values, empty or constant images, and label/mask images (fewer than 16 distinct values).
+    """
+    path = Path(path)
+    try:
+        img = nib.load(path)
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as exc:  # nibabel and gzip raise many types
+        raise DfrnInputError(f"{label}: cannot read {path} as NIfTI ({type(exc).__name__})") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DfrnInputError(f"{label}: {path.name} is {data.ndim}D {data.shape}, not a 3D T1 image")
+    if min(data.shape) < 8:
+        raise DfrnInputError(f"{label}: {path.name} has shape {data.shape}, too small for a T1")
+    if not np.isfinite(data).all():
+        raise DfrnInputError(f"{label}: {path.name} has NaN or infinite values")
+    if not data.any():
+        raise DfrnInputError(f"{label}: {path.name} is empty (all zeros)")
+    if float(data.max()) == float(data.min()):
+        raise DfrnInputError(f"{label}: {path.name} is constant ({float(data.max()):g})")
+    sample = data[:: max(1, data.shape[0] // 64), :: max(1, data.shape[1] // 64)]
+    if len(np.unique(sample)) < 16:
+        raise DfrnInputError(
+            f"{label}: {path.name} has fewer than 16 distinct values: it looks like a mask or "
+            "label image, not a T1"
+        )
+    return nib.Nifti1Image(data, img.affine)
+
+
+def order_classes(intensity: np.ndarray, labels: np.ndarray, n: int = 3) -> np.ndarray:
+    """Permutation that orders segmentation classes 1..n by their mean intensity.
+
+    Returns ``order`` such that ``order[k]`` is the original label of the k-th darkest class:
+    on T1, CSF < GM < WM.
+    """
+    means = []
+    for k in range(1, n + 1):
+        sel = labels == k
+        means.append(float(intensity[sel].mean()) if sel.any() else np.inf)
+    return np.argsort(means, kind="stable") + 1
+
+
+def _checked_call(fn: Callable[..., Any], **kwargs: Any) -> Any:
+    """Call an ANTsPy function after checking that each keyword is a named parameter.
+
+    ``ants.registration`` and ``ants.apply_transforms`` take ``**kwargs`` and ignore unknown
+    keywords silently; a renamed parameter in another antspyx version must fail instead.
+    """
+    params = inspect.signature(fn).parameters
+    named = {n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    unknown = sorted(set(kwargs) - named)
+    if unknown:
+        raise RuntimeError(
+            f"ants.{fn.__name__} in this antspyx has no parameter {', '.join(unknown)}; "
+            "install a supported antspyx (pip install 'dfrn[prep]')"
+        )
+    return fn(**kwargs)
+
+
+def _to_nifti(ants_mod: Any, image: Any, affine: np.ndarray, dtype: Any) -> nib.Nifti1Image:
+    """An ANTs image as NIfTI with the given affine (the grid's own, not a re-derived one)."""
+    data = np.asarray(image.numpy(), dtype=dtype)
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_data_dtype(dtype)
+    img.header.set_xyzt_units("mm")
+    return img
+
+
+def registration_qc(
+    mask_template: np.ndarray, template_mask: np.ndarray, t1_template: np.ndarray,
+    template_t1: np.ndarray,
+) -> dict[str, float]:
+    """Dice of the subject's brain mask with the template's, and T1 correlation in the brain.
+
+    Dice measures how much of the template's brain the subject's image covers after the
+    round trip (clipped field of view, failed inverse); the correlation measures alignment.
+    """
+    a, b = mask_template > 0.5, template_mask > 0.5
+    denom = a.sum() + b.sum()
+    dice = float(2.0 * (a & b).sum() / denom) if denom else 0.0
+    x, y = t1_template[b].astype(float), template_t1[b].astype(float)
+    corr = float(np.corrcoef(x, y)[0, 1]) if x.std() > 0 and y.std() > 0 else 0.0
+    return {"dice": dice, "corr": corr}
+
+
+def preprocess_t1(
+    t1: str | Path,
+    template_t1: str | Path,
+    template_mask: str | Path,
+    params: PrepParams,
+    workdir: str | Path,
+    label: str = "subject",
+) -> PrepResult:
+    """Run the full preprocessing of one T1 (see the module docstring).
+
+    Parameters
+    ----------
+    t1 : str or Path
+        Raw T1 image, any orientation, with or without skull.
+    template_t1, template_mask : str or Path
+        Registration target and its brain mask.
+    params : PrepParams
+        Transform and seed.
+    workdir : str or Path
+        Folder for ANTs' transform files (the caller renames them into place).
+    label : str
+        Subject label for error messages.
+
+    Returns
+    -------
+    PrepResult
+    """
+    ants = require_ants()
+    start = time.perf_counter()
+    workdir = Path(workdir)
+    native = check_t1(t1, label)
+    tpl_nib = nib.load(template_t1)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        native_path = Path(tmp) / "native.nii.gz"
+        ras = nib.as_closest_canonical(native)
+        nib.save(ras, native_path)
+        img = ants.image_read(str(native_path)).astype("float32")
+    tpl = ants.image_read(str(template_t1)).astype("float32")
+    tpl_mask = ants.image_read(str(template_mask)).astype("float32")
+
+    n4 = _checked_call(ants.n4_bias_field_correction, image=img)
+    reg = _checked_call(
+        ants.registration,
+        fixed=tpl,
+        moving=n4,
+        type_of_transform=PREP_TRANSFORMS[params.transform],
+        random_seed=params.seed,
+        outprefix=str(workdir / "xfm_"),
+        verbose=False,
+    )
+    fwd, inv = list(reg["fwdtransforms"]), list(reg["invtransforms"])
+    which_inv = [p.endswith(".mat") for p in inv]
+    mask_native = _checked_call(
+        ants.apply_transforms, fixed=n4, moving=tpl_mask, transformlist=inv,
+        whichtoinvert=which_inv, interpolator="nearestNeighbor",
+    )
+    if float(mask_native.numpy().sum()) == 0:
+        raise DfrnInputError(f"{label}: registration failed (the brain mask maps outside the image)")
+
+    seg = _checked_call(ants.kmeans_segmentation, image=n4, k=3, kmask=mask_native)
+    labels = seg["segmentation"].numpy()
+    order = order_classes(n4.numpy(), labels)
+    probs = [seg["probabilityimages"][int(k) - 1] for k in order]
+    dseg = np.zeros(labels.shape, dtype=np.uint8)
+    for new, old in enumerate(order, start=1):
+        dseg[labels == old] = new
+    intensity = n4.numpy()
+    class_means = {c: float(intensity[dseg == i].mean()) if (dseg == i).any() else float("nan")
+                   for i, c in enumerate(_CLASSES, start=1)}
+    gm_native = probs[1]
+    native_voxel_ml = float(np.prod(n4.spacing)) / 1000.0
+    gm_ml = float(gm_native.numpy().sum()) * native_voxel_ml
+
+    t1_tpl = _checked_call(ants.apply_transforms, fixed=tpl, moving=n4, transformlist=fwd,
+                           interpolator="linear")
+    gm_tpl = _checked_call(ants.apply_transforms, fixed=tpl, moving=gm_native, transformlist=fwd,
+                           interpolator="linear")
+    mask_tpl = _checked_call(ants.apply_transforms, fixed=tpl, moving=mask_native,
+                             transformlist=fwd, interpolator="nearestNeighbor")
+    field_path = _checked_call(ants.apply_transforms, fixed=tpl, moving=n4, transformlist=fwd,
+                               compose=str(workdir / "composed_"))
+    jac = _checked_call(ants.create_jacobian_determinant_image, domain_image=tpl,
+                        tx=str(field_path), do_log=False, geom=False)
+    Path(field_path).unlink(missing_ok=True)
+    gm_t = np.clip(gm_tpl.numpy(), 0.0, 1.0).astype(np.float32)
+    jac_np = jac.numpy().astype(np.float32)
+    modulated = (gm_t * jac_np).astype(np.float32)
+    tpl_voxel_ml = float(np.prod(tpl.spacing)) / 1000.0
+
+    aff_t = tpl_nib.affine
+    aff_n = ras.affine
+    out = PrepResult(
+        t1_template=_to_nifti(ants, t1_tpl, aff_t, np.float32),
+        mask_template=_to_nifti(ants, mask_tpl, aff_t, np.uint8),
+        gm_template=nib.Nifti1Image(gm_t, aff_t),
+        gm_modulated=nib.Nifti1Image(modulated, aff_t),
+        t1_native=_to_nifti(ants, n4, aff_n, np.float32),
+        mask_native=_to_nifti(ants, mask_native, aff_n, np.uint8),
+        dseg_native=nib.Nifti1Image(dseg, aff_n),
+        transforms={},
+    )
+    for p in fwd + inv:
+        name = Path(p).name
+        if name.endswith("GenericAffine.mat"):
+            out.transforms["affine"] = Path(p)
+        elif name.endswith("InverseWarp.nii.gz"):
+            out.transforms["inverse_warp"] = Path(p)
+        elif name.endswith("Warp.nii.gz"):
+            out.transforms["warp"] = Path(p)
+    qc = registration_qc(out.mask_template.get_fdata(), np.asarray(tpl_mask.numpy()),
+                         out.t1_template.get_fdata(), np.asarray(tpl.numpy()))
+    out.metrics = {
+        **qc,
+        "gm_ml": gm_ml,
+        "gm_modulated_ml": float(modulated.sum()) * tpl_voxel_ml,
+        "t1_mean_csf": class_means["CSF"],
+        "t1_mean_gm": class_means["GM"],
+        "t1_mean_wm": class_means["WM"],
+        "runtime_s": time.perf_counter() - start,
+    }
+    return out
+
+
+def set_ants_threads(deterministic: bool, threads: int) -> None:
+    """Apply :func:`ants_environment` to this process (before ANTs runs anything)."""
+    os.environ.update(ants_environment(deterministic, threads))

@@ -1,0 +1,634 @@
+"""``dfrn prep``: raw T1 scans (or fMRIPrep derivatives) → a BIDS-derivatives folder.
+
+Output layout (``OUT``)::
+
+    dataset_description.json        DatasetType "derivative", GeneratedBy dfrn <version>
+    prep.json                       the settings that make the outputs (refused if they differ)
+    qc.tsv                          participant_id, dice, corr, gm_ml, runtime_s, status, note …
+    cohort.tsv                      the input table's columns + t1, gm, gm_unmodulated, mask,
+                                    prep_status: usable as [cohort] table by dfrn run
+    desc-dseg.tsv                   the segmentation's labels (1 CSF, 2 GM, 3 WM)
+    sub-<l>[/ses-<l>]/
+        manifest.json, qc.json      size and SHA-256 of every file; the subject's QC row
+        anat/sub-<l>[_ses-<l>]_space-MNI152NLin6Asym_res-1_desc-preproc_T1w.nii.gz
+             …_space-MNI152NLin6Asym_res-1_desc-brain_mask.nii.gz
+             …_space-MNI152NLin6Asym_res-1_label-GM_probseg.nii.gz
+             …_space-MNI152NLin6Asym_res-1_label-GM_desc-modulated_probseg.nii.gz
+             …_desc-preproc_T1w.nii.gz, …_desc-brain_mask.nii.gz, …_dseg.nii.gz (native, RAS)
+             …_from-T1w_to-MNI152NLin6Asym_mode-image_xfm.mat (+ desc-warp_xfm.nii.gz and
+             the inverse warp for SyN)
+        figures/…_space-MNI152NLin6Asym_desc-qc_T1w.png
+
+Each subject is an independent task in its own process (``jobs`` at a time). Its files are
+written into a hidden temporary folder, listed in ``manifest.json`` and renamed into place
+when complete, so a finished subject is all there or absent. A re-run skips subjects whose
+manifest verifies and whose input file is unchanged; a failed subject gets ``status =
+failed`` and its one-line error in ``qc.tsv`` while the others go on.
+
+QC thresholds (``dice_min = 0.90``, ``corr_min = 0.40`` by default): a subject below either is
+``flagged``, kept in ``cohort.tsv`` with ``prep_status = flagged``, and ``dfrn run`` warns
+about it. ``dice`` is the Dice of the subject's brain mask in template space with the
+template's mask (field-of-view coverage, inverse consistency); ``corr`` is the correlation of
+the warped T1 with the template inside the brain (alignment).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dfrn.data.templates import TEMPLATE_SPACE, Template, resolve_template
+from dfrn.errors import DfrnInputError, PrepFailedError, ResultsFolderError
+from dfrn.io import (
+    atomic_write_json,
+    atomic_write_text,
+    atomic_write_tsv,
+    file_digest,
+    make_temp_dir,
+    verify_manifest,
+    write_manifest,
+)
+
+__all__ = [
+    "PrepSubject",
+    "PrepSummary",
+    "plan_prep_subjects",
+    "run_prep",
+    "QC_COLUMNS",
+]
+
+#: Columns of ``qc.tsv`` (``session`` only when a subject has one).
+QC_COLUMNS = (
+    "participant_id", "session", "dice", "corr", "gm_ml", "runtime_s", "status", "note",
+    "t1_mean_csf", "t1_mean_gm", "t1_mean_wm",
+)
+_TMP_PREFIX = "prep-"
+_LABEL = re.compile(r"[^A-Za-z0-9]")
+_DSEG_TSV = "index\tname\n1\tCSF\n2\tGM\n3\tWM\n"
+
+
+@dataclass(frozen=True)
+class PrepSubject:
+    """One unit of ``dfrn prep``: a participant (and session) and where its images are."""
+
+    participant_id: str
+    label: str
+    session: str
+    t1: Path | None
+    derivatives: dict[str, Path] | None = None
+
+    @property
+    def stem(self) -> str:
+        """``sub-<label>[_ses-<session>]``: the prefix of every file name."""
+        return f"sub-{self.label}" + (f"_ses-{self.session}" if self.session else "")
+
+    @property
+    def folder(self) -> Path:
+        """The subject's folder relative to the output root."""
+        base = Path(f"sub-{self.label}")
+        return base / f"ses-{self.session}" if self.session else base
+
+    def source_files(self) -> list[Path]:
+        if self.derivatives is not None:
+            return [self.derivatives[k] for k in ("t1", "mask", "gm")]
+        assert self.t1 is not None
+        return [self.t1]
+
+
+@dataclass
+class PrepSummary:
+    """What :func:`run_prep` did."""
+
+    out: Path
+    qc: pd.DataFrame
+    cohort_table: Path
+    processed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[str]:
+        return self.qc.loc[self.qc["status"] == "failed", "participant_id"].tolist()
+
+    @property
+    def flagged(self) -> list[str]:
+        return self.qc.loc[self.qc["status"] == "flagged", "participant_id"].tolist()
+
+    def failure_message(self) -> str:
+        rows = self.qc[self.qc["status"] == "failed"]
+        listed = "; ".join(f"{r.note}" for r in rows.head(3).itertuples())
+        more = f" and {len(rows) - 3} more" if len(rows) > 3 else ""
+        return (
+            f"dfrn prep: {len(rows)} of {len(self.qc)} subject(s) failed: {listed}{more} "
+            f"(see {self.out / 'qc.tsv'}); fix the files and rerun, or remove the subjects"
+        )
+
+
+def _bids_label(pid: str) -> str:
+    raw = pid[4:] if pid.startswith("sub-") else pid
+    label = _LABEL.sub("", raw)
+    if not label:
+        raise DfrnInputError(f"participant {pid}: no letters or digits to use as a BIDS label")
+    return label
+
+
+def plan_prep_subjects(
+    source: str | Path | None,
+    image_column: str = "t1",
+    session: str | None = None,
+    derivatives: str | Path | None = None,
+) -> tuple[pd.DataFrame, list[PrepSubject]]:
+    """The participants table and one :class:`PrepSubject` per participant.
+
+    Parameters
+    ----------
+    source : str or Path or None
+        A BIDS root or a TSV/CSV table with ``participant_id`` (and ``image_column`` unless
+        the images come from ``derivatives``). None with ``derivatives``: every ``sub-*``
+        folder of the derivatives (and its ``participants.tsv`` when present).
+    image_column : str
+        Table column of raw T1 paths (relative to the table's folder unless absolute).
+    session : str, optional
+        BIDS session label to use when subjects have several.
+    derivatives : str or Path, optional
+        An fMRIPrep/sMRIPrep derivatives root to take template-space images from.
+    """
+    from dfrn.data.cohort import find_bids_t1, read_table
+    from dfrn.data.derivatives import find_derivative_images
+
+    deriv = Path(derivatives).resolve() if derivatives else None
+    if deriv is not None and not deriv.is_dir():
+        raise DfrnInputError(f"derivatives folder not found: {deriv}")
+    if source is None:
+        if deriv is None:
+            raise DfrnInputError("dfrn prep needs INPUT (a BIDS root or a table), or --from-derivatives")
+        if (deriv / "participants.tsv").is_file():
+            table = read_table(deriv / "participants.tsv")
+        else:
+            ids = sorted(p.name for p in deriv.glob("sub-*") if p.is_dir())
+            if not ids:
+                raise DfrnInputError(f"no sub-* folders in the derivatives folder {deriv}")
+            table = pd.DataFrame(index=pd.Index(ids, name="participant_id"))
+        base: Path | None = None
+        bids_root: Path | None = None
+    else:
+        src = Path(source).resolve()
+        if src.is_dir():
+            bids_root, base = src, None
+            if (src / "participants.tsv").is_file():
+                table = read_table(src / "participants.tsv")
+            else:
+                ids = sorted(p.name for p in src.glob("sub-*") if p.is_dir())
+                if not ids:
+                    raise DfrnInputError(f"{src} has no participants.tsv and no sub-* folders")
+                table = pd.DataFrame(index=pd.Index(ids, name="participant_id"))
+        elif src.is_file():
+            bids_root, base = None, src.parent
+            table = read_table(src)
+            if deriv is None and image_column not in table.columns:
+                raise DfrnInputError(
+                    f"image column {image_column!r} is not in {src} "
+                    f"(available: {', '.join(map(str, table.columns))})"
+                )
+        else:
+            raise DfrnInputError(f"dfrn prep input not found: {src}")
+    subjects: list[PrepSubject] = []
+    labels: dict[str, str] = {}
+    for pid in table.index:
+        label = _bids_label(str(pid))
+        if label in labels:
+            raise DfrnInputError(
+                f"participants {labels[label]} and {pid} give the same BIDS label sub-{label}"
+            )
+        labels[label] = str(pid)
+        ses = session or ""
+        if deriv is not None:
+            imgs = find_derivative_images(deriv, str(pid), session)
+            found = re.search(r"_ses-([A-Za-z0-9]+)_", imgs.t1.name)
+            subjects.append(PrepSubject(str(pid), label, found.group(1) if found else ses, None,
+                                        {"t1": imgs.t1, "mask": imgs.mask, "gm": imgs.gm}))
+            continue
+        if bids_root is not None:
+            t1 = find_bids_t1(bids_root, str(pid), session)
+            found = re.search(r"_ses-([A-Za-z0-9]+)_", t1.name)
+            ses = found.group(1) if found else ses
+        else:
+            value = table.at[pid, image_column]
+            if pd.isna(value) or str(value).strip() == "":
+                raise DfrnInputError(f"participant {pid}: no image path in column {image_column!r}")
+            t1 = Path(str(value).strip())
+            assert base is not None
+            t1 = t1 if t1.is_absolute() else base / t1
+        if not t1.is_file():
+            raise DfrnInputError(f"participant {pid}: image file not found: {t1}")
+        subjects.append(PrepSubject(str(pid), label, ses, t1.resolve()))
+    if not subjects:
+        raise DfrnInputError("dfrn prep: the input lists no participants")
+    return table, subjects
+
+
+def _source_digest(subject: PrepSubject) -> str:
+    h = hashlib.sha256()
+    for p in subject.source_files():
+        h.update(file_digest(p).encode())
+    return h.hexdigest()
+
+
+def _identity(kind: str, transform: str, seed: int, deterministic: bool,
+              template: Template) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "transform": transform if kind == "raw" else None,
+        "seed": seed if kind == "raw" else None,
+        "deterministic": deterministic if kind == "raw" else None,
+        "template_sha256": file_digest(template.t1),
+        "template_mask_sha256": file_digest(template.mask),
+        "space": TEMPLATE_SPACE,
+    }
+
+
+def _check_out(out: Path, identity: dict[str, Any]) -> None:
+    """Refuse a folder that is not empty and is not a prep of the same settings."""
+    info_path = out / "prep.json"
+    if info_path.is_file():
+        try:
+            recorded = json.loads(info_path.read_text(encoding="utf-8")).get("identity")
+        except Exception:
+            recorded = None
+        if recorded != identity:
+            diff = sorted(k for k in identity if (recorded or {}).get(k) != identity[k])
+            raise ResultsFolderError(
+                f"{out} holds a dfrn prep made with other settings ({', '.join(diff) or 'unreadable prep.json'}); "
+                "choose another --out"
+            )
+        return
+    if out.exists() and not out.is_dir():
+        raise ResultsFolderError(f"output path {out} exists and is not a folder")
+    if out.is_dir():
+        extra = sorted(p.name for p in out.iterdir() if p.name not in (".dfrn.lock",))
+        if extra:
+            raise ResultsFolderError(
+                f"output folder {out} is not empty and holds no dfrn prep (found "
+                f"{', '.join(extra[:3])}); choose another --out"
+            )
+
+
+def _res_entity(mm: float) -> str:
+    return f"res-{mm:g}".replace(".", "p")
+
+
+def _names(subject: PrepSubject, res: str) -> dict[str, str]:
+    s, space = subject.stem, f"space-{TEMPLATE_SPACE}_{res}"
+    return {
+        "t1": f"anat/{s}_{space}_desc-preproc_T1w.nii.gz",
+        "mask": f"anat/{s}_{space}_desc-brain_mask.nii.gz",
+        "gm_unmodulated": f"anat/{s}_{space}_label-GM_probseg.nii.gz",
+        "gm": f"anat/{s}_{space}_label-GM_desc-modulated_probseg.nii.gz",
+        "t1_native": f"anat/{s}_desc-preproc_T1w.nii.gz",
+        "mask_native": f"anat/{s}_desc-brain_mask.nii.gz",
+        "dseg_native": f"anat/{s}_dseg.nii.gz",
+        "affine": f"anat/{s}_from-T1w_to-{TEMPLATE_SPACE}_mode-image_xfm.mat",
+        "warp": f"anat/{s}_from-T1w_to-{TEMPLATE_SPACE}_mode-image_desc-warp_xfm.nii.gz",
+        "inverse_warp": f"anat/{s}_from-{TEMPLATE_SPACE}_to-T1w_mode-image_desc-warp_xfm.nii.gz",
+        "qc_png": f"figures/{s}_space-{TEMPLATE_SPACE}_desc-qc_T1w.png",
+    }
+
+
+def _one_line(subject: PrepSubject, exc: BaseException) -> str:
+    if isinstance(exc, DfrnInputError):
+        text = str(exc)
+        return text if subject.participant_id in text else f"participant {subject.participant_id}: {text}"
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"participant {subject.participant_id}: {type(exc).__name__}: {first}"
+
+
+def _init_worker(env: dict[str, str]) -> None:
+    os.environ.update(env)
+
+
+def _process_subject(job: dict[str, Any]) -> dict[str, Any]:
+    """Preprocess one subject into its final folder; return its QC row (never raises)."""
+    import nibabel as nib
+
+    from dfrn.data.prep import PrepParams, preprocess_t1
+    from dfrn.io import atomic_write_nifti
+    from dfrn.plotting import plot_registration_qc
+
+    subject: PrepSubject = job["subject"]
+    out = Path(job["out"])
+    names = _names(subject, job["res"])
+    start = time.perf_counter()
+    tmp = make_temp_dir(out, _TMP_PREFIX + subject.stem)
+    try:
+        (tmp / "anat").mkdir()
+        (tmp / "figures").mkdir()
+        template = nib.load(job["template"])
+        if subject.derivatives is None:
+            work = tmp / ".work"
+            work.mkdir()
+            result = preprocess_t1(subject.t1, job["template"], job["template_mask"],
+                                   PrepParams(job["transform"], job["seed"]), work,
+                                   label=f"participant {subject.participant_id}")
+            images = {
+                "t1": result.t1_template, "mask": result.mask_template,
+                "gm_unmodulated": result.gm_template, "gm": result.gm_modulated,
+                "t1_native": result.t1_native, "mask_native": result.mask_native,
+                "dseg_native": result.dseg_native,
+            }
+            for key, img in images.items():
+                atomic_write_nifti(img, tmp / names[key])
+            for key, src in result.transforms.items():
+                shutil.copyfile(src, tmp / names[key])
+            shutil.rmtree(work)
+            metrics = dict(result.metrics)
+            note = ""
+        else:
+            metrics, note = _import_derivatives(subject, template, job["template_mask"], tmp, names)
+        metrics["runtime_s"] = time.perf_counter() - start
+        plot_registration_qc(
+            tmp / names["t1"], job["template_mask"], tmp / names["qc_png"],
+            title=f"{subject.stem}  Dice {metrics['dice']:.3f}  r {metrics['corr']:.3f}",
+        )
+        row = {"participant_id": subject.participant_id, "session": subject.session,
+               **metrics, "note": note, "source_sha256": job["source_sha256"],
+               "files": {k: v for k, v in names.items() if (tmp / v).is_file()}}
+        atomic_write_json(tmp / "qc.json", row)
+        write_manifest(tmp, recursive=True)
+        final = out / subject.folder
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            trash = make_temp_dir(out, _TMP_PREFIX + "old-" + subject.stem)
+            os.replace(final, trash / "old")
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, final)
+        return row
+    except BaseException as exc:  # a failed subject must not stop the others
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
+            raise
+        return {"participant_id": subject.participant_id, "session": subject.session,
+                "status": "failed", "note": _one_line(subject, exc),
+                "runtime_s": time.perf_counter() - start}
+
+
+def _import_derivatives(subject: PrepSubject, template: Any, template_mask: str, tmp: Path,
+                        names: dict[str, str]) -> tuple[dict[str, float], str]:
+    import nibabel as nib
+
+    from dfrn.data.derivatives import resample_to_template
+    from dfrn.data.images import load_img
+    from dfrn.data.prep import registration_qc
+    from dfrn.io import atomic_write_nifti
+
+    assert subject.derivatives is not None
+    imgs = {}
+    for key, interp in (("t1", "continuous"), ("mask", "nearest"), ("gm", "continuous")):
+        img = load_img(subject.derivatives[key], f"participant {subject.participant_id} {key}")
+        imgs[key] = resample_to_template(img, template, interp)
+    mask_data = (imgs["mask"].get_fdata() > 0.5).astype(np.uint8)
+    mask_img = nib.Nifti1Image(mask_data, template.affine)
+    atomic_write_nifti(imgs["t1"], tmp / names["t1"])
+    atomic_write_nifti(mask_img, tmp / names["mask"])
+    atomic_write_nifti(imgs["gm"], tmp / names["gm_unmodulated"])
+    tpl_mask = np.asarray(nib.load(template_mask).dataobj)
+    qc = registration_qc(mask_data, tpl_mask, imgs["t1"].get_fdata(),
+                         np.asarray(template.dataobj, dtype=np.float32))
+    metrics = {**qc, "gm_ml": float("nan")}
+    return metrics, "GM from fMRIPrep is not modulated (concentration, not volume)"
+
+
+def _finished_row(out: Path, subject: PrepSubject, digest: str) -> tuple[dict[str, Any] | None, str]:
+    folder = out / subject.folder
+    if not folder.exists():
+        return None, ""
+    problem = verify_manifest(folder, required=("qc.json",))
+    if problem is not None:
+        return None, f"{subject.stem} failed its check ({problem}); re-running it"
+    row = json.loads((folder / "qc.json").read_text(encoding="utf-8"))
+    if row.get("source_sha256") != digest:
+        return None, f"{subject.stem}: its input changed since it was preprocessed"
+    return row, ""
+
+
+def _status(row: dict[str, Any], dice_min: float, corr_min: float) -> tuple[str, str]:
+    if row.get("status") == "failed":
+        return "failed", str(row.get("note", ""))
+    flags = []
+    if not row.get("dice", 0.0) >= dice_min:
+        flags.append(f"dice {row.get('dice', float('nan')):.3f} < {dice_min:g}")
+    if not row.get("corr", 0.0) >= corr_min:
+        flags.append(f"corr {row.get('corr', float('nan')):.3f} < {corr_min:g}")
+    note = "; ".join(filter(None, [*flags, str(row.get("note") or "")]))
+    return ("flagged" if flags else "ok"), note
+
+
+def run_prep(
+    source: str | Path | None,
+    out: str | Path,
+    *,
+    image_column: str = "t1",
+    session: str | None = None,
+    derivatives: str | Path | None = None,
+    transform: str = "syn",
+    seed: int = 0,
+    deterministic: bool = True,
+    template: str | Path | None = None,
+    template_mask: str | Path | None = None,
+    jobs: int = 1,
+    dice_min: float = 0.90,
+    corr_min: float = 0.40,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    changed_input: str = "rerun",
+    raise_on_failure: bool = True,
+) -> PrepSummary:
+    """Preprocess a cohort into ``out`` (see the module docstring); resumable.
+
+    Parameters
+    ----------
+    source : str or Path or None
+        BIDS root or table (see :func:`plan_prep_subjects`).
+    out : str or Path
+        The derivatives folder.
+    transform, seed, deterministic : str, int, bool
+        Registration settings (:class:`dfrn.data.prep.PrepParams`); deterministic runs one ITK
+        thread per subject.
+    template, template_mask : str or Path, optional
+        See :func:`dfrn.data.templates.resolve_template`.
+    jobs : int
+        Subjects preprocessed at once, each in its own process.
+    dice_min, corr_min : float
+        QC thresholds below which a subject is flagged.
+    changed_input : {"rerun", "refuse"}
+        What to do with a finished subject whose input file changed.
+    raise_on_failure : bool
+        Raise :class:`dfrn.errors.PrepFailedError` naming the failed subjects, after
+        ``qc.tsv`` and ``cohort.tsv`` are written.
+
+    Returns
+    -------
+    PrepSummary
+        Failed subjects are listed in it and in ``qc.tsv``.
+    """
+    from dfrn.data.prep import PrepParams, ants_environment, require_ants
+    from dfrn.models.package import dfrn_version as dfrn_version_string
+    from dfrn.workflows.lock import ResultsLock
+
+    out = Path(out).resolve()
+    if jobs < 1:
+        raise DfrnInputError(f"--jobs must be at least 1, got {jobs}")
+    if changed_input not in ("rerun", "refuse"):
+        raise ValueError(changed_input)
+    kind = "derivatives" if derivatives else "raw"
+    params = PrepParams(transform, seed)
+    table, subjects = plan_prep_subjects(source, image_column, session, derivatives)
+    if kind == "raw":
+        require_ants()
+    tpl = resolve_template(template, template_mask)
+    identity = _identity(kind, params.transform, params.seed, deterministic, tpl)
+    _check_out(out, identity)
+    with ResultsLock(out, command="dfrn prep", log=log):
+        for stale in out.glob(f".{_TMP_PREFIX}*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        atomic_write_json(out / "prep.json", {"identity": identity, "dfrn_version": dfrn_version_string(),
+                                              "template": str(tpl.t1), "template_source": tpl.source})
+        atomic_write_json(out / "dataset_description.json", {
+            "Name": "dfrn prep",
+            "BIDSVersion": "1.9.0",
+            "DatasetType": "derivative",
+            "GeneratedBy": [{"Name": "dfrn", "Version": dfrn_version_string(),
+                             "Description": f"dfrn prep ({kind}; transform {params.transform})"}],
+        })
+        atomic_write_text(out / "desc-dseg.tsv", _DSEG_TSV)
+        rows: dict[str, dict[str, Any]] = {}
+        todo: list[PrepSubject] = []
+        digests: dict[str, str] = {}
+        for s in subjects:
+            digests[s.stem] = _source_digest(s)
+            row, why = _finished_row(out, s, digests[s.stem])
+            if row is not None:
+                rows[s.stem] = row
+                continue
+            if why and "input changed" in why and changed_input == "refuse":
+                raise ResultsFolderError(
+                    f"participant {s.participant_id}: {why}; restore it or start a new run"
+                )
+            if why:
+                log(why)
+            todo.append(s)
+        skipped = [s.participant_id for s in subjects if s.stem in rows]
+        if skipped:
+            log(f"dfrn prep: {len(skipped)} of {len(subjects)} subject(s) already done; "
+                f"{len(todo)} to do")
+        res = _res_entity(tpl.resolution_mm)
+        jobs_list = [{
+            "subject": s, "out": str(out), "res": res, "template": str(tpl.t1),
+            "template_mask": str(tpl.mask), "transform": params.transform, "seed": params.seed,
+            "source_sha256": digests[s.stem],
+        } for s in todo]
+        threads = max(1, (os.cpu_count() or 1) // min(jobs, max(1, len(todo))))
+        env = ants_environment(deterministic, threads)
+        for row in _run_pool(jobs_list, jobs, env, progress):
+            rows[_stem_of(row, subjects)] = row
+        qc = _write_tables(out, table, subjects, rows, dice_min, corr_min, image_column)
+    summary = PrepSummary(out, qc, out / "cohort.tsv",
+                          processed=[s.participant_id for s in todo], skipped=skipped)
+    if summary.flagged:
+        log(f"dfrn prep: {len(summary.flagged)} subject(s) flagged by QC: "
+            f"{', '.join(summary.flagged[:5])} (see qc.tsv and the figures)")
+    if summary.failed and raise_on_failure:
+        raise PrepFailedError(summary.failure_message())
+    log(f"dfrn prep: {len(summary.qc) - len(summary.failed)} subject(s) in {summary.cohort_table}")
+    return summary
+
+
+def _stem_of(row: dict[str, Any], subjects: list[PrepSubject]) -> str:
+    for s in subjects:
+        if s.participant_id == row["participant_id"] and s.session == (row.get("session") or ""):
+            return s.stem
+    raise KeyError(row["participant_id"])
+
+
+def _run_pool(jobs_list: list[dict[str, Any]], jobs: int, env: dict[str, str],
+              progress: bool) -> list[dict[str, Any]]:
+    """Run each subject in a fresh spawned process, ``jobs`` at a time."""
+    from tqdm.auto import tqdm
+
+    if not jobs_list:
+        return []
+    ctx = multiprocessing.get_context("spawn")
+    pool = cf.ProcessPoolExecutor(max_workers=min(jobs, len(jobs_list)), mp_context=ctx,
+                                  initializer=_init_worker, initargs=(env,),
+                                  max_tasks_per_child=1)
+    results: list[dict[str, Any]] = []
+    clean = False
+    try:
+        futures = {pool.submit(_process_subject, job): job for job in jobs_list}
+        bar = tqdm(total=len(futures), desc="dfrn prep", unit="subject", disable=not progress)
+        for fut in cf.as_completed(futures):
+            job = futures[fut]
+            try:
+                results.append(fut.result())
+            except cf.process.BrokenProcessPool:
+                s = job["subject"]
+                results.append({"participant_id": s.participant_id, "session": s.session,
+                                "status": "failed",
+                                "note": f"participant {s.participant_id}: its worker process died "
+                                        "(out of memory, or killed); rerun to retry"})
+            bar.update(1)
+        bar.close()
+        clean = True
+    finally:
+        pool.shutdown(wait=clean, cancel_futures=True)
+        if not clean:
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.terminate()
+    return results
+
+
+def _write_tables(out: Path, table: pd.DataFrame, subjects: list[PrepSubject],
+                  rows: dict[str, dict[str, Any]], dice_min: float, corr_min: float,
+                  image_column: str) -> pd.DataFrame:
+    qc_rows, cohort_rows = [], []
+    for s in subjects:
+        row = rows[s.stem]
+        status, note = _status(row, dice_min, corr_min)
+        qc_rows.append({c: row.get(c, np.nan) for c in QC_COLUMNS} | {"status": status, "note": note})
+        if status == "failed":
+            continue
+        files = row.get("files", {})
+        base = (table.loc[s.participant_id].to_dict() if s.participant_id in table.index else {})
+        entry: dict[str, Any] = {"participant_id": s.participant_id}
+        for k, v in base.items():
+            key = f"source_{k}" if k in ("t1", "gm", "gm_unmodulated", "mask", "prep_status") else k
+            if k == image_column and s.t1 is not None:
+                v = str(s.t1)
+            entry[key] = v
+        for key in ("t1", "gm", "gm_unmodulated", "mask"):
+            name = files.get(key) or (files.get("gm_unmodulated") if key == "gm" else None)
+            entry[key] = (s.folder / name).as_posix() if name else ""
+        entry["prep_status"] = status
+        cohort_rows.append(entry)
+    qc = pd.DataFrame(qc_rows, columns=list(QC_COLUMNS))
+    if not any(s.session for s in subjects):
+        qc = qc.drop(columns="session")
+    atomic_write_tsv(qc, out / "qc.tsv")
+    cohort = pd.DataFrame(cohort_rows)
+    if cohort.empty:
+        cohort = pd.DataFrame(columns=["participant_id", "t1", "gm", "gm_unmodulated", "mask",
+                                       "prep_status"])
+    atomic_write_tsv(cohort, out / "cohort.tsv")
+    return qc
+

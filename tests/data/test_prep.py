@@ -1,0 +1,148 @@
+"""One subject's preprocessing: input checks, class order, modulation, determinism, ANTs args."""
+
+from __future__ import annotations
+
+import builtins
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from dfrn.data.prep import PrepParams, _checked_call, check_t1, order_classes, require_ants
+from dfrn.errors import DfrnInputError
+
+AFF = np.diag([2.0, 2.0, 2.0, 1.0])
+
+
+def _save(tmp: Path, name: str, data: np.ndarray) -> Path:
+    p = tmp / name
+    nib.Nifti1Image(data, AFF).to_filename(p)
+    return p
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("4d", "is 4D"),
+        ("empty", "is empty"),
+        ("constant", "is constant"),
+        ("mask", "not a T1"),
+        ("nan", "NaN"),
+        ("unreadable", "cannot read"),
+    ],
+)
+def test_bad_inputs_are_one_line_naming_the_subject(tmp_path: Path, kind: str, message: str) -> None:
+    rng = np.random.default_rng(0)
+    if kind == "4d":
+        p = _save(tmp_path, "x.nii.gz", rng.uniform(0, 1, (16, 16, 16, 3)).astype(np.float32))
+    elif kind == "empty":
+        p = _save(tmp_path, "x.nii.gz", np.zeros((16, 16, 16), np.float32))
+    elif kind == "constant":
+        p = _save(tmp_path, "x.nii.gz", np.full((16, 16, 16), 7.0, np.float32))
+    elif kind == "mask":
+        p = _save(tmp_path, "x.nii.gz", (rng.uniform(size=(16, 16, 16)) > 0.5).astype(np.uint8))
+    elif kind == "nan":
+        d = rng.uniform(0, 1, (16, 16, 16)).astype(np.float32)
+        d[3, 3, 3] = np.nan
+        p = _save(tmp_path, "x.nii.gz", d)
+    else:
+        p = tmp_path / "x.nii.gz"
+        p.write_bytes(b"\x1f\x8b this is not a NIfTI file")
+    with pytest.raises(DfrnInputError) as err:
+        check_t1(p, "participant sub-07")
+    text = str(err.value)
+    assert "\n" not in text and text.startswith("participant sub-07") and message in text
+
+
+def test_a_t1_passes_the_checks(shared_data: Path) -> None:
+    img = check_t1(shared_data / "ixi" / "sub-IXI012_T1w.nii.gz", "participant sub-IXI012")
+    assert img.ndim == 3
+    np.testing.assert_array_equal(img.affine, nib.load(shared_data / "ixi" / "sub-IXI012_T1w.nii.gz").affine)
+
+
+def test_order_classes_fixes_any_label_permutation() -> None:
+    rng = np.random.default_rng(1)
+    true = rng.integers(1, 4, size=5000)  # 1 CSF (dark), 2 GM, 3 WM (bright)
+    intensity = np.choose(true - 1, [100.0, 500.0, 900.0]) + rng.normal(0, 20, true.size)
+    for perm in ([1, 2, 3], [3, 1, 2], [2, 3, 1], [3, 2, 1]):
+        labels = np.array(perm)[true - 1]  # the clustering's arbitrary numbering
+        order = order_classes(intensity, labels)
+        relabelled = np.zeros_like(labels)
+        for new, old in enumerate(order, start=1):
+            relabelled[labels == old] = new
+        np.testing.assert_array_equal(relabelled, true)
+
+
+def test_params_are_validated_before_ants() -> None:
+    with pytest.raises(DfrnInputError, match="transform 'rigid' is not one of syn, affine"):
+        PrepParams("rigid")
+    with pytest.raises(DfrnInputError, match="seed"):
+        PrepParams("syn", -1)
+
+
+def test_unknown_ants_keyword_is_refused_not_swallowed() -> None:
+    def registration(fixed, moving, type_of_transform="SyN", random_seed=None, **kwargs):
+        return "ran"
+
+    assert _checked_call(registration, fixed=1, moving=2, random_seed=3) == "ran"
+    with pytest.raises(RuntimeError, match="no parameter random_sede"):
+        _checked_call(registration, fixed=1, moving=2, random_sede=3)
+
+
+def test_missing_antspyx_is_one_line(monkeypatch) -> None:
+    real = builtins.__import__
+
+    def fake(name, *args, **kwargs):
+        if name == "ants":
+            raise ImportError("No module named 'ants'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    with pytest.raises(DfrnInputError, match=r"pip install 'dfrn\[prep\]'"):
+        require_ants()
+
+
+# ---------------------------------------------------------------- with antspyx
+
+
+@pytest.fixture(scope="module")
+def template_2mm(shared_data: Path, tmp_path_factory) -> tuple[Path, Path]:
+    from conftest import template_2mm as make
+
+    return make(shared_data, tmp_path_factory.mktemp("tpl2"))
+
+
+def _gm_volume(result) -> tuple[float, float, float]:
+    vox = float(np.prod(result.gm_template.header.get_zooms()[:3])) / 1000.0
+    return (result.metrics["gm_ml"], float(result.gm_template.get_fdata().sum()) * vox,
+            float(result.gm_modulated.get_fdata().sum()) * vox)
+
+
+def test_modulation_scales_with_the_cube_of_a_known_zoom(template_2mm, tmp_path: Path) -> None:
+    """The template, zoomed by s = 1.1 in every axis, then preprocessed: modulated GM = s³ × the
+    template's GM volume (within 3 %); the unmodulated map keeps the template's volume."""
+    pytest.importorskip("ants")
+    from dfrn.data.prep import preprocess_t1, set_ants_threads
+
+    set_ants_threads(True, 1)
+    tpl, mask = template_2mm
+    img = nib.load(tpl)
+    s = 1.1
+    zoomed_affine = img.affine.copy()
+    zoomed_affine[:3, :] *= s
+    zoomed = tmp_path / "zoomed.nii.gz"
+    nib.Nifti1Image(np.asarray(img.dataobj, np.float32), zoomed_affine).to_filename(zoomed)
+    params = PrepParams("affine", 0)
+    ref = preprocess_t1(tpl, tpl, mask, params, tmp_path, "template")
+    big = preprocess_t1(zoomed, tpl, mask, params, tmp_path, "zoomed")
+    ref_native, _, _ = _gm_volume(ref)
+    native, unmodulated, modulated = _gm_volume(big)
+    assert native == pytest.approx(s**3 * ref_native, rel=0.03)
+    assert modulated == pytest.approx(s**3 * ref_native, rel=0.03)
+    assert unmodulated == pytest.approx(ref_native, rel=0.03)
+    assert not unmodulated == pytest.approx(modulated, rel=0.10)
+    # template-space outputs carry the template's affine, native ones the input's world
+    np.testing.assert_array_equal(big.gm_modulated.affine, img.affine)
+    np.testing.assert_allclose(big.t1_native.affine, nib.as_closest_canonical(
+        nib.load(zoomed)).affine)

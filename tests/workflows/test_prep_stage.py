@@ -1,0 +1,323 @@
+"""dfrn prep end to end: real IXI scans on a 2 mm template, derivatives input, resume and
+failure, and raw scans → dfrn prep → dfrn run with the ridge baseline on modulated GM."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import template_2mm
+
+from dfrn.io import verify_manifest
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+SPACE = "space-MNI152NLin6Asym_res-2"
+
+
+def _dfrn(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    return subprocess.run([sys.executable, "-m", "dfrn", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=1500)
+
+
+def _ixi_table(shared: Path, folder: Path, ids: list[str] | None = None) -> Path:
+    ixi = pd.read_csv(shared / "ixi" / "participants.tsv", sep="\t", dtype=str)
+    if ids is not None:
+        ixi = ixi[ixi.participant_id.isin(ids)]
+    ixi["t1"] = [str(shared / "ixi" / f"{p}_T1w.nii.gz") for p in ixi.participant_id]
+    table = folder / "participants.tsv"
+    ixi.to_csv(table, sep="\t", index=False)
+    return table
+
+
+@pytest.fixture(scope="session")
+def tpl2(shared_data: Path, tmp_path_factory) -> tuple[Path, Path]:
+    return template_2mm(shared_data, tmp_path_factory.mktemp("template_2mm"))
+
+
+@pytest.fixture(scope="session")
+def ixi_prep(shared_data: Path, tpl2, tmp_path_factory):
+    """The 10 raw IXI scans through the dfrn prep command (SyN, 2 mm template, 2 jobs)."""
+    pytest.importorskip("ants")
+    folder = tmp_path_factory.mktemp("ixi_prep")
+    table = _ixi_table(shared_data, folder)
+    out = folder / "prep"
+    proc = _dfrn("prep", str(table), "--out", str(out), "--template", str(tpl2[0]),
+                 "--template-mask", str(tpl2[1]), "--jobs", "2", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    return out, table, proc
+
+
+def test_registration_quality_on_the_ixi_scans(ixi_prep) -> None:
+    """Every IXI subject: brain-mask Dice >= 0.90 with the template's, T1 r >= 0.40, status ok."""
+    out, _, _ = ixi_prep
+    qc = pd.read_csv(out / "qc.tsv", sep="\t")
+    print("\n" + qc[["participant_id", "dice", "corr", "gm_ml", "runtime_s", "status"]].to_string())
+    assert len(qc) == 10
+    assert (qc["dice"] >= 0.90).all(), qc[["participant_id", "dice"]]
+    assert (qc["corr"] >= 0.40).all(), qc[["participant_id", "corr"]]
+    assert (qc["status"] == "ok").all()
+    # adult GM volumes, in ml
+    assert qc["gm_ml"].between(350, 1100).all(), qc["gm_ml"]
+
+
+def test_gm_is_the_middle_intensity_class(ixi_prep) -> None:
+    """Recomputed from the written native dseg and N4 T1: mean T1 CSF < GM < WM, per subject."""
+    out, _, _ = ixi_prep
+    for sub in sorted(out.glob("sub-*")):
+        anat = sub / "anat"
+        t1 = nib.load(anat / f"{sub.name}_desc-preproc_T1w.nii.gz").get_fdata()
+        dseg = np.asarray(nib.load(anat / f"{sub.name}_dseg.nii.gz").dataobj)
+        means = [t1[dseg == k].mean() for k in (1, 2, 3)]
+        assert means[0] < means[1] < means[2], (sub.name, means)
+        qc = json.loads((sub / "qc.json").read_text())
+        assert qc["t1_mean_csf"] < qc["t1_mean_gm"] < qc["t1_mean_wm"]
+    assert (out / "desc-dseg.tsv").read_text().splitlines()[1:] == ["1\tCSF", "2\tGM", "3\tWM"]
+
+
+def test_outputs_are_bids_derivatives_with_the_right_affines(ixi_prep, tpl2, shared_data) -> None:
+    out, table, _ = ixi_prep
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative"
+    assert desc["GeneratedBy"][0]["Name"] == "dfrn" and desc["GeneratedBy"][0]["Version"]
+    tpl = nib.load(tpl2[0])
+    for pid in pd.read_csv(table, sep="\t").participant_id:
+        sub = out / pid
+        assert verify_manifest(sub, required=("qc.json",)) is None
+        anat = sub / "anat"
+        for suffix in ("desc-preproc_T1w", "desc-brain_mask", "label-GM_probseg",
+                       "label-GM_desc-modulated_probseg"):
+            img = nib.load(anat / f"{pid}_{SPACE}_{suffix}.nii.gz")
+            assert img.shape == tpl.shape
+            np.testing.assert_array_equal(img.affine, tpl.affine)
+        for suffix in ("xfm.mat", "desc-warp_xfm.nii.gz"):
+            assert (anat / f"{pid}_from-T1w_to-MNI152NLin6Asym_mode-image_{suffix}").is_file()
+        assert (anat / f"{pid}_from-MNI152NLin6Asym_to-T1w_mode-image_desc-warp_xfm.nii.gz").is_file()
+        png = sub / "figures" / f"{pid}_space-MNI152NLin6Asym_desc-qc_T1w.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        # native outputs: RAS, and the same world box as the raw scan
+        raw = nib.load(shared_data / "ixi" / f"{pid}_T1w.nii.gz")
+        native = nib.load(anat / f"{pid}_desc-preproc_T1w.nii.gz")
+        assert nib.aff2axcodes(native.affine) == ("R", "A", "S")
+        from dfrn.data.templates import same_world_grid
+
+        assert same_world_grid(native, raw)
+    cohort = pd.read_csv(out / "cohort.tsv", sep="\t")
+    assert list(cohort.columns[:4]) == ["participant_id", "ixi_id", "age", "sex"]
+    assert {"t1", "gm", "gm_unmodulated", "mask", "prep_status", "source_t1"} <= set(cohort.columns)
+    assert cohort["gm"].str.endswith("label-GM_desc-modulated_probseg.nii.gz").all()
+
+
+def test_a_rerun_repeats_nothing_and_a_subject_repeats_exactly(ixi_prep, tpl2, tmp_path) -> None:
+    out, table, _ = ixi_prep
+    before = {p: p.stat().st_mtime_ns for p in out.glob("sub-*/anat/*")}
+    proc = _dfrn("prep", str(table), "--out", str(out), "--template", str(tpl2[0]),
+                 "--template-mask", str(tpl2[1]), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "10 of 10 subject(s) already done; 0 to do" in proc.stdout
+    assert before == {p: p.stat().st_mtime_ns for p in out.glob("sub-*/anat/*")}
+    # deterministic mode: the same subject in a new folder gives the same bytes
+    one = tmp_path / "one.tsv"
+    pd.read_csv(table, sep="\t").head(1).to_csv(one, sep="\t", index=False)
+    proc = _dfrn("prep", str(one), "--out", str(tmp_path / "again"), "--template", str(tpl2[0]),
+                 "--template-mask", str(tpl2[1]), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    name = f"sub-IXI012/anat/sub-IXI012_{SPACE}_label-GM_desc-modulated_probseg.nii.gz"
+    a = nib.load(out / name).get_fdata()
+    b = nib.load(tmp_path / "again" / name).get_fdata()
+    np.testing.assert_array_equal(a, b)
+
+
+def test_other_settings_in_the_same_folder_are_refused(ixi_prep, tpl2) -> None:
+    out, table, _ = ixi_prep
+    proc = _dfrn("prep", str(table), "--out", str(out), "--template", str(tpl2[0]),
+                 "--template-mask", str(tpl2[1]), "--transform", "affine", "--no-progress")
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert "\n" not in line and "other settings (transform)" in line
+
+
+def test_a_corrupt_scan_fails_alone_and_a_rerun_does_only_it(shared_data, tpl2, tmp_path) -> None:
+    pytest.importorskip("ants")
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    ids = ["sub-IXI012", "sub-IXI013", "sub-IXI014"]
+    for pid in ids:
+        shutil.copy(shared_data / "ixi" / f"{pid}_T1w.nii.gz", scans / f"{pid}_T1w.nii.gz")
+    bad = scans / "sub-IXI013_T1w.nii.gz"
+    bad.write_bytes(bad.read_bytes()[:5000])  # a truncated download
+    table = tmp_path / "t.tsv"
+    pd.DataFrame({"participant_id": ids, "t1": [f"scans/{p}_T1w.nii.gz" for p in ids],
+                  "score": [1.0, 2.0, 3.0]}).to_csv(table, sep="\t", index=False)
+    out = tmp_path / "prep"
+    args = ["prep", str(table), "--out", str(out), "--template", str(tpl2[0]), "--template-mask",
+            str(tpl2[1]), "--transform", "affine", "--jobs", "2", "--no-progress"]
+    proc = _dfrn(*args)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "1 of 3 subject(s) failed" in err[0] and "sub-IXI013" in err[0]
+    qc = pd.read_csv(out / "qc.tsv", sep="\t").set_index("participant_id")
+    assert qc.loc["sub-IXI013", "status"] == "failed"
+    assert "cannot read" in qc.loc["sub-IXI013", "note"]
+    assert (qc.loc[["sub-IXI012", "sub-IXI014"], "status"] == "ok").all()
+    cohort = pd.read_csv(out / "cohort.tsv", sep="\t")
+    assert cohort.participant_id.tolist() == ["sub-IXI012", "sub-IXI014"]
+    assert not list(out.glob(".prep-*")) and not (out / "sub-IXI013").exists()
+    # dfrn run on this cohort warns that a subject failed
+    from dfrn.data.cohort import load_cohort_table
+    from dfrn.workflows.study import warn_prep_qc
+
+    with pytest.warns(UserWarning, match="1 subject.s. failed dfrn prep and are not in the cohort: sub-IXI013"):
+        warn_prep_qc(load_cohort_table(out / "cohort.tsv", ["score"]))
+    done = {p: p.stat().st_mtime_ns for p in out.glob("sub-*/anat/*")}
+    shutil.copy(shared_data / "ixi" / "sub-IXI013_T1w.nii.gz", bad)  # fixed
+    proc = _dfrn(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 of 3 subject(s) already done; 1 to do" in proc.stdout
+    assert done == {p: p.stat().st_mtime_ns for p in out.glob("sub-*/anat/*")
+                    if "IXI013" not in p.name}
+    qc = pd.read_csv(out / "qc.tsv", sep="\t")
+    assert (qc.status == "ok").all() and len(qc) == 3
+
+
+def test_fmriprep_derivatives_are_resampled_by_world_coordinates(shared_data, tmp_path) -> None:
+    """An fMRIPrep-style tree (one subject at res-2, one on colin27's 1 mm grid) imported onto
+    the 1 mm template: each volume equals nilearn's resample_to_img."""
+    from nilearn.image import resample_img, resample_to_img
+
+    from dfrn.workflows.prep import run_prep
+
+    tpl = shared_data / "mni152" / "tpl-MNI152NLin6Asym_res-01_T1w.nii.gz"
+    mask = shared_data / "mni152" / "tpl-MNI152NLin6Asym_res-01_desc-brain_mask.nii.gz"
+    tpl_img, mask_img = nib.load(tpl), nib.load(mask)
+    deriv = tmp_path / "fmriprep"
+    aff2 = tpl_img.affine.copy()
+    aff2[:3, :3] *= 2
+    kw = {"force_resample": True, "copy_header": True}
+    colin = nib.load(shared_data / "colin27" / "ch2.nii.gz")
+    sources = {
+        "sub-01": ("res-2", resample_img(tpl_img, aff2, (91, 109, 91), "continuous", **kw),
+                   resample_img(mask_img, aff2, (91, 109, 91), "nearest", **kw)),
+        "sub-02": ("res-1", colin, resample_to_img(mask_img, colin, "nearest", **kw)),
+    }
+    written = {}
+    for sub, (res, t1, m) in sources.items():
+        anat = deriv / sub / "anat"
+        anat.mkdir(parents=True)
+        gm = nib.Nifti1Image(np.clip(t1.get_fdata() / t1.get_fdata().max(), 0, 1).astype(np.float32),
+                             t1.affine)
+        base = f"{sub}_space-MNI152NLin6Asym_{res}"
+        for suffix, img in (("desc-preproc_T1w", t1), ("desc-brain_mask", m), ("label-GM_probseg", gm)):
+            nib.save(img, anat / f"{base}_{suffix}.nii.gz")
+        written[sub] = (anat / f"{base}_desc-preproc_T1w.nii.gz", anat / f"{base}_label-GM_probseg.nii.gz",
+                        anat / f"{base}_desc-brain_mask.nii.gz")
+        # a distractor in another space must be ignored
+        nib.save(t1, anat / f"{sub}_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii.gz")
+    out = tmp_path / "prep"
+    summary = run_prep(None, out, derivatives=deriv, template=tpl, template_mask=mask,
+                       progress=False, log=lambda m: None)
+    assert summary.failed == []
+    for sub, (t1_src, gm_src, mask_src) in written.items():
+        anat = out / sub / "anat"
+        name = f"{sub}_space-MNI152NLin6Asym_res-1"
+        got = nib.load(anat / f"{name}_desc-preproc_T1w.nii.gz")
+        np.testing.assert_array_equal(got.affine, tpl_img.affine)
+        want = resample_to_img(nib.load(t1_src), tpl_img, interpolation="continuous", **kw)
+        np.testing.assert_allclose(got.get_fdata(), want.get_fdata(), rtol=1e-5, atol=1e-3)
+        want_gm = resample_to_img(nib.load(gm_src), tpl_img, interpolation="continuous", **kw)
+        got_gm = nib.load(anat / f"{name}_label-GM_probseg.nii.gz").get_fdata()
+        np.testing.assert_allclose(got_gm, want_gm.get_fdata(), rtol=1e-5, atol=1e-5)
+        want_m = resample_to_img(nib.load(mask_src), tpl_img, interpolation="nearest", **kw)
+        got_m = nib.load(anat / f"{name}_desc-brain_mask.nii.gz").get_fdata()
+        np.testing.assert_array_equal(got_m > 0.5, want_m.get_fdata() > 0.5)
+    qc = summary.qc.set_index("participant_id")
+    assert qc.loc["sub-01", "dice"] > 0.95
+    assert qc["note"].str.contains("not modulated").all()
+    cohort = pd.read_csv(out / "cohort.tsv", sep="\t")
+    assert cohort["gm"].str.endswith("label-GM_probseg.nii.gz").all()
+
+
+def _study_toml(folder: Path, cohort_table: Path, tpl: Path, shared: Path,
+                extra: str = "") -> Path:
+    atlas = shared / "atlas" / "tpl-MNI152NLin6Asym_res-01_atlas-AAL3v1_dseg.nii.gz"
+    labels = shared / "atlas" / "tpl-MNI152NLin6Asym_res-01_atlas-AAL3v1_dseg.tsv"
+    toml = folder / "study.toml"
+    toml.write_text(f"""
+[cohort]
+table = "{cohort_table}"
+targets = ["age"]
+downsample = 4
+
+[training]
+epochs = 1
+val_fraction = 0.0
+
+[cv]
+n_folds = 2
+n_repeats = 1
+
+[baseline]
+atlas = "{atlas}"
+atlas_labels = "{labels}"
+n_permutations = 9
+
+[attention]
+enabled = false
+
+[final]
+enabled = false
+{extra}
+""")
+    return toml
+
+
+def test_raw_scans_to_dfrn_run_with_the_baseline_on_modulated_gm(ixi_prep, shared_data,
+                                                                   tmp_path) -> None:
+    """cohort.tsv from dfrn prep is a [cohort] table as it is; the baseline reads its
+    modulated GM maps with the shared AAL3 atlas (1 mm, resampled onto the 2 mm grid)."""
+    out, _, _ = ixi_prep
+    toml = _study_toml(tmp_path, out / "cohort.tsv", out, shared_data)
+    results = tmp_path / "results"
+    proc = _dfrn("run", str(toml), "--out", str(results), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    preds = pd.read_csv(results / "cv" / "predictions.tsv", sep="\t")
+    assert sorted(preds.participant_id.unique()) == sorted(
+        pd.read_csv(out / "cohort.tsv", sep="\t").participant_id)
+    features = pd.read_csv(results / "baseline" / "roi_features.tsv", sep="\t",
+                           index_col="participant_id")
+    # ROI volumes of the modulated maps: total GM over AAL3 regions, in a plausible range (ml)
+    total_ml = features.sum(axis=1) / 1000.0 if features.to_numpy().max() > 100 else features.sum(axis=1)
+    assert (total_ml > 100).all() and (total_ml < 1200).all(), total_ml
+    run_info = json.loads((results / "run.json").read_text())
+    assert sum(k.startswith("gm/") for k in run_info["inputs"]) == 10
+
+
+def test_prep_section_runs_inside_dfrn_run_and_reuses_finished_subjects(
+        ixi_prep, shared_data, tpl2, tmp_path) -> None:
+    """[prep] in the study: the raw table goes through <results>/prep/ first; a results folder
+    that already holds those subjects (an interrupted study) reuses them all."""
+    out, table, _ = ixi_prep
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copytree(out, results / "prep")
+    (results / "prep" / ".dfrn.lock").unlink(missing_ok=True)
+    extra = f'\n[prep]\ntemplate = "{tpl2[0]}"\ntemplate_mask = "{tpl2[1]}"\njobs = 2\n'
+    toml = _study_toml(tmp_path, table, tpl2[0], shared_data, extra)
+    proc = _dfrn("run", str(toml), "--out", str(results), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "10 of 10 subject(s) already done; 0 to do" in proc.stdout
+    preds = pd.read_csv(results / "cv" / "predictions.tsv", sep="\t")
+    assert preds.participant_id.nunique() == 10
+    cfg = (results / "config.toml").read_text()
+    assert "[prep]" in cfg
+    # a resume of the finished study is accepted and reuses everything
+    proc = _dfrn("run", str(toml), "--out", str(results), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
