@@ -79,6 +79,8 @@ def test_params_are_validated_before_ants() -> None:
         PrepParams("rigid")
     with pytest.raises(DfrnInputError, match="seed"):
         PrepParams("syn", -1)
+    # ANTs takes 0 as "unseeded" (two processes then differ): never pass it
+    assert PrepParams("syn", 0).ants_seed == 1 and PrepParams("syn", 7).ants_seed == 8
 
 
 def test_unknown_ants_keyword_is_refused_not_swallowed() -> None:

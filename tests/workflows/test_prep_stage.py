@@ -24,7 +24,8 @@ SPACE = "space-MNI152NLin6Asym_res-2"
 
 def _dfrn(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "MPLBACKEND": "Agg"}
-    return subprocess.run([sys.executable, "-m", "dfrn", *args], capture_output=True, text=True,
+    code = "import sys; from dfrn.cli import main; sys.exit(main())"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=1500)
 
 
@@ -67,6 +68,7 @@ def test_registration_quality_on_the_ixi_scans(ixi_prep) -> None:
     assert (qc["status"] == "ok").all()
     # adult GM volumes, in ml
     assert qc["gm_ml"].between(350, 1100).all(), qc["gm_ml"]
+    assert qc["gm_fraction"].between(0.25, 0.6).all(), qc["gm_fraction"]
 
 
 def test_gm_is_the_middle_intensity_class(ixi_prep) -> None:
@@ -321,3 +323,49 @@ def test_prep_section_runs_inside_dfrn_run_and_reuses_finished_subjects(
     # a resume of the finished study is accepted and reuses everything
     proc = _dfrn("run", str(toml), "--out", str(results), "--no-progress")
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_cohort_derivatives_in_a_study_feed_its_cohort(tpl2, tmp_path) -> None:
+    """[cohort] derivatives: the study's prep stage imports them into <results>/prep/ and the
+    study's cohort is that cohort.tsv, with the scores of the participants table."""
+    from dfrn.config import config_from_dict
+    from dfrn.errors import ResultsFolderError
+    from dfrn.workflows.results import check_results_dir
+    from dfrn.workflows.study import collect_inputs, load_study_cohort, run_study_prep
+
+    tpl_img = nib.load(tpl2[0])
+    deriv = tmp_path / "fmriprep"
+    ids = ["sub-a1", "sub-a2", "sub-a3"]
+    for i, sub in enumerate(ids):
+        anat = deriv / sub / "anat"
+        anat.mkdir(parents=True)
+        base = f"{sub}_space-MNI152NLin6Asym_res-2"
+        data = tpl_img.get_fdata() * (1 + 0.1 * i)
+        nib.save(nib.Nifti1Image(data.astype(np.float32), tpl_img.affine),
+                 anat / f"{base}_desc-preproc_T1w.nii.gz")
+        nib.save(nib.load(tpl2[1]), anat / f"{base}_desc-brain_mask.nii.gz")
+        nib.save(nib.Nifti1Image((data / data.max()).astype(np.float32), tpl_img.affine),
+                 anat / f"{base}_label-GM_probseg.nii.gz")
+    table = tmp_path / "scores.tsv"
+    pd.DataFrame({"participant_id": ids, "score": [1.0, 2.0, 3.0]}).to_csv(table, sep="\t", index=False)
+    cfg = config_from_dict({
+        "cohort": {"table": str(table), "targets": ["score"], "derivatives": str(deriv)},
+        "prep": {"template": str(tpl2[0]), "template_mask": str(tpl2[1])},
+    }, tmp_path)
+    out = tmp_path / "results"
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ResultsFolderError, match="not empty and holds no dfrn run"):
+        check_results_dir(foreign, cfg, None, ("prep",))
+    run_study_prep(cfg, out, progress=False, log=lambda m: None, resumed=False)
+    cohort = load_study_cohort(cfg, out)
+    assert cohort.participant_ids == ids
+    assert cohort.targets["score"].tolist() == [1.0, 2.0, 3.0]
+    assert all(str(p).startswith(str(out / "prep")) for p in cohort.images)
+    for i, p in enumerate(cohort.images):
+        np.testing.assert_allclose(nib.load(p).get_fdata(), tpl_img.get_fdata() * (1 + 0.1 * i),
+                                   rtol=1e-5)
+    inputs = collect_inputs(cfg, cohort)
+    assert inputs["cohort_table"].path == out / "prep" / "cohort.tsv"
+    assert {f"gm/{s}" for s in ids} <= set(inputs)

@@ -7,8 +7,10 @@ Steps, per subject (:func:`preprocess_t1`):
 3. registration to the template: affine, then SyN (``antsRegistrationSyNQuick[s]``), or
    affine only (``transform = "affine"``, like Clinica's ``t1-linear``);
 4. brain mask: the template's mask carried back through the inverse transform;
-5. three-class k-means / Atropos segmentation inside the mask, classes **ordered by mean T1
-   intensity**, so that 1 = CSF, 2 = GM, 3 = WM whatever order the clustering returns;
+5. three-class k-means (Atropos, MRF 0.1) inside the mask, on intensities clipped at the
+   mask's 98th percentile (so bright fat and vessels do not take a class), classes **ordered
+   by mean T1 intensity**, so that 1 = CSF, 2 = GM, 3 = WM whatever order the clustering
+   returns;
 6. GM probability warped to the template, and **modulated GM**: warped GM × the Jacobian
    determinant of the full template→native transform (affine part included), computed from
    the composed displacement field. Its sum × the template's voxel volume is the subject's
@@ -16,7 +18,9 @@ Steps, per subject (:func:`preprocess_t1`):
 
 Reproducibility: ANTs registration is only repeatable single-threaded (two-thread runs of the
 same seed differ), so :func:`ants_environment` sets ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``
-to 1 in deterministic mode; the sampling seed is fixed with ``random_seed``.
+to 1 in deterministic mode; the sampling seed is fixed with ``random_seed``. ANTs takes a
+seed of 0 as "no seed" (two processes then sample differently), so dfrn's seed ``s`` is passed
+to ANTs as ``s + 1`` (:attr:`PrepParams.ants_seed`).
 
 antspyx is an optional extra (``pip install 'dfrn[prep]'``); it is imported only here, when
 needed. Nothing is downloaded at run time.
@@ -107,6 +111,11 @@ class PrepParams:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise DfrnInputError(f"prep seed must be a non-negative integer, not {self.seed!r}")
 
+    @property
+    def ants_seed(self) -> int:
+        """The seed given to ANTs: ``seed + 1``, since ANTs treats 0 as unseeded."""
+        return self.seed + 1
+
 
 @dataclass
 class PrepResult:
@@ -174,14 +183,18 @@ def order_classes(intensity: np.ndarray, labels: np.ndarray, n: int = 3) -> np.n
     return np.argsort(means, kind="stable") + 1
 
 
-def _checked_call(fn: Callable[..., Any], **kwargs: Any) -> Any:
+def _checked_call(fn: Callable[..., Any], cli_options: tuple[str, ...] = (), **kwargs: Any) -> Any:
     """Call an ANTsPy function after checking that each keyword is a named parameter.
 
     ``ants.registration`` and ``ants.apply_transforms`` take ``**kwargs`` and ignore unknown
     keywords silently; a renamed parameter in another antspyx version must fail instead.
+    ``cli_options`` names the keywords that are meant to pass through ``**kwargs`` to the
+    ANTs command line (e.g. Atropos' ``r``).
     """
     params = inspect.signature(fn).parameters
     named = {n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        named |= set(cli_options)
     unknown = sorted(set(kwargs) - named)
     if unknown:
         raise RuntimeError(
@@ -189,6 +202,20 @@ def _checked_call(fn: Callable[..., Any], **kwargs: Any) -> Any:
             "install a supported antspyx (pip install 'dfrn[prep]')"
         )
     return fn(**kwargs)
+
+
+def _kmeans_segmentation(ants: Any, image: Any, mask: Any, k: int = 3, mrf: float = 0.1) -> Any:
+    """``ants.kmeans_segmentation`` with Atropos' constant seed (``-r 0``).
+
+    The wrapper leaves Atropos' default, a random seed per call, so two runs of one scan
+    differ; this is the same call (normalised image, hole-filled mask, k-means start, MRF
+    smoothing, 5 iterations) with the random seed switched off.
+    """
+    normalised = ants.iMath(image, "Normalize")
+    kmask = ants.iMath(mask, "FillHoles").threshold_image(1, 2)
+    nhood = "x".join(["1"] * image.dimension)
+    return _checked_call(ants.atropos, a=normalised, x=kmask, i=f"kmeans[{k}]",
+                         m=f"[{mrf},{nhood}]", c="[5,0]", r=0, cli_options=("r",))
 
 
 def _to_nifti(ants_mod: Any, image: Any, affine: np.ndarray, dtype: Any) -> nib.Nifti1Image:
@@ -245,6 +272,9 @@ def preprocess_t1(
     PrepResult
     """
     ants = require_ants()
+    # Atropos (the k-means segmentation) seeds its random numbers from this variable, and
+    # from the clock without it
+    os.environ["ANTS_RANDOM_SEED"] = str(params.ants_seed)
     start = time.perf_counter()
     workdir = Path(workdir)
     native = check_t1(t1, label)
@@ -263,7 +293,7 @@ def preprocess_t1(
         fixed=tpl,
         moving=n4,
         type_of_transform=PREP_TRANSFORMS[params.transform],
-        random_seed=params.seed,
+        random_seed=params.ants_seed,
         outprefix=str(workdir / "xfm_"),
         verbose=False,
     )
@@ -276,7 +306,14 @@ def preprocess_t1(
     if float(mask_native.numpy().sum()) == 0:
         raise DfrnInputError(f"{label}: registration failed (the brain mask maps outside the image)")
 
-    seg = _checked_call(ants.kmeans_segmentation, image=n4, k=3, kmask=mask_native)
+    # bright fat and vessels inside the carried-back mask would otherwise take a class of
+    # their own (on IXI034 GM fell to 269 ml): cluster intensities clipped at the mask's 98th
+    # percentile
+    inside = mask_native.numpy() > 0
+    n4_np = n4.numpy()
+    ceiling = float(np.percentile(n4_np[inside], 98))
+    seg_input = n4.new_image_like(np.minimum(n4_np, ceiling).astype(np.float32))
+    seg = _kmeans_segmentation(ants, seg_input, mask_native)
     labels = seg["segmentation"].numpy()
     order = order_classes(n4.numpy(), labels)
     probs = [seg["probabilityimages"][int(k) - 1] for k in order]
@@ -289,6 +326,7 @@ def preprocess_t1(
     gm_native = probs[1]
     native_voxel_ml = float(np.prod(n4.spacing)) / 1000.0
     gm_ml = float(gm_native.numpy().sum()) * native_voxel_ml
+    brain_ml = float(inside.sum()) * native_voxel_ml
 
     t1_tpl = _checked_call(ants.apply_transforms, fixed=tpl, moving=n4, transformlist=fwd,
                            interpolator="linear")
@@ -331,6 +369,7 @@ def preprocess_t1(
     out.metrics = {
         **qc,
         "gm_ml": gm_ml,
+        "gm_fraction": gm_ml / brain_ml if brain_ml else float("nan"),
         "gm_modulated_ml": float(modulated.sum()) * tpl_voxel_ml,
         "t1_mean_csf": class_means["CSF"],
         "t1_mean_gm": class_means["GM"],

@@ -12,6 +12,7 @@ _EXPORTS: dict[str, str] = {
     "DemoSettings": "demo",
     "FULL": "demo",
     "FinishedStudy": "study",
+    "GM_FRACTION": "prep",
     "InputFile": "results",
     "LOCK_NAME": "lock",
     "PREDICT_COLUMNS": "predict",

@@ -25,8 +25,8 @@ when complete, so a finished subject is all there or absent. A re-run skips subj
 manifest verifies and whose input file is unchanged; a failed subject gets ``status =
 failed`` and its one-line error in ``qc.tsv`` while the others go on.
 
-QC thresholds (``dice_min = 0.90``, ``corr_min = 0.40`` by default): a subject below either is
-``flagged``, kept in ``cohort.tsv`` with ``prep_status = flagged``, and ``dfrn run`` warns
+QC thresholds (``dice_min = 0.90``, ``corr_min = 0.40`` by default, and a GM share of the
+brain mask between 0.2 and 0.7): a subject outside any is ``flagged``, kept in ``cohort.tsv`` with ``prep_status = flagged``, and ``dfrn run`` warns
 about it. ``dice`` is the Dice of the subject's brain mask in template space with the
 template's mask (field-of-view coverage, inverse consistency); ``corr`` is the correlation of
 the warped T1 with the template inside the brain (alignment).
@@ -68,13 +68,17 @@ __all__ = [
     "plan_prep_subjects",
     "run_prep",
     "QC_COLUMNS",
+    "GM_FRACTION",
 ]
 
 #: Columns of ``qc.tsv`` (``session`` only when a subject has one).
 QC_COLUMNS = (
-    "participant_id", "session", "dice", "corr", "gm_ml", "runtime_s", "status", "note",
+    "participant_id", "session", "dice", "corr", "gm_ml", "gm_fraction", "runtime_s", "status",
+    "note",
     "t1_mean_csf", "t1_mean_gm", "t1_mean_wm",
 )
+#: Plausible share of GM in the brain mask; outside it the segmentation is flagged.
+GM_FRACTION = (0.2, 0.7)
 _TMP_PREFIX = "prep-"
 _LABEL = re.compile(r"[^A-Za-z0-9]")
 _DSEG_TSV = "index\tname\n1\tCSF\n2\tGM\n3\tWM\n"
@@ -430,6 +434,9 @@ def _status(row: dict[str, Any], dice_min: float, corr_min: float) -> tuple[str,
         flags.append(f"dice {row.get('dice', float('nan')):.3f} < {dice_min:g}")
     if not row.get("corr", 0.0) >= corr_min:
         flags.append(f"corr {row.get('corr', float('nan')):.3f} < {corr_min:g}")
+    fraction = row.get("gm_fraction")
+    if fraction is not None and np.isfinite(fraction) and not GM_FRACTION[0] <= fraction <= GM_FRACTION[1]:
+        flags.append(f"GM fraction {fraction:.2f} outside {GM_FRACTION[0]:g}–{GM_FRACTION[1]:g}")
     note = "; ".join(filter(None, [*flags, str(row.get("note") or "")]))
     return ("flagged" if flags else "ok"), note
 
