@@ -9,6 +9,17 @@ from __future__ import annotations
 from dfrn._exports import lazy_exports
 
 _EXPORTS: dict[str, str] = {
+    "Executor": "executors",
+    "LocalExecutor": "executors",
+    "RAY_INSTALL_HINT": "executors",
+    "RayExecutor": "executors",
+    "TRANSIENT_ERRORS": "executors",
+    "TaskJob": "tasks",
+    "check_storage_probe": "executors",
+    "make_executor": "executors",
+    "remove_storage_probe": "executors",
+    "run_task_job": "tasks",
+    "write_storage_probe": "executors",
     "FOLD_COLUMNS": "folds",
     "METRIC_COLUMNS": "metrics",
     "PERMUTATION_COLUMNS": "permutation",
