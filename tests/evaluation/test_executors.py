@@ -76,3 +76,69 @@ def test_missing_ray_is_one_line(tiny_cohort, tmp_path, monkeypatch, capsys) -> 
     assert rc == 2
     assert len(err) == 1 and "pip install 'dfrn[distributed]'" in err[0], err
     assert not (tmp_path / "res").exists()
+
+
+class _FakeEstimator:
+    """Writes a model file whose bytes carry ``tag``; predicts zeros."""
+
+    def __init__(self, tag: bytes) -> None:
+        self.tag = tag
+        self.y_mean_, self.y_std_, self.best_epoch_ = 0.0, 1.0, 0
+
+    def fit(self, volumes, y):
+        import pandas as pd
+
+        self.history_ = pd.DataFrame({"epoch": [0], "train_loss": [1.0]})
+        return self
+
+    def predict(self, volumes):
+        import numpy as np
+
+        return np.zeros(len(volumes))
+
+    def save(self, path) -> None:
+        Path(path).write_bytes(self.tag)
+
+
+def test_a_task_folder_is_placed_once(tmp_path: Path) -> None:
+    """A retried task that finishes after an intact folder is in place keeps that folder; a
+    broken one is replaced; no temporary folder is left."""
+    import numpy as np
+    import pandas as pd
+
+    from dfrn.evaluation.tasks import Task, run_task
+    from dfrn.targets.providers import StaticTargets
+
+    ids = ["a", "b", "c", "d"]
+    targets = StaticTargets(pd.DataFrame({"sleep": [1.0, 2.0, 3.0, 4.0]}, index=ids))
+    vols = [np.zeros((2, 2, 2))] * 4
+    task = Task(0, 0, "sleep", 0, ("a", "b"), ("c", "d"))
+    tasks_dir = tmp_path / "tasks"
+
+    def run(tag: bytes) -> Path:
+        return run_task(task, vols, lambda xs: [ids.index(x) for x in xs], targets,
+                        lambda seed, desc: _FakeEstimator(tag), 0, tasks_dir)
+
+    final = run(b"first")
+    inode = final.stat().st_ino
+    # a duplicate run that trains and then finds the intact folder in place keeps it
+    from dfrn.evaluation import tasks as tasks_module
+
+    real_verify = tasks_module.verify_task
+    calls = []
+
+    def verify_later(folder, t):  # the duplicate's first check runs before the folder existed
+        calls.append(folder)
+        return "its folder is missing" if len(calls) == 1 else real_verify(folder, t)
+
+    tasks_module.verify_task = verify_later
+    try:
+        run(b"second")
+    finally:
+        tasks_module.verify_task = real_verify
+    assert final.stat().st_ino == inode and (final / "model.pt").read_bytes() == b"first"
+    assert sorted(p.name for p in tasks_dir.iterdir()) == [task.name]
+    (final / "model.pt").unlink()  # broken: replaced by the next run
+    run(b"third")
+    assert (final / "model.pt").read_bytes() == b"third"
+    assert sorted(p.name for p in tasks_dir.iterdir()) == [task.name]

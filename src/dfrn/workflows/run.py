@@ -185,6 +185,9 @@ def run_study(
         executor or e.kind, e.address, e.num_cpus, e.cpus_per_task, e.gpus_per_task,
         e.max_retries,
     )
+    if runner.name == "ray" and e.gpus_per_task == 0 and resolve_device("auto").type == "cuda":
+        log("note: [executor] gpus_per_task = 0, so Ray gives the tasks no GPU; set it (e.g. "
+            "1, or 0.2 for 5 tasks per GPU) to train on this machine's GPUs")
     try:
         with results_lock(out, "dfrn run", log):
             return _run_study_locked(
