@@ -113,18 +113,22 @@ def test_worker_killed_while_training_is_retried(tiny_cohort, local_run, ray_ses
     stop = threading.Event()
 
     def killer() -> None:
+        first_seen: dict[int, float] = {}  # CPU seconds of each worker when first seen in a task
         end = time.monotonic() + DEADLINE
         while not stop.is_set() and time.monotonic() < end:
             for p in _in_task_workers():
                 try:
-                    # past its imports (about 2 s of CPU): it is training
-                    if p.cpu_times().user > 4.0:
+                    cpu = p.cpu_times().user + p.cpu_times().system
+                    first_seen.setdefault(p.pid, cpu)
+                    if cpu - first_seen[p.pid] >= 0.5:  # half a CPU second into its tasks
                         os.kill(p.pid, signal.SIGKILL)
                         killed.append(p.pid)
+                        print(f"killed worker {p.pid} at {cpu:.2f} s CPU "
+                              f"(first seen in a task at {first_seen[p.pid]:.2f} s)")
                         return
                 except (psutil.NoSuchProcess, ProcessLookupError):
                     continue
-            time.sleep(0.05)
+            time.sleep(0.02)
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
