@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also permutation-test the network: N re-runs of the CV (first repeat) on "
         "shuffled targets; costs N × folds × factors trainings",
     )
+    p.add_argument(
+        "--executor", choices=["local", "ray"], default=None,
+        help="where tasks run (default: the config's [executor] kind, local); ray needs "
+        "pip install 'dfrn[distributed]' and a results folder all workers see",
+    )
 
     p = sub.add_parser(
         "demo", parents=[common], help="run the pipeline on a synthetic cohort with planted effects"
@@ -167,7 +172,8 @@ def _run(args: argparse.Namespace) -> int:
         from dfrn.workflows.run import run_study
 
         run_study(
-            load_config(args.config), args.out, progress=progress, permutations=args.permutations
+            load_config(args.config), args.out, progress=progress, permutations=args.permutations,
+            executor=args.executor,
         )
     elif args.command == "demo":
         from dfrn.workflows.demo import run_demo

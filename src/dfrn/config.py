@@ -41,6 +41,10 @@ from dfrn.errors import DfrnInputError
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 #: Valid ``[cohort] intensity`` values.
 INTENSITY_MODES = ("zscore", "none", "minmax")
+#: Valid ``[training] data`` values: how batches reach the network.
+DATA_MODES = ("auto", "memory", "prefetch", "sync")
+#: Valid ``[executor] kind`` values.
+EXECUTOR_KINDS = ("local", "ray")
 
 __all__ = [
     "CohortConfig",
@@ -52,10 +56,13 @@ __all__ = [
     "AttentionConfig",
     "FinalConfig",
     "PrepConfig",
+    "ExecutorConfig",
     "StudyConfig",
     "load_config",
     "DEVICE_PATTERN",
     "INTENSITY_MODES",
+    "DATA_MODES",
+    "EXECUTOR_KINDS",
 ]
 
 
@@ -121,6 +128,16 @@ class TrainingConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
+    data: str = "auto"
+    """How batches reach the network: ``"memory"`` (the cohort held once per process, on the
+    GPU when it fits), ``"prefetch"`` (the next batch read by a background thread while the
+    current one trains), ``"sync"`` (read when needed), or ``"auto"`` (memory when the cohort
+    takes at most a quarter of the RAM, else prefetch). All give the same numbers."""
+    channels_last_3d: bool = False
+    """Train in the channels-last 3D memory format (can be faster on GPUs with tensor cores;
+    may change results in the last digits)."""
+    compile: bool = False
+    """Train through ``torch.compile`` (may change results in the last digits)."""
 
 
 @dataclass
@@ -209,6 +226,29 @@ class PrepConfig:
 
 
 @dataclass
+class ExecutorConfig:
+    """Where the study's tasks run; it never changes results (left out of the fingerprint).
+
+    ``kind = "local"`` (default) runs them one after another in this process; ``"ray"``
+    runs them as Ray tasks (``pip install 'dfrn[distributed]'``), on this machine or a
+    cluster. With Ray, the results folder must be on storage that every worker sees.
+    """
+
+    kind: str = "local"
+    address: str = ""
+    """Ray only: empty starts a local Ray; ``"auto"`` or ``"ray://host:port"`` joins a
+    cluster."""
+    num_cpus: int = 0
+    """Ray only: CPUs a local Ray may use (0: all of this machine's)."""
+    cpus_per_task: float = 1.0
+    """Ray only: CPUs per task (also the task's torch threads)."""
+    gpus_per_task: float = 0.0
+    """Ray only: GPUs per task; fractions share a GPU (0.2 puts 5 networks on one)."""
+    max_retries: int = 3
+    """Ray only: re-runs of a task whose worker died or hit a transient error."""
+
+
+@dataclass
 class StudyConfig:
     cohort: CohortConfig = field(default_factory=CohortConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -219,6 +259,7 @@ class StudyConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     final: FinalConfig = field(default_factory=FinalConfig)
     prep: PrepConfig | None = None
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -230,14 +271,21 @@ class StudyConfig:
     def fingerprint(self) -> str:
         """Hash of every setting that changes results.
 
-        Device and worker settings are left out, and so are file paths: the files' contents
-        enter a run's identity through their digests (``run.json``), so a moved cohort or a
-        moved results folder is still the same run.
+        Device and worker settings are left out (``[training] device`` and ``data``, the
+        whole ``[executor]`` section), and so are file paths: the files' contents enter a
+        run's identity through their digests (``run.json``), so a moved cohort or a moved
+        results folder is still the same run. ``channels_last_3d`` and ``compile`` count
+        only when on (they may change the last digits), so older runs keep their identity.
         """
         d = self.to_dict()
+        d.pop("executor", None)
         d["training"].pop("device", None)
         if "prep" in d:
             d["prep"].pop("jobs", None)
+        d["training"].pop("data", None)
+        for key in ("channels_last_3d", "compile"):
+            if not d["training"].get(key):
+                d["training"].pop(key, None)
         for section, keys in PATH_KEYS.items():
             if section in d:
                 for k in keys:
@@ -270,6 +318,7 @@ SECTIONS: dict[str, type] = {
     "attention": AttentionConfig,
     "final": FinalConfig,
     "prep": PrepConfig,
+    "executor": ExecutorConfig,
 }
 #: Keys of earlier versions, with what to do instead.
 REMOVED_KEYS = {
@@ -381,6 +430,24 @@ def validate(cfg: StudyConfig) -> None:
     if c.intensity not in INTENSITY_MODES:
         raise DfrnInputError(
             f"config [cohort] intensity {c.intensity!r} is not one of {', '.join(INTENSITY_MODES)}"
+        )
+    if t.data not in DATA_MODES:
+        raise DfrnInputError(
+            f"config [training] data {t.data!r} is not one of {', '.join(DATA_MODES)}"
+        )
+    e = cfg.executor
+    if e.kind not in EXECUTOR_KINDS:
+        raise DfrnInputError(
+            f"config [executor] kind {e.kind!r} is not one of {', '.join(EXECUTOR_KINDS)}"
+        )
+    if e.cpus_per_task <= 0 or e.gpus_per_task < 0 or e.max_retries < 0 or e.num_cpus < 0:
+        raise DfrnInputError(
+            "config [executor] cpus_per_task must be > 0, and gpus_per_task, max_retries and "
+            "num_cpus >= 0"
+        )
+    if e.gpus_per_task > 1 and e.gpus_per_task != int(e.gpus_per_task):
+        raise DfrnInputError(
+            f"config [executor] gpus_per_task {e.gpus_per_task:g}: above 1 it must be whole"
         )
     if cfg.cv.n_folds < 2 or cfg.cv.n_repeats < 1:
         raise DfrnInputError("config [cv] needs n_folds >= 2 and n_repeats >= 1")

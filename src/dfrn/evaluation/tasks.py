@@ -9,6 +9,12 @@ counts as finished only when its folder passes that check; a folder that fails (
 edited file) is re-run, and the log says so. Pooling then fails, naming the task and the
 subjects, if any planned (repeat, fold, factor, subject) has no prediction.
 
+Tasks run through an executor (:mod:`dfrn.evaluation.executors`): in this process, or as
+Ray tasks. Each runs :func:`run_task_job` on a :class:`TaskJob` (paths of the cached
+volumes, the targets, the estimator's settings, the tasks folder) and writes only its own
+folder; a retried task whose folder is already in place and intact counts as done, and two
+workers never rename into one final folder twice.
+
 Targets come from a :class:`TargetProvider`, so derived targets that must be fitted inside
 the training fold (``[factors] fit_on = "train"``) plug in without leaking test subjects.
 """
@@ -21,6 +27,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -38,6 +45,9 @@ from dfrn.io import (
 )
 from dfrn.targets.providers import TargetProvider
 
+if TYPE_CHECKING:
+    from dfrn.evaluation.executors import Executor
+
 __all__ = [
     "Task",
     "plan_tasks",
@@ -47,6 +57,8 @@ __all__ = [
     "verify_task",
     "read_task_meta",
     "task_seed",
+    "TaskJob",
+    "run_task_job",
 ]
 
 
@@ -144,15 +156,37 @@ def run_task(
         }
         atomic_write_json(tmp / "task.json", meta)
         write_manifest(tmp)
-        if final.exists():  # a folder that failed verification: move it aside, then drop it
-            stale = make_temp_dir(tasks_dir, f"{task.name}.stale")
-            os.replace(final, stale / task.name)
-            shutil.rmtree(stale, ignore_errors=True)
-        os.replace(tmp, final)
+        _place(tmp, final, task, tasks_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _place(tmp: Path, final: Path, task: Task, tasks_dir: Path) -> None:
+    """Rename a complete ``tmp`` into ``final``, once.
+
+    When another worker (a retried or duplicated run of the same task) put an intact folder
+    there first, that one is kept and ``tmp`` is dropped; a folder that fails its check is
+    moved aside and replaced.
+    """
+    if final.exists():
+        if verify_task(final, task) is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        stale = make_temp_dir(tasks_dir, f"{task.name}.stale")
+        try:
+            os.replace(final, stale / task.name)
+        except FileNotFoundError:
+            pass
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        os.replace(tmp, final)  # fails on a non-empty folder put there meanwhile
+    except OSError:
+        if final.is_dir() and verify_task(final, task) is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        raise
 
 
 def verify_task(folder: Path, task: Task) -> str | None:
@@ -204,6 +238,53 @@ class _Subset:
         return self.volumes[self.idx[i]]
 
 
+@dataclass(frozen=True)
+class TaskJob:
+    """What every CV task of one run shares: paths and settings, no training arrays.
+
+    Attributes
+    ----------
+    volumes : sequence of arrays
+        The cohort's network inputs; a :class:`dfrn.data.images.VolumeSet` holds only the
+        paths of its cached ``.npy`` files, which a worker memory-maps.
+    targets : TargetProvider
+        The targets (a table of scores, or the per-fold factor fits).
+    make_estimator : callable
+        ``make_estimator(seed, desc)`` returns an unfitted estimator (the training config).
+    base_seed : int
+        ``[training] seed``.
+    tasks_dir : Path
+        The folder of the task folders (``cv/tasks``), on storage every worker sees.
+    probe : tuple of str, optional
+        ``(path, token)`` of the driver's storage probe; checked first by each task.
+    """
+
+    volumes: Sequence[np.ndarray]
+    targets: TargetProvider
+    make_estimator: Callable[[int, str], object]
+    base_seed: int
+    tasks_dir: Path
+    probe: tuple[str, str] | None = None
+
+
+def run_task_job(job: TaskJob, task: Task) -> str:
+    """Run one task of ``job`` (pure and idempotent: it writes only the task's folder).
+
+    Returns the task's name; the driver reads the folder. An intact folder already in place
+    (a retry after the first run renamed it) is kept as it is.
+    """
+    if job.probe is not None:
+        from dfrn.evaluation.executors import check_storage_probe
+
+        check_storage_probe(*job.probe)
+    index_of = getattr(job.volumes, "index_of", None)
+    if index_of is None:
+        raise TypeError("TaskJob.volumes needs an index_of(ids) method")
+    run_task(task, job.volumes, index_of, job.targets, job.make_estimator, job.base_seed,
+             Path(job.tasks_dir))
+    return task.name
+
+
 def run_cv(
     tasks: Sequence[Task],
     volumes: Sequence[np.ndarray],
@@ -215,16 +296,27 @@ def run_cv(
     progress: bool = True,
     log: Callable[[str], None] = print,
     expected: pd.DataFrame | None = None,
+    executor: Executor | None = None,
 ) -> pd.DataFrame:
-    """Run every unfinished task in order, then pool and check the predictions.
+    """Run every unfinished task (through ``executor``), then pool and check the predictions.
 
     A task counts as finished only when its folder passes :func:`verify_task` (every file
     matches the folder's manifest). A folder that fails is re-run, and the log says why.
     Leftover temporary folders from an interrupted run are removed first. ``expected``
     (targets indexed by participant_id, NaN where a subject has no value) is passed to
-    :func:`collect_predictions`.
+    :func:`collect_predictions`. ``executor`` (default: a
+    :class:`dfrn.evaluation.executors.LocalExecutor`, in order, in this process) runs the
+    unfinished tasks; the predictions are then read from the task folders whatever ran them.
     """
     from tqdm.auto import tqdm
+
+    from dfrn.evaluation.executors import (
+        LocalExecutor,
+        remove_storage_probe,
+        write_storage_probe,
+    )
+
+    executor = executor if executor is not None else LocalExecutor()
 
     tasks_dir = cv_dir / "tasks"
     tasks_dir.mkdir(parents=True, exist_ok=True)
@@ -244,8 +336,22 @@ def run_cv(
             todo.append(t)
     if done:
         log(f"resuming: {len(done)} of {len(tasks)} tasks already finished, skipped")
-    for t in tqdm(todo, desc="cv tasks", unit="task", disable=not progress):
-        run_task(t, volumes, index_of, targets, make_estimator, base_seed, tasks_dir)
+    if todo and executor.name == "local":
+        for t in tqdm(todo, desc="cv tasks", unit="task", disable=not progress):
+            run_task(t, volumes, index_of, targets, make_estimator, base_seed, tasks_dir)
+    elif todo:
+        if getattr(volumes, "index_of", None) is None:
+            raise TypeError(f"executor {executor.name!r} needs volumes with an index_of method")
+        probe = write_storage_probe(cv_dir)
+        job = TaskJob(volumes, targets, make_estimator, base_seed, tasks_dir, probe)
+        try:
+            bar = tqdm(total=len(todo), desc=f"cv tasks ({executor.name})", unit="task",
+                       disable=not progress)
+            with bar:
+                for _ in executor.map(run_task_job, job, todo):
+                    bar.update()
+        finally:
+            remove_storage_probe(*probe)
     return collect_predictions(tasks, cv_dir, expected)
 
 

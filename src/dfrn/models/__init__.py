@@ -10,6 +10,7 @@ from dfrn._exports import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "BasicBlock": "network",
+    "BatchFeeder": "feed",
     "DEFAULT_ALPHAS": "ridge",
     "DEFAULT_BLOCK_STRIDES": "network",
     "DFRN": "network",
@@ -23,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     "RidgePath": "ridge",
     "SCHEMA_VERSION": "package",
     "apply_preprocess": "ridge",
+    "clear_resident": "feed",
     "count_parameters": "network",
     "dfrn_version": "package",
     "encode_covariates": "ridge",
@@ -30,8 +32,10 @@ _EXPORTS: dict[str, str] = {
     "index_by_participant": "ridge",
     "load_package": "package",
     "package_readme": "package",
+    "resident_bytes": "feed",
     "resolve_device": "regressor",
     "seed_everything": "regressor",
+    "split_view": "feed",
     "validate_metadata": "package",
 }
 

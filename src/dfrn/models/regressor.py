@@ -8,16 +8,25 @@ at most 50 epochs, early stopping on an inner validation split (10% of the train
 subjects, patience 10, best weights kept), no weight decay, no augmentation.
 
 ``volumes`` is any sequence of 3D arrays (e.g. :class:`dfrn.data.images.VolumeSet`, or a list of
-arrays); only the subjects given are read, so nothing outside the training fold is touched.
+arrays); only the subjects given are trained on. Batches reach the network by one of the paths
+of :mod:`dfrn.models.feed` (``data``: the cohort held in memory once per process, prefetched by a
+background thread, or read when needed); all give the same numbers. ``history.tsv`` logs per
+epoch the seconds the loop waited for data (``data_wait_s``) and the epoch's seconds
+(``epoch_s``). Within an epoch that runs longer than 2 s a per-step progress bar is shown
+(when ``progress``).
 
 Determinism: weights, the inner split and batch order come from ``seed``. On CUDA, cuDNN is
 put in deterministic mode and autocast runs in bfloat16 where supported (float16 with a
-gradient scaler otherwise); on the CPU, training is float32.
+gradient scaler otherwise); on the CPU, training is float32. ``cudnn.benchmark`` stays off
+(benchmark mode picks convolution algorithms by timing, which can change the numbers from run
+to run). ``channels_last_3d`` and ``compile`` are off by default; they may change the last
+digits and count in a run's identity when on.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +38,7 @@ from sklearn.base import BaseEstimator, RegressorMixin
 
 from dfrn.config import DEVICE_PATTERN, ModelConfig, TrainingConfig
 from dfrn.errors import DfrnInputError
+from dfrn.models.feed import BatchFeeder
 from dfrn.models.network import DFRN
 
 __all__ = ["DFRNRegressor", "resolve_device", "seed_everything"]
@@ -85,11 +95,6 @@ def seed_everything(seed: int) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def _batch(volumes: Sequence[np.ndarray], idx: Sequence[int], device: torch.device) -> torch.Tensor:
-    arr = np.stack([np.asarray(volumes[i], dtype=np.float32) for i in idx])
-    return torch.from_numpy(arr).unsqueeze(1).to(device, non_blocking=True)
-
-
 def _batches(order: np.ndarray, size: int) -> list[np.ndarray]:
     """Split ``order`` into consecutive batches of ``size``.
 
@@ -130,6 +135,9 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         seed: int = _TRAIN.seed,
         device: str = _TRAIN.device,
         amp: bool = _TRAIN.amp,
+        data: str = _TRAIN.data,
+        channels_last_3d: bool = _TRAIN.channels_last_3d,
+        compile: bool = _TRAIN.compile,
         progress: bool = False,
         desc: str = "",
     ) -> None:
@@ -144,6 +152,9 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         self.seed = seed
         self.device = device
         self.amp = amp
+        self.data = data
+        self.channels_last_3d = channels_last_3d
+        self.compile = compile
         self.progress = progress
         self.desc = desc
 
@@ -159,14 +170,29 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
             return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
         return (lambda: torch.autocast(dev.type, enabled=False)), None
 
-    def _predict_scaled(self, volumes: Sequence[np.ndarray], idx: Sequence[int]) -> np.ndarray:
+    def _predict_scaled(
+        self,
+        volumes: Sequence[np.ndarray],
+        idx: Sequence[int],
+        feeder: BatchFeeder | None = None,
+        model: torch.nn.Module | None = None,
+    ) -> np.ndarray:
         autocast, _ = self._autocast()
         self.model_.eval()
+        model = model if model is not None else self.model_
+        own = feeder is None
+        if feeder is None:
+            feeder = BatchFeeder(volumes, self.device_, "sync", bool(self.channels_last_3d))
         out = []
-        with torch.no_grad():
-            for b in _batches(np.asarray(idx), max(self.batch_size, 2)):
-                with autocast():
-                    out.append(self.model_(_batch(volumes, b, self.device_)).float().cpu().numpy())
+        try:
+            with torch.no_grad():
+                batches = _batches(np.asarray(idx), max(self.batch_size, 2))
+                for x in feeder.batches(batches):
+                    with autocast():
+                        out.append(model(x).float().cpu().numpy())
+        finally:
+            if own:
+                feeder.close()
         return np.concatenate(out) if out else np.zeros(0)
 
     # -- estimator API -----------------------------------------------------------------
@@ -205,28 +231,55 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         ys = torch.tensor((y - self.y_mean_) / self.y_std_, dtype=torch.float32)
 
         self.model_ = DFRN(block_strides=self.block_strides).to(self.device_)
+        if self.channels_last_3d:
+            self.model_ = self.model_.to(memory_format=torch.channels_last_3d)
+        step_model: torch.nn.Module = (
+            torch.compile(self.model_) if self.compile else self.model_  # type: ignore[assignment]
+        )
         opt_kwargs: dict[str, Any] = {"lr": self.lr, "weight_decay": self.weight_decay}
         if self.device_.type in ("cpu", "cuda"):
             opt_kwargs["fused"] = True
         opt = torch.optim.Adam(self.model_.parameters(), **opt_kwargs)
         autocast, scaler = self._autocast()
 
-        history = []
-        best = (math.inf, -1)
-        best_state: dict[str, torch.Tensor] | None = None
+        history: list[dict[str, float]] = []
         bar = tqdm(
             range(self.epochs), desc=self.desc or "epochs", leave=False, disable=not self.progress
         )
+        feeder = BatchFeeder(volumes, self.device_, self.data, bool(self.channels_last_3d))
+        try:
+            self._train(
+                bar, feeder, step_model, opt, autocast, scaler, rng, train_idx, val_idx, ys,
+                volumes, history, tqdm,
+            )
+        finally:
+            feeder.close()
+        self.history_ = pd.DataFrame(history)
+        self.model_.eval()
+        return self
+
+    def _train(self, bar, feeder, step_model, opt, autocast, scaler, rng, train_idx, val_idx, ys,
+               volumes, history, tqdm) -> None:
+        """The epochs of :meth:`fit` (early stopping keeps the best validation weights)."""
+        n_val = len(val_idx)
+        best = (math.inf, -1)
+        best_state: dict[str, torch.Tensor] | None = None
         stale = 0
         for epoch in bar:
-            self.model_.train()
+            t_epoch = time.perf_counter()
+            feeder.reset_wait()
+            step_model.train()
             total = 0.0
-            for b in _batches(rng.permutation(train_idx), self.batch_size):
-                x = _batch(volumes, b, self.device_)
+            batches = _batches(rng.permutation(train_idx), self.batch_size)
+            steps = tqdm(
+                feeder.batches(batches), total=len(batches), desc=f"epoch {epoch}", unit="step",
+                leave=False, delay=2.0, disable=not self.progress,
+            )
+            for b, x in zip(batches, steps, strict=True):
                 target = ys[b].to(self.device_)
                 opt.zero_grad(set_to_none=True)
                 with autocast():
-                    pred = self.model_(x)
+                    pred = step_model(x)
                 loss = torch.sum((pred.float() - target) ** 2)  # sum of squared errors
                 if scaler is not None:
                     scaler.scale(loss).backward()
@@ -239,9 +292,12 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
             train_loss = total / len(train_idx)
             val_loss = float("nan")
             if n_val:
-                pv = self._predict_scaled(volumes, val_idx)
+                pv = self._predict_scaled(volumes, val_idx, feeder, step_model)
                 val_loss = float(np.mean((pv - ys[val_idx].numpy()) ** 2))
-            history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
+            history.append({
+                "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                "data_wait_s": feeder.reset_wait(), "epoch_s": time.perf_counter() - t_epoch,
+            })
             bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
             if n_val:
                 if val_loss < best[0]:
@@ -259,9 +315,6 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
             self.best_epoch_ = best[1]
         else:
             self.best_epoch_ = len(history) - 1
-        self.history_ = pd.DataFrame(history)
-        self.model_.eval()
-        return self
 
     def predict(self, volumes: Sequence[np.ndarray]) -> np.ndarray:
         """Predicted scores (in the target's original units) for every volume."""

@@ -21,6 +21,7 @@ import pandas as pd
 
 from dfrn.config import StudyConfig
 from dfrn.errors import DfrnInputError
+from dfrn.evaluation.executors import Executor
 from dfrn.evaluation.permutation import permutation_test_generic
 from dfrn.evaluation.tasks import plan_tasks, run_cv
 from dfrn.io import atomic_write_tsv
@@ -38,6 +39,7 @@ def network_permutation_test(
     n_perm: int,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    executor: Executor | None = None,
 ) -> pd.DataFrame:
     """Run ``n_perm`` permutations of the network CV (first repeat) and write the table.
 
@@ -54,6 +56,8 @@ def network_permutation_test(
         Number of permutations.
     progress : bool, default True
     log : callable, default print
+    executor : Executor, optional
+        Runs each permutation's tasks (default: in this process).
 
     Returns
     -------
@@ -89,7 +93,7 @@ def network_permutation_test(
         return run_cv(
             tasks, volumes, volumes.index_of, StaticTargets(targets), make,
             cfg.training.seed, folder.permutation_cv(index), progress=False,
-            log=log, expected=targets,
+            log=log, expected=targets, executor=executor,
         )
 
     observed = result.predictions[result.predictions["repeat"] == plan["repeat"].iloc[0]]

@@ -8,7 +8,8 @@ Stages, in order (each resumable):
    training subjects with a value in every fold) and the cached network inputs (not constant);
 2. only then write the run's identity (``run.json``, ``config.toml``, environment), the fold
    plan ``cv/folds.tsv`` (made once from ``[cv] seed``, re-read on resume) and ``factors/``;
-3. train and evaluate one network per (repeat, fold, factor), skipping verified tasks;
+3. train and evaluate one network per (repeat, fold, factor), skipping verified tasks, through
+   the configured executor (``[executor]``: in this process, or as Ray tasks);
 4. write ``cv/predictions.tsv``, ``cv/metrics.tsv``, ``cv/table1.tsv`` and Figure 2.
 
 The whole run holds the results folder's lock (:mod:`dfrn.workflows.lock`), so a second process on the
@@ -28,6 +29,7 @@ import pandas as pd
 from dfrn.config import StudyConfig
 from dfrn.data.cohort import Cohort
 from dfrn.data.images import check_common_grid
+from dfrn.evaluation.executors import Executor, make_executor
 from dfrn.evaluation.metrics import compute_metrics, table1
 from dfrn.evaluation.tasks import plan_tasks, run_cv
 from dfrn.io import atomic_write_tsv
@@ -90,8 +92,12 @@ def run_cv_stage(
     progress: bool = True,
     log: Callable[[str], None] = print,
     allow_existing: tuple[str, ...] = (),
+    executor: Executor | None = None,
 ) -> StudyResult:
-    """Stages 1–4 (see the module docstring). The caller holds the folder's lock."""
+    """Stages 1–4 (see the module docstring). The caller holds the folder's lock.
+
+    ``executor`` runs the CV tasks (default: in this process).
+    """
     out = Path(out)
     resolve_device(cfg.training.device)  # before any caching: cuda on a CPU machine is refused
     if uses_prep(cfg):
@@ -140,6 +146,7 @@ def run_cv_stage(
         progress=progress,
         log=log,
         expected=targets,
+        executor=executor,
     )
     metrics = compute_metrics(predictions)
     t1 = table1(metrics)
@@ -167,8 +174,12 @@ def run_study(
     allow_existing: tuple[str, ...] = (),
     permutations: int = 0,
     notes: tuple[str, ...] = (),
+    executor: str | None = None,
 ) -> StudyResult:
     """Run every configured stage, holding the folder's lock; returns the CV results.
+
+    ``executor`` (``"local"`` or ``"ray"``) overrides ``[executor] kind``; the driver
+    holds the lock, plans and collects, the executor's workers write task folders.
 
     ``notes`` are shown at the top of ``report.html`` (the demo says what it shrank).
 
@@ -176,8 +187,21 @@ def run_study(
     :func:`dfrn.workflows.network_permutation.network_permutation_test`).
     """
     out = Path(out)
-    with results_lock(out, "dfrn run", log):
-        return _run_study_locked(cfg, out, progress, log, allow_existing, permutations, notes)
+    e = cfg.executor
+    runner = make_executor(
+        executor or e.kind, e.address, e.num_cpus, e.cpus_per_task, e.gpus_per_task,
+        e.max_retries,
+    )
+    if runner.name == "ray" and e.gpus_per_task == 0 and resolve_device("auto").type == "cuda":
+        log("note: [executor] gpus_per_task = 0, so Ray gives the tasks no GPU; set it (e.g. "
+            "1, or 0.2 for 5 tasks per GPU) to train on this machine's GPUs")
+    try:
+        with results_lock(out, "dfrn run", log):
+            return _run_study_locked(
+                cfg, out, progress, log, allow_existing, permutations, notes, runner
+            )
+    finally:
+        runner.close()
 
 
 def _run_study_locked(
@@ -188,13 +212,14 @@ def _run_study_locked(
     allow_existing: tuple[str, ...],
     permutations: int,
     notes: tuple[str, ...] = (),
+    executor: Executor | None = None,
 ) -> StudyResult:
-    result = run_cv_stage(cfg, out, progress, log, allow_existing)
+    result = run_cv_stage(cfg, out, progress, log, allow_existing, executor)
     if permutations > 0:
         from dfrn.workflows.network_permutation import network_permutation_test
 
         result.extra["network_permutation"] = network_permutation_test(
-            out, cfg, result, permutations, progress=progress, log=log
+            out, cfg, result, permutations, progress=progress, log=log, executor=executor
         )
     if cfg.final.enabled:
         from dfrn.workflows.packages import write_model_packages

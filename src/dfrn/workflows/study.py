@@ -314,6 +314,9 @@ def make_estimator_factory(cfg: StudyConfig, progress: bool) -> Callable[[int, s
             seed=seed,
             device=t.device,
             amp=t.amp,
+            data=t.data,
+            channels_last_3d=t.channels_last_3d,
+            compile=t.compile,
             progress=progress,
             desc=desc,
         )

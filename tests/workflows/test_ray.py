@@ -1,0 +1,201 @@
+"""The Ray executor: parity with the local one, a worker killed mid-training, a killed driver.
+
+One local Ray (2 CPUs) serves the in-process tests; the driver-loss test starts its own in a
+``dfrn run`` subprocess and every process of it is killed by PID afterwards (found by an
+environment marker). No timing asserts: waits poll for a state with a generous deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import study_config
+
+ray = pytest.importorskip("ray")
+psutil = pytest.importorskip("psutil")
+
+DEADLINE = 300.0
+EPOCHS = 4
+TASKS = ["repeat-0_fold-0_anhedonia", "repeat-0_fold-0_sleep",
+         "repeat-0_fold-1_anhedonia", "repeat-0_fold-1_sleep"]
+
+
+def _config(cohort, **executor):
+    return study_config(cohort, training={"epochs": EPOCHS},
+                        executor={"num_cpus": 2, **executor})
+
+
+def _predictions(out: Path) -> pd.DataFrame:
+    return pd.read_csv(out / "cv/predictions.tsv", sep="\t", dtype={"participant_id": str})
+
+
+def _assert_same(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    cols = ["participant_id", "repeat", "fold", "factor", "y_true"]
+    pd.testing.assert_frame_equal(a[cols], b[cols])
+    np.testing.assert_allclose(a["y_pred"], b["y_pred"], rtol=0, atol=1e-6)
+
+
+def _assert_tasks_intact(out: Path) -> None:
+    from dfrn.io import verify_manifest
+
+    tasks = out / "cv/tasks"
+    assert sorted(p.name for p in tasks.iterdir()) == TASKS  # no temp, stale or duplicate
+    for name in TASKS:
+        assert verify_manifest(tasks / name) is None
+    assert not list((out / "cv").glob(".storage-check*"))
+
+
+@pytest.fixture(scope="module")
+def local_run(tiny_cohort, tmp_path_factory):
+    """The reference, with as many torch threads as a Ray task gets (cpus_per_task = 1)."""
+    import torch
+
+    from dfrn.workflows.run import run_study
+
+    out = tmp_path_factory.mktemp("local") / "res"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_study(_config(tiny_cohort), out, progress=False, log=lambda s: None)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    tmp = tempfile.mkdtemp(prefix="dfrnray", dir="/tmp")  # short: Ray's socket paths
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _temp_dir=tmp)
+    yield
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_ray_gives_the_local_predictions(tiny_cohort, local_run, ray_session, tmp_path) -> None:
+    from dfrn.workflows.run import run_study
+
+    out = tmp_path / "res"
+    lines: list[str] = []
+    run_study(_config(tiny_cohort), out, progress=False, log=lines.append, executor="ray")
+    _assert_same(_predictions(out), _predictions(local_run))
+    _assert_tasks_intact(out)
+    assert ray.is_initialized()  # a Ray this process started is not shut down by dfrn
+
+
+def _in_task_workers() -> list[psutil.Process]:
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if cmd.startswith("ray::_in_worker"):
+            procs.append(p)
+    return procs
+
+
+def test_worker_killed_while_training_is_retried(tiny_cohort, local_run, ray_session,
+                                                 tmp_path) -> None:
+    from dfrn.workflows.run import run_study
+
+    out = tmp_path / "res"
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def killer() -> None:
+        first_seen: dict[int, float] = {}  # CPU seconds of each worker when first seen in a task
+        end = time.monotonic() + DEADLINE
+        while not stop.is_set() and time.monotonic() < end:
+            for p in _in_task_workers():
+                try:
+                    cpu = p.cpu_times().user + p.cpu_times().system
+                    first_seen.setdefault(p.pid, cpu)
+                    if cpu - first_seen[p.pid] >= 0.5:  # half a CPU second into its tasks
+                        os.kill(p.pid, signal.SIGKILL)
+                        killed.append(p.pid)
+                        print(f"killed worker {p.pid} at {cpu:.2f} s CPU "
+                              f"(first seen in a task at {first_seen[p.pid]:.2f} s)")
+                        return
+                except (psutil.NoSuchProcess, ProcessLookupError):
+                    continue
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        run_study(_config(tiny_cohort, max_retries=3), out, progress=False,
+                  log=lambda s: None, executor="ray")
+    finally:
+        stop.set()
+        thread.join()
+    assert killed, "no Ray worker was seen training"
+    assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == "zombie"
+    _assert_tasks_intact(out)
+    _assert_same(_predictions(out), _predictions(local_run))
+
+
+def _kill_marked(marker: str) -> None:
+    """SIGKILL every process carrying ``DFRN_TEST_RAY=marker`` (a driver's own local Ray),
+    until none is left."""
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        found = []
+        for p in psutil.process_iter():
+            try:
+                if p.pid != os.getpid() and p.environ().get("DFRN_TEST_RAY") == marker:
+                    p.kill()
+                    found.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        if not found:
+            return
+        psutil.wait_procs(found, timeout=5)
+
+
+def test_killed_driver_resumes_identically(tiny_cohort, local_run, tmp_path) -> None:
+    cfg = tmp_path / "study.toml"
+    cfg.write_text(_config(tiny_cohort).to_toml())
+    out = tmp_path / "res"
+    marker = uuid.uuid4().hex
+    ray_tmp = tempfile.mkdtemp(prefix="dfrnray", dir="/tmp")
+    env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "DFRN_TEST_RAY": marker,
+           "RAY_TMPDIR": ray_tmp}
+    cmd = [sys.executable, "-c", "import sys; from dfrn.cli import main; sys.exit(main())",
+           "run", str(cfg), "--out", str(out), "--no-progress", "--executor", "ray"]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env, start_new_session=True)
+    try:
+        end = time.monotonic() + DEADLINE
+        while not any((out / "cv/tasks" / t).is_dir() for t in TASKS):
+            if first.poll() is not None:
+                pytest.fail(f"driver ended (rc {first.returncode}) early: {first.communicate()}")
+            assert time.monotonic() < end, "no task finished"
+            time.sleep(0.05)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(timeout=DEADLINE)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+        _kill_marked(marker)  # the Ray the killed driver started
+    assert not (out / "cv/predictions.tsv").exists()
+
+    try:
+        again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=DEADLINE)
+    finally:
+        _kill_marked(marker)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert again.returncode == 0, again.stderr
+    assert "already finished, skipped" in again.stdout
+    _assert_tasks_intact(out)
+    _assert_same(_predictions(out), _predictions(local_run))
