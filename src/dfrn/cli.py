@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dice-min", type=float, default=0.90, help="QC flag below this Dice")
     p.add_argument("--corr-min", type=float, default=0.40,
                    help="QC flag below this T1 correlation with the template")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: --jobs processes here (default); ray: one Ray task per subject")
+    p.add_argument("--ray-address", default="",
+                   help="with --executor ray: empty starts a local Ray; 'auto' or ray://… joins")
 
     p = sub.add_parser("report", parents=[common],
                        help="write RESULTS/report.html (one self-contained page)")
@@ -192,15 +196,20 @@ def _run(args: argparse.Namespace) -> int:
                 impute=args.impute, tol=args.tol, n_resamples=args.resamples, seed=args.seed,
             )
     elif args.command == "prep":
+        from dfrn.evaluation.executors import make_executor
         from dfrn.workflows.prep import run_prep
 
-        run_prep(
-            args.input, args.out, image_column=args.image_column, session=args.session,
-            derivatives=args.from_derivatives, transform=args.transform, seed=args.seed,
-            deterministic=not args.no_deterministic, template=args.template,
-            template_mask=args.template_mask, jobs=args.jobs, dice_min=args.dice_min,
-            corr_min=args.corr_min, progress=progress,
-        )
+        runner = make_executor(args.executor, args.ray_address, cpus_per_task=1.0)
+        try:
+            run_prep(
+                args.input, args.out, image_column=args.image_column, session=args.session,
+                derivatives=args.from_derivatives, transform=args.transform, seed=args.seed,
+                deterministic=not args.no_deterministic, template=args.template,
+                template_mask=args.template_mask, jobs=args.jobs, dice_min=args.dice_min,
+                corr_min=args.corr_min, progress=progress, executor=runner,
+            )
+        finally:
+            runner.close()
     elif args.command == "report":
         from dfrn.workflows.report import write_report
 

@@ -369,3 +369,40 @@ def test_cohort_derivatives_in_a_study_feed_its_cohort(tpl2, tmp_path) -> None:
     inputs = collect_inputs(cfg, cohort)
     assert inputs["cohort_table"].path == out / "prep" / "cohort.tsv"
     assert {f"gm/{s}" for s in ids} <= set(inputs)
+
+
+def test_prep_subjects_as_ray_tasks_match_local_processes(shared_data, tpl2, tmp_path) -> None:
+    """--executor ray: each subject is a Ray task; a corrupt scan fails alone, and the good
+    subject's files are byte-identical to a local run's (deterministic ANTs)."""
+    pytest.importorskip("ants")
+    pytest.importorskip("ray")
+    from dfrn.evaluation.executors import RayExecutor
+    from dfrn.workflows.prep import run_prep
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(shared_data / "ixi" / "sub-IXI014_T1w.nii.gz", scans / "a.nii.gz")
+    (scans / "b.nii.gz").write_bytes(b"not a scan")
+    table = tmp_path / "t.tsv"
+    pd.DataFrame({"participant_id": ["sub-IXI014", "sub-bad"],
+                  "t1": ["scans/a.nii.gz", "scans/b.nii.gz"]}).to_csv(table, sep="\t", index=False)
+    kw = {"transform": "affine", "template": tpl2[0], "template_mask": tpl2[1],
+          "progress": False, "log": lambda m: None, "raise_on_failure": False}
+    runner = RayExecutor(num_cpus=2)
+    try:
+        on_ray = run_prep(table, tmp_path / "ray", executor=runner, **kw)
+    finally:
+        runner.close()
+    local = run_prep(table, tmp_path / "local", jobs=2, **kw)
+    for summary in (on_ray, local):
+        assert summary.failed == ["sub-bad"]
+        assert "participant sub-bad: cannot read" in summary.qc.set_index("participant_id").at["sub-bad", "note"]
+    assert not (tmp_path / "ray" / ".storage-check").exists()
+    files = sorted((tmp_path / "local" / "sub-IXI014" / "anat").iterdir())
+    assert len(files) >= 8
+    for f in files:
+        twin = tmp_path / "ray" / "sub-IXI014" / "anat" / f.name
+        if f.name.endswith(".nii.gz"):
+            np.testing.assert_array_equal(nib.load(f).get_fdata(), nib.load(twin).get_fdata())
+        else:
+            assert f.read_bytes() == twin.read_bytes(), f.name

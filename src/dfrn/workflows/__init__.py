@@ -43,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "open_finished_study": "study",
     "plan_prep_subjects": "prep",
     "predict_cohort": "predict",
+    "prep_task": "prep",
     "prepare_volumes": "study",
     "read_run_info": "results",
     "record_resume": "results",

@@ -19,7 +19,8 @@ Output layout (``OUT``)::
              the inverse warp for SyN)
         figures/…_space-MNI152NLin6Asym_desc-qc_T1w.png
 
-Each subject is an independent task in its own process (``jobs`` at a time). Its files are
+Each subject is an independent task in its own process (``jobs`` at a time), or a Ray task
+with ``--executor ray`` (the output folder must then be on storage every worker sees). Its files are
 written into a hidden temporary folder, listed in ``manifest.json`` and renamed into place
 when complete, so a finished subject is all there or absent. A re-run skips subjects whose
 manifest verifies and whose input file is unchanged; a failed subject gets ``status =
@@ -52,6 +53,7 @@ import pandas as pd
 
 from dfrn.data.templates import TEMPLATE_SPACE, Template, resolve_template
 from dfrn.errors import DfrnInputError, PrepFailedError, ResultsFolderError
+from dfrn.evaluation.executors import Executor
 from dfrn.io import (
     atomic_write_json,
     atomic_write_text,
@@ -67,6 +69,7 @@ __all__ = [
     "PrepSummary",
     "plan_prep_subjects",
     "run_prep",
+    "prep_task",
     "QC_COLUMNS",
     "GM_FRACTION",
 ]
@@ -460,6 +463,7 @@ def run_prep(
     log: Callable[[str], None] = print,
     changed_input: str = "rerun",
     raise_on_failure: bool = True,
+    executor: Executor | None = None,
 ) -> PrepSummary:
     """Preprocess a cohort into ``out`` (see the module docstring); resumable.
 
@@ -483,6 +487,10 @@ def run_prep(
     raise_on_failure : bool
         Raise :class:`dfrn.errors.PrepFailedError` naming the failed subjects, after
         ``qc.tsv`` and ``cohort.tsv`` are written.
+    executor : Executor, optional
+        A Ray executor (:func:`dfrn.evaluation.executors.make_executor`) runs each subject as
+        a Ray task (``jobs`` is then Ray's business: ``cpus_per_task``); None or a local
+        executor uses ``jobs`` spawned processes on this machine.
 
     Returns
     -------
@@ -507,7 +515,7 @@ def run_prep(
     identity = _identity(kind, params.transform, params.seed, deterministic, tpl)
     _check_out(out, identity)
     with ResultsLock(out, command="dfrn prep", log=log):
-        for stale in out.glob(f".{_TMP_PREFIX}*.tmp"):
+        for stale in out.glob(f".{_TMP_PREFIX}*.tmp"):  # left by a killed run (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
         atomic_write_json(out / "prep.json", {"identity": identity, "dfrn_version": dfrn_version_string(),
                                               "template": str(tpl.t1), "template_source": tpl.source})
@@ -547,7 +555,11 @@ def run_prep(
         } for s in todo]
         threads = max(1, (os.cpu_count() or 1) // min(jobs, max(1, len(todo))))
         env = ants_environment(deterministic, threads)
-        for row in _run_pool(jobs_list, jobs, env, progress):
+        if executor is not None and executor.name != "local":
+            finished = _run_on_executor(executor, jobs_list, env, out, progress)
+        else:
+            finished = _run_pool(jobs_list, jobs, env, progress)
+        for row in finished:
             rows[_stem_of(row, subjects)] = row
         qc = _write_tables(out, table, subjects, rows, dice_min, corr_min, image_column)
     summary = PrepSummary(out, qc, out / "cohort.tsv",
@@ -603,6 +615,37 @@ def _run_pool(jobs_list: list[dict[str, Any]], jobs: int, env: dict[str, str],
             for proc in list(getattr(pool, "_processes", {}).values()):
                 proc.terminate()
     return results
+
+
+def prep_task(common: dict[str, Any], job: dict[str, Any]) -> str:
+    """One subject as an executor task: check the shared storage, set ANTs' environment,
+    preprocess; return the QC row as JSON (a few numbers; the images stay in the folder)."""
+    from dfrn.evaluation.executors import check_storage_probe
+
+    check_storage_probe(*common["probe"])
+    os.environ.update(common["env"])
+    return json.dumps(_process_subject(job), default=str)
+
+
+def _run_on_executor(executor: Executor, jobs_list: list[dict[str, Any]], env: dict[str, str],
+                     out: Path, progress: bool) -> list[dict[str, Any]]:
+    from tqdm.auto import tqdm
+
+    from dfrn.evaluation.executors import remove_storage_probe, write_storage_probe
+
+    if not jobs_list:
+        return []
+    probe = write_storage_probe(out)
+    rows = []
+    try:
+        bar = tqdm(total=len(jobs_list), desc="dfrn prep", unit="subject", disable=not progress)
+        for text in executor.map(prep_task, {"env": env, "probe": probe}, jobs_list):
+            rows.append(json.loads(text))
+            bar.update(1)
+        bar.close()
+    finally:
+        remove_storage_probe(*probe)
+    return rows
 
 
 def _write_tables(out: Path, table: pd.DataFrame, subjects: list[PrepSubject],

@@ -102,7 +102,8 @@ def run_cv_stage(
     resolve_device(cfg.training.device)  # before any caching: cuda on a CPU machine is refused
     if uses_prep(cfg):
         check_results_dir(out, cfg, None, (*allow_existing, "prep"))
-        run_study_prep(cfg, out, progress, log, resumed=read_run_info(out) is not None)
+        run_study_prep(cfg, out, progress, log, resumed=read_run_info(out) is not None,
+                       executor=executor)
         allow_existing = (*allow_existing, "prep")
     cohort = load_study_cohort(cfg, out)
     check_common_grid(cohort.images, [f"participant {p}" for p in cohort.participant_ids])

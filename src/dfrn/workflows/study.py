@@ -19,6 +19,7 @@ from dfrn.config import StudyConfig
 from dfrn.data.cohort import Cohort, load_bids_cohort, load_cohort_table
 from dfrn.data.images import VolumeCache, VolumeSet
 from dfrn.errors import DfrnInputError
+from dfrn.evaluation.executors import Executor
 from dfrn.evaluation.folds import iter_splits, make_fold_plan
 from dfrn.io import file_digest
 from dfrn.models.regressor import DFRNRegressor
@@ -112,7 +113,7 @@ def warn_prep_qc(cohort: Cohort) -> None:
 
 
 def run_study_prep(cfg: StudyConfig, out: Path, progress: bool, log: Callable[[str], None],
-                   resumed: bool) -> None:
+                   resumed: bool, executor: Executor | None = None) -> None:
     """The study's prep stage: raw scans (``[prep]``) or derivatives into ``<out>/prep``.
 
     Finished subjects are reused. On a resumed run, a raw scan that changed since it was
@@ -130,7 +131,7 @@ def run_study_prep(cfg: StudyConfig, out: Path, progress: bool, log: Callable[[s
         seed=p.seed, deterministic=p.deterministic, template=p.template or None,
         template_mask=p.template_mask or None, jobs=p.jobs, dice_min=p.dice_min,
         corr_min=p.corr_min, progress=progress, log=log,
-        changed_input="refuse" if resumed else "rerun",
+        changed_input="refuse" if resumed else "rerun", executor=executor,
     )
 
 
