@@ -92,6 +92,33 @@ def test_unknown_ants_keyword_is_refused_not_swallowed() -> None:
         _checked_call(registration, fixed=1, moving=2, random_sede=3)
 
 
+def test_the_seed_reaches_either_antspyx_api() -> None:
+    """antspyx 0.6.1 takes registration(random_seed=…); 0.6.3 a global
+    ants.config.set_ants_deterministic(on, seed_value). Both get dfrn's seed."""
+    import types
+
+    from dfrn.data.prep import _seed_registration
+
+    def old_registration(fixed, moving, random_seed=None, **kwargs):
+        return None
+
+    old = types.SimpleNamespace(registration=old_registration)
+    assert _seed_registration(old, 8) == {"random_seed": 8}
+    calls = []
+
+    def new_registration(fixed, moving, **kwargs):
+        return None
+
+    new = types.SimpleNamespace(
+        registration=new_registration,
+        config=types.SimpleNamespace(set_ants_deterministic=lambda on, seed: calls.append((on, seed))),
+    )
+    assert _seed_registration(new, 8) == {}
+    assert calls and calls[0][1] == 8
+    with pytest.raises(RuntimeError, match="no registration seed"):
+        _seed_registration(types.SimpleNamespace(registration=new_registration), 8)
+
+
 def test_missing_antspyx_is_one_line(monkeypatch) -> None:
     real = builtins.__import__
 

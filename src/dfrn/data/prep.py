@@ -204,6 +204,28 @@ def _checked_call(fn: Callable[..., Any], cli_options: tuple[str, ...] = (), **k
     return fn(**kwargs)
 
 
+def _seed_registration(ants: Any, seed: int) -> dict[str, Any]:
+    """Fix the registration's sampling seed, whichever way this antspyx takes it.
+
+    antspyx <= 0.6.1 has a ``random_seed`` argument; 0.6.3 replaced it by the global
+    ``ants.config.set_ants_deterministic(on, seed_value)`` (which also sets one ITK thread
+    when on). Returns the keyword arguments to add to ``ants.registration``.
+    """
+    if "random_seed" in inspect.signature(ants.registration).parameters:
+        return {"random_seed": seed}
+    config = getattr(ants, "config", None)
+    setter = getattr(config, "set_ants_deterministic", None)
+    if setter is None:
+        raise RuntimeError(
+            "this antspyx takes no registration seed (neither random_seed nor "
+            "ants.config.set_ants_deterministic); install a supported antspyx "
+            "(pip install 'dfrn[prep]')"
+        )
+    one_thread = os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS") == "1"
+    setter(one_thread, seed)
+    return {}
+
+
 def _kmeans_segmentation(ants: Any, image: Any, mask: Any, k: int = 3, mrf: float = 0.1) -> Any:
     """``ants.kmeans_segmentation`` with Atropos' constant seed (``-r 0``).
 
@@ -293,9 +315,9 @@ def preprocess_t1(
         fixed=tpl,
         moving=n4,
         type_of_transform=PREP_TRANSFORMS[params.transform],
-        random_seed=params.ants_seed,
         outprefix=str(workdir / "xfm_"),
         verbose=False,
+        **_seed_registration(ants, params.ants_seed),
     )
     fwd, inv = list(reg["fwdtransforms"]), list(reg["invtransforms"])
     which_inv = [p.endswith(".mat") for p in inv]
