@@ -406,3 +406,35 @@ def test_prep_subjects_as_ray_tasks_match_local_processes(shared_data, tpl2, tmp
             np.testing.assert_array_equal(nib.load(f).get_fdata(), nib.load(twin).get_fdata())
         else:
             assert f.read_bytes() == twin.read_bytes(), f.name
+
+
+def test_a_changed_input_is_rerun_standalone_and_refused_in_a_resumed_study(tpl2, tmp_path) -> None:
+    """dfrn prep alone re-runs a subject whose input changed; inside a resumed study
+    (changed_input="refuse") the same change is refused, naming the subject."""
+    from dfrn.errors import ResultsFolderError
+    from dfrn.workflows.prep import run_prep
+
+    tpl_img = nib.load(tpl2[0])
+    deriv = tmp_path / "fmriprep"
+    anat = deriv / "sub-c1" / "anat"
+    anat.mkdir(parents=True)
+    base = anat / "sub-c1_space-MNI152NLin6Asym_res-2"
+    t1 = Path(f"{base}_desc-preproc_T1w.nii.gz")
+    nib.save(tpl_img, t1)
+    nib.save(nib.load(tpl2[1]), Path(f"{base}_desc-brain_mask.nii.gz"))
+    gm = tpl_img.get_fdata() / tpl_img.get_fdata().max()
+    nib.save(nib.Nifti1Image(gm.astype(np.float32), tpl_img.affine),
+             Path(f"{base}_label-GM_probseg.nii.gz"))
+    out = tmp_path / "prep"
+    kw = {"derivatives": deriv, "template": tpl2[0], "template_mask": tpl2[1],
+          "progress": False}
+    run_prep(None, out, log=lambda m: None, **kw)
+    name = out / "sub-c1" / "anat" / "sub-c1_space-MNI152NLin6Asym_res-2_desc-preproc_T1w.nii.gz"
+    nib.save(nib.Nifti1Image(tpl_img.get_fdata() * 2, tpl_img.affine), t1)  # the scan changes
+    with pytest.raises(ResultsFolderError, match="participant sub-c1: .*input changed"):
+        run_prep(None, out, log=lambda m: None, changed_input="refuse", **kw)
+    np.testing.assert_allclose(nib.load(name).get_fdata(), tpl_img.get_fdata(), rtol=1e-5)
+    lines: list[str] = []
+    run_prep(None, out, log=lines.append, **kw)
+    assert any("input changed" in line for line in lines)
+    np.testing.assert_allclose(nib.load(name).get_fdata(), tpl_img.get_fdata() * 2, rtol=1e-5)

@@ -416,17 +416,21 @@ def _import_derivatives(subject: PrepSubject, template: Any, template_mask: str,
     return metrics, "GM from fMRIPrep is not modulated (concentration, not volume)"
 
 
-def _finished_row(out: Path, subject: PrepSubject, digest: str) -> tuple[dict[str, Any] | None, str]:
+def _finished_row(
+    out: Path, subject: PrepSubject, digest: str
+) -> tuple[dict[str, Any] | None, str, bool]:
+    """The subject's QC row when its folder is intact and made from this input; else None,
+    why not, and whether the reason is a changed input."""
     folder = out / subject.folder
     if not folder.exists():
-        return None, ""
+        return None, "", False
     problem = verify_manifest(folder, required=("qc.json",))
     if problem is not None:
-        return None, f"{subject.stem} failed its check ({problem}); re-running it"
+        return None, f"{subject.stem} failed its check ({problem}); re-running it", False
     row = json.loads((folder / "qc.json").read_text(encoding="utf-8"))
     if row.get("source_sha256") != digest:
-        return None, f"{subject.stem}: its input changed since it was preprocessed"
-    return row, ""
+        return None, f"{subject.stem}: its input changed since it was preprocessed", True
+    return row, "", False
 
 
 def _status(row: dict[str, Any], dice_min: float, corr_min: float) -> tuple[str, str]:
@@ -532,11 +536,11 @@ def run_prep(
         digests: dict[str, str] = {}
         for s in subjects:
             digests[s.stem] = _source_digest(s)
-            row, why = _finished_row(out, s, digests[s.stem])
+            row, why, changed = _finished_row(out, s, digests[s.stem])
             if row is not None:
                 rows[s.stem] = row
                 continue
-            if why and "input changed" in why and changed_input == "refuse":
+            if changed and changed_input == "refuse":
                 raise ResultsFolderError(
                     f"participant {s.participant_id}: {why}; restore it or start a new run"
                 )
