@@ -38,9 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", type=Path, help="study TOML (see README)")
     p.add_argument("--out", type=Path, required=True, help="results folder (new, or a resume)")
     p.add_argument(
-        "--permutations", type=int, default=0, metavar="N",
+        "--permutations", type=non_negative_int, default=0, metavar="N",
         help="also permutation-test the network: N re-runs of the CV (first repeat) on "
-        "shuffled targets; costs N × folds × factors trainings",
+        "shuffled targets; costs N × folds × factors trainings (default 0: no test)",
     )
     p.add_argument(
         "--executor", choices=["local", "ray"], default=None,
@@ -53,15 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, default=Path("dfrn-demo"), help="results folder")
     p.add_argument("--full", action="store_true", help="the paper's protocol at 1 mm (GPU)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed (default 0)")
 
     p = sub.add_parser(
         "factors", parents=[common], help="symptom factors (PCA + varimax) from rating-scale items"
     )
-    p.add_argument("items", type=Path, help="TSV/CSV: participant_id plus one column per item")
+    p.add_argument("items", type=Path,
+                   help="TSV/CSV: participant_id plus one column per item (without "
+                   "participant_id, when every column is an item, rows are numbered p0001, ...)")
     p.add_argument(
         "--n-factors", type=_n_factors, default=5, metavar="N|parallel|map",
-        help="number of factors, or the criterion that chooses it (default 5)",
+        help="number of factors, or the criterion that chooses it (default 5); a criterion "
+        "that retains 0 factors (noise) is an error",
     )
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (required unless --suggest)")
@@ -69,15 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--suggest", action="store_true",
         help="only report how many factors the items support (Kaiser, parallel analysis, MAP)",
     )
-    p.add_argument("--resamples", type=int, default=50, metavar="N",
-                   help="split-half resamples for the stability estimate (default 50)")
-    p.add_argument("--seed", type=int, default=0, help="seed of parallel analysis and resampling")
+    p.add_argument("--resamples", type=non_negative_int, default=50, metavar="N",
+                   help="split-half resamples for the stability estimate (default 50; "
+                   "0 skips the stability estimate)")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seed of parallel analysis and resampling (default 0)")
     p.add_argument(
         "--name", action="append", default=[], metavar="FACTOR=ITEM,ITEM",
         help="name a factor by its marker items (repeatable), e.g. anhedonia=hamd_1,hamd_7",
     )
     p.add_argument("--impute", choices=["median"], default=None, help="impute missing items")
-    p.add_argument("--tol", type=float, default=1e-5, help="varimax tolerance (R's default)")
+    p.add_argument("--tol", type=non_negative_float, default=1e-5,
+                   help="varimax tolerance (default 1e-5, R's)")
 
     p = sub.add_parser(
         "predict", parents=[common],
@@ -109,8 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="affine then SyN (default), or affine only")
     p.add_argument("--template", default=None, help="template T1 (default: TemplateFlow)")
     p.add_argument("--template-mask", default=None, help="the template's brain mask")
-    p.add_argument("--jobs", type=int, default=1, help="subjects at once (one process each)")
-    p.add_argument("--seed", type=int, default=0, help="ANTs random seed (default 0)")
+    p.add_argument("--jobs", type=positive_int, default=1,
+                   help="subjects at once (one process each; default 1)")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="ANTs random seed (default 0)")
     p.add_argument("--no-deterministic", action="store_true",
                    help="let ANTs use several threads per subject (faster, not repeatable)")
     p.add_argument("--from-derivatives", type=Path, default=None, metavar="DIR",
@@ -134,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--atlas", type=str, default=None, help="atlas label image (NIfTI)")
         p.add_argument("--atlas-labels", type=str, default=None, help="TSV with index, name")
         if name == "baseline":
-            p.add_argument("--permutations", type=int, default=None, metavar="N",
-                           help="permutations (default: the config's, 1000)")
+            p.add_argument("--permutations", type=non_negative_int, default=None, metavar="N",
+                           help="permutations (default: the config's, 1000; 0: no test)")
         else:
             p.add_argument(
                 "--method", default=None,
@@ -145,18 +153,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _whole_number(text: str, minimum: int) -> int:
+    """``text`` as an int of at least ``minimum``; argparse names the option in its error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a count that may be 0 (permutations, resamples, seeds)."""
+    return _whole_number(text, 0)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a count of at least 1 (jobs)."""
+    return _whole_number(text, 1)
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (a tolerance)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (0 <= value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
 def _n_factors(text: str) -> int | str:
     if text in ("parallel", "map"):
         return text
     try:
-        value = int(text)
-    except ValueError:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a number, 'parallel' or 'map'"
+            f"must be a whole number >= 1, 'parallel' or 'map', got {text!r}"
         ) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("the number of factors must be at least 1")
-    return value
 
 
 def _parse_names(pairs: Sequence[str]) -> dict[str, list[str]]:

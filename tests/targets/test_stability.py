@@ -76,3 +76,23 @@ def test_bdi13_fold_stability_train_mode() -> None:
     plan = make_fold_plan(list(items.index), 10, 1, seed=0)
     stab = fold_stability(items, plan, ref)
     assert len(stab) == 50 and (stab["congruence"] < 0.85).any()
+
+
+def test_small_training_folds_warn_once_in_the_users_terms() -> None:
+    import warnings
+
+    from dfrn.targets.providers import FoldFactorTargets
+
+    items = three_factor_items(n=12).iloc[:, :10]
+    ref = SymptomFactors(n_factors=3).fit(items)
+    plan = make_fold_plan(list(items.index), 2, 1, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fold_stability(items, plan, ref)
+        test = plan.loc[plan["fold"] == 0, "participant_id"].tolist()
+        train = plan.loc[plan["fold"] == 1, "participant_id"].tolist()
+        FoldFactorTargets(items, ref)(0, 0, train, test)
+    texts = [str(w.message) for w in caught]
+    assert texts == ["training folds of 6 of the 12 participants are fewer than the 10 items: "
+                     "each of their fits has a singular item correlation matrix, so the "
+                     "stability estimates are unreliable"]

@@ -10,6 +10,7 @@ from dfrn._exports import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "CRITERIA": "retention",
+    "FewParticipantsWarning": "factors",
     "FoldFactorTargets": "providers",
     "ID_COLUMN": "factors",
     "ParallelAnalysis": "retention",
@@ -21,6 +22,7 @@ _EXPORTS: dict[str, str] = {
     "VelicerMAP": "retention",
     "align_factors": "factors",
     "assign_factor_names": "factors",
+    "check_complete": "factors",
     "congruence_band": "stability",
     "default_factor_names": "factors",
     "factor_congruence": "factors",

@@ -44,10 +44,12 @@ from dfrn.errors import DfrnInputError
 
 __all__ = [
     "ID_COLUMN",
+    "FewParticipantsWarning",
     "SymptomFactors",
     "VarimaxResult",
     "align_factors",
     "assign_factor_names",
+    "check_complete",
     "default_factor_names",
     "factor_congruence",
     "fold_factor_scores",
@@ -58,6 +60,13 @@ __all__ = [
 ID_COLUMN = "participant_id"
 _ROTATIONS = ("varimax", "none")
 _IMPUTE = (None, "median")
+#: Column names (lower case, letters and digits only) that hold participant IDs, not items.
+_ID_LIKE = {"id", "participant", "participants", "participantid", "subject", "subjects",
+            "subjectid", "subj", "subjid", "sub", "subid", "pid", "sid", "record", "recordid"}
+
+
+class FewParticipantsWarning(UserWarning):
+    """A fit on fewer participants than items: the correlation matrix is singular."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,8 +141,13 @@ def _as_items_frame(items: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(columns, index=frame.index)
 
 
-def _check_complete(frame: pd.DataFrame) -> None:
-    """Raise on the first missing cell (row-major order), naming participant and item."""
+def check_complete(frame: pd.DataFrame, remedy: str = "use impute='median'") -> None:
+    """Raise on the first missing cell (row-major order), naming participant and item.
+
+    ``remedy`` is the second half of the message, worded for the interface in use: the
+    default names :class:`SymptomFactors`'s parameter; ``dfrn factors`` passes
+    ``"use --impute median"`` and ``dfrn run`` the ``[factors] impute`` key.
+    """
     missing = frame.isna().to_numpy()
     if missing.any():
         rows, cols = np.nonzero(missing)
@@ -141,17 +155,42 @@ def _check_complete(frame: pd.DataFrame) -> None:
         more = f" (and {others} other missing cell{'s' if others != 1 else ''})" if others else ""
         raise DfrnInputError(
             f"item {frame.columns[cols[0]]!r} is missing for participant "
-            f"{frame.index[rows[0]]!r}{more}; complete it or use impute='median'"
+            f"{frame.index[rows[0]]!r}{more}; complete it or {remedy}"
         )
+
+
+def _column_list(columns: Sequence[str], limit: int = 10) -> str:
+    """``a, b, c`` for a message; long lists are cut and their length given."""
+    names = ", ".join(columns[:limit])
+    return names if len(columns) <= limit else f"{names}, ... ({len(columns)} in all)"
+
+
+def _id_column_suspect(raw: pd.DataFrame) -> str | None:
+    """In a table without ``participant_id``: a column that holds IDs rather than an item.
+
+    That is a column named like an ID (``subject``, ``ID``, ``Participant_ID``, ...) or one
+    whose every value is text.
+    """
+    for col in raw.columns:
+        if "".join(ch for ch in str(col).lower() if ch.isalnum()) in _ID_LIKE:
+            return str(col)
+    for col in raw.columns:
+        values = raw[col].dropna()
+        if len(values) and pd.to_numeric(values, errors="coerce").isna().all():
+            return str(col)
+    return None
 
 
 def read_items_table(path: str | Path) -> pd.DataFrame:
     """Read a participants x items table (TSV, or CSV when the name ends in ``.csv``).
 
     The ``participant_id`` column, if present, becomes the index (ids are read as text, so
-    ``001`` stays ``001``); otherwise participants are numbered ``p0001``, ``p0002``, ...
-    Every other column is an item and must be numeric; empty cells are returned as NaN and are
-    dealt with by :meth:`SymptomFactors.fit` (error, or ``impute="median"``).
+    ``001`` stays ``001``). A table without it is read only when every column is an item:
+    participants are then numbered ``p0001``, ``p0002``, ... in row order, with a warning;
+    a column that looks like IDs (named like one, or all text) is refused with a message
+    that names the missing column and lists the columns found. Every other column is an item
+    and must be numeric; empty cells are returned as NaN and are dealt with by
+    :meth:`SymptomFactors.fit` (error, or ``impute="median"``).
     """
     path = Path(path)
     if not path.is_file():
@@ -162,13 +201,30 @@ def read_items_table(path: str | Path) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         msg = " ".join(str(exc).split())
         raise DfrnInputError(f"cannot read items table {path}: {msg}") from None
-    if ID_COLUMN not in raw.columns:
+    numbered = ID_COLUMN not in raw.columns
+    if numbered:
+        suspect = _id_column_suspect(raw)
+        if suspect is not None:
+            raise DfrnInputError(
+                f"{path.name} has no {ID_COLUMN} column (columns found: "
+                f"{_column_list([str(c) for c in raw.columns])}); column {suspect!r} looks like "
+                f"the participant IDs: rename it to {ID_COLUMN}"
+            )
         width = max(4, len(str(len(raw))))
         raw.index = pd.Index([f"p{i + 1:0{width}d}" for i in range(len(raw))], name=ID_COLUMN)
     try:
-        return _as_items_frame(raw)
+        items = _as_items_frame(raw)
     except DfrnInputError as exc:
         raise DfrnInputError(f"{path.name}: {exc}") from None
+    if numbered:
+        warnings.warn(
+            f"{path.name} has no {ID_COLUMN} column: participants are numbered "
+            f"{items.index[0]}, {items.index[min(1, len(items) - 1)]}, ... in row order; add a "
+            f"{ID_COLUMN} column to keep your own IDs",
+            UserWarning,
+            stacklevel=2,
+        )
+    return items
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,7 +432,7 @@ class SymptomFactors(TransformerMixin, BaseEstimator):
         frame = frame.loc[:, list(self.feature_names_in_)]
         if self.impute == "median":
             frame = frame.fillna(self.item_medians_)
-        _check_complete(frame)
+        check_complete(frame)
         return frame
 
     # -- fitting ------------------------------------------------------------------------------
@@ -394,14 +450,14 @@ class SymptomFactors(TransformerMixin, BaseEstimator):
                 raise DfrnInputError(f"item {empty[0]!r} has no values to take a median from")
             frame = frame.fillna(medians)
             self.item_medians_ = medians
-        _check_complete(frame)
+        check_complete(frame)
         if n < 2:
             raise DfrnInputError(f"at least 2 participants are needed to fit factors, got {n}")
         if n < p:
             warnings.warn(
                 f"fewer participants ({n}) than items ({p}): the item correlation matrix is "
                 "singular and the factors are unreliable",
-                UserWarning,
+                FewParticipantsWarning,
                 stacklevel=2,
             )
         x = frame.to_numpy()

@@ -17,6 +17,7 @@ the loadings heatmap ``figures/factor_loadings.png`` (by :mod:`dfrn.workflows.fa
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -27,7 +28,12 @@ from dfrn.config import FactorsConfig
 from dfrn.data.cohort import Cohort
 from dfrn.errors import DfrnInputError
 from dfrn.io import check_safe_id
-from dfrn.targets.factors import SymptomFactors, fold_factor_scores
+from dfrn.targets.factors import (
+    FewParticipantsWarning,
+    SymptomFactors,
+    check_complete,
+    fold_factor_scores,
+)
 from dfrn.targets.retention import resolve_n_factors
 
 __all__ = [
@@ -61,7 +67,12 @@ class StaticTargets:
 
 @dataclass
 class FoldFactorTargets:
-    """Factor scores refitted inside each training fold (``fit_on = "train"``)."""
+    """Factor scores refitted inside each training fold (``fit_on = "train"``).
+
+    A training fold smaller than the number of items is not warned about here, fold by fold
+    in the fold's count: the study's stability estimate warns once, in the user's terms
+    (:func:`dfrn.targets.stability.fold_stability`).
+    """
 
     items: pd.DataFrame
     reference: SymptomFactors
@@ -73,10 +84,12 @@ class FoldFactorTargets:
     ) -> tuple[pd.DataFrame, pd.DataFrame]:
         key = (repeat, fold)
         if key not in self._cache:
-            self._cache[key] = fold_factor_scores(
-                self.items, list(train_ids), list(test_ids), self.reference, include_train=True,
-                method=self.method,
-            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FewParticipantsWarning)
+                self._cache[key] = fold_factor_scores(
+                    self.items, list(train_ids), list(test_ids), self.reference,
+                    include_train=True, method=self.method,
+                )
         scores = self._cache[key]
         return scores.loc[list(train_ids)], scores.loc[list(test_ids)]
 
@@ -94,7 +107,9 @@ def fit_factor_model(cohort: Cohort, cfg: FactorsConfig) -> tuple[SymptomFactors
     for name in cfg.names:
         check_safe_id(name, "factor name")
     items = cohort.table[list(cfg.items)]
-    n_factors = resolve_n_factors(items, cfg.n_factors)
+    if not cfg.impute:
+        check_complete(items, 'set [factors] impute = "median"')
+    n_factors = resolve_n_factors(items, cfg.n_factors, option="[factors] n_factors = N")
     reference = SymptomFactors(
         n_factors=n_factors,
         names=dict(cfg.names) or None,

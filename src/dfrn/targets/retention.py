@@ -14,7 +14,14 @@ items standardised), as ``psych`` computes them for principal components:
   ``seed = 0``.
 * **Velicer's MAP** (minimum average partial, ``psych::VSS``): for m = 1, 2, ... components,
   the average squared partial correlation of the items after removing the first m principal
-  components; the number of components is the m with the smallest average.
+  components; the number of components is the m with the smallest average. As in Velicer
+  (1976) and O'Connor (2000), step m = 0 (nothing removed: the average squared correlation)
+  takes part: when it is the smallest, the items share no component and MAP gives 0.
+  ``psych::VSS`` starts at m = 1 and cannot give 0; on items with any structure the two agree.
+
+Parallel analysis and MAP can both retain 0 factors (uncorrelated items: noise).
+:func:`resolve_n_factors` then refuses to choose a number rather than fit a factor the
+criterion rejected.
 """
 
 from __future__ import annotations
@@ -136,10 +143,22 @@ def parallel_analysis(
 
 @dataclass(frozen=True)
 class VelicerMAP:
-    """Result of :func:`velicer_map`: average squared partials for m = 1 … and the minimum."""
+    """Result of :func:`velicer_map`.
+
+    Attributes
+    ----------
+    average_partial : ndarray
+        Average squared partial correlation after removing m = 1, 2, … components
+        (``psych::VSS``'s ``map``).
+    n_components : int
+        The m with the smallest average, 0 included (see ``average_correlation``).
+    average_correlation : float
+        Step m = 0: the average squared off-diagonal correlation of the items.
+    """
 
     average_partial: np.ndarray
     n_components: int
+    average_correlation: float = np.nan
 
 
 def velicer_map(corr: np.ndarray, max_components: int | None = None) -> VelicerMAP:
@@ -168,7 +187,9 @@ def velicer_map(corr: np.ndarray, max_components: int | None = None) -> VelicerM
             pr = partial / np.outer(d, d)
         out[m - 1] = (np.sum(pr**2) - p) / (p * (p - 1))
     finite = np.where(np.isfinite(out), out, np.inf)
-    return VelicerMAP(out, int(np.argmin(finite)) + 1)
+    step0 = float((np.sum(corr**2) - p) / (p * (p - 1)))
+    best = int(np.argmin(finite)) + 1
+    return VelicerMAP(out, 0 if step0 < finite[best - 1] else best, step0)
 
 
 def suggest_n_factors(
@@ -188,23 +209,39 @@ def suggest_n_factors(
             ("parallel_mean", pa_mean.n_components,
              "eigenvalues above the mean of the same random data (laxer)"),
             ("map", mp.n_components,
-             "Velicer's minimum average squared partial correlation (psych::VSS)"),
+             "Velicer's minimum average squared partial correlation (psych::VSS; 0 when "
+             "the items' own average squared correlation is lower)"),
         ],
         columns=["criterion", "n_factors", "explanation"],
     )
     return table, pa, mp
 
 
-def resolve_n_factors(items: pd.DataFrame, n_factors: int | str, seed: int = 0) -> int:
+def resolve_n_factors(
+    items: pd.DataFrame, n_factors: int | str, seed: int = 0, option: str = "n_factors=N"
+) -> int:
     """The number of factors to fit: an explicit number, or ``"parallel"`` / ``"map"``.
 
     An explicit number above what parallel analysis supports gives a one-line warning with
     both numbers.
 
+    Parameters
+    ----------
+    items : DataFrame
+        Participants x items.
+    n_factors : int or str
+        A positive number, or a criterion in :data:`CRITERIA`.
+    seed : int
+        Seed of parallel analysis.
+    option : str
+        How the user sets an explicit number in the command that was run (e.g.
+        ``"--n-factors N"``), named when a criterion retains no factor.
+
     Raises
     ------
     DfrnInputError
-        For a value that is neither a positive integer nor a criterion name.
+        For a value that is neither a positive integer nor a criterion name, and when the
+        criterion retains 0 factors (the items look like noise): no factor is fitted then.
     """
     if isinstance(n_factors, str):
         if n_factors not in CRITERIA:
@@ -213,8 +250,19 @@ def resolve_n_factors(items: pd.DataFrame, n_factors: int | str, seed: int = 0) 
                 f"got {n_factors!r}"
             )
         if n_factors == "parallel":
-            return max(1, parallel_analysis(items, seed=seed).n_components)
-        return velicer_map(item_correlation(items)).n_components
+            k = parallel_analysis(items, seed=seed).n_components
+            what = ("parallel analysis retained 0 factors: no eigenvalue of the item "
+                    "correlations is above the 95th percentile of random data")
+        else:
+            k = velicer_map(item_correlation(items)).n_components
+            what = ("Velicer's MAP retained 0 factors: removing any component raises the "
+                    "average squared partial correlation of the items")
+        if k == 0:
+            raise DfrnInputError(
+                f"{what}, so the {items.shape[1]} items look like noise; to fit factors "
+                f"anyway, choose the number yourself ({option})"
+            )
+        return int(k)
     if isinstance(n_factors, bool) or not isinstance(n_factors, int | np.integer) or n_factors < 1:
         raise DfrnInputError(f"n_factors must be a positive integer, got {n_factors!r}")
     supported = parallel_analysis(items, seed=seed).n_components

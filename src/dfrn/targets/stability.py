@@ -13,17 +13,23 @@ Each factor is classified with the bands of Lorenzo-Seva and ten Berge (2006): c
 unstable factor should not be taken at face value.
 
 Without folds (``dfrn factors`` alone, or ``[factors] fit_on = "all"``) the estimate is
-split-half: ``n_resamples`` (default 50) random halves, with a fixed seed.
+split-half: ``n_resamples`` (default 50) random halves, with a fixed seed; 0 resamples give an
+empty table (no estimate).
+
+When the subsets are smaller than the number of items, one warning says so with the user's
+count of participants (the subsets' own fits do not warn one by one).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
-from dfrn.targets.factors import SymptomFactors, align_factors
+from dfrn.errors import DfrnInputError
+from dfrn.targets.factors import FewParticipantsWarning, SymptomFactors, align_factors
 
 __all__ = [
     "STABILITY_COLUMNS",
@@ -59,7 +65,9 @@ def subset_stability(
 ) -> pd.DataFrame:
     """Congruence and held-out score correlation of one subset's fit, per factor."""
     settings = {**reference.get_params(), "names": None}
-    model = SymptomFactors(**settings).fit(items.loc[list(fit_ids)])
+    with warnings.catch_warnings():  # the caller warns once, in the user's terms
+        warnings.simplefilter("ignore", FewParticipantsWarning)
+        model = SymptomFactors(**settings).fit(items.loc[list(fit_ids)])
     model = align_factors(model, reference, method=method)
     rows = []
     held = list(held_out_ids)
@@ -81,6 +89,11 @@ def fold_stability(
 
     The held-out participants are the fold's test participants.
     """
+    sizes = plan.groupby(["repeat", "fold"]).size()
+    smallest = len(items) - int(sizes.max())
+    _warn_small_subsets(
+        smallest, len(items), items.shape[1], f"training folds of {smallest}"
+    )
     frames = []
     for r in sorted(plan["repeat"].unique()):
         g = plan[plan["repeat"] == r]
@@ -99,17 +112,38 @@ def split_half_stability(
     seed: int = 0,
     method: str = "hungarian",
 ) -> pd.DataFrame:
-    """``n_resamples`` random halves: each half's fit against the full fit (other half held out)."""
+    """``n_resamples`` random halves: each half's fit against the full fit (other half held out).
+
+    ``n_resamples = 0`` returns an empty table with :data:`STABILITY_COLUMNS` (no estimate).
+    """
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int | np.integer) \
+            or n_resamples < 0:
+        raise DfrnInputError(f"n_resamples must be a whole number >= 0, got {n_resamples!r}")
+    if n_resamples == 0:
+        return pd.DataFrame(columns=STABILITY_COLUMNS)
     ids = list(items.index)
+    half = len(ids) // 2
+    _warn_small_subsets(half, len(ids), items.shape[1], f"split halves of {half}")
     rng = np.random.default_rng(seed)
     frames = []
     for k in range(n_resamples):
         perm = rng.permutation(len(ids))
-        half = len(ids) // 2
         fit = [ids[i] for i in perm[:half]]
         held = [ids[i] for i in perm[half:]]
         frames.append(subset_stability(items, fit, held, reference, method, f"half-{k:03d}"))
     return pd.concat(frames, ignore_index=True)
+
+
+def _warn_small_subsets(size: int, n: int, n_items: int, what: str) -> None:
+    """One warning when the subsets that are refitted have fewer participants than items."""
+    if size < n_items:
+        warnings.warn(
+            f"{what} of the {n} participants are fewer than the {n_items} items: each of "
+            "their fits has a singular item correlation matrix, so the stability estimates "
+            "are unreliable",
+            FewParticipantsWarning,
+            stacklevel=3,
+        )
 
 
 def summarise_stability(stability: pd.DataFrame) -> pd.DataFrame:

@@ -13,7 +13,7 @@ from sklearn.utils.validation import check_is_fitted
 from dfrn.errors import DfrnInputError
 from dfrn.io import atomic_write_tsv
 from dfrn.plotting import format_table, plot_loadings, plot_scree
-from dfrn.targets.factors import ID_COLUMN, SymptomFactors, read_items_table
+from dfrn.targets.factors import ID_COLUMN, SymptomFactors, check_complete, read_items_table
 
 __all__ = ["write_factor_outputs", "write_stability", "suggest_factors", "run_factors"]
 
@@ -63,13 +63,18 @@ def write_factor_outputs(
 
 def write_stability(
     stability: pd.DataFrame, out_dir: str | Path, log: Any = print
-) -> pd.DataFrame:
+) -> pd.DataFrame | None:
     """Write ``factors/stability.tsv``, log the per-factor summary, warn about unstable factors.
 
-    Returns the per-factor summary (:func:`dfrn.targets.stability.summarise_stability`).
+    Returns the per-factor summary (:func:`dfrn.targets.stability.summarise_stability`), or
+    None for an empty table (no resamples): nothing is written then and the log says so.
     """
     from dfrn.targets.stability import summarise_stability
     from dfrn.workflows.results import ResultsFolder
+
+    if stability.empty:
+        log("factor stability not estimated (no resamples): factors/stability.tsv not written")
+        return None
 
     folder = ResultsFolder(Path(out_dir))
     atomic_write_tsv(stability, folder.factors / "stability.tsv", float_format=None)
@@ -127,9 +132,10 @@ def run_factors(
 ) -> SymptomFactors:
     """``dfrn factors``: fit on an items table, write the outputs and the stability estimate.
 
-    ``n_factors`` is a number or ``"parallel"`` / ``"map"``. Stability is split-half:
-    ``n_resamples`` random halves (seeded), each aligned to the full fit. Refuses to
-    overwrite an existing ``factors/`` folder in ``out_dir``.
+    ``n_factors`` is a number or ``"parallel"`` / ``"map"`` (refused when the criterion
+    retains no factor). Stability is split-half: ``n_resamples`` random halves (seeded), each
+    aligned to the full fit; 0 skips it (no ``stability.tsv``). Refuses to overwrite an
+    existing ``factors/`` folder in ``out_dir``. Messages name the ``dfrn factors`` options.
     """
     from dfrn.targets.retention import resolve_n_factors
     from dfrn.targets.stability import split_half_stability
@@ -141,7 +147,9 @@ def run_factors(
             "overwritten)"
         )
     items = read_items_table(items_path)
-    k = resolve_n_factors(items, n_factors, seed=seed)
+    if impute is None:
+        check_complete(items, "use --impute median")
+    k = resolve_n_factors(items, n_factors, seed=seed, option="--n-factors N")
     model = SymptomFactors(n_factors=k, names=names or None, impute=impute, tol=tol)
     model.fit(items)
     paths = write_factor_outputs(model, items, out_dir)
@@ -153,8 +161,13 @@ def run_factors(
         log("top-loading items per factor (name them with --name FACTOR=ITEM,ITEM):")
         for factor, g in top.groupby("factor", sort=False):
             log(f"  {factor}: " + ", ".join(f"{r.item} ({r.loading:.2f})" for r in g.itertuples()))
-    full = items.fillna(model.item_medians_) if impute == "median" else items
-    stability = split_half_stability(full, model, n_resamples=n_resamples, seed=seed)
-    write_stability(stability, out_dir, log)
-    log(f"wrote {', '.join(str(p) for p in paths.values())}, {out_dir / 'factors/stability.tsv'}")
+    written = [str(p) for p in paths.values()]
+    if n_resamples == 0:
+        log("factor stability not estimated (--resamples 0)")
+    else:
+        full = items.fillna(model.item_medians_) if impute == "median" else items
+        stability = split_half_stability(full, model, n_resamples=n_resamples, seed=seed)
+        write_stability(stability, out_dir, log)
+        written.append(str(out_dir / "factors/stability.tsv"))
+    log(f"wrote {', '.join(written)}")
     return model
