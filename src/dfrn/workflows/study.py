@@ -70,21 +70,31 @@ def load_study_cohort(cfg: StudyConfig, out: str | Path | None = None) -> Cohort
 
     With ``[prep]`` or ``[cohort] derivatives`` the cohort is ``<out>/prep/cohort.tsv``,
     written by :func:`run_study_prep`. A cohort made by ``dfrn prep`` warns about subjects
-    that QC flagged or that failed and are missing from it.
+    that QC flagged or that failed and are missing from it. Participants that share an image
+    or GM file are warned about, or refused under ``[cohort] strict``.
     """
     c = cfg.cohort
     targets = [] if cfg.factors is not None else list(c.targets)
+    # the GM maps are checked like the images: present, files, one per participant
+    gm, strict = [c.gm_column], c.strict
     if uses_prep(cfg):
         table = cohort_table_path(cfg, out)
         if not table.is_file():
             raise DfrnInputError(
                 f"{table} is missing: the study's prep stage has not finished; rerun 'dfrn run'"
             )
-        cohort = load_cohort_table(table, targets, "t1", c.covariates)
+        cohort = load_cohort_table(
+            table, targets, "t1", c.covariates, file_columns=gm, strict=strict
+        )
     elif c.table:
-        cohort = load_cohort_table(c.table, targets, c.image_column, c.covariates)
+        cohort = load_cohort_table(
+            c.table, targets, c.image_column, c.covariates, file_columns=gm, strict=strict
+        )
     else:
-        cohort = load_bids_cohort(c.bids, targets, c.covariates, session=c.session or None)
+        cohort = load_bids_cohort(
+            c.bids, targets, c.covariates, session=c.session or None, file_columns=gm,
+            strict=strict,
+        )
     warn_prep_qc(cohort)
     return cohort
 
