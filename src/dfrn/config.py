@@ -83,7 +83,8 @@ class CohortConfig:
     """Covariates (e.g. age, sex) regressed out of the ridge baseline's features inside each
     training fold. The one covariates list of a study."""
     gm_column: str = "gm"
-    """Optional column of gray-matter probability maps (used by the baseline)."""
+    """Optional column of maps (usually gray-matter probability) that the ridge baseline sums
+    per atlas region; its files are checked like the images."""
     mask: str = ""
     """Optional brain mask on the images' grid: normalisation uses all its voxels and
     everything outside it is set to 0."""

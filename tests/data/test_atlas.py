@@ -255,3 +255,10 @@ def test_an_atlas_on_another_grid_is_blamed_not_the_images(tmp_path: Path) -> No
     on_grid = [nib.Nifti1Image(np.ones((32, 32, 32), np.float32), atlas.img.affine)] * 2
     with pytest.raises(DfrnInputError, match=r"image of subject c is not on the atlas grid"):
         roi_volumes([*on_grid, imgs[0]], atlas, ["a", "b", "c"])
+
+
+def test_a_folder_is_called_a_folder(tmp_path: Path) -> None:
+    atlas = _small_atlas(tmp_path)
+    (tmp_path / "maps").mkdir()
+    with pytest.raises(DfrnInputError, match=r"image of subject s: .*maps is a folder, not a NIfTI"):
+        roi_volumes([tmp_path / "maps"], atlas, ["s"])

@@ -238,14 +238,16 @@ def _warn_missing_targets(targets: pd.DataFrame) -> None:
             )
 
 
-def _check_files(pids: Sequence[str], paths: Sequence[Path], column: str, what: str) -> None:
-    """Every path must be a file: one line naming the participant for a folder or a gap."""
+def _check_files(
+    pids: Sequence[str], paths: Sequence[Path], column: str, what: str, must_exist: bool = True
+) -> None:
+    """No path may be a folder, nor (``must_exist``) missing: one line naming the participant."""
     for pid, p in zip(pids, paths, strict=True):
         if p.is_dir():
             raise DfrnInputError(
                 f"participant {pid}: column {column!r} names a folder, not a NIfTI file: {p}"
             )
-        if not p.is_file():
+        if must_exist and not p.is_file():
             raise DfrnInputError(f"participant {pid}: {what} not found: {p}")
 
 
@@ -326,7 +328,8 @@ def _finish(
     for column in dict.fromkeys(file_columns):
         paths = cohort.path_column(column)
         if paths is not None:
-            _check_files(pids, paths, column, f"file of column {column!r}")
+            # their existence is checked where they are read (the baseline, the input digests)
+            _check_files(pids, paths, column, f"file of column {column!r}", must_exist=False)
             check_shared_files(pids, paths, column, strict)
     return cohort
 
@@ -353,8 +356,9 @@ def load_cohort_table(
     covariates : sequence of str, optional
         Columns that must exist.
     file_columns : sequence of str, optional
-        Other columns of file paths (e.g. the GM maps); checked like the images when the
-        table has them.
+        Other columns of file paths (e.g. the GM maps), when the table has them: a folder
+        is refused and shared files are warned about (refused when ``strict``) as for the
+        images; missing files are left to the code that reads them.
     strict : bool, default False
         Refuse, instead of warning about, participants that share one file.
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from dfrn.config import StudyConfig
-from dfrn.data.cohort import Cohort, load_bids_cohort, load_cohort_table
+from dfrn.data.cohort import Cohort, load_bids_cohort, load_cohort_table, read_delimited
 from dfrn.data.images import VolumeCache, VolumeSet
 from dfrn.errors import DfrnInputError
 from dfrn.evaluation.executors import Executor
@@ -113,7 +113,7 @@ def warn_prep_qc(cohort: Cohort) -> None:
             )
     qc_path = cohort.source.parent / "qc.tsv" if cohort.source.is_file() else None
     if qc_path is not None and qc_path.is_file() and "prep_status" in cohort.table.columns:
-        qc = pd.read_csv(qc_path, sep="\t", dtype={"participant_id": str})
+        qc = read_delimited(qc_path, "prep QC table")
         failed = qc.loc[qc["status"] == "failed", "participant_id"].tolist()
         if failed:
             warnings.warn(
