@@ -278,8 +278,9 @@ class StudyConfig:
         Device and worker settings are left out (``[training] device`` and ``data``, the
         whole ``[executor]`` section), and so is ``[cohort] strict`` (it only refuses). So
         are file paths: the files' contents enter a run's identity through their digests
-        (``run.json``), so a moved cohort or a moved results folder is still the same run. ``channels_last_3d`` and ``compile`` count
-        only when on (they may change the last digits), so older runs keep their identity.
+        (``run.json``), so a moved cohort or a moved results folder is still the same run.
+        ``channels_last_3d`` and ``compile`` count only when on (they may change the last
+        digits), so older runs keep their identity.
         """
         d = self.to_dict()
         d.pop("executor", None)
