@@ -74,3 +74,31 @@ def test_prep_section_is_validated_and_enters_the_fingerprint(tiny_cohort) -> No
                                               "derivatives": "/data/fmriprep"})
     assert deriv.fingerprint() != study_config(
         tiny_cohort, cohort={"table": str(tiny_cohort.table), "targets": ["sleep"]}).fingerprint()
+
+
+def test_duplicated_targets_and_covariates_are_refused(tiny_cohort) -> None:
+    with pytest.raises(DfrnInputError, match=r"config \[cohort\] targets lists 'sleep' twice"):
+        study_config(tiny_cohort, cohort={"targets": ["sleep", "anhedonia", "sleep"]})
+    with pytest.raises(DfrnInputError, match=r"config \[cohort\] covariates lists 'age' twice"):
+        study_config(tiny_cohort, cohort={"covariates": ["age", "sex", "age"]})
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "minimum"),
+    [
+        ("baseline", "n_permutations", -1, 0),
+        ("training", "patience", -1, 1),
+        ("training", "patience", 0, 1),
+        ("training", "seed", -1, 0),
+        ("cv", "seed", -3, 0),
+        ("attention", "top_regions", -1, 1),
+        ("attention", "top_regions", 0, 1),
+    ],
+)
+def test_negative_counts_are_refused_naming_section_and_key(
+    tiny_cohort, section: str, key: str, value: int, minimum: int
+) -> None:
+    with pytest.raises(
+        DfrnInputError, match=rf"^config \[{section}\] {key} must be >= {minimum}, got {value}$"
+    ):
+        study_config(tiny_cohort, **{section: {key: value}})

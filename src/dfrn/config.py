@@ -83,7 +83,8 @@ class CohortConfig:
     """Covariates (e.g. age, sex) regressed out of the ridge baseline's features inside each
     training fold. The one covariates list of a study."""
     gm_column: str = "gm"
-    """Optional column of gray-matter probability maps (used by the baseline)."""
+    """Optional column of maps (usually gray-matter probability) that the ridge baseline sums
+    per atlas region; its files are checked like the images."""
     mask: str = ""
     """Optional brain mask on the images' grid: normalisation uses all its voxels and
     everything outside it is set to 0."""
@@ -100,6 +101,9 @@ class CohortConfig:
     ``space-MNI152NLin6Asym[_res-<r>]_desc-preproc_T1w``, ``desc-brain_mask`` and
     ``label-GM_probseg`` files (resampled by world coordinates onto the template grid, into
     ``<results>/prep/``); ``table`` or ``bids`` still names the participants and scores."""
+    strict: bool = False
+    """Refuse, instead of warning about, participants that share one image or GM file (a
+    copy-paste error in the table, usually). Changes no result: left out of the fingerprint."""
 
 
 @dataclass
@@ -272,13 +276,15 @@ class StudyConfig:
         """Hash of every setting that changes results.
 
         Device and worker settings are left out (``[training] device`` and ``data``, the
-        whole ``[executor]`` section), and so are file paths: the files' contents enter a
-        run's identity through their digests (``run.json``), so a moved cohort or a moved
-        results folder is still the same run. ``channels_last_3d`` and ``compile`` count
-        only when on (they may change the last digits), so older runs keep their identity.
+        whole ``[executor]`` section), and so is ``[cohort] strict`` (it only refuses). So
+        are file paths: the files' contents enter a run's identity through their digests
+        (``run.json``), so a moved cohort or a moved results folder is still the same run.
+        ``channels_last_3d`` and ``compile`` count only when on (they may change the last
+        digits), so older runs keep their identity.
         """
         d = self.to_dict()
         d.pop("executor", None)
+        d["cohort"].pop("strict", None)
         d["training"].pop("device", None)
         if "prep" in d:
             d["prep"].pop("jobs", None)
@@ -404,6 +410,43 @@ def config_from_dict(raw: dict[str, Any], base: Path) -> StudyConfig:
     return cfg
 
 
+#: The whole-number settings and their smallest meaningful value (a negative count is
+#: always an error; a zero one where nothing would run).
+COUNT_MINIMUMS: dict[str, dict[str, int]] = {
+    "cohort": {"downsample": 1},
+    "training": {"epochs": 1, "batch_size": 1, "patience": 1, "seed": 0},
+    "cv": {"n_folds": 2, "n_repeats": 1, "seed": 0},
+    "baseline": {"n_permutations": 0},
+    "attention": {"top_regions": 1},
+    "factors": {"n_resamples": 1, "n_factors": 1},
+    "prep": {"jobs": 1, "seed": 0},
+    "executor": {"num_cpus": 0, "max_retries": 0},
+}
+
+
+def _check_counts(cfg: StudyConfig) -> None:
+    """Every count of :data:`COUNT_MINIMUMS` is at least its minimum (one-line error)."""
+    for section, minimums in COUNT_MINIMUMS.items():
+        sub = getattr(cfg, section)
+        if sub is None:
+            continue
+        for key, minimum in minimums.items():
+            value = getattr(sub, key)
+            if isinstance(value, int) and value < minimum:
+                raise DfrnInputError(
+                    f"config [{section}] {key} must be >= {minimum}, got {value}"
+                )
+
+
+def _check_unique(section: str, key: str, values: list[str]) -> None:
+    """A list of column names must not name a column twice."""
+    seen: set[str] = set()
+    for v in values:
+        if v in seen:
+            raise DfrnInputError(f"config [{section}] {key} lists {v!r} twice")
+        seen.add(v)
+
+
 def validate(cfg: StudyConfig) -> None:
     """Cross-field checks with one-line errors."""
     c = cfg.cohort
@@ -411,13 +454,14 @@ def validate(cfg: StudyConfig) -> None:
         raise DfrnInputError("config [cohort] needs exactly one of 'table' or 'bids'")
     if not c.targets and cfg.factors is None:
         raise DfrnInputError("config [cohort] targets is empty and there is no [factors] section")
-    if c.downsample < 1:
-        raise DfrnInputError(f"config [cohort] downsample must be >= 1, got {c.downsample}")
+    _check_unique("cohort", "targets", c.targets)
+    _check_unique("cohort", "covariates", c.covariates)
+    _check_counts(cfg)
     if len(cfg.model.block_strides) != 4 or any(s < 1 for s in cfg.model.block_strides):
         raise DfrnInputError("config [model] block_strides must be four positive integers")
     t = cfg.training
-    if t.epochs < 1 or t.batch_size < 1 or t.lr <= 0:
-        raise DfrnInputError("config [training] epochs, batch_size and lr must be positive")
+    if t.lr <= 0:
+        raise DfrnInputError(f"config [training] lr must be positive, got {t.lr:g}")
     if t.target_scaling not in ("zscore", "none"):
         raise DfrnInputError("config [training] target_scaling must be 'zscore' or 'none'")
     if not 0 <= t.val_fraction < 0.5:
@@ -440,17 +484,14 @@ def validate(cfg: StudyConfig) -> None:
         raise DfrnInputError(
             f"config [executor] kind {e.kind!r} is not one of {', '.join(EXECUTOR_KINDS)}"
         )
-    if e.cpus_per_task <= 0 or e.gpus_per_task < 0 or e.max_retries < 0 or e.num_cpus < 0:
+    if e.cpus_per_task <= 0 or e.gpus_per_task < 0:
         raise DfrnInputError(
-            "config [executor] cpus_per_task must be > 0, and gpus_per_task, max_retries and "
-            "num_cpus >= 0"
+            "config [executor] cpus_per_task must be > 0, and gpus_per_task >= 0"
         )
     if e.gpus_per_task > 1 and e.gpus_per_task != int(e.gpus_per_task):
         raise DfrnInputError(
             f"config [executor] gpus_per_task {e.gpus_per_task:g}: above 1 it must be whole"
         )
-    if cfg.cv.n_folds < 2 or cfg.cv.n_repeats < 1:
-        raise DfrnInputError("config [cv] needs n_folds >= 2 and n_repeats >= 1")
     if cfg.final.mode not in ("ensemble", "refit"):
         raise DfrnInputError("config [final] mode must be 'ensemble' or 'refit'")
     if cfg.prep is not None:
@@ -459,8 +500,6 @@ def validate(cfg: StudyConfig) -> None:
             raise DfrnInputError(
                 f"config [prep] transform {p.transform!r} must be 'syn' or 'affine'"
             )
-        if p.jobs < 1 or p.seed < 0:
-            raise DfrnInputError("config [prep] jobs must be >= 1 and seed >= 0")
         if not (0 <= p.dice_min <= 1 and -1 <= p.corr_min <= 1):
             raise DfrnInputError("config [prep] dice_min must be in [0, 1], corr_min in [-1, 1]")
         if bool(p.template) != bool(p.template_mask):
@@ -476,10 +515,6 @@ def validate(cfg: StudyConfig) -> None:
                 f"config [factors] n_factors must be a number, 'parallel' or 'map', got "
                 f"{f.n_factors!r}"
             )
-        if isinstance(f.n_factors, int) and f.n_factors < 1:
-            raise DfrnInputError("config [factors] n_factors must be at least 1")
-        if f.n_resamples < 1:
-            raise DfrnInputError("config [factors] n_resamples must be at least 1")
 
 
 def load_config(path: str | Path) -> StudyConfig:

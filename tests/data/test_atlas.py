@@ -234,3 +234,31 @@ def test_unreadable_or_non_3d_images_are_one_line_errors(tmp_path: Path) -> None
         roi_volumes([tmp_path / "gone.nii.gz"], atlas, ["s"])
     with pytest.raises(DfrnInputError, match="not a nibabel image or a path"):
         roi_volumes([np.ones((32, 32, 32))], atlas, ["s"])
+
+
+def test_an_atlas_on_another_grid_is_blamed_not_the_images(tmp_path: Path) -> None:
+    atlas = _small_atlas(tmp_path)  # 32³ at 1 mm
+    shifted = atlas.img.affine.copy()
+    shifted[:3, 3] += 5.0
+    imgs = [nib.Nifti1Image(np.full((32, 32, 32), float(i + 1), np.float32), shifted)
+            for i in range(3)]
+    with pytest.raises(DfrnInputError) as e:
+        roi_volumes(imgs, atlas, ["a", "b", "c"])
+    msg = str(e.value)
+    assert msg.startswith(f"atlas {tmp_path / 'atlas.nii.gz'} is not on the grid of the images")
+    assert "(32, 32, 32)" in msg and "1×1×1 mm" in msg and "\n" not in msg
+    assert "of subject a" in msg  # an example image
+    # the caller says which option names the atlas
+    with pytest.raises(DfrnInputError, match=r"fix \[baseline\] atlas"):
+        roi_volumes(imgs, atlas, ["a", "b", "c"], atlas_option="[baseline] atlas")
+    # one image off the grid of the others: that image is blamed
+    on_grid = [nib.Nifti1Image(np.ones((32, 32, 32), np.float32), atlas.img.affine)] * 2
+    with pytest.raises(DfrnInputError, match=r"image of subject c is not on the atlas grid"):
+        roi_volumes([*on_grid, imgs[0]], atlas, ["a", "b", "c"])
+
+
+def test_a_folder_is_called_a_folder(tmp_path: Path) -> None:
+    atlas = _small_atlas(tmp_path)
+    (tmp_path / "maps").mkdir()
+    with pytest.raises(DfrnInputError, match=r"image of subject s: .*maps is a folder, not a NIfTI"):
+        roi_volumes([tmp_path / "maps"], atlas, ["s"])

@@ -199,5 +199,106 @@ def test_cli_prints_one_line_error(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         "dfrn: error: unknown config key [cohort] 'bogus' (known keys: bids, cache_dir, covariates, derivatives, "
-        "downsample, gm_column, image_column, intensity, mask, session, table, targets)"
+        "downsample, gm_column, image_column, intensity, mask, session, strict, table, targets)"
     ]
+
+
+# --- issue 17: shared files, empty tables, separators, NA-like IDs, folders ---------------------
+
+
+def test_shared_image_warns_naming_both_participants(tmp_path: Path) -> None:
+    t = _cohort(tmp_path)
+    # sub-02 copy-pasted sub-00's path, spelt differently: the same file once resolved
+    _edit(t, lambda df: df.__setitem__("t1", ["sub-00.nii.gz", "sub-01.nii.gz",
+                                              "./sub-00.nii.gz", "sub-03.nii.gz"]))
+    with pytest.warns(UserWarning, match=r"participants sub-00 and sub-02 share one file "
+                      r"in column 't1': .*sub-00.nii.gz"):
+        c = load_cohort_table(t, ["score"])
+    assert len(c) == 4
+    with pytest.raises(DfrnInputError, match=r"participants sub-00 and sub-02 share one file"):
+        load_cohort_table(t, ["score"], strict=True)
+
+
+def test_shared_gm_map_is_found_too(tmp_path: Path) -> None:
+    t = _cohort(tmp_path, gm=["g0.nii.gz", "g1.nii.gz", "g2.nii.gz", "g1.nii.gz"])
+    for i in range(3):
+        _img(tmp_path / f"g{i}.nii.gz")
+    with pytest.raises(DfrnInputError, match=r"participants sub-01 and sub-03 share one file "
+                       r"in column 'gm'"):
+        load_cohort_table(t, ["score"], file_columns=["gm"], strict=True)
+
+
+def test_header_only_table_is_a_one_line_error(tmp_path: Path) -> None:
+    t = tmp_path / "cohort.tsv"
+    t.write_text("participant_id\tt1\tscore\n")
+    with pytest.raises(DfrnInputError, match=r"cohort.tsv has a header but no participants"):
+        load_cohort_table(t, ["score"])
+
+
+def test_header_only_table_through_the_cli(tmp_path: Path, capsys) -> None:
+    (tmp_path / "cohort.tsv").write_text("participant_id\tt1\tscore\n")
+    cfg = tmp_path / "study.toml"
+    cfg.write_text('[cohort]\ntable = "cohort.tsv"\ntargets = ["score"]\n')
+    assert main(["run", str(cfg), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cohort.tsv has a header but no participants" in err[0]
+
+
+@pytest.mark.parametrize(("name", "sep", "said"), [("cohort.csv", "\t", "tab"),
+                                                   ("cohort.tsv", ",", "comma")])
+def test_separator_is_detected(tmp_path: Path, name: str, sep: str, said: str) -> None:
+    t = _cohort(tmp_path)
+    other = tmp_path / name
+    pd.read_csv(t, sep="\t").to_csv(other, sep=sep, index=False)
+    with pytest.warns(UserWarning, match=rf"{name} is {said}-separated"):
+        c = load_cohort_table(other, ["score"])
+    assert c.participant_ids == ["sub-00", "sub-01", "sub-02", "sub-03"]
+    assert c.targets["score"].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("pid", ["NA", "NaN", "null", "None", "nan", "N-A"])
+def test_na_like_participant_ids_are_ids(tmp_path: Path, pid: str) -> None:
+    t = _cohort(tmp_path)
+
+    def edit(df: pd.DataFrame) -> None:
+        df["participant_id"] = [pid, "b", "c", "d"]
+        df["score"] = ["1", "", "NA", "4"]
+
+    _edit(t, edit)
+    with pytest.warns(UserWarning, match=r"2 of 4 subjects have no value"):
+        c = load_cohort_table(t, ["score"])
+    assert c.participant_ids == [pid, "b", "c", "d"]
+    assert c.targets["score"].isna().tolist() == [False, True, True, False]
+
+
+def test_truly_empty_participant_id_is_still_refused(tmp_path: Path) -> None:
+    t = _cohort(tmp_path)
+    _edit(t, lambda df: df.__setitem__("participant_id", ["a", "", "c", "d"]))
+    with pytest.raises(DfrnInputError, match=r"empty participant_id on line 3"):
+        load_cohort_table(t, ["score"])
+
+
+def test_folder_as_image_path_says_folder(tmp_path: Path) -> None:
+    t = _cohort(tmp_path)
+    (tmp_path / "scans").mkdir()
+    _edit(t, lambda df: df.__setitem__("t1", ["sub-00.nii.gz", "scans", "sub-02.nii.gz",
+                                              "sub-03.nii.gz"]))
+    with pytest.raises(DfrnInputError, match=r"participant sub-01: column 't1' names a folder, "
+                       r"not a NIfTI file: .*scans"):
+        load_cohort_table(t, ["score"])
+
+
+def test_strict_config_key_refuses_shared_files_in_a_study(cohort_copy) -> None:
+    from conftest import study_config
+
+    from dfrn.workflows.study import load_study_cohort
+
+    _edit(cohort_copy.table, lambda df: df.__setitem__("t1", [df["t1"][0]] + list(df["t1"][1:2])
+                                                             * 2 + list(df["t1"][3:])))
+    cfg = study_config(cohort_copy)
+    with pytest.warns(UserWarning, match=r"participants sub-0002 and sub-0003 share one file"):
+        load_study_cohort(cfg)
+    strict = study_config(cohort_copy, cohort={"strict": True})
+    assert strict.fingerprint() == cfg.fingerprint()  # refusing changes no number
+    with pytest.raises(DfrnInputError, match=r"participants sub-0002 and sub-0003 share one file"):
+        load_study_cohort(strict)

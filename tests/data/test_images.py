@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.stats
 
@@ -253,3 +254,55 @@ def test_given_digests_skip_image_hashing(tmp_path: Path, monkeypatch) -> None:
     assert without.files == with_digests.files
     with pytest.raises(ValueError, match="digests"):
         cache.prepare(ids, paths, progress=False, digests=digests[:2])
+
+
+# --- NaN voxels (issue 17) --------------------------------------------------------------------
+
+
+def _with_nan(path: Path, where: np.ndarray) -> Path:
+    data = np.asarray(nib.load(path).dataobj, dtype=np.float32).copy()
+    data[where] = np.nan
+    return _save(path.with_name(path.name.replace(".nii.gz", "_nan.nii.gz")), data)
+
+
+def test_nan_outside_the_mask_is_ignored_and_gives_the_zero_copy_numbers(tmp_path: Path) -> None:
+    from dfrn.data.atlas import Atlas, roi_mean_intensity, roi_volumes
+
+    ids, paths = _cohort(tmp_path, 3)
+    mask_path = _save(tmp_path / "mask.nii.gz", _mask() * 1.0)
+    outside = ~_mask()
+    outside[:, :, 6:] = False  # NaN in part of the outside only
+    nan_paths = [paths[0], _with_nan(paths[1], outside), paths[2]]
+    cache = VolumeCache(tmp_path / "cache")
+    clean = cache.prepare(ids, paths, progress=False, mask_path=mask_path)
+    nan = cache.prepare(ids, nan_paths, progress=False, mask_path=mask_path)
+    assert nan.files[1] != clean.files[1]  # another file, another cache entry
+    for i in range(3):
+        assert np.isfinite(nan[i]).all()
+        np.testing.assert_array_equal(nan[i], clean[i])
+    # ROI features: an atlas whose regions reach outside the mask
+    labels = np.ones((N, N, N), dtype=np.int32)
+    labels[N // 2 :] = 2
+    atlas = Atlas(nib.Nifti1Image(labels, AFFINE),
+                  pd.DataFrame({"index": [1, 2], "name": ["a", "b"]}), "atlas")
+    for features in (roi_volumes, roi_mean_intensity):
+        got = features(nan_paths, atlas, ids)
+        assert np.isfinite(got.to_numpy()).all()
+        np.testing.assert_array_equal(got.to_numpy(), features(paths, atlas, ids).to_numpy())
+
+
+def test_nan_inside_the_mask_is_refused_naming_subject_file_and_count(tmp_path: Path) -> None:
+    ids, paths = _cohort(tmp_path, 3)
+    mask_path = _save(tmp_path / "mask.nii.gz", _mask() * 1.0)
+    where = np.zeros((N, N, N), dtype=bool)
+    where[3, 3, 3:6] = True  # 3 voxels inside the mask
+    where[0, 0, 0] = True  # 1 outside
+    bad = _with_nan(paths[2], where)
+    cache = VolumeCache(tmp_path / "cache")
+    with pytest.raises(DfrnInputError, match=r"participant s02: .*s02_nan.nii.gz has 3 NaN or inf "
+                       r"voxels inside the brain mask") as e:
+        cache.prepare(ids, [paths[0], paths[1], bad], progress=False, mask_path=mask_path)
+    assert "\n" not in str(e.value)
+    with pytest.raises(DfrnInputError, match=r"participant s02: .*has 4 NaN or inf voxels; .*"
+                       r"\[cohort\] mask"):
+        cache.prepare(ids, [paths[0], paths[1], bad], progress=False)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from conftest import roi_cohort
 
 from dfrn.evaluation.folds import make_fold_plan
@@ -57,3 +58,46 @@ def test_baseline_tables_and_figure_are_written_where_the_folder_says(tmp_path: 
     alone = plot_fig3(metrics, None, tmp_path / "figures" / "ridge_only.png")
     assert alone.is_file()
     assert not list((tmp_path / "figures").glob(".*tmp*"))  # written atomically
+
+
+def _baseline_study(cohort_copy, tmp_path: Path, **cohort):
+    from conftest import study_config
+
+    from dfrn.data.synth import make_demo_atlases
+
+    atlas = make_demo_atlases(cohort_copy, n_parcels=6)["parcellation"]
+    labels = atlas.with_name("parcellation_dseg.tsv")
+    cfg = study_config(cohort_copy, cohort=cohort,
+                       baseline={"enabled": True, "atlas": str(atlas), "atlas_labels": str(labels),
+                                 "n_permutations": 0})
+    plan = make_fold_plan([f"sub-{i:04d}" for i in range(1, 13)], n_folds=2, n_repeats=1, seed=1)
+    return cfg, plan, atlas
+
+
+def test_roi_features_are_named_after_their_column(cohort_copy, tmp_path: Path) -> None:
+    from dfrn.workflows.baseline import run_baseline_stage
+
+    table = pd.read_csv(cohort_copy.table, sep="\t")
+    table["lesion"] = table["gm"]
+    table.to_csv(cohort_copy.table, sep="\t", index=False)
+    cfg, plan, _ = _baseline_study(cohort_copy, tmp_path, gm_column="lesion")
+    logs: list[str] = []
+    run_baseline_stage(tmp_path / "out", cfg, plan=plan, progress=False, log=logs.append)
+    line = next(x for x in logs if x.startswith("ROI features"))
+    assert "sum of 'lesion'" in line and "gray-matter" not in line, line
+
+
+def test_an_atlas_off_the_images_grid_names_the_atlas_and_its_key(cohort_copy, tmp_path) -> None:
+    import nibabel as nib
+
+    from dfrn.errors import DfrnInputError
+    from dfrn.workflows.baseline import run_baseline_stage
+
+    cfg, plan, atlas = _baseline_study(cohort_copy, tmp_path)
+    img = nib.load(atlas)
+    affine = img.affine.copy()
+    affine[:3, 3] += 8.0  # one voxel off: another space, not another resolution
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), affine), atlas)
+    with pytest.raises(DfrnInputError, match=rf"^atlas {atlas} is not on the grid of the images"
+                       r".*fix \[baseline\] atlas"):
+        run_baseline_stage(tmp_path / "out", cfg, plan=plan, progress=False, log=lambda s: None)

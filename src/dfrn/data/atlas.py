@@ -37,6 +37,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from dfrn.data.cohort import read_delimited
 from dfrn.data.images import ImageLike, as_3d, image_name, load_img
 from dfrn.errors import DfrnInputError
 
@@ -119,17 +120,14 @@ def _read_label_table(labels_tsv: str | Path) -> pd.DataFrame:
     path = Path(labels_tsv)
     if not path.is_file():
         raise DfrnInputError(f"atlas label table {path} does not exist")
-    try:
-        table = pd.read_csv(path, sep="\t", dtype={"name": str})
-    except Exception as exc:
-        raise DfrnInputError(f"atlas label table {path} is not a readable TSV: {exc}") from exc
+    table = read_delimited(path, "atlas label table", text_columns=("name",))
     missing = [c for c in ("index", "name") if c not in table.columns]
     if missing:
         raise DfrnInputError(f"atlas label table {path} lacks columns {missing}")
     index = pd.to_numeric(table["index"], errors="coerce")
     if index.isna().any() or np.any(index != np.round(index)):
         raise DfrnInputError(f"atlas label table {path}: column 'index' must hold integers")
-    if table["name"].isna().any():
+    if (table["name"] == "").any():
         raise DfrnInputError(f"atlas label table {path}: column 'name' has empty entries")
     return pd.DataFrame({"index": index.astype(np.int64), "name": table["name"].astype(str)})
 
@@ -348,6 +346,49 @@ def _differs_only_in_resolution(shape_a, affine_a, shape_b, affine_b) -> bool:
     return bool(np.all(np.abs(lo_a - lo_b) <= tol) and np.all(np.abs(hi_a - hi_b) <= tol))
 
 
+def _fits(atlas: Atlas, shape: tuple[int, ...], affine: np.ndarray) -> bool:
+    """Whether images of this grid can be aggregated over ``atlas`` (same grid or resolution)."""
+    a_shape, a_affine = atlas.img.shape[:3], atlas.img.affine
+    return _same_grid(shape, affine, a_shape, a_affine) or _differs_only_in_resolution(
+        shape, affine, a_shape, a_affine
+    )
+
+
+def _grid_text(shape: tuple[int, ...], affine: np.ndarray) -> str:
+    zooms = "×".join(f"{z:g}" for z in np.linalg.norm(affine[:3, :3], axis=0).round(4))
+    origin = ", ".join(f"{o:g}" for o in np.asarray(affine[:3, 3]).round(2))
+    return f"shape {tuple(int(n) for n in shape)}, {zooms} mm voxels, origin ({origin}) mm"
+
+
+def _check_atlas_fits_images(
+    atlas: Atlas,
+    images: Sequence[nib.spatialimages.SpatialImage],
+    names: Sequence[str],
+    atlas_option: str,
+) -> None:
+    """Blame the atlas, not an image, when no image of several is on a grid it fits.
+
+    One image off a grid the others share is that image's fault, and is reported by
+    :func:`_label_index` when it is reached.
+    """
+    if len(images) < 2:
+        return
+    grids: dict[tuple, list[int]] = {}
+    for i, img in enumerate(images):
+        key = (tuple(int(n) for n in img.shape[:3]), np.round(img.affine, 4).tobytes())
+        grids.setdefault(key, []).append(i)
+    if any(_fits(atlas, images[m[0]].shape[:3], images[m[0]].affine) for m in grids.values()):
+        return
+    first = max(grids.values(), key=len)[0]
+    img = images[first]
+    raise DfrnInputError(
+        f"atlas {atlas.source} is not on the grid of the images, nor a change of resolution "
+        f"of it (atlas: {_grid_text(atlas.img.shape[:3], atlas.img.affine)}; images: "
+        f"{_grid_text(img.shape[:3], img.affine)}, e.g. image {names[first]}): fix "
+        f"{atlas_option} to an atlas on the images' template grid"
+    )
+
+
 class _LabelIndex:
     """Flat voxel indices and compact region codes of one atlas on one grid."""
 
@@ -486,6 +527,7 @@ def _subject_table(
     atlas: Atlas,
     participant_ids: Sequence[str],
     statistic: str,
+    atlas_option: str,
 ) -> pd.DataFrame:
     """Subjects × regions table of :func:`region_table` values."""
     ids = [str(p) for p in participant_ids]
@@ -496,16 +538,21 @@ def _subject_table(
     dup = sorted({p for p in ids if ids.count(p) > 1})
     if dup:
         raise DfrnInputError(f"duplicated participant ids: {dup}")
+    imgs = [load_img(x, f"image of subject {pid}") for x, pid in zip(images, ids, strict=True)]
+    names = [image_name(x, f"of subject {pid}") for x, pid in zip(images, ids, strict=True)]
+    _check_atlas_fits_images(atlas, imgs, names, atlas_option)
     out = np.empty((len(ids), len(atlas.indices)), dtype=np.float64)
-    for row, (img_like, pid) in enumerate(zip(images, ids, strict=True)):
-        img = load_img(img_like, f"image of subject {pid}")
-        name = image_name(img_like, f"of subject {pid}")
+    for row, (img, name) in enumerate(zip(imgs, names, strict=True)):
         out[row] = region_table(img, atlas, statistic, name=name)[statistic].to_numpy()
     return pd.DataFrame(out, index=pd.Index(ids, name="participant_id"), columns=atlas.names)
 
 
 def roi_volumes(
-    images: Sequence[ImageLike], atlas: Atlas, participant_ids: Sequence[str]
+    images: Sequence[ImageLike],
+    atlas: Atlas,
+    participant_ids: Sequence[str],
+    *,
+    atlas_option: str = "the atlas",
 ) -> pd.DataFrame:
     """Gray-matter volume per region in ml, one row per participant.
 
@@ -522,17 +569,30 @@ def roi_volumes(
         The regions.
     participant_ids : sequence of str
         One unique id per image.
+    atlas_option : str, default "the atlas"
+        The setting that names the atlas (``"[baseline] atlas"``), for the error raised when
+        no image is on a grid the atlas fits.
 
     Returns
     -------
     pd.DataFrame
         Indexed by ``participant_id``, one column per atlas region name, in atlas order.
+
+    Raises
+    ------
+    DfrnInputError
+        Naming the atlas when none of several images fits its grid; naming the image when
+        one image does not.
     """
-    return _subject_table(images, atlas, participant_ids, "volume")
+    return _subject_table(images, atlas, participant_ids, "volume", atlas_option)
 
 
 def roi_mean_intensity(
-    images: Sequence[ImageLike], atlas: Atlas, participant_ids: Sequence[str]
+    images: Sequence[ImageLike],
+    atlas: Atlas,
+    participant_ids: Sequence[str],
+    *,
+    atlas_option: str = "the atlas",
 ) -> pd.DataFrame:
     """Mean image value per region, one row per participant (fallback features from T1).
 
@@ -549,10 +609,19 @@ def roi_mean_intensity(
         The regions.
     participant_ids : sequence of str
         One unique id per image.
+    atlas_option : str, default "the atlas"
+        The setting that names the atlas (``"[baseline] atlas"``), for the error raised when
+        no image is on a grid the atlas fits.
 
     Returns
     -------
     pd.DataFrame
         Indexed by ``participant_id``, one column per atlas region name, in atlas order.
+
+    Raises
+    ------
+    DfrnInputError
+        Naming the atlas when none of several images fits its grid; naming the image when
+        one image does not.
     """
-    return _subject_table(images, atlas, participant_ids, "mean")
+    return _subject_table(images, atlas, participant_ids, "mean", atlas_option)

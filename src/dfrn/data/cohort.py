@@ -12,6 +12,7 @@ column at fault (:class:`dfrn.errors.DfrnInputError`).
 
 from __future__ import annotations
 
+import csv
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,11 +27,15 @@ from dfrn.io import check_safe_id
 __all__ = [
     "Cohort",
     "read_table",
+    "read_delimited",
     "load_cohort_table",
     "load_bids_cohort",
     "find_bids_t1",
     "numeric_columns",
+    "check_shared_files",
 ]
+
+ID_COLUMN = "participant_id"
 
 
 @dataclass
@@ -80,30 +85,112 @@ class Cohort:
         return out
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a TSV (or ``.csv``) with ``participant_id`` as string index; check the IDs."""
+_SEPARATORS = {"\t": "tab", ",": "comma", ";": "semicolon"}
+
+
+def _separator(path: Path, what: str) -> str:
+    """The table's separator: the one its name implies, unless its header says otherwise.
+
+    A ``.csv`` is comma-separated and anything else tab-separated, unless the header line
+    does not contain that separator but another one: then the header's separator is used,
+    with a warning that names the file.
+    """
+    declared = "," if path.suffix.lower() == ".csv" else "\t"
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            header = fh.readline()
+    except (OSError, UnicodeDecodeError):
+        return declared  # pandas reports the problem, with the file's name
+    if declared in header:
+        return declared
+    try:
+        found = csv.Sniffer().sniff(header, delimiters="".join(_SEPARATORS)).delimiter
+    except csv.Error:
+        return declared
+    warnings.warn(
+        f"{what} {path} is {_SEPARATORS[found]}-separated, not {_SEPARATORS[declared]}-separated "
+        f"as its name says; read it as {_SEPARATORS[found]}-separated",
+        UserWarning,
+        stacklevel=3,
+    )
+    return found
+
+
+def read_delimited(
+    path: str | Path, what: str = "table", text_columns: Sequence[str] = (ID_COLUMN,)
+) -> pd.DataFrame:
+    """The one reader of user tables (cohort tables, ``participants.tsv``, label tables).
+
+    The separator follows the name (``.csv``: comma, else tab) unless the header line shows
+    another one (see :func:`_separator`). The ``text_columns`` (by default
+    ``participant_id``) are read as text with no NA conversion, so ``NA``, ``None`` or
+    ``001`` are IDs; every other column keeps pandas' NA handling (empty cells and ``NA``
+    are missing values).
+
+    Parameters
+    ----------
+    path : str or Path
+        The table.
+    what : str, default "table"
+        What the table is, for messages (``"cohort table"``, ``"atlas label table"``).
+    text_columns : sequence of str, default ("participant_id",)
+        Columns read as stripped text, ``""`` for an empty cell, when the table has them.
+
+    Returns
+    -------
+    pd.DataFrame
+        The table with a default index.
+
+    Raises
+    ------
+    DfrnInputError
+        When the file is missing, unreadable, empty, or has a header but no rows.
+    """
     path = Path(path)
     if not path.is_file():
-        raise DfrnInputError(f"cohort table not found: {path}")
-    sep = "," if path.suffix.lower() == ".csv" else "\t"
+        raise DfrnInputError(f"{what} not found: {path}")
+    sep = _separator(path, what)
     try:
-        df = pd.read_csv(path, sep=sep, dtype={"participant_id": str})
-    except Exception as exc:
-        raise DfrnInputError(f"cannot read table {path}: {exc}") from None
-    if "participant_id" not in df.columns:
+        df = pd.read_csv(path, sep=sep, encoding="utf-8-sig")
+        text = [c for c in dict.fromkeys(text_columns) if c in df.columns]
+        if text:
+            raw = pd.read_csv(
+                path, sep=sep, encoding="utf-8-sig", usecols=text, dtype=str,
+                keep_default_na=False,
+            )
+            for c in text:
+                df[c] = raw[c].str.strip().to_numpy()
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+        msg = " ".join(str(exc).split())
+        raise DfrnInputError(f"cannot read {what} {path}: {msg}") from None
+    if df.empty:
+        rows = "participants" if ID_COLUMN in df.columns else "rows"
+        raise DfrnInputError(f"{what} {path} has a header but no {rows}")
+    return df
+
+
+def read_table(path: str | Path, what: str = "cohort table") -> pd.DataFrame:
+    """Read a cohort table with ``participant_id`` as string index; check the IDs.
+
+    See :func:`read_delimited` for the separator and the reading of IDs.
+    """
+    path = Path(path)
+    df = read_delimited(path, what)
+    if ID_COLUMN not in df.columns:
         raise DfrnInputError(
-            f"table {path} has no 'participant_id' column (columns: {', '.join(map(str, df.columns))})"
+            f"{what} {path} has no 'participant_id' column (columns: "
+            f"{', '.join(map(str, df.columns))})"
         )
-    if df["participant_id"].isna().any():
-        row = int(np.flatnonzero(df["participant_id"].isna().to_numpy())[0]) + 2
-        raise DfrnInputError(f"table {path}: empty participant_id on line {row}")
-    df["participant_id"] = df["participant_id"].astype(str).str.strip()
-    dup = df["participant_id"][df["participant_id"].duplicated()].unique().tolist()
+    empty = df[ID_COLUMN] == ""
+    if empty.any():
+        row = int(np.flatnonzero(empty.to_numpy())[0]) + 2
+        raise DfrnInputError(f"{what} {path}: empty participant_id on line {row}")
+    dup = df[ID_COLUMN][df[ID_COLUMN].duplicated()].unique().tolist()
     if dup:
-        raise DfrnInputError(f"table {path}: duplicate participant_id {', '.join(dup[:5])}")
-    for pid in df["participant_id"]:
+        raise DfrnInputError(f"{what} {path}: duplicate participant_id {', '.join(dup[:5])}")
+    for pid in df[ID_COLUMN]:
         check_safe_id(pid)
-    return df.set_index("participant_id")
+    return df.set_index(ID_COLUMN)
 
 
 def numeric_columns(
@@ -151,12 +238,72 @@ def _warn_missing_targets(targets: pd.DataFrame) -> None:
             )
 
 
+def _check_files(
+    pids: Sequence[str], paths: Sequence[Path], column: str, what: str, must_exist: bool = True
+) -> None:
+    """No path may be a folder, nor (``must_exist``) missing: one line naming the participant."""
+    for pid, p in zip(pids, paths, strict=True):
+        if p.is_dir():
+            raise DfrnInputError(
+                f"participant {pid}: column {column!r} names a folder, not a NIfTI file: {p}"
+            )
+        if must_exist and not p.is_file():
+            raise DfrnInputError(f"participant {pid}: {what} not found: {p}")
+
+
+def check_shared_files(
+    pids: Sequence[str], paths: Sequence[Path], column: str, strict: bool = False
+) -> None:
+    """Warn (refuse when ``strict``) when participants name one file (after resolving links).
+
+    Two participants with one image is almost always a copy-paste error in the table; their
+    scores would be predicted from the same brain.
+
+    Parameters
+    ----------
+    pids : sequence of str
+        The participants, in the order of ``paths``.
+    paths : sequence of Path
+        Their files (relative paths already made absolute).
+    column : str
+        The table column the paths come from, for the message.
+    strict : bool, default False
+        Raise instead of warning.
+
+    Raises
+    ------
+    DfrnInputError
+        With ``strict``, when a file is shared.
+    """
+    owners: dict[Path, list[str]] = {}
+    for pid, p in zip(pids, paths, strict=True):
+        owners.setdefault(Path(p).resolve(), []).append(str(pid))
+    shared = [(p, ids) for p, ids in owners.items() if len(ids) > 1]
+    if not shared:
+        return
+    path, ids = shared[0]
+    names = ", ".join(ids[:-1]) + f" and {ids[-1]}"
+    more = f" (and {len(shared) - 1} more shared file(s))" if len(shared) > 1 else ""
+    msg = f"participants {names} share one file in column {column!r}: {path}{more}"
+    if strict:
+        raise DfrnInputError(f"{msg}; give each participant their own file")
+    warnings.warn(
+        f"{msg}; a copy-paste error in the table? ([cohort] strict = true or 'dfrn run "
+        "--strict' refuses it)",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
 def _finish(
     df: pd.DataFrame,
     images: list[Path],
     targets: Sequence[str],
     covariates: Sequence[str],
     source: Path,
+    image_column: str,
+    file_columns: Sequence[str] = (),
+    strict: bool = False,
 ) -> Cohort:
     numeric = numeric_columns(df, targets, "target", source)
     for c in targets:
@@ -168,16 +315,23 @@ def _finish(
             f"covariate column {missing_cov[0]!r} is not in {source} "
             f"(available: {', '.join(map(str, df.columns))})"
         )
-    for pid, p in zip(df.index, images, strict=True):
-        if not p.is_file():
-            raise DfrnInputError(f"participant {pid}: image file not found: {p}")
-    return Cohort(
+    pids = [str(p) for p in df.index]
+    _check_files(pids, images, image_column, "image file")
+    check_shared_files(pids, images, image_column, strict)
+    cohort = Cohort(
         table=df,
         images=images,
         target_columns=list(targets),
         covariate_columns=list(covariates),
         source=source,
     )
+    for column in dict.fromkeys(file_columns):
+        paths = cohort.path_column(column)
+        if paths is not None:
+            # their existence is checked where they are read (the baseline, the input digests)
+            _check_files(pids, paths, column, f"file of column {column!r}", must_exist=False)
+            check_shared_files(pids, paths, column, strict)
+    return cohort
 
 
 def load_cohort_table(
@@ -185,10 +339,36 @@ def load_cohort_table(
     targets: Sequence[str],
     image_column: str = "t1",
     covariates: Sequence[str] = (),
+    *,
+    file_columns: Sequence[str] = (),
+    strict: bool = False,
 ) -> Cohort:
-    """Load a cohort from a table with ``participant_id``, an image column and score columns."""
+    """Load a cohort from a table with ``participant_id``, an image column and score columns.
+
+    Parameters
+    ----------
+    path : str or Path
+        The table (see :func:`read_delimited`).
+    targets : sequence of str
+        Score columns; must be numeric (empty cells are missing values).
+    image_column : str, default "t1"
+        The column of T1 image paths (relative to the table's folder unless absolute).
+    covariates : sequence of str, optional
+        Columns that must exist.
+    file_columns : sequence of str, optional
+        Other columns of file paths (e.g. the GM maps), when the table has them: a folder
+        is refused and shared files are warned about (refused when ``strict``) as for the
+        images; missing files are left to the code that reads them.
+    strict : bool, default False
+        Refuse, instead of warning about, participants that share one file.
+
+    Raises
+    ------
+    DfrnInputError
+        One line naming the participant, column or file at fault.
+    """
     path = Path(path).resolve()
-    df = read_table(path)
+    df = read_table(path, "cohort table")
     if image_column not in df.columns:
         raise DfrnInputError(
             f"image column {image_column!r} is not in {path} "
@@ -200,7 +380,7 @@ def load_cohort_table(
             raise DfrnInputError(f"participant {pid}: no image path in column {image_column!r}")
         p = Path(str(value).strip())
         images.append(p if p.is_absolute() else path.parent / p)
-    return _finish(df, images, targets, covariates, path)
+    return _finish(df, images, targets, covariates, path, image_column, file_columns, strict)
 
 
 def find_bids_t1(root: str | Path, pid: str, session: str | None = None) -> Path:
@@ -236,15 +416,19 @@ def load_bids_cohort(
     targets: Sequence[str],
     covariates: Sequence[str] = (),
     session: str | None = None,
+    *,
+    file_columns: Sequence[str] = (),
+    strict: bool = False,
 ) -> Cohort:
     """Load a cohort from a BIDS root (``participants.tsv`` + ``anat/*_T1w.nii[.gz]``).
 
     With several sessions or runs, pass ``session``; otherwise more than one T1 per subject is
-    an error naming the subject.
+    an error naming the subject. ``file_columns`` and ``strict`` as in
+    :func:`load_cohort_table`.
     """
     root = Path(root).resolve()
     if not root.is_dir():
         raise DfrnInputError(f"BIDS root not found: {root}")
-    df = read_table(root / "participants.tsv")
+    df = read_table(root / "participants.tsv", "participants table")
     images = [find_bids_t1(root, pid, session) for pid in df.index]
-    return _finish(df, images, targets, covariates, root)
+    return _finish(df, images, targets, covariates, root, "T1w", file_columns, strict)

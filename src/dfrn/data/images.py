@@ -5,7 +5,9 @@ Normalisation (documented choice)
 Each image is normalised *within its region*: the voxels of the brain mask when one is given
 (``[cohort] mask``; all mask voxels, zero-valued ones included), otherwise the image's
 non-zero voxels (skull-stripped or template-masked inputs are zero outside the brain).
-Voxels outside the region are set to 0, so zero padding carries no information.
+Voxels outside the region are set to 0, so zero padding carries no information. NaN or inf
+voxels outside the brain mask are therefore harmless and set to 0; inside it (or anywhere,
+without a mask) they are refused with an error naming the subject, the file and the count.
 ``intensity`` (``[cohort] intensity``) picks what happens inside the region:
 
 intensity : {"zscore", "none", "minmax"}, default "zscore"
@@ -165,6 +167,8 @@ def load_img(
         path = Path(img_or_path)
         if not path.exists():
             raise DfrnInputError(f"{what}: image file not found ({path} does not exist)")
+        if path.is_dir():
+            raise DfrnInputError(f"{what}: {path} is a folder, not a NIfTI file")
         if not path.is_file():
             raise DfrnInputError(f"{what}: not a file: {path}")
         try:
@@ -251,7 +255,9 @@ def read_header(path: str | Path, what: str = "image") -> GridSpec:
     return _grid(_load_nifti(path, what))
 
 
-def load_volume(path: str | Path, what: str = "image") -> tuple[np.ndarray, np.ndarray]:
+def load_volume(
+    path: str | Path, what: str = "image", mask: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Load a 3D NIfTI as float32 data and its affine, with clear errors for bad files.
 
     Parameters
@@ -260,18 +266,23 @@ def load_volume(path: str | Path, what: str = "image") -> tuple[np.ndarray, np.n
         The NIfTI file.
     what : str, default "image"
         What the file is, for messages.
+    mask : np.ndarray or None, optional
+        Boolean brain mask of the image's shape. NaN and inf voxels outside it are set to 0
+        (they are outside the region every computation uses); inside it they are refused.
+        Without a mask, every NaN or inf voxel is refused.
 
     Returns
     -------
     data : np.ndarray
-        float32, 3D.
+        float32, 3D, finite.
     affine : np.ndarray
         4×4 voxel-to-world affine.
 
     Raises
     ------
     DfrnInputError
-        See :func:`read_header`; also for truncated or corrupt data and NaN or inf voxels.
+        See :func:`read_header`; also for truncated or corrupt data and NaN or inf voxels
+        (inside ``mask`` when given).
     """
     path = Path(path)
     img = _load_nifti(path, what)
@@ -282,10 +293,20 @@ def load_volume(path: str | Path, what: str = "image") -> tuple[np.ndarray, np.n
         raise DfrnInputError(f"{what}: {path} is truncated or corrupt ({exc})") from None
     data = data.reshape(spec.shape)
     bad = ~np.isfinite(data)
-    if bad.any():
+    if not bad.any():
+        return data, spec.affine
+    if mask is None:
         raise DfrnInputError(
-            f"{what}: {path} has {int(bad.sum())} NaN or inf voxels; fix or mask them first"
+            f"{what}: {path} has {int(bad.sum())} NaN or inf voxels; fix them, or set "
+            "[cohort] mask to a brain mask that leaves them outside"
         )
+    inside = int((bad & mask).sum())
+    if inside:
+        raise DfrnInputError(
+            f"{what}: {path} has {inside} NaN or inf voxels inside the brain mask (and "
+            f"{int(bad.sum()) - inside} outside it, which are ignored); fix them"
+        )
+    data[bad] = 0.0
     return data, spec.affine
 
 
@@ -539,7 +560,7 @@ class VolumeCache:
         extra: dict[str, Any],
     ) -> dict[str, Any]:
         """Decode, normalise, downsample and write ``npy`` and its sidecar; return the stats."""
-        data, _ = load_volume(path, label)
+        data, _ = load_volume(path, label, mask)
         region = _region(data, mask)
         if intensity != "none" and int(region.sum()) < 2:
             # cached as zeros: refused below together with every other constant input

@@ -1,8 +1,9 @@
 """The baseline stage of a study: ridge regression on atlas ROI volumes, same folds, its files.
 
-Reads the results folder's config, cohort and fold plan, computes ROI features (gray-matter
-volume per atlas region from the cohort's ``gm`` column; mean T1 intensity per region, with
-a warning, when there are no GM maps), cross-validates
+Reads the results folder's config, cohort and fold plan, computes ROI features (the sum of
+the maps of ``[cohort] gm_column`` per atlas region, × voxel volume, in ml: gray-matter volume
+for GM probability maps; mean T1 intensity per region, with a warning, when the cohort has no
+such column), cross-validates
 :class:`dfrn.models.ridge.RidgeBaseline` on the network's (repeat, fold) plan with
 :func:`dfrn.evaluation.ridge_cv.cross_validate_ridge` (covariates: ``[cohort] covariates``),
 runs the permutation test, and draws Figure 3 next to the network's metrics when they
@@ -23,7 +24,7 @@ import pandas as pd
 
 from dfrn.config import StudyConfig
 from dfrn.data.atlas import Atlas, roi_mean_intensity, roi_volumes
-from dfrn.data.cohort import Cohort
+from dfrn.data.cohort import Cohort, read_delimited
 from dfrn.errors import DfrnInputError
 from dfrn.evaluation.metrics import PREDICTION_COLUMNS, compute_metrics, mean_r
 from dfrn.evaluation.permutation import permutation_test
@@ -114,28 +115,40 @@ def write_permutation_table(table: pd.DataFrame, out: str | Path) -> Path:
 
 def _features(
     cohort: Cohort, cfg: StudyConfig, atlas: Atlas, folder: ResultsFolder,
-    log: Callable[[str], None],
+    log: Callable[[str], None], atlas_option: str,
 ) -> pd.DataFrame:
-    """The ROI features: read back when already written, else computed and written."""
+    """The ROI features: read back when already written, else computed and written.
+
+    The maps of ``[cohort] gm_column`` are summed per region (× voxel volume, in ml); they
+    may hold gray matter or anything else (lesion maps), so the log names the column.
+    """
     if folder.roi_features.is_file():
-        return pd.read_csv(folder.roi_features, sep="\t", dtype={"participant_id": str}).set_index(
+        return read_delimited(folder.roi_features, "ROI feature table").set_index(
             "participant_id"
         )
-    gm = cohort.path_column(cfg.cohort.gm_column)
+    column = cfg.cohort.gm_column
+    gm = cohort.path_column(column)
     if gm is not None:
         for pid, p in zip(cohort.participant_ids, gm, strict=True):
+            if p.is_dir():
+                raise DfrnInputError(
+                    f"participant {pid}: column {column!r} names a folder, not a NIfTI file: {p}"
+                )
             if not p.is_file():
-                raise DfrnInputError(f"participant {pid}: GM map not found: {p}")
-        log(f"ROI features: gray-matter volume (ml) in {len(atlas.names)} regions of {atlas.source}")
-        feats = roi_volumes(gm, atlas, cohort.participant_ids)
+                raise DfrnInputError(f"participant {pid}: file of column {column!r} not found: {p}")
+        log(f"ROI features: sum of '{column}' maps × voxel volume (ml) in {len(atlas.names)} "
+            f"regions of {atlas.source}")
+        feats = roi_volumes(gm, atlas, cohort.participant_ids, atlas_option=atlas_option)
     else:
         warnings.warn(
-            f"no '{cfg.cohort.gm_column}' column of GM maps in the cohort: the baseline falls back "
+            f"no '{column}' column of GM maps in the cohort: the baseline falls back "
             "to mean T1 intensity per region",
             UserWarning,
             stacklevel=2,
         )
-        feats = roi_mean_intensity(cohort.images, atlas, cohort.participant_ids)
+        feats = roi_mean_intensity(
+            cohort.images, atlas, cohort.participant_ids, atlas_option=atlas_option
+        )
     feats.index = feats.index.astype(str)
     feats.index.name = "participant_id"
     write_roi_features(feats, folder.root)
@@ -223,7 +236,8 @@ def run_baseline_stage(
     if atlas_obj is None:
         log("baseline skipped: it needs an atlas (--atlas/--atlas-labels or [baseline] atlas)")
         return {}
-    feats = _features(cohort, cfg, atlas_obj, folder, log)
+    option = "--atlas" if atlas else "[baseline] atlas"
+    feats = _features(cohort, cfg, atlas_obj, folder, log, option)
     alphas = tuple(b.alphas) if b.alphas else DEFAULT_ALPHAS
     cov = _covariates(cohort, cfg)
     pred = cross_validate_ridge(feats, provider, plan, cov, alphas=alphas)

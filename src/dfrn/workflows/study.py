@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from dfrn.config import StudyConfig
-from dfrn.data.cohort import Cohort, load_bids_cohort, load_cohort_table
+from dfrn.data.cohort import Cohort, load_bids_cohort, load_cohort_table, read_delimited
 from dfrn.data.images import VolumeCache, VolumeSet
 from dfrn.errors import DfrnInputError
 from dfrn.evaluation.executors import Executor
@@ -70,21 +70,31 @@ def load_study_cohort(cfg: StudyConfig, out: str | Path | None = None) -> Cohort
 
     With ``[prep]`` or ``[cohort] derivatives`` the cohort is ``<out>/prep/cohort.tsv``,
     written by :func:`run_study_prep`. A cohort made by ``dfrn prep`` warns about subjects
-    that QC flagged or that failed and are missing from it.
+    that QC flagged or that failed and are missing from it. Participants that share an image
+    or GM file are warned about, or refused under ``[cohort] strict``.
     """
     c = cfg.cohort
     targets = [] if cfg.factors is not None else list(c.targets)
+    # the GM maps are checked like the images: present, files, one per participant
+    gm, strict = [c.gm_column], c.strict
     if uses_prep(cfg):
         table = cohort_table_path(cfg, out)
         if not table.is_file():
             raise DfrnInputError(
                 f"{table} is missing: the study's prep stage has not finished; rerun 'dfrn run'"
             )
-        cohort = load_cohort_table(table, targets, "t1", c.covariates)
+        cohort = load_cohort_table(
+            table, targets, "t1", c.covariates, file_columns=gm, strict=strict
+        )
     elif c.table:
-        cohort = load_cohort_table(c.table, targets, c.image_column, c.covariates)
+        cohort = load_cohort_table(
+            c.table, targets, c.image_column, c.covariates, file_columns=gm, strict=strict
+        )
     else:
-        cohort = load_bids_cohort(c.bids, targets, c.covariates, session=c.session or None)
+        cohort = load_bids_cohort(
+            c.bids, targets, c.covariates, session=c.session or None, file_columns=gm,
+            strict=strict,
+        )
     warn_prep_qc(cohort)
     return cohort
 
@@ -103,7 +113,7 @@ def warn_prep_qc(cohort: Cohort) -> None:
             )
     qc_path = cohort.source.parent / "qc.tsv" if cohort.source.is_file() else None
     if qc_path is not None and qc_path.is_file() and "prep_status" in cohort.table.columns:
-        qc = pd.read_csv(qc_path, sep="\t", dtype={"participant_id": str})
+        qc = read_delimited(qc_path, "prep QC table")
         failed = qc.loc[qc["status"] == "failed", "participant_id"].tolist()
         if failed:
             warnings.warn(
