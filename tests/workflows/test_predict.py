@@ -289,9 +289,9 @@ def test_rerun_rebuilds_packages_with_the_umask(study, tiny_cohort, tmp_path: Pa
         os.umask(old)
     for factor in ("sleep", "anhedonia"):
         folder = copy / "models" / factor
-        assert load_package(folder).metadata["schema_version"] == 2
         modes = {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()}
         assert set(modes.values()) == {"0o644"}, modes
+        assert load_package(folder).metadata["schema_version"] == 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

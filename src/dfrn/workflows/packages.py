@@ -79,6 +79,29 @@ def _refit(cfg: StudyConfig, volumes: VolumeSet, y: pd.Series, epochs: int, seed
     return est.fit([volumes[i] for i in idx], y.to_numpy(float))
 
 
+def _write_weights(tmp: Path, folder: ResultsFolder, cfg: StudyConfig, volumes: VolumeSet,
+                   y: pd.Series, tasks: list[Any], progress: bool) -> list[dict[str, Any]]:
+    """Write a factor's networks into ``tmp``; their ``models`` entries of the metadata."""
+    models: list[dict[str, Any]] = []
+    if cfg.final.mode == "ensemble":
+        for k, t in enumerate(tasks):
+            meta = read_task_meta(folder.task_dir(t.name), t)
+            est = DFRNRegressor.load(folder.task_dir(t.name) / "model.pt")
+            name = f"model-{k}.safetensors"
+            models.append({"file": name, "sha256": _save_weights(est, tmp / name),
+                           "y_mean": est.y_mean_, "y_std": est.y_std_,
+                           "repeat": t.repeat, "fold": t.fold,
+                           "best_epoch": int(meta["best_epoch"])})
+        return models
+    epochs = [read_task_meta(folder.task_dir(t.name), t)["best_epoch"] + 1 for t in tasks]
+    est = _refit(cfg, volumes, y.dropna(), int(np.median(epochs)), cfg.training.seed, progress)
+    models.append({"file": "model-0.safetensors",
+                   "sha256": _save_weights(est, tmp / "model-0.safetensors"),
+                   "y_mean": est.y_mean_, "y_std": est.y_std_,
+                   "epochs": int(np.median(epochs))})
+    return models
+
+
 def write_model_packages(
     out: Path,
     cfg: StudyConfig,
@@ -115,26 +138,8 @@ def write_model_packages(
                 log(f"rebuilding model package {factor}: {exc}")
         tmp = make_temp_dir(final.parent, factor)
         try:
-            models: list[dict[str, Any]] = []
-            tasks = plan_tasks(first, [factor])
-            if cfg.final.mode == "ensemble":
-                for k, t in enumerate(tasks):
-                    meta = read_task_meta(folder.task_dir(t.name), t)
-                    est = DFRNRegressor.load(folder.task_dir(t.name) / "model.pt")
-                    name = f"model-{k}.safetensors"
-                    models.append({"file": name, "sha256": _save_weights(est, tmp / name),
-                                   "y_mean": est.y_mean_, "y_std": est.y_std_,
-                                   "repeat": t.repeat, "fold": t.fold,
-                                   "best_epoch": int(meta["best_epoch"])})
-            else:
-                epochs = [read_task_meta(folder.task_dir(t.name), t)["best_epoch"] + 1
-                          for t in tasks]
-                y = targets[factor].dropna()
-                est = _refit(cfg, volumes, y, int(np.median(epochs)), cfg.training.seed, progress)
-                models.append({"file": "model-0.safetensors",
-                               "sha256": _save_weights(est, tmp / "model-0.safetensors"),
-                               "y_mean": est.y_mean_, "y_std": est.y_std_,
-                               "epochs": int(np.median(epochs))})
+            models = _write_weights(tmp, folder, cfg, volumes, targets[factor],
+                                    plan_tasks(first, [factor]), progress)
             mask_entry = None
             if mask:
                 atomic_write(tmp / "brain_mask.nii.gz",
