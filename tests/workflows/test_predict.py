@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
+import shutil
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import study_config
 
 from dfrn.cli import main
 from dfrn.data.synth import make_synthetic_cohort
+from dfrn.errors import DfrnInputError
 from dfrn.evaluation.tasks import plan_tasks
+from dfrn.io import file_digest, write_manifest
 from dfrn.models.package import load_package
 from dfrn.models.regressor import DFRNRegressor
 from dfrn.workflows.run import run_study
@@ -23,7 +29,11 @@ from dfrn.workflows.run import run_study
 def study(tiny_cohort, tmp_path_factory):
     out = tmp_path_factory.mktemp("predict") / "res"
     cfg = study_config(tiny_cohort, final={"enabled": True})
-    res = run_study(cfg, out, progress=False, log=lambda s: None)
+    old = os.umask(0o022)  # the packages are written under a known umask
+    try:
+        res = run_study(cfg, out, progress=False, log=lambda s: None)
+    finally:
+        os.umask(old)
     return out, res
 
 
@@ -40,8 +50,15 @@ def test_packages_describe_themselves(study) -> None:
         assert meta["performance"]["mean_r"] == pytest.approx(r)
         assert "Intended use" in (folder / "README.md").read_text()
         assert sorted(p.name for p in folder.iterdir()) == [
-            "README.md", "brain_mask.nii.gz", "metadata.json", "model-0.safetensors",
-            "model-1.safetensors"]
+            "README.md", "brain_mask.nii.gz", "manifest.json", "metadata.json",
+            "model-0.safetensors", "model-1.safetensors"]
+        assert len(meta["training_scans_content_sha256"]) == 12
+
+
+def test_package_files_follow_the_umask(study) -> None:
+    out, _ = study
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (out / "models" / "sleep").iterdir()}
+    assert modes == dict.fromkeys(modes, 0o644)  # the weights too, not mkstemp's 0600
 
 
 def test_round_trip_equals_the_cv_models(study, tiny_cohort, tmp_path: Path, capsys) -> None:
@@ -108,8 +125,7 @@ def test_off_grid_scan_is_refused(study, tmp_path: Path, capsys) -> None:
 
 @pytest.mark.parametrize("tamper", ["schema", "weights", "newer"])
 def test_tampered_package_is_refused(study, tmp_path: Path, capsys, tamper: str) -> None:
-    import shutil
-
+    """Also with a manifest rewritten to match: the schema and version checks stand alone."""
     out, _ = study
     pkg = tmp_path / "pkg"
     shutil.copytree(out / "models" / "sleep", pkg)
@@ -123,6 +139,9 @@ def test_tampered_package_is_refused(study, tmp_path: Path, capsys, tamper: str)
         data[-1] ^= 0xFF
         (pkg / "model-1.safetensors").write_bytes(bytes(data))
     (pkg / "metadata.json").write_text(json.dumps(meta))
+    write_manifest(pkg)  # a consistent manifest: the checks behind it still hold
+    if tamper != "weights":
+        write_manifest(pkg)
     with pytest.raises(Exception) as info:
         load_package(pkg)
     text = str(info.value)
@@ -148,3 +167,157 @@ def test_refit_mode_trains_one_network_for_the_folds_epochs(tiny_cohort, tmp_pat
                  str(pred_dir), "--allow-training-subjects", "--no-progress"]) == 0
     pred = pd.read_csv(pred_dir / "predictions.tsv", sep="\t")
     assert (pred["n_models"] == 1).all() and (pred["ensemble_sd"] == 0).all()
+
+
+def _cohort_of(tmp_path: Path, scans: dict[str, Path]) -> Path:
+    path = tmp_path / "scans.tsv"
+    pd.DataFrame({"participant_id": list(scans), "t1": [str(p) for p in scans.values()]}).to_csv(
+        path, sep="\t", index=False)
+    return path
+
+
+def _first_scan(tiny_cohort) -> Path:
+    table = pd.read_csv(tiny_cohort.table, sep="\t", dtype={"participant_id": str})
+    return tiny_cohort.root / table["t1"][0]
+
+
+def _resave(src: Path, tmp_path: Path, how: str) -> Path:
+    """The same scan written again: as .nii, re-gzipped, or reoriented to LPI and back."""
+    img = nib.load(src)
+    if how == "nii":
+        dst = tmp_path / "again.nii"
+        nib.save(img, dst)
+    elif how == "regzip":
+        dst = tmp_path / "again.nii.gz"
+        dst.write_bytes(gzip.compress(gzip.decompress(src.read_bytes()), compresslevel=1,
+                                      mtime=123456))
+    else:
+        orig = nib.orientations.io_orientation(img.affine)
+        lpi = nib.orientations.axcodes2ornt(("L", "P", "I"))
+        flipped = img.as_reoriented(nib.orientations.ornt_transform(orig, lpi))
+        nib.save(flipped, tmp_path / "lpi.nii.gz")
+        back = nib.load(tmp_path / "lpi.nii.gz")
+        dst = tmp_path / "again.nii.gz"
+        again = back.as_reoriented(nib.orientations.ornt_transform(lpi, orig))
+        again.header["descrip"] = b"reoriented to LPI and back"  # as a tool leaves its mark
+        nib.save(again, dst)
+    return dst
+
+
+@pytest.mark.parametrize("how", ["nii", "regzip", "reorient"])
+def test_resaved_training_scan_is_refused(study, tiny_cohort, tmp_path: Path, capsys,
+                                          how: str) -> None:
+    out, _ = study
+    src = _first_scan(tiny_cohort)
+    dst = _resave(src, tmp_path, how)
+    assert file_digest(dst) != file_digest(src)  # other bytes, same scan
+    cohort = _cohort_of(tmp_path, {"again": dst})
+    assert main(["predict", str(out), "--cohort", str(cohort), "--out", str(tmp_path / "p"),
+                 "--no-progress"]) == 2
+    line = _one_line_error(capsys)
+    assert "1 scan(s) were used to train model" in line and "participant again" in line
+
+
+def _edit(pkg: Path, edit: str) -> str:
+    """Edit a copied package; return the file name the refusal must name."""
+    if edit == "y_mean":  # within the schema: every prediction would move by 10
+        meta = json.loads((pkg / "metadata.json").read_text())
+        for model in meta["models"]:
+            model["y_mean"] += 10
+        (pkg / "metadata.json").write_text(json.dumps(meta, indent=2))
+        return "metadata.json"
+    if edit == "readme":
+        with open(pkg / "README.md", "a") as fh:
+            fh.write("edited\n")
+        return "README.md"
+    if edit == "added":
+        (pkg / "notes.txt").write_text("mine\n")
+        return "notes.txt"
+    if edit == "removed":
+        (pkg / "model-1.safetensors").unlink()
+        return "model-1.safetensors"
+    (pkg / "manifest.json").unlink()
+    return "manifest.json"
+
+
+@pytest.mark.parametrize("edit", ["y_mean", "readme", "added", "removed", "no_manifest"])
+def test_edited_package_is_refused_naming_the_file(study, tiny_cohort, tmp_path: Path, capsys,
+                                                   edit: str) -> None:
+    out, _ = study
+    pkg = tmp_path / "pkg"
+    shutil.copytree(out / "models" / "sleep", pkg)
+    name = _edit(pkg, edit)
+    assert main(["predict", str(pkg), "--cohort", str(tiny_cohort.table), "--out",
+                 str(tmp_path / "p"), "--allow-training-subjects", "--no-progress"]) == 2
+    line = _one_line_error(capsys)
+    assert name in line and str(pkg) in line
+    assert not (tmp_path / "p" / "predictions.tsv").exists()
+
+
+def _make_old(pkg: Path) -> None:
+    """Turn a package into one written before manifests and content digests (schema 1)."""
+    meta = json.loads((pkg / "metadata.json").read_text())
+    meta["schema_version"] = 1
+    meta.pop("training_scans_content_sha256", None)
+    (pkg / "metadata.json").write_text(json.dumps(meta, indent=2))
+    (pkg / "manifest.json").unlink(missing_ok=True)
+
+
+def test_old_package_is_refused_with_a_rebuild_hint(study, tmp_path: Path) -> None:
+    out, _ = study
+    pkg = tmp_path / "pkg"
+    shutil.copytree(out / "models" / "sleep", pkg)
+    _make_old(pkg)
+    with pytest.raises(DfrnInputError) as info:
+        load_package(pkg)
+    text = str(info.value)
+    assert "\n" not in text and str(pkg) in text and "schema 1" in text and "dfrn run" in text
+
+
+def test_rerun_rebuilds_packages_with_the_umask(study, tiny_cohort, tmp_path: Path) -> None:
+    """A re-run rebuilds a missing and an old package; every file follows the umask."""
+    out, _ = study
+    copy = tmp_path / "res"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "models" / "sleep")
+    _make_old(copy / "models" / "anhedonia")
+    old = os.umask(0o022)
+    try:
+        run_study(study_config(tiny_cohort, final={"enabled": True}), copy, progress=False,
+                  log=lambda s: None)
+    finally:
+        os.umask(old)
+    for factor in ("sleep", "anhedonia"):
+        folder = copy / "models" / factor
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()}
+        assert set(modes.values()) == {"0o644"}, modes
+        assert load_package(folder).metadata["schema_version"] == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_error_names_the_predict_option(study, tiny_cohort, tmp_path: Path,
+                                               capsys) -> None:
+    out, _ = study
+    assert main(["predict", str(out), "--cohort", str(tiny_cohort.table), "--out",
+                 str(tmp_path / "p"), "--device", "cuda", "--allow-training-subjects",
+                 "--no-progress"]) == 2
+    line = _one_line_error(capsys)
+    assert "--device 'cuda'" in line and "CUDA is not available" in line
+    assert "config" not in line and "[training]" not in line
+
+
+def test_all_zero_scan_is_named_with_its_file(study, tiny_cohort, tmp_path: Path,
+                                              capsys) -> None:
+    out, _ = study
+    ref = nib.load(_first_scan(tiny_cohort))
+    blank = tmp_path / "blank.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(ref.shape, np.float32), ref.affine), blank)
+    new = make_synthetic_cohort(tmp_path / "new", n_subjects=2, voxel_size=8.0, effect=0.4,
+                                radius=14.0, seed=98)
+    table = pd.read_csv(new.table, sep="\t")
+    scans = {"new-0": new.root / table["t1"][0], "blank": blank}
+    assert main(["predict", str(out), "--cohort", str(_cohort_of(tmp_path, scans)), "--out",
+                 str(tmp_path / "p"), "--no-progress"]) == 2
+    line = _one_line_error(capsys)
+    assert "participant blank" in line and str(blank) in line and "all zero" in line
+    assert "[cohort]" not in line and "new-0" not in line

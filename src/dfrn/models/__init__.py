@@ -34,6 +34,7 @@ _EXPORTS: dict[str, str] = {
     "package_readme": "package",
     "resident_bytes": "feed",
     "resolve_device": "regressor",
+    "scan_content_digest": "package",
     "seed_everything": "regressor",
     "split_view": "feed",
     "validate_metadata": "package",

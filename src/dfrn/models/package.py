@@ -8,23 +8,31 @@ A package is a folder ``models/<factor>/`` holding
   the input grid (template name, shape, affine, downsample factor), its normalisation
   (``intensity``, and the brain mask's SHA-256 with the mask itself in the package); the
   target (name, each network's scaling mean and sd); the preprocessing; the SHA-256 of every
-  training scan (for the leakage check); the cross-validated performance; the intended use;
+  training scan's file and of its content (:func:`scan_content_digest`, for the leakage
+  check); the cross-validated performance; the intended use;
 * ``brain_mask.nii.gz`` when training normalised inside a mask;
-* ``README.md`` generated from the metadata.
+* ``README.md`` generated from the metadata;
+* ``manifest.json``: size and SHA-256 of every other file (:func:`dfrn.io.write_manifest`).
 
-:func:`load_package` validates the metadata against :data:`METADATA_SCHEMA` (JSON Schema),
-checks every weight file's SHA-256, and refuses packages written by a newer dfrn.
+:func:`load_package` checks the folder against its manifest (any edited, added or removed
+file is refused by name), validates the metadata against :data:`METADATA_SCHEMA` (JSON
+Schema), checks every weight file's SHA-256, and refuses packages written by a newer dfrn and
+packages of schema 1 (no manifest, training scans known by file bytes only).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
+import numpy as np
+
 from dfrn.errors import DfrnInputError
-from dfrn.io import file_digest
+from dfrn.io import MANIFEST_NAME, file_digest, verify_manifest
 
 __all__ = [
     "METADATA_SCHEMA",
@@ -35,9 +43,11 @@ __all__ = [
     "package_readme",
     "INTENDED_USE",
     "dfrn_version",
+    "scan_content_digest",
 ]
 
-SCHEMA_VERSION = 1
+#: 2: ``manifest.json`` and ``training_scans_content_sha256`` (1 had neither).
+SCHEMA_VERSION = 2
 
 INTENDED_USE = (
     "Research use only. Predicts a symptom-factor score from a T1-weighted MRI registered to "
@@ -52,8 +62,8 @@ METADATA_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
     "required": ["schema_version", "dfrn_version", "versions", "factor", "mode", "network",
-                 "input", "models", "training_scans_sha256", "performance", "intended_use",
-                 "preprocessing"],
+                 "input", "models", "training_scans_sha256", "training_scans_content_sha256",
+                 "performance", "intended_use", "preprocessing"],
     "properties": {
         "schema_version": {"type": "integer", "minimum": 1},
         "dfrn_version": {"type": "string", "pattern": r"^\d+\.\d+"},
@@ -97,6 +107,7 @@ METADATA_SCHEMA: dict[str, Any] = {
             },
         },
         "training_scans_sha256": {"type": "array", "items": _SHA},
+        "training_scans_content_sha256": {"type": "array", "items": _SHA},
         "performance": {"type": "object"},
         "preprocessing": {"type": "object"},
         "intended_use": {"type": "string"},
@@ -147,6 +158,54 @@ def validate_metadata(meta: Any, where: str = "metadata.json") -> dict[str, Any]
     return meta
 
 
+def scan_content_digest(data: np.ndarray, affine: np.ndarray) -> str:
+    """SHA-256 of a scan's content, the same for any file that holds the same image.
+
+    The scan is brought to its closest canonical (RAS+) orientation with nibabel's
+    ``as_closest_canonical``; the digest covers the shape, the float32 voxel values (after
+    the header's scaling) and the affine rounded to 1e-4 mm. Re-saving (``.nii`` or
+    ``.nii.gz``, any compression, another header description) or reorienting and back keeps
+    the digest; a changed voxel or grid changes it.
+
+    Parameters
+    ----------
+    data : np.ndarray
+        The decoded voxels, e.g. from :func:`dfrn.data.images.load_volume`.
+    affine : np.ndarray
+        The 4x4 voxel-to-world affine.
+    """
+    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), np.asarray(affine, dtype=float))
+    canon = nib.as_closest_canonical(img)
+    h = hashlib.sha256()
+    h.update(np.asarray(canon.shape, dtype="<i8").tobytes())
+    h.update(np.ascontiguousarray(canon.dataobj, dtype="<f4").tobytes())
+    h.update((np.round(canon.affine, 4) + 0.0).astype("<f8").tobytes())  # + 0.0: no -0.0
+    return h.hexdigest()
+
+
+def _check_files(folder: Path, meta: Any) -> None:
+    """Refuse a package of schema 1, or one whose files differ from its manifest, by name."""
+    version = meta.get("schema_version") if isinstance(meta, dict) else None
+    if isinstance(version, int) and version < 2:
+        raise DfrnInputError(
+            f"{folder} is a model package of schema {version} (dfrn "
+            f"{meta.get('dfrn_version')}): it has no manifest and knows its training scans by "
+            "file bytes only; rebuild it by re-running 'dfrn run' with its study's config and "
+            "--out (finished trainings are reused)"
+        )
+    reason = verify_manifest(folder, required=("metadata.json",))
+    if reason is None:
+        listed = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))["files"]
+        added = sorted(p.name for p in folder.iterdir()
+                       if p.name != MANIFEST_NAME and p.name not in listed)
+        reason = f"{added[0]} is not in the manifest (added)" if added else None
+    if reason is not None:
+        raise DfrnInputError(
+            f"{folder}: {reason}; the package differs from what dfrn wrote: restore it, or "
+            "rebuild it by re-running 'dfrn run' on its results folder"
+        )
+
+
 @dataclass
 class ModelPackage:
     """A loaded, verified package: its metadata and its networks (as DFRNRegressor)."""
@@ -166,7 +225,7 @@ class ModelPackage:
 
 
 def load_package(folder: str | Path, device: str = "cpu") -> ModelPackage:
-    """Load and verify a model package (schema, version, weight and mask digests).
+    """Load and verify a model package (manifest, schema, version, weight and mask digests).
 
     Raises
     ------
@@ -187,6 +246,7 @@ def load_package(folder: str | Path, device: str = "cpu") -> ModelPackage:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise DfrnInputError(f"{meta_path} is not valid JSON ({exc})") from None
+    _check_files(folder, meta)
     validate_metadata(meta, str(meta_path))
     mask = meta["input"]["mask"]
     if mask is not None:
@@ -244,8 +304,12 @@ def package_readme(meta: dict[str, Any]) -> str:
     if perm is not None:
         lines.append(f"- permutation p: {perm:.4g}")
     lines += [
-        f"- training scans: {len(meta['training_scans_sha256'])} (their SHA-256 are in "
-        "metadata.json; `dfrn predict` refuses them unless `--allow-training-subjects`)",
+        f"- training scans: {len(meta['training_scans_sha256'])} (the SHA-256 of their files "
+        "and of their content are in metadata.json; `dfrn predict` refuses them, however "
+        "re-saved, unless `--allow-training-subjects`)",
+        "",
+        "`manifest.json` lists the size and SHA-256 of every file: `dfrn predict` refuses a "
+        "package with an edited, added or removed file.",
         "",
         "## Intended use",
         meta["intended_use"],

@@ -49,14 +49,16 @@ _TRAIN = TrainingConfig()
 _MODEL = ModelConfig()
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """The torch device for a ``[training] device`` setting, checked on this machine.
+def resolve_device(device: str = "auto", option: str = "config [training] device") -> torch.device:
+    """The torch device for a device setting, checked on this machine.
 
     Parameters
     ----------
     device : str
         ``"auto"`` (CUDA when available, else the CPU), ``"cpu"``, ``"cuda"`` or
         ``"cuda:<index>"``.
+    option : str, default "config [training] device"
+        Where the value came from, as messages name it (``"--device"`` for ``dfrn predict``).
 
     Raises
     ------
@@ -66,21 +68,21 @@ def resolve_device(device: str = "auto") -> torch.device:
     text = str(device).strip()
     if not DEVICE_PATTERN.match(text):
         raise DfrnInputError(
-            f"config [training] device {device!r} is not valid: use 'auto', 'cpu', 'cuda' or "
-            "'cuda:<index>'"
+            f"{option} {device!r} is not valid: use 'auto', 'cpu', 'cuda' or 'cuda:<index>'"
         )
     if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if text.startswith("cuda"):
         if not torch.cuda.is_available():
+            fix = (f"pass {option} auto or {option} cpu" if option.startswith("--") else
+                   "set device = 'auto' or 'cpu' (device does not change a run's identity)")
             raise DfrnInputError(
-                f"config [training] device {text!r} but CUDA is not available on this machine; "
-                "set device = 'auto' or 'cpu' (device does not change a run's identity)"
+                f"{option} {text!r} but CUDA is not available on this machine; {fix}"
             )
         index = int(text.split(":")[1]) if ":" in text else 0
         if index >= torch.cuda.device_count():
             raise DfrnInputError(
-                f"config [training] device {text!r} but this machine has "
+                f"{option} {text!r} but this machine has "
                 f"{torch.cuda.device_count()} CUDA device(s)"
             )
     return torch.device(text)

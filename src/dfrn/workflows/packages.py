@@ -12,16 +12,24 @@ import numpy as np
 import pandas as pd
 
 from dfrn.config import StudyConfig
-from dfrn.data.images import VolumeSet
+from dfrn.data.images import VolumeSet, load_volume
 from dfrn.evaluation.metrics import mean_r
 from dfrn.evaluation.tasks import plan_tasks, read_task_meta
-from dfrn.io import atomic_write, atomic_write_json, atomic_write_text, file_digest, make_temp_dir
+from dfrn.io import (
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    file_digest,
+    make_temp_dir,
+    write_manifest,
+)
 from dfrn.models.package import (
     INTENDED_USE,
     SCHEMA_VERSION,
     dfrn_version,
     load_package,
     package_readme,
+    scan_content_digest,
     validate_metadata,
 )
 from dfrn.models.regressor import DFRNRegressor
@@ -40,11 +48,25 @@ def template_name(shape: tuple[int, ...], affine: np.ndarray) -> str:
 
 
 def _save_weights(est: DFRNRegressor, path: Path) -> str:
-    from safetensors.torch import save_file
+    """Write the network's weights as safetensors (mode 0666 less the umask); their SHA-256."""
+    from safetensors.torch import save
 
     state = {k: v.detach().cpu().contiguous() for k, v in est.model_.state_dict().items()}
-    atomic_write(path, lambda p: save_file(state, str(p)))
+    data = save(state)  # bytes: safetensors' save_file would create the file with mode 0600
+    atomic_write(path, lambda p: p.write_bytes(data), size_hint=len(data))
     return file_digest(path)
+
+
+def _content_digests(inputs: dict[str, InputFile], participants: pd.Index,
+                     known: dict[str, str], log: Callable[[str], None]) -> list[str]:
+    """The sorted content digests of the participants' scans, decoding each at most once."""
+    todo = [p for p in participants if p not in known]
+    if todo:
+        log(f"hashing the content of {len(todo)} training scan(s) for the leakage check")
+    for pid in todo:
+        known[pid] = scan_content_digest(*load_volume(inputs[f"t1/{pid}"].path,
+                                                      f"participant {pid}"))
+    return sorted({known[p] for p in participants})
 
 
 def _refit(cfg: StudyConfig, volumes: VolumeSet, y: pd.Series, epochs: int, seed: int,
@@ -55,6 +77,29 @@ def _refit(cfg: StudyConfig, volumes: VolumeSet, y: pd.Series, epochs: int, seed
     est.set_params(epochs=max(1, epochs), val_fraction=0.0)
     idx = volumes.index_of(list(y.index))
     return est.fit([volumes[i] for i in idx], y.to_numpy(float))
+
+
+def _write_weights(tmp: Path, folder: ResultsFolder, cfg: StudyConfig, volumes: VolumeSet,
+                   y: pd.Series, tasks: list[Any], progress: bool) -> list[dict[str, Any]]:
+    """Write a factor's networks into ``tmp``; their ``models`` entries of the metadata."""
+    models: list[dict[str, Any]] = []
+    if cfg.final.mode == "ensemble":
+        for k, t in enumerate(tasks):
+            meta = read_task_meta(folder.task_dir(t.name), t)
+            est = DFRNRegressor.load(folder.task_dir(t.name) / "model.pt")
+            name = f"model-{k}.safetensors"
+            models.append({"file": name, "sha256": _save_weights(est, tmp / name),
+                           "y_mean": est.y_mean_, "y_std": est.y_std_,
+                           "repeat": t.repeat, "fold": t.fold,
+                           "best_epoch": int(meta["best_epoch"])})
+        return models
+    epochs = [read_task_meta(folder.task_dir(t.name), t)["best_epoch"] + 1 for t in tasks]
+    est = _refit(cfg, volumes, y.dropna(), int(np.median(epochs)), cfg.training.seed, progress)
+    models.append({"file": "model-0.safetensors",
+                   "sha256": _save_weights(est, tmp / "model-0.safetensors"),
+                   "y_mean": est.y_mean_, "y_std": est.y_std_,
+                   "epochs": int(np.median(epochs))})
+    return models
 
 
 def write_model_packages(
@@ -81,6 +126,7 @@ def write_model_packages(
     first = plan[plan["repeat"] == plan["repeat"].min()]
     mask = cfg.cohort.mask
     written: dict[str, Path] = {}
+    content: dict[str, str] = {}
     for factor in targets.columns:
         final = folder.model_package(factor)
         if final.is_dir():
@@ -88,30 +134,12 @@ def write_model_packages(
                 load_package(final)
                 written[factor] = final
                 continue
-            except Exception:  # an incomplete or damaged package is rebuilt
-                pass
+            except Exception as exc:  # an incomplete, damaged or old package is rebuilt
+                log(f"rebuilding model package {factor}: {exc}")
         tmp = make_temp_dir(final.parent, factor)
         try:
-            models: list[dict[str, Any]] = []
-            tasks = plan_tasks(first, [factor])
-            if cfg.final.mode == "ensemble":
-                for k, t in enumerate(tasks):
-                    meta = read_task_meta(folder.task_dir(t.name), t)
-                    est = DFRNRegressor.load(folder.task_dir(t.name) / "model.pt")
-                    name = f"model-{k}.safetensors"
-                    models.append({"file": name, "sha256": _save_weights(est, tmp / name),
-                                   "y_mean": est.y_mean_, "y_std": est.y_std_,
-                                   "repeat": t.repeat, "fold": t.fold,
-                                   "best_epoch": int(meta["best_epoch"])})
-            else:
-                epochs = [read_task_meta(folder.task_dir(t.name), t)["best_epoch"] + 1
-                          for t in tasks]
-                y = targets[factor].dropna()
-                est = _refit(cfg, volumes, y, int(np.median(epochs)), cfg.training.seed, progress)
-                models.append({"file": "model-0.safetensors",
-                               "sha256": _save_weights(est, tmp / "model-0.safetensors"),
-                               "y_mean": est.y_mean_, "y_std": est.y_std_,
-                               "epochs": int(np.median(epochs))})
+            models = _write_weights(tmp, folder, cfg, volumes, targets[factor],
+                                    plan_tasks(first, [factor]), progress)
             mask_entry = None
             if mask:
                 atomic_write(tmp / "brain_mask.nii.gz",
@@ -139,6 +167,8 @@ def write_model_packages(
                 "models": models,
                 "preprocessing": {"kind": "user-registered"},
                 "training_scans_sha256": sorted({inputs[f"t1/{p}"].digest for p in trained_on}),
+                "training_scans_content_sha256": _content_digests(inputs, trained_on, content,
+                                                                  log),
                 "performance": {
                     "mean_r": float(summary.at[factor, "mean_r"]),
                     "sd_r": float(summary.at[factor, "sd_r"]),
@@ -151,6 +181,7 @@ def write_model_packages(
             validate_metadata(meta)
             atomic_write_json(tmp / "metadata.json", meta)
             atomic_write_text(tmp / "README.md", package_readme(meta))
+            write_manifest(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)

@@ -4,11 +4,15 @@ For every package (``MODEL`` itself, or each ``RESULTS/models/<factor>/``):
 
 1. every scan's header is checked against the package's grid (shape and affine, within
    1e-3 mm): a scan off the grid is refused, by name, with a pointer to ``dfrn prep``;
-2. scans whose SHA-256 is among the package's training scans are refused (the leakage check)
-   unless ``allow_training_subjects``;
-3. scans are normalised and downsampled by :class:`dfrn.data.images.VolumeCache` with the
+2. scans whose content (:func:`dfrn.models.package.scan_content_digest`: voxels and affine,
+   however the file was re-saved) is among the package's training scans are refused (the
+   leakage check) unless ``allow_training_subjects``;
+3. scans with no signal inside the package's brain mask (all zero or constant) are refused by
+   name and file, unless the package reads raw intensities (``intensity = "none"``, where an
+   empty map is an observation);
+4. scans are normalised and downsampled by :class:`dfrn.data.images.VolumeCache` with the
    package's mask and settings: the code path that made the training inputs;
-4. every network of the package predicts; ``predictions.tsv`` holds participant_id, factor,
+5. every network of the package predicts; ``predictions.tsv`` holds participant_id, factor,
    prediction (the ensemble mean), ensemble_sd and n_models.
 
 With ``attention`` each subject's guided-backprop map (averaged over the package's networks,
@@ -25,10 +29,11 @@ import numpy as np
 import pandas as pd
 
 from dfrn.data.cohort import Cohort, load_bids_cohort, load_cohort_table
-from dfrn.data.images import AFFINE_ATOL, VolumeCache, read_header
+from dfrn.data.images import AFFINE_ATOL, VolumeCache, load_volume, read_header
 from dfrn.errors import DfrnInputError, ResultsFolderError
 from dfrn.io import atomic_write_nifti, atomic_write_tsv, file_digest
-from dfrn.models.package import ModelPackage, load_package
+from dfrn.models.package import ModelPackage, load_package, scan_content_digest
+from dfrn.models.regressor import resolve_device
 
 __all__ = ["PREDICT_COLUMNS", "find_packages", "predict_cohort"]
 
@@ -75,6 +80,53 @@ def _check_grid(cohort: Cohort, package: ModelPackage) -> None:
         )
 
 
+def _listed(items: list[str]) -> str:
+    more = f" and {len(items) - 5} more" if len(items) > 5 else ""
+    return ", ".join(items[:5]) + more
+
+
+def _no_signal(data: np.ndarray, mask: np.ndarray | None) -> bool:
+    """Whether ``data`` is constant (e.g. all zero) inside ``mask`` (or overall without one)."""
+    values = data[mask] if mask is not None else data.ravel()
+    return values.size == 0 or bool(values.min() == values.max())
+
+
+def _check_content(cohort: Cohort, packages: list[ModelPackage], allow_training: bool) -> None:
+    """Refuse training scans (by content, unless ``allow_training``) and scans with no signal.
+
+    Each scan is decoded once; a mask is loaded once per package that normalises intensities.
+    """
+    masks = {i: (load_volume(pkg.mask_path, f"brain mask of model {pkg.factor}")[0] > 0
+                 if pkg.mask_path is not None else None)
+             for i, pkg in enumerate(packages) if pkg.metadata["input"]["intensity"] != "none"}
+    trained = [set(pkg.metadata["training_scans_content_sha256"]) for pkg in packages]
+    seen: list[list[str]] = [[] for _ in packages]
+    blank: list[list[str]] = [[] for _ in packages]
+    for pid, path in zip(cohort.participant_ids, cohort.images, strict=True):
+        data, affine = load_volume(path, f"participant {pid}")
+        digest = scan_content_digest(data, affine)
+        for i in range(len(packages)):
+            if digest in trained[i]:
+                seen[i].append(pid)
+            if i in masks and _no_signal(data, masks[i]):
+                blank[i].append(f"participant {pid} ({path})")
+    for package, pids in zip(packages, seen, strict=True):
+        if pids and not allow_training:
+            raise DfrnInputError(
+                f"{len(pids)} scan(s) were used to train model {package.factor}: participant "
+                f"{_listed(pids)}; their predictions would be in-sample (pass "
+                "--allow-training-subjects to predict them anyway)"
+            )
+    for package, names in zip(packages, blank, strict=True):
+        if names:
+            where = "inside the brain mask of" if package.mask_path is not None else "for"
+            raise DfrnInputError(
+                f"{len(names)} scan(s) have no signal {where} model {package.factor} (all zero "
+                f"or constant): {_listed(names)}; check that each is the subject's T1 scan, "
+                "registered to the template"
+            )
+
+
 def predict_cohort(
     model_or_results: str | Path,
     cohort_source: str | Path,
@@ -99,20 +151,13 @@ def predict_cohort(
     out = Path(out)
     if (out / "predictions.tsv").exists():
         raise ResultsFolderError(f"{out} already holds predictions.tsv; choose another --out")
+    resolve_device(device, option="--device")
     packages = [load_package(p, device=device) for p in find_packages(model_or_results)]
     cohort = _load_cohort(Path(cohort_source), image_column, session)
-    digests = [file_digest(p) for p in cohort.images]
     for package in packages:
         _check_grid(cohort, package)
-        trained = set(package.metadata["training_scans_sha256"])
-        seen = [pid for pid, d in zip(cohort.participant_ids, digests, strict=True) if d in trained]
-        if seen and not allow_training_subjects:
-            more = f" and {len(seen) - 5} more" if len(seen) > 5 else ""
-            raise DfrnInputError(
-                f"{len(seen)} scan(s) were used to train model {package.factor}: participant "
-                f"{', '.join(seen[:5])}{more}; their predictions would be in-sample (pass "
-                "--allow-training-subjects to predict them anyway)"
-            )
+    _check_content(cohort, packages, allow_training_subjects)
+    digests = [file_digest(p) for p in cohort.images]
     rows = []
     for package in packages:
         inp = package.metadata["input"]
