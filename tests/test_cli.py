@@ -232,3 +232,16 @@ def test_few_participants_warning_states_the_users_count(tmp_path: Path, capsys)
     assert err.count("fewer participants (6) than items (10)") == 1
     assert "(3)" not in err
     assert err.count("split halves of 3 of the 6 participants are fewer than the 10 items") == 1
+
+
+def test_items_table_shares_the_cohort_reader(tmp_path: Path) -> None:
+    """A tab-separated file named .csv is read as such, and an ID "NA" stays an ID."""
+    from dfrn.targets.factors import read_items_table
+
+    items = _planted(n=40)
+    items.index = pd.Index(["NA", "None", *items.index[2:]], name="participant_id")
+    path = _write(items, tmp_path / "items.csv")  # tabs, although the name says comma
+    with pytest.warns(UserWarning, match="tab"):
+        got = read_items_table(path)
+    assert list(got.index[:2]) == ["NA", "None"]
+    np.testing.assert_allclose(got.to_numpy(), items.to_numpy())

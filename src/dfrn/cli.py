@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="where tasks run (default: the config's [executor] kind, local); ray needs "
         "pip install 'dfrn[distributed]' and a results folder all workers see",
     )
+    p.add_argument(
+        "--strict", action="store_true",
+        help="refuse the cohort instead of warning when two participants share an image file "
+        "(same as [cohort] strict = true)",
+    )
 
     p = sub.add_parser(
         "demo", parents=[common], help="run the pipeline on a synthetic cohort with planted effects"
@@ -212,8 +217,10 @@ def _run(args: argparse.Namespace) -> int:
         from dfrn.config import load_config
         from dfrn.workflows.run import run_study
 
+        cfg = load_config(args.config)
+        cfg.cohort.strict = cfg.cohort.strict or args.strict
         run_study(
-            load_config(args.config), args.out, progress=progress, permutations=args.permutations,
+            cfg, args.out, progress=progress, permutations=args.permutations,
             executor=args.executor,
         )
     elif args.command == "demo":

@@ -302,3 +302,19 @@ def test_strict_config_key_refuses_shared_files_in_a_study(cohort_copy) -> None:
     assert strict.fingerprint() == cfg.fingerprint()  # refusing changes no number
     with pytest.raises(DfrnInputError, match=r"participants sub-0002 and sub-0003 share one file"):
         load_study_cohort(strict)
+
+
+def test_run_strict_flag_refuses_shared_files_before_any_output(cohort_copy, tmp_path, capsys):
+    from conftest import study_config
+
+    from dfrn.cli import main
+
+    _edit(cohort_copy.table, lambda df: df.__setitem__("t1", [df["t1"][0]] + list(df["t1"][1:2])
+                                                             * 2 + list(df["t1"][3:])))
+    cfg = tmp_path / "study.toml"
+    cfg.write_text(study_config(cohort_copy).to_toml())
+    out = tmp_path / "res"
+    assert main(["run", str(cfg), "--out", str(out), "--strict", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "participants sub-0002 and sub-0003 share one file" in err[0]
+    assert not (out / "predictions").exists()

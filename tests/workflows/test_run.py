@@ -71,3 +71,21 @@ def test_fewer_subjects_than_folds(tiny_cohort, tmp_path: Path) -> None:
 
 
 
+
+
+def test_na_like_participant_ids_survive_the_whole_run(cohort_copy, tmp_path: Path) -> None:
+    """IDs "NA" and "None" are IDs in every table dfrn writes and reads back."""
+    from dfrn.data.cohort import read_delimited
+
+    df = pd.read_csv(cohort_copy.table, sep="\t", dtype=str, keep_default_na=False)
+    df.loc[:1, "participant_id"] = ["NA", "None"]
+    df.to_csv(cohort_copy.table, sep="\t", index=False)
+    out = tmp_path / "res"
+    run_study(study_config(cohort_copy), out, progress=False, log=lambda _m: None)
+    pred = read_delimited(out / "cv/predictions.tsv")
+    assert {"NA", "None"} <= set(pred["participant_id"])
+    assert pred.groupby("factor")["participant_id"].nunique().eq(12).all()
+    truth = df.set_index("participant_id")["sleep"].astype(float)
+    sleep = pred[pred["factor"] == "sleep"].set_index("participant_id")["y_true"]
+    pd.testing.assert_series_equal(sleep.sort_index(), truth.loc[sleep.index].sort_index(),
+                                   check_names=False)

@@ -117,7 +117,11 @@ def _separator(path: Path, what: str) -> str:
 
 
 def read_delimited(
-    path: str | Path, what: str = "table", text_columns: Sequence[str] = (ID_COLUMN,)
+    path: str | Path,
+    what: str = "table",
+    text_columns: Sequence[str] = (ID_COLUMN,),
+    *,
+    allow_empty: bool = False,
 ) -> pd.DataFrame:
     """The one reader of user tables (cohort tables, ``participants.tsv``, label tables).
 
@@ -135,6 +139,8 @@ def read_delimited(
         What the table is, for messages (``"cohort table"``, ``"atlas label table"``).
     text_columns : sequence of str, default ("participant_id",)
         Columns read as stripped text, ``""`` for an empty cell, when the table has them.
+    allow_empty : bool, default False
+        Accept a header with no rows (dfrn's own tables); user tables must have rows.
 
     Returns
     -------
@@ -163,7 +169,7 @@ def read_delimited(
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
         msg = " ".join(str(exc).split())
         raise DfrnInputError(f"cannot read {what} {path}: {msg}") from None
-    if df.empty:
+    if df.empty and not allow_empty:
         rows = "participants" if ID_COLUMN in df.columns else "rows"
         raise DfrnInputError(f"{what} {path} has a header but no {rows}")
     return df

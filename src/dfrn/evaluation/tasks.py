@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from dfrn.data.cohort import read_delimited
 from dfrn.errors import ResultsIntegrityError
 from dfrn.evaluation.folds import iter_splits
 from dfrn.evaluation.metrics import PREDICTION_COLUMNS
@@ -383,7 +384,7 @@ def collect_predictions(
     for t in tasks:
         folder = cv_dir / "tasks" / t.name
         meta = read_task_meta(folder, t)
-        df = pd.read_csv(folder / "predictions.tsv", sep="\t", dtype={"participant_id": str})
+        df = read_delimited(folder / "predictions.tsv", f"predictions of task {t.name}", allow_empty=True)
         if expected is not None:
             col = expected.loc[list(t.test_ids), t.factor]
             want = [str(p) for p in col.index[col.notna().to_numpy()]]

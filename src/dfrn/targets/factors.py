@@ -40,6 +40,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
 
+from dfrn.data.cohort import read_delimited
 from dfrn.errors import DfrnInputError
 
 __all__ = [
@@ -184,6 +185,9 @@ def _id_column_suspect(raw: pd.DataFrame) -> str | None:
 def read_items_table(path: str | Path) -> pd.DataFrame:
     """Read a participants x items table (TSV, or CSV when the name ends in ``.csv``).
 
+    The table is read by :func:`dfrn.data.cohort.read_delimited`: the separator is checked
+    against the header line, and IDs such as ``NA`` stay IDs.
+
     The ``participant_id`` column, if present, becomes the index (ids are read as text, so
     ``001`` stays ``001``). A table without it is read only when every column is an item:
     participants are then numbered ``p0001``, ``p0002``, ... in row order, with a warning;
@@ -193,14 +197,7 @@ def read_items_table(path: str | Path) -> pd.DataFrame:
     :meth:`SymptomFactors.fit` (error, or ``impute="median"``).
     """
     path = Path(path)
-    if not path.is_file():
-        raise DfrnInputError(f"items table not found: {path}")
-    sep = "," if path.suffix.lower() == ".csv" else "\t"
-    try:
-        raw = pd.read_csv(path, sep=sep, dtype={ID_COLUMN: str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        msg = " ".join(str(exc).split())
-        raise DfrnInputError(f"cannot read items table {path}: {msg}") from None
+    raw = read_delimited(path, "items table")
     numbered = ID_COLUMN not in raw.columns
     if numbered:
         suspect = _id_column_suspect(raw)

@@ -26,7 +26,8 @@ from typing import Any
 import pandas as pd
 
 from dfrn.config import StudyConfig
-from dfrn.errors import ResultsFolderError
+from dfrn.data.cohort import read_delimited
+from dfrn.errors import DfrnInputError, ResultsFolderError
 from dfrn.io import atomic_write_json, atomic_write_text, file_digest
 
 __all__ = [
@@ -406,8 +407,8 @@ class ResultsFolder:
                 f"{path} is missing; rerun 'dfrn run' with the same config and --out"
             )
         try:
-            df = pd.read_csv(path, sep="\t", dtype={"participant_id": str})
-        except Exception as exc:
+            df = read_delimited(path, path.name, allow_empty=True)
+        except DfrnInputError as exc:
             raise ResultsFolderError(f"{path} is unreadable ({exc})") from None
         missing = [c for c in columns if c not in df.columns]
         if missing:
