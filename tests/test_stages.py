@@ -29,8 +29,10 @@ def _with_items(cohort, tmp: Path, n_items: int = 8) -> Path:
     return path
 
 
-@pytest.mark.parametrize("fit_on", ["all", "train"])
+@pytest.mark.parametrize("fit_on", ["all", "train", "all-no-stability"])
 def test_study_with_factors_section(tiny_cohort, tmp_path: Path, fit_on: str) -> None:
+    resamples = 0 if fit_on == "all-no-stability" else 50
+    fit_on = fit_on.removesuffix("-no-stability")
     table = _with_items(tiny_cohort, tmp_path)
     raw = {
         "cohort": {"table": str(table), "mask": str(tiny_cohort.brain_mask)},
@@ -38,6 +40,7 @@ def test_study_with_factors_section(tiny_cohort, tmp_path: Path, fit_on: str) ->
             "items": [f"item_{j}" for j in range(1, 9)],
             "n_factors": 2,
             "fit_on": fit_on,
+            "n_resamples": resamples,
             "names": {"anhedonia": ["item_1", "item_2"], "sleep": ["item_7", "item_8"]},
         },
         "training": {"epochs": 1, "val_fraction": 0.0},
@@ -53,6 +56,9 @@ def test_study_with_factors_section(tiny_cohort, tmp_path: Path, fit_on: str) ->
                 "figures/factor_loadings.png"]:
         assert (out / rel).is_file(), rel
     assert sorted(res.predictions["factor"].unique()) == ["anhedonia", "sleep"]
+    if resamples == 0:  # [factors] n_resamples = 0 skips the estimate, like --resamples 0
+        assert not (out / "factors/stability.tsv").exists()
+        return
     stability = pd.read_csv(out / "factors/stability.tsv", sep="\t")
     assert sorted(stability["factor"].unique()) == ["anhedonia", "sleep"]
     assert stability["congruence"].between(0, 1).all()

@@ -163,7 +163,7 @@ class FactorsConfig:
     fold's varimax factors) or ``"procrustes"`` (rotate the fold's components onto the full
     fit; for items whose varimax solution is unstable)."""
     n_resamples: int = 50
-    """Split-half resamples for the stability estimate when ``fit_on = "all"``."""
+    """Split-half resamples for the stability estimate when ``fit_on = "all"`` (0 skips it)."""
     names: dict[str, list[str]] = field(default_factory=dict)
     fit_on: str = "all"
     impute: str = ""
@@ -418,7 +418,7 @@ COUNT_MINIMUMS: dict[str, dict[str, int]] = {
     "cv": {"n_folds": 2, "n_repeats": 1, "seed": 0},
     "baseline": {"n_permutations": 0},
     "attention": {"top_regions": 1},
-    "factors": {"n_resamples": 1, "n_factors": 1},
+    "factors": {"n_resamples": 0, "n_factors": 1},
     "prep": {"jobs": 1, "seed": 0},
     "executor": {"num_cpus": 0, "max_retries": 0},
 }
