@@ -214,6 +214,8 @@ class PrepConfig:
     template: str = ""
     """Template T1 (MNI152NLin6Asym 1 mm); empty: TemplateFlow (see dfrn.data.templates)."""
     template_mask: str = ""
+    template_space: str = ""
+    """BIDS space label of ``template``; empty: read from a TemplateFlow name ``tpl-<label>_…``."""
     seed: int = 0
     deterministic: bool = True
     """One ITK thread per subject: the only setting in which ANTs repeats exactly."""
