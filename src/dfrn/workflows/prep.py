@@ -532,11 +532,11 @@ def run_prep(
     kind = "derivatives" if derivatives else "raw"
     params = PrepParams(transform, seed)
     tpl = resolve_template(template, template_mask, template_space)
+    identity = _identity(kind, params.transform, params.seed, deterministic, tpl)
+    _check_out(out, identity)
     table, subjects = plan_prep_subjects(source, image_column, session, derivatives, tpl.space)
     if kind == "raw":
         require_ants()
-    identity = _identity(kind, params.transform, params.seed, deterministic, tpl)
-    _check_out(out, identity)
     with ResultsLock(out, command="dfrn prep", log=log):
         for stale in out.glob(f".{_TMP_PREFIX}*.tmp"):  # left by a killed run (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
