@@ -18,7 +18,7 @@ Steps, per subject (:func:`preprocess_t1`):
 
 Temporary files: ANTsPy writes some intermediates (Atropos' probability images, the
 Jacobian's field) to the system's temporary folder and leaves them there. Each subject's ANTs
-work runs with a private temporary folder (:func:`private_tempdir`) that is removed
+work runs with a private temporary folder (:func:`_private_tempdir`) that is removed
 afterwards, on failure too.
 
 Reproducibility: ANTs registration is only repeatable single-threaded (two-thread runs of the
@@ -56,7 +56,6 @@ __all__ = [
     "ants_environment",
     "check_t1",
     "order_classes",
-    "private_tempdir",
     "preprocess_t1",
     "registration_qc",
     "set_ants_threads",
@@ -191,7 +190,7 @@ def order_classes(intensity: np.ndarray, labels: np.ndarray, n: int = 3) -> np.n
 
 
 @contextmanager
-def private_tempdir(parent: str | Path) -> Iterator[Path]:
+def _private_tempdir(parent: str | Path) -> Iterator[Path]:
     """A fresh folder in ``parent`` as this process' temporary folder, removed on exit.
 
     ANTsPy names its intermediate files with :func:`tempfile.mktemp` and
@@ -327,7 +326,7 @@ def preprocess_t1(
     PrepResult
     """
     ants = require_ants()
-    with private_tempdir(workdir):
+    with _private_tempdir(workdir):
         return _preprocess(ants, t1, template_t1, template_mask, params, Path(workdir), label)
 
 

@@ -42,7 +42,6 @@ from dfrn.errors import DfrnInputError
 
 __all__ = [
     "TEMPLATE_SPACE",
-    "check_space_label",
     "Template",
     "resolve_template",
     "templateflow_home",
@@ -110,7 +109,7 @@ def same_world_grid(a: nib.spatialimages.SpatialImage, b: nib.spatialimages.Spat
     return bool(np.allclose(corners(a), corners(b), atol=atol))
 
 
-def check_space_label(space: str) -> str:
+def _check_space_label(space: str) -> str:
     """``space`` when it is a BIDS label (letters and digits only); else a one-line error."""
     if not _SPACE_LABEL.fullmatch(str(space)):
         raise DfrnInputError(
@@ -124,7 +123,7 @@ def _space_of(t1: Path, space: str | None) -> str:
     """The space label of an explicit template: given, or read from ``tpl-<label>_…``."""
     found = _TPL_NAME.match(t1.name)
     if space:
-        check_space_label(space)
+        _check_space_label(space)
         if found and found.group(1) != space:
             raise DfrnInputError(
                 f"--template {t1.name} is TemplateFlow's {found.group(1)}, but --template-space "
@@ -194,7 +193,7 @@ def resolve_template(template: str | Path | None = None,
         found = _check_pair(t1, Path(template_mask).expanduser(), "paths")
         return replace(found, space=_space_of(t1, space))
     if space and space != TEMPLATE_SPACE:
-        check_space_label(space)
+        _check_space_label(space)
         raise DfrnInputError(
             f"--template-space {space}: without --template, dfrn prep uses {TEMPLATE_SPACE} "
             f"from TemplateFlow; give --template PATH --template-mask PATH of {space}"

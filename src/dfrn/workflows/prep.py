@@ -76,8 +76,6 @@ __all__ = [
     "run_prep",
     "prep_task",
     "QC_COLUMNS",
-    "COHORT_COLUMNS",
-    "prep_executor",
     "GM_FRACTION",
 ]
 
