@@ -194,10 +194,10 @@ def ixi_redo(ixi_prep, shared_data, template_4mm, tmp_path_factory):
     bad = scans / "sub-IXI013_T1w.nii.gz"
     bad.write_bytes(bad.read_bytes()[:5000])  # a truncated download
     table = root / "t.tsv"
-    pd.DataFrame({"participant_id": IXI3, "t1": [f"scans/{p}_T1w.nii.gz" for p in IXI3],
+    pd.DataFrame({"participant_id": IXI3, "scan": [f"scans/{p}_T1w.nii.gz" for p in IXI3],
                   "score": [1.0, 2.0, 3.0]}).to_csv(table, sep="\t", index=False)
-    args = ["prep", str(table), "--out", str(out), *_tpl_args(template_4mm), "--jobs", "2",
-            "--no-progress"]
+    args = ["prep", str(table), "--image-column", "scan", "--out", str(out),
+            *_tpl_args(template_4mm), "--jobs", "2", "--no-progress"]
     failed = _dfrn(*args)
     between = root / "between"
     between.mkdir()
@@ -258,6 +258,11 @@ def test_a_corrupt_scan_fails_alone_and_a_rerun_does_only_it(ixi_redo) -> None:
     assert (qc.loc[["sub-IXI012", "sub-IXI014"], "status"] == "ok").all()
     cohort = pd.read_csv(ixi_redo["between"] / "cohort.tsv", sep="\t")
     assert cohort.participant_id.tolist() == ["sub-IXI012", "sub-IXI014"]
+    # an image column of another name (--image-column scan) also becomes source_t1
+    assert list(cohort.columns) == ["participant_id", "score", "source_t1", "t1", "gm",
+                                    "gm_unmodulated", "mask", "prep_status"]
+    assert cohort.source_t1.tolist() == [
+        str((out.parent / "scans" / f"{p}_T1w.nii.gz").resolve()) for p in cohort.participant_id]
     assert ixi_redo["leftovers"] == []  # no temporary folder, no half-written sub-IXI013
     # dfrn run on this cohort warned that a subject failed
     assert any(re.search("1 subject.s. failed dfrn prep and are not in the cohort: sub-IXI013", w)
