@@ -284,6 +284,8 @@ class StudyConfig:
         d["training"].pop("device", None)
         if "prep" in d:
             d["prep"].pop("jobs", None)
+            if not d["prep"].get("template_space"):  # older runs keep their identity
+                d["prep"].pop("template_space", None)
         d["training"].pop("data", None)
         for key in ("channels_last_3d", "compile"):
             if not d["training"].get(key):

@@ -594,3 +594,35 @@ def test_a_changed_input_is_rerun_standalone_and_refused_in_a_resumed_study(temp
     run_prep(None, out, log=lines.append, **kw)
     assert any("input changed" in line for line in lines)
     np.testing.assert_allclose(nib.load(name).get_fdata(), tpl_img.get_fdata() * 2, rtol=1e-5)
+
+
+def test_template_space_of_a_study_reaches_its_prep_stage(template_4mm, tmp_path) -> None:
+    """[prep] template_space names the study's prep outputs; left empty, it does not enter the
+    study's fingerprint (studies made before the key keep their identity)."""
+    from dfrn.config import config_from_dict
+    from dfrn.workflows.study import load_study_cohort, run_study_prep
+
+    tpl_img = nib.load(template_4mm[0])
+    custom = tmp_path / "colin.nii.gz"
+    nib.save(tpl_img, custom)
+    anat = tmp_path / "deriv" / "sub-c1" / "anat"
+    anat.mkdir(parents=True)
+    base = f"{anat}/sub-c1_space-Colin27_res-4"
+    nib.save(tpl_img, f"{base}_desc-preproc_T1w.nii.gz")
+    nib.save(nib.load(template_4mm[1]), f"{base}_desc-brain_mask.nii.gz")
+    gm = (tpl_img.get_fdata() / tpl_img.get_fdata().max()).astype(np.float32)
+    nib.save(nib.Nifti1Image(gm, tpl_img.affine), f"{base}_label-GM_probseg.nii.gz")
+    scores = tmp_path / "scores.tsv"
+    pd.DataFrame({"participant_id": ["sub-c1"], "score": [1.0]}).to_csv(scores, sep="\t", index=False)
+    raw = {"cohort": {"table": str(scores), "targets": ["score"],
+                      "derivatives": str(tmp_path / "deriv")},
+           "prep": {"template": str(custom), "template_mask": str(template_4mm[1])}}
+    plain = config_from_dict(raw, tmp_path)
+    raw["prep"]["template_space"] = "Colin27"
+    cfg = config_from_dict(raw, tmp_path)
+    assert plain.fingerprint() != cfg.fingerprint()
+    assert plain.fingerprint() == config_from_dict(
+        {**raw, "prep": {**raw["prep"], "template_space": ""}}, tmp_path).fingerprint()
+    run_study_prep(cfg, tmp_path / "results", progress=False, log=lambda m: None, resumed=False)
+    cohort = load_study_cohort(cfg, tmp_path / "results")
+    assert [Path(p).name for p in cohort.images] == ["sub-c1_space-Colin27_res-4_desc-preproc_T1w.nii.gz"]
