@@ -94,23 +94,39 @@ def roi_cohort(n: int = 40, p: int = 12, seed: int = 0, signal: float = 1.0):
     return ids, x, targets, cov
 
 
-def template_2mm(shared: Path, folder: Path) -> tuple[Path, Path]:
-    """The shared 1 mm MNI152NLin6Asym template and mask resampled to 2 mm (91×109×91)."""
+def mni_template(shared: Path, folder: Path, mm: int) -> tuple[Path, Path]:
+    """The shared 1 mm MNI152NLin6Asym template and mask resampled to ``mm`` mm, named as
+    TemplateFlow names them (``tpl-MNI152NLin6Asym_res-0<mm>_…``: dfrn prep reads the space
+    label from that name)."""
     import nibabel as nib
     import numpy as np
     from nilearn.image import resample_img
 
-    t1_path, mask_path = folder / "tpl_res-2_T1w.nii.gz", folder / "tpl_res-2_mask.nii.gz"
+    stem = f"tpl-MNI152NLin6Asym_res-{mm:02d}"
+    t1_path, mask_path = folder / f"{stem}_T1w.nii.gz", folder / f"{stem}_desc-brain_mask.nii.gz"
     if t1_path.is_file() and mask_path.is_file():
         return t1_path, mask_path
     src = nib.load(shared / "mni152" / "tpl-MNI152NLin6Asym_res-01_T1w.nii.gz")
     msk = nib.load(shared / "mni152" / "tpl-MNI152NLin6Asym_res-01_desc-brain_mask.nii.gz")
     affine = src.affine.copy()
-    affine[:3, :3] *= 2
-    kw = {"target_affine": affine, "target_shape": (91, 109, 91), "force_resample": True,
+    affine[:3, :3] *= mm
+    shape = tuple(-(-n // mm) for n in src.shape[:3])  # 91×109×91 at 2 mm, 46×55×46 at 4 mm
+    kw = {"target_affine": affine, "target_shape": shape, "force_resample": True,
           "copy_header": True}
     t1 = resample_img(src, interpolation="continuous", **kw)
     nib.Nifti1Image(t1.get_fdata(dtype=np.float32), affine).to_filename(t1_path)
     m = resample_img(msk, interpolation="nearest", **kw)
     nib.Nifti1Image((m.get_fdata() > 0.5).astype(np.uint8), affine).to_filename(mask_path)
     return t1_path, mask_path
+
+
+def template_2mm(shared: Path, folder: Path) -> tuple[Path, Path]:
+    """The MNI152NLin6Asym template and mask at 2 mm (91×109×91); see :func:`mni_template`."""
+    return mni_template(shared, folder, 2)
+
+
+@pytest.fixture(scope="session")
+def template_4mm(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """MNI152NLin6Asym at 4 mm (46×55×46), shared by the prep tests: the registration and
+    every template-space file cost a quarter of 2 mm's, and the QC properties hold on it."""
+    return mni_template(shared_data, tmp_path_factory.mktemp("template_4mm"), 4)

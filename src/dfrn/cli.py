@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local: --jobs processes here (default); ray: one Ray task per subject")
     p.add_argument("--ray-address", default="",
                    help="with --executor ray: empty starts a local Ray; 'auto' or ray://… joins")
+    p.add_argument("--template-space", default=None, metavar="NAME",
+                   help="BIDS space label of --template (default: from a TemplateFlow file "
+                   "name tpl-NAME_…; required otherwise)")
 
     p = sub.add_parser("report", parents=[common],
                        help="write RESULTS/report.html (one self-contained page)")
@@ -240,16 +243,16 @@ def _run(args: argparse.Namespace) -> int:
                 impute=args.impute, tol=args.tol, n_resamples=args.resamples, seed=args.seed,
             )
     elif args.command == "prep":
-        from dfrn.evaluation.executors import make_executor
-        from dfrn.workflows.prep import run_prep
+        from dfrn.workflows.prep import prep_executor, run_prep
 
-        runner = make_executor(args.executor, args.ray_address, cpus_per_task=1.0)
+        runner = prep_executor(args.executor, args.ray_address)
         try:
             run_prep(
                 args.input, args.out, image_column=args.image_column, session=args.session,
                 derivatives=args.from_derivatives, transform=args.transform, seed=args.seed,
                 deterministic=not args.no_deterministic, template=args.template,
-                template_mask=args.template_mask, jobs=args.jobs, dice_min=args.dice_min,
+                template_mask=args.template_mask, template_space=args.template_space,
+                jobs=args.jobs, dice_min=args.dice_min,
                 corr_min=args.corr_min, progress=progress, executor=runner,
             )
         finally:

@@ -218,6 +218,8 @@ class PrepConfig:
     template: str = ""
     """Template T1 (MNI152NLin6Asym 1 mm); empty: TemplateFlow (see dfrn.data.templates)."""
     template_mask: str = ""
+    template_space: str = ""
+    """BIDS space label of ``template``; empty: read from a TemplateFlow name ``tpl-<label>_…``."""
     seed: int = 0
     deterministic: bool = True
     """One ITK thread per subject: the only setting in which ANTs repeats exactly."""
@@ -288,6 +290,8 @@ class StudyConfig:
         d["training"].pop("device", None)
         if "prep" in d:
             d["prep"].pop("jobs", None)
+            if not d["prep"].get("template_space"):  # older runs keep their identity
+                d["prep"].pop("template_space", None)
         d["training"].pop("data", None)
         for key in ("channels_last_3d", "compile"):
             if not d["training"].get(key):

@@ -135,27 +135,20 @@ def test_missing_antspyx_is_one_line(monkeypatch) -> None:
 # ---------------------------------------------------------------- with antspyx
 
 
-@pytest.fixture(scope="module")
-def template_2mm(shared_data: Path, tmp_path_factory) -> tuple[Path, Path]:
-    from conftest import template_2mm as make
-
-    return make(shared_data, tmp_path_factory.mktemp("tpl2"))
-
-
 def _gm_volume(result) -> tuple[float, float, float]:
     vox = float(np.prod(result.gm_template.header.get_zooms()[:3])) / 1000.0
     return (result.metrics["gm_ml"], float(result.gm_template.get_fdata().sum()) * vox,
             float(result.gm_modulated.get_fdata().sum()) * vox)
 
 
-def test_modulation_scales_with_the_cube_of_a_known_zoom(template_2mm, tmp_path: Path) -> None:
+def test_modulation_scales_with_the_cube_of_a_known_zoom(template_4mm, tmp_path: Path) -> None:
     """The template, zoomed by s = 1.1 in every axis, then preprocessed: modulated GM = s³ × the
     template's GM volume (within 3 %); the unmodulated map keeps the template's volume."""
     pytest.importorskip("ants")
     from dfrn.data.prep import preprocess_t1, set_ants_threads
 
     set_ants_threads(True, 1)
-    tpl, mask = template_2mm
+    tpl, mask = template_4mm
     img = nib.load(tpl)
     s = 1.1
     zoomed_affine = img.affine.copy()
@@ -175,3 +168,47 @@ def test_modulation_scales_with_the_cube_of_a_known_zoom(template_2mm, tmp_path:
     np.testing.assert_array_equal(big.gm_modulated.affine, img.affine)
     np.testing.assert_allclose(big.t1_native.affine, nib.as_closest_canonical(
         nib.load(zoomed)).affine)
+
+
+def test_ants_temporary_files_are_removed_on_success_and_failure(template_4mm, tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """ANTsPy leaves Atropos' antsr*prob*.nii.gz (and the Jacobian's field) in the temporary
+    folder: a cohort of 1,000 subjects filled /tmp. They go into a private folder per subject,
+    removed after it, also when the subject fails after ANTs wrote them."""
+    pytest.importorskip("ants")
+    import os
+    import tempfile
+
+    import dfrn.data.prep as prep
+
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(system_tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # so that tempfile reads $TMPDIR again
+    prep.set_ants_threads(True, 1)
+    tpl, mask = template_4mm
+    work = tmp_path / "work"
+    work.mkdir()
+    seen: list[list[str]] = []
+    real_order = prep.order_classes
+
+    def order_and_look(*args, **kwargs):  # runs just after Atropos wrote its files
+        seen.append(sorted(p.name for p in Path(tempfile.gettempdir()).iterdir()))
+        return real_order(*args, **kwargs)
+
+    monkeypatch.setattr(prep, "order_classes", order_and_look)
+    prep.preprocess_t1(tpl, tpl, mask, PrepParams("affine", 0), work, "template")
+    assert any("prob01" in name for name in seen[0]), seen  # ANTs did write them, privately
+    assert list(system_tmp.iterdir()) == []
+    assert tempfile.gettempdir() == str(system_tmp) and os.environ["TMPDIR"] == str(system_tmp)
+
+    def order_and_fail(*args, **kwargs):
+        order_and_look(*args, **kwargs)
+        raise RuntimeError("segmentation failed")
+
+    monkeypatch.setattr(prep, "order_classes", order_and_fail)
+    with pytest.raises(RuntimeError, match="segmentation failed"):
+        prep.preprocess_t1(tpl, tpl, mask, PrepParams("affine", 0), work, "template")
+    assert any("prob01" in name for name in seen[1]), seen
+    assert list(system_tmp.iterdir()) == []
+    assert not [p for p in work.iterdir() if p.name.startswith("ants-")]

@@ -1,11 +1,12 @@
 """Read fMRIPrep / sMRIPrep derivatives: template-space T1, brain mask and GM probability.
 
 For each participant (and session) the files are found with a documented glob, under
-``<root>/sub-<l>/[ses-<l>/]anat/``::
+``<root>/sub-<l>/[ses-<l>/]anat/``, in the template's space (``MNI152NLin6Asym`` unless
+``dfrn prep`` was given another template and ``--template-space``)::
 
-    sub-<l>[_ses-<l>][_*]_space-MNI152NLin6Asym[_res-<r>]_desc-preproc_T1w.nii[.gz]
-    sub-<l>[_ses-<l>][_*]_space-MNI152NLin6Asym[_res-<r>]_desc-brain_mask.nii[.gz]
-    sub-<l>[_ses-<l>][_*]_space-MNI152NLin6Asym[_res-<r>]_label-GM_probseg.nii[.gz]
+    sub-<l>[_ses-<l>][_*]_space-<space>[_res-<r>]_desc-preproc_T1w.nii[.gz]
+    sub-<l>[_ses-<l>][_*]_space-<space>[_res-<r>]_desc-brain_mask.nii[.gz]
+    sub-<l>[_ses-<l>][_*]_space-<space>[_res-<r>]_label-GM_probseg.nii[.gz]
 
 When several resolutions exist, ``res-1`` (or no ``res`` entity) is preferred, then the
 finest. Images whose grid differs from the template's are resampled by **world coordinates**
@@ -59,8 +60,11 @@ def _res_key(path: Path) -> tuple[int, float]:
 
 
 def find_derivative_images(root: str | Path, participant_id: str,
-                           session: str | None = None) -> DerivativeImages:
+                           session: str | None = None,
+                           space: str = TEMPLATE_SPACE) -> DerivativeImages:
     """Find one participant's template-space T1, brain mask and GM probability map.
+
+    ``space`` is the BIDS ``space-`` label of the images (the registration template's).
 
     Raises
     ------
@@ -74,15 +78,16 @@ def find_derivative_images(root: str | Path, participant_id: str,
         raise DfrnInputError(f"participant {participant_id}: no folder {base} in the derivatives")
     found: dict[str, Path] = {}
     for kind, suffix in _KINDS.items():
-        pattern = f"{sub}*_space-{TEMPLATE_SPACE}*_{suffix}.nii*"
+        pattern = f"{sub}*_space-{space}*_{suffix}.nii*"
         hits = sorted(set(base.glob(f"anat/{pattern}")) | set(base.glob(f"ses-*/anat/{pattern}")))
-        hits = [h for h in hits if h.name.endswith((".nii", ".nii.gz"))]
+        hits = [h for h in hits if h.name.endswith((".nii", ".nii.gz"))
+                and f"_space-{space}_" in h.name]
         if session:
             hits = [h for h in hits if f"_ses-{session}_" in h.name]
         if not hits:
             raise DfrnInputError(
                 f"participant {participant_id}: no {pattern} under {base} (fMRIPrep with "
-                f"--output-spaces {TEMPLATE_SPACE} writes it)"
+                f"--output-spaces {space} writes it)"
             )
         best = min(_res_key(h) for h in hits)
         hits = [h for h in hits if _res_key(h) == best]

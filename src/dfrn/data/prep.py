@@ -16,6 +16,11 @@ Steps, per subject (:func:`preprocess_t1`):
    the composed displacement field. Its sum × the template's voxel volume is the subject's
    native GM volume.
 
+Temporary files: ANTsPy writes some intermediates (Atropos' probability images, the
+Jacobian's field) to the system's temporary folder and leaves them there. Each subject's ANTs
+work runs with a private temporary folder (:func:`_private_tempdir`) that is removed
+afterwards, on failure too.
+
 Reproducibility: ANTs registration is only repeatable single-threaded (two-thread runs of the
 same seed differ), so :func:`ants_environment` sets ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``
 to 1 in deterministic mode; the sampling seed is fixed with ``random_seed``. ANTs takes a
@@ -32,7 +37,8 @@ import inspect
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,6 +189,31 @@ def order_classes(intensity: np.ndarray, labels: np.ndarray, n: int = 3) -> np.n
     return np.argsort(means, kind="stable") + 1
 
 
+@contextmanager
+def _private_tempdir(parent: str | Path) -> Iterator[Path]:
+    """A fresh folder in ``parent`` as this process' temporary folder, removed on exit.
+
+    ANTsPy names its intermediate files with :func:`tempfile.mktemp` and
+    :class:`tempfile.NamedTemporaryFile` (``delete=False``) and never removes some of them;
+    within this context they go into the private folder (``tempfile.tempdir`` and
+    ``$TMPDIR`` point there), which is deleted however the block ends. Both settings are
+    restored afterwards.
+    """
+    saved_tempdir, saved_env = tempfile.tempdir, os.environ.get("TMPDIR")
+    with tempfile.TemporaryDirectory(prefix="ants-", dir=parent,
+                                     ignore_cleanup_errors=True) as private:
+        tempfile.tempdir = private
+        os.environ["TMPDIR"] = private
+        try:
+            yield Path(private)
+        finally:
+            tempfile.tempdir = saved_tempdir
+            if saved_env is None:
+                os.environ.pop("TMPDIR", None)
+            else:
+                os.environ["TMPDIR"] = saved_env
+
+
 def _checked_call(fn: Callable[..., Any], cli_options: tuple[str, ...] = (), **kwargs: Any) -> Any:
     """Call an ANTsPy function after checking that each keyword is a named parameter.
 
@@ -285,7 +316,8 @@ def preprocess_t1(
     params : PrepParams
         Transform and seed.
     workdir : str or Path
-        Folder for ANTs' transform files (the caller renames them into place).
+        Folder for ANTs' transform files (the caller renames them into place) and for the
+        private temporary folder of ANTs' intermediates (removed before returning).
     label : str
         Subject label for error messages.
 
@@ -294,11 +326,17 @@ def preprocess_t1(
     PrepResult
     """
     ants = require_ants()
+    with _private_tempdir(workdir):
+        return _preprocess(ants, t1, template_t1, template_mask, params, Path(workdir), label)
+
+
+def _preprocess(ants: Any, t1: str | Path, template_t1: str | Path, template_mask: str | Path,
+                params: PrepParams, workdir: Path, label: str) -> PrepResult:
+    """The steps of :func:`preprocess_t1`, in the temporary folder it sets."""
     # Atropos (the k-means segmentation) seeds its random numbers from this variable, and
     # from the clock without it
     os.environ["ANTS_RANDOM_SEED"] = str(params.ants_seed)
     start = time.perf_counter()
-    workdir = Path(workdir)
     native = check_t1(t1, label)
     tpl_nib = nib.load(template_t1)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:

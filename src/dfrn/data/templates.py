@@ -1,16 +1,24 @@
 """Where the registration template and its brain mask come from.
 
 ``dfrn prep`` registers every T1 to **MNI152NLin6Asym at 1 mm** (the FSL grid,
-182×218×182). The template is looked up in this order, with no download unless the
-``templateflow`` package is installed and its server can be reached:
+182×218×182) unless it is given another template. The template is looked up in this order,
+offline routes first, with no download unless both offline routes fail and the
+``templateflow`` package (installed by the ``[prep]`` extra) can reach its server:
 
 1. explicit paths (``dfrn prep --template PATH --template-mask PATH`` or ``[prep] template``
    and ``template_mask``);
 2. a TemplateFlow cache on disk: ``$TEMPLATEFLOW_HOME`` (default ``~/.cache/templateflow``)
    holding ``tpl-MNI152NLin6Asym/tpl-MNI152NLin6Asym_res-01_T1w.nii.gz`` and
-   ``…_res-01_desc-brain_mask.nii.gz``; read straight from disk, offline;
-3. ``templateflow.api.get`` when the ``templateflow`` package is installed (it downloads the
-   two files into that cache the first time, then works offline).
+   ``…_res-01_desc-brain_mask.nii.gz``; read straight from disk, offline (the empty
+   placeholder files that ``templateflow`` puts in a new cache do not count);
+3. ``templateflow.api.get`` (it downloads the two files into that cache the first time, then
+   works offline).
+
+**Space label.** The outputs are named ``space-<label>`` (BIDS). Routes 2 and 3 are
+MNI152NLin6Asym. For explicit paths, the label is ``--template-space NAME`` (``[prep]
+template_space``), or else it is read from a TemplateFlow file name ``tpl-<label>_…``; a
+template that has neither is refused, so that no other template is ever called
+MNI152NLin6Asym.
 
 Anything else is a one-line error that says how to provide the files. dfrn ships no
 template: the files are 11 MB and carry their own licence.
@@ -23,7 +31,8 @@ MNI152NLin6Asym files differ in the sign of the x axis and in the origin
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -43,6 +52,8 @@ __all__ = [
 TEMPLATE_SPACE = "MNI152NLin6Asym"
 _TPL_T1 = "tpl-MNI152NLin6Asym_res-01_T1w.nii.gz"
 _TPL_MASK = "tpl-MNI152NLin6Asym_res-01_desc-brain_mask.nii.gz"
+_SPACE_LABEL = re.compile(r"[A-Za-z0-9]+")
+_TPL_NAME = re.compile(r"tpl-([A-Za-z0-9]+)_")
 
 
 @dataclass(frozen=True)
@@ -57,11 +68,15 @@ class Template:
         Binary brain mask on the template's grid.
     source : str
         ``"paths"``, ``"templateflow-cache"`` or ``"templateflow"``.
+    space : str
+        The BIDS ``space-`` label of the outputs (``MNI152NLin6Asym`` unless another
+        template was given).
     """
 
     t1: Path
     mask: Path
     source: str
+    space: str = TEMPLATE_SPACE
 
     @property
     def resolution_mm(self) -> float:
@@ -94,6 +109,40 @@ def same_world_grid(a: nib.spatialimages.SpatialImage, b: nib.spatialimages.Spat
     return bool(np.allclose(corners(a), corners(b), atol=atol))
 
 
+def _check_space_label(space: str) -> str:
+    """``space`` when it is a BIDS label (letters and digits only); else a one-line error."""
+    if not _SPACE_LABEL.fullmatch(str(space)):
+        raise DfrnInputError(
+            f"--template-space ([prep] template_space) {space!r} is not a BIDS label: use "
+            "letters and digits only (e.g. MNI152NLin2009cAsym)"
+        )
+    return str(space)
+
+
+def _space_of(t1: Path, space: str | None) -> str:
+    """The space label of an explicit template: given, or read from ``tpl-<label>_…``."""
+    found = _TPL_NAME.match(t1.name)
+    if space:
+        _check_space_label(space)
+        if found and found.group(1) != space:
+            raise DfrnInputError(
+                f"--template {t1.name} is TemplateFlow's {found.group(1)}, but --template-space "
+                f"is {space}: give the space of that template"
+            )
+        return space
+    if found:
+        return found.group(1)
+    raise DfrnInputError(
+        f"--template {t1.name}: name its space with --template-space NAME ([prep] "
+        "template_space), e.g. MNI152NLin6Asym; it is not a TemplateFlow file (tpl-<space>_…)"
+    )
+
+
+def _cached(path: Path) -> bool:
+    """A file of the TemplateFlow cache (not the empty placeholder of an unfetched one)."""
+    return path.is_file() and path.stat().st_size > 0
+
+
 def _check_pair(t1: Path, mask: Path, source: str) -> Template:
     for p, what in ((t1, "template"), (mask, "template mask")):
         if not p.is_file():
@@ -115,19 +164,24 @@ def _check_pair(t1: Path, mask: Path, source: str) -> Template:
 
 
 def resolve_template(template: str | Path | None = None,
-                     template_mask: str | Path | None = None) -> Template:
-    """Find the MNI152NLin6Asym 1 mm template and brain mask (see the module docstring).
+                     template_mask: str | Path | None = None,
+                     space: str | None = None) -> Template:
+    """Find the template and its brain mask (see the module docstring).
 
     Parameters
     ----------
     template, template_mask : str or Path, optional
         Explicit files. Give both or neither.
+    space : str, optional
+        The BIDS space label of explicit files (required unless the template's file name is
+        TemplateFlow's ``tpl-<label>_…``). Without files it may only be MNI152NLin6Asym.
 
     Raises
     ------
     DfrnInputError
         When only one path is given, a file is missing or unreadable, the mask is off the
-        template's grid, or no template can be found.
+        template's grid, the space label is missing, malformed or contradicts the file
+        name, or no template can be found.
     """
     if bool(template) != bool(template_mask):
         raise DfrnInputError(
@@ -135,9 +189,17 @@ def resolve_template(template: str | Path | None = None,
             "or neither to use MNI152NLin6Asym from TemplateFlow"
         )
     if template and template_mask:
-        return _check_pair(Path(template).expanduser(), Path(template_mask).expanduser(), "paths")
+        t1 = Path(template).expanduser()
+        found = _check_pair(t1, Path(template_mask).expanduser(), "paths")
+        return replace(found, space=_space_of(t1, space))
+    if space and space != TEMPLATE_SPACE:
+        _check_space_label(space)
+        raise DfrnInputError(
+            f"--template-space {space}: without --template, dfrn prep uses {TEMPLATE_SPACE} "
+            f"from TemplateFlow; give --template PATH --template-mask PATH of {space}"
+        )
     folder = templateflow_home() / "tpl-MNI152NLin6Asym"
-    if (folder / _TPL_T1).is_file() and (folder / _TPL_MASK).is_file():
+    if _cached(folder / _TPL_T1) and _cached(folder / _TPL_MASK):
         return _check_pair(folder / _TPL_T1, folder / _TPL_MASK, "templateflow-cache")
     try:
         from templateflow import api as tflow  # type: ignore[import-not-found]
@@ -156,5 +218,6 @@ def resolve_template(template: str | Path | None = None,
             return _check_pair(Path(t1), Path(mask), "templateflow")
     raise DfrnInputError(
         f"no MNI152NLin6Asym template found: pass --template PATH --template-mask PATH, put "
-        f"{_TPL_T1} and {_TPL_MASK} in {folder}, or pip install templateflow (downloads once)"
+        f"{_TPL_T1} and {_TPL_MASK} in {folder}, or pip install 'dfrn[prep]' (its templateflow "
+        "downloads them once)"
     )

@@ -5,19 +5,24 @@ Output layout (``OUT``)::
     dataset_description.json        DatasetType "derivative", GeneratedBy dfrn <version>
     prep.json                       the settings that make the outputs (refused if they differ)
     qc.tsv                          participant_id, dice, corr, gm_ml, runtime_s, status, note …
-    cohort.tsv                      the input table's columns + t1, gm, gm_unmodulated, mask,
-                                    prep_status: usable as [cohort] table by dfrn run
+    cohort.tsv                      participant_id, the input table's other columns as they
+                                    are (less the image column), source_t1 (absolute path of
+                                    the scan), t1, gm, gm_unmodulated, mask (preprocessed,
+                                    relative paths), prep_status: usable as [cohort] table
     desc-dseg.tsv                   the segmentation's labels (1 CSF, 2 GM, 3 WM)
     sub-<l>[/ses-<l>]/
         manifest.json, qc.json      size and SHA-256 of every file; the subject's QC row
-        anat/sub-<l>[_ses-<l>]_space-MNI152NLin6Asym_res-1_desc-preproc_T1w.nii.gz
-             …_space-MNI152NLin6Asym_res-1_desc-brain_mask.nii.gz
-             …_space-MNI152NLin6Asym_res-1_label-GM_probseg.nii.gz
-             …_space-MNI152NLin6Asym_res-1_label-GM_desc-modulated_probseg.nii.gz
+        anat/sub-<l>[_ses-<l>]_space-<S>_res-<r>_desc-preproc_T1w.nii.gz
+             …_space-<S>_res-<r>_desc-brain_mask.nii.gz
+             …_space-<S>_res-<r>_label-GM_probseg.nii.gz
+             …_space-<S>_res-<r>_label-GM_desc-modulated_probseg.nii.gz
              …_desc-preproc_T1w.nii.gz, …_desc-brain_mask.nii.gz, …_dseg.nii.gz (native, RAS)
-             …_from-T1w_to-MNI152NLin6Asym_mode-image_xfm.mat (+ desc-warp_xfm.nii.gz and
+             …_from-T1w_to-<S>_mode-image_xfm.mat (+ desc-warp_xfm.nii.gz and
              the inverse warp for SyN)
-        figures/…_space-MNI152NLin6Asym_desc-qc_T1w.png
+        figures/…_space-<S>_desc-qc_T1w.png
+
+``<S>`` is the template's space label (MNI152NLin6Asym by default; see
+:mod:`dfrn.data.templates`), ``<r>`` its voxel size in mm.
 
 Each subject is an independent task in its own process (``jobs`` at a time), or a Ray task
 with ``--executor ray`` (the output folder must then be on storage every worker sees). Its files are
@@ -51,9 +56,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dfrn.data.templates import TEMPLATE_SPACE, Template, resolve_template
+from dfrn.data.templates import Template, resolve_template
 from dfrn.errors import DfrnInputError, PrepFailedError, ResultsFolderError
-from dfrn.evaluation.executors import Executor
+from dfrn.evaluation.executors import Executor, make_executor
 from dfrn.io import (
     atomic_write_json,
     atomic_write_text,
@@ -80,6 +85,8 @@ QC_COLUMNS = (
     "note",
     "t1_mean_csf", "t1_mean_gm", "t1_mean_wm",
 )
+#: Columns that ``cohort.tsv`` adds after the input table's own (the image column excepted).
+COHORT_COLUMNS = ("source_t1", "t1", "gm", "gm_unmodulated", "mask", "prep_status")
 #: Plausible share of GM in the brain mask; outside it the segmentation is flagged.
 GM_FRACTION = (0.2, 0.7)
 _TMP_PREFIX = "prep-"
@@ -156,6 +163,7 @@ def plan_prep_subjects(
     image_column: str = "t1",
     session: str | None = None,
     derivatives: str | Path | None = None,
+    space: str = "MNI152NLin6Asym",
 ) -> tuple[pd.DataFrame, list[PrepSubject]]:
     """The participants table and one :class:`PrepSubject` per participant.
 
@@ -171,6 +179,8 @@ def plan_prep_subjects(
         BIDS session label to use when subjects have several.
     derivatives : str or Path, optional
         An fMRIPrep/sMRIPrep derivatives root to take template-space images from.
+    space : str
+        The template's space label: the ``space-`` entity of the derivatives' images.
     """
     from dfrn.data.cohort import find_bids_t1, read_table
     from dfrn.data.derivatives import find_derivative_images
@@ -211,6 +221,7 @@ def plan_prep_subjects(
                 )
         else:
             raise DfrnInputError(f"dfrn prep input not found: {src}")
+    _check_table_columns(table, image_column, Path(source) if source is not None else deriv)
     subjects: list[PrepSubject] = []
     labels: dict[str, str] = {}
     for pid in table.index:
@@ -222,7 +233,7 @@ def plan_prep_subjects(
         labels[label] = str(pid)
         ses = session or ""
         if deriv is not None:
-            imgs = find_derivative_images(deriv, str(pid), session)
+            imgs = find_derivative_images(deriv, str(pid), session, space)
             found = re.search(r"_ses-([A-Za-z0-9]+)_", imgs.t1.name)
             subjects.append(PrepSubject(str(pid), label, found.group(1) if found else ses, None,
                                         {"t1": imgs.t1, "mask": imgs.mask, "gm": imgs.gm}))
@@ -255,6 +266,7 @@ def _source_digest(subject: PrepSubject) -> str:
 
 def _identity(kind: str, transform: str, seed: int, deterministic: bool,
               template: Template) -> dict[str, Any]:
+    """The settings that make a prep folder's outputs; another run into it must match."""
     return {
         "kind": kind,
         "transform": transform if kind == "raw" else None,
@@ -262,7 +274,7 @@ def _identity(kind: str, transform: str, seed: int, deterministic: bool,
         "deterministic": deterministic if kind == "raw" else None,
         "template_sha256": file_digest(template.t1),
         "template_mask_sha256": file_digest(template.mask),
-        "space": TEMPLATE_SPACE,
+        "space": template.space,
     }
 
 
@@ -296,8 +308,9 @@ def _res_entity(mm: float) -> str:
     return f"res-{mm:g}".replace(".", "p")
 
 
-def _names(subject: PrepSubject, res: str) -> dict[str, str]:
-    s, space = subject.stem, f"space-{TEMPLATE_SPACE}_{res}"
+def _names(subject: PrepSubject, res: str, tpl: str) -> dict[str, str]:
+    """File names of a subject's outputs, relative to its folder (``tpl``: the space label)."""
+    s, space = subject.stem, f"space-{tpl}_{res}"
     return {
         "t1": f"anat/{s}_{space}_desc-preproc_T1w.nii.gz",
         "mask": f"anat/{s}_{space}_desc-brain_mask.nii.gz",
@@ -306,10 +319,10 @@ def _names(subject: PrepSubject, res: str) -> dict[str, str]:
         "t1_native": f"anat/{s}_desc-preproc_T1w.nii.gz",
         "mask_native": f"anat/{s}_desc-brain_mask.nii.gz",
         "dseg_native": f"anat/{s}_dseg.nii.gz",
-        "affine": f"anat/{s}_from-T1w_to-{TEMPLATE_SPACE}_mode-image_xfm.mat",
-        "warp": f"anat/{s}_from-T1w_to-{TEMPLATE_SPACE}_mode-image_desc-warp_xfm.nii.gz",
-        "inverse_warp": f"anat/{s}_from-{TEMPLATE_SPACE}_to-T1w_mode-image_desc-warp_xfm.nii.gz",
-        "qc_png": f"figures/{s}_space-{TEMPLATE_SPACE}_desc-qc_T1w.png",
+        "affine": f"anat/{s}_from-T1w_to-{tpl}_mode-image_xfm.mat",
+        "warp": f"anat/{s}_from-T1w_to-{tpl}_mode-image_desc-warp_xfm.nii.gz",
+        "inverse_warp": f"anat/{s}_from-{tpl}_to-T1w_mode-image_desc-warp_xfm.nii.gz",
+        "qc_png": f"figures/{s}_space-{tpl}_desc-qc_T1w.png",
     }
 
 
@@ -335,7 +348,7 @@ def _process_subject(job: dict[str, Any]) -> dict[str, Any]:
 
     subject: PrepSubject = job["subject"]
     out = Path(job["out"])
-    names = _names(subject, job["res"])
+    names = _names(subject, job["res"], job["space"])
     start = time.perf_counter()
     tmp = make_temp_dir(out, _TMP_PREFIX + subject.stem)
     try:
@@ -460,6 +473,7 @@ def run_prep(
     deterministic: bool = True,
     template: str | Path | None = None,
     template_mask: str | Path | None = None,
+    template_space: str | None = None,
     jobs: int = 1,
     dice_min: float = 0.90,
     corr_min: float = 0.40,
@@ -482,6 +496,9 @@ def run_prep(
         thread per subject.
     template, template_mask : str or Path, optional
         See :func:`dfrn.data.templates.resolve_template`.
+    template_space : str, optional
+        The BIDS space label of ``template`` (required unless its file name is TemplateFlow's
+        ``tpl-<label>_…``); the outputs are named ``space-<label>``.
     jobs : int
         Subjects preprocessed at once, each in its own process.
     dice_min, corr_min : float
@@ -512,12 +529,12 @@ def run_prep(
         raise ValueError(changed_input)
     kind = "derivatives" if derivatives else "raw"
     params = PrepParams(transform, seed)
-    table, subjects = plan_prep_subjects(source, image_column, session, derivatives)
-    if kind == "raw":
-        require_ants()
-    tpl = resolve_template(template, template_mask)
+    tpl = resolve_template(template, template_mask, template_space)
     identity = _identity(kind, params.transform, params.seed, deterministic, tpl)
     _check_out(out, identity)
+    table, subjects = plan_prep_subjects(source, image_column, session, derivatives, tpl.space)
+    if kind == "raw":
+        require_ants()
     with ResultsLock(out, command="dfrn prep", log=log):
         for stale in out.glob(f".{_TMP_PREFIX}*.tmp"):  # left by a killed run (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
@@ -554,7 +571,8 @@ def run_prep(
         res = _res_entity(tpl.resolution_mm)
         jobs_list = [{
             "subject": s, "out": str(out), "res": res, "template": str(tpl.t1),
-            "template_mask": str(tpl.mask), "transform": params.transform, "seed": params.seed,
+            "template_mask": str(tpl.mask), "space": tpl.space, "transform": params.transform,
+            "seed": params.seed,
             "source_sha256": digests[s.stem],
         } for s in todo]
         threads = max(1, (os.cpu_count() or 1) // min(jobs, max(1, len(todo))))
@@ -575,6 +593,18 @@ def run_prep(
         raise PrepFailedError(summary.failure_message())
     log(f"dfrn prep: {len(summary.qc) - len(summary.failed)} subject(s) in {summary.cohort_table}")
     return summary
+
+
+def prep_executor(kind: str, address: str = "") -> Executor:
+    """The executor of ``dfrn prep --executor KIND --ray-address ADDRESS``, one CPU per subject.
+
+    A Ray that cannot start or be joined is a one-line error naming ``--ray-address``, the
+    option of this command (the study's equivalent is ``[executor] address``).
+    """
+    try:
+        return make_executor(kind, address, cpus_per_task=1.0)
+    except DfrnInputError as exc:
+        raise DfrnInputError(str(exc).replace("[executor] address", "--ray-address")) from None
 
 
 def _stem_of(row: dict[str, Any], subjects: list[PrepSubject]) -> str:
@@ -662,27 +692,39 @@ def _write_tables(out: Path, table: pd.DataFrame, subjects: list[PrepSubject],
         qc_rows.append({c: row.get(c, np.nan) for c in QC_COLUMNS} | {"status": status, "note": note})
         if status == "failed":
             continue
-        files = row.get("files", {})
-        base = (table.loc[s.participant_id].to_dict() if s.participant_id in table.index else {})
-        entry: dict[str, Any] = {"participant_id": s.participant_id}
-        for k, v in base.items():
-            key = f"source_{k}" if k in ("t1", "gm", "gm_unmodulated", "mask", "prep_status") else k
-            if k == image_column and s.t1 is not None:
-                v = str(s.t1)
-            entry[key] = v
-        for key in ("t1", "gm", "gm_unmodulated", "mask"):
-            name = files.get(key) or (files.get("gm_unmodulated") if key == "gm" else None)
-            entry[key] = (s.folder / name).as_posix() if name else ""
-        entry["prep_status"] = status
-        cohort_rows.append(entry)
+        cohort_rows.append(_cohort_row(table, s, row.get("files", {}), status, image_column))
     qc = pd.DataFrame(qc_rows, columns=list(QC_COLUMNS))
     if not any(s.session for s in subjects):
         qc = qc.drop(columns="session")
     atomic_write_tsv(qc, out / "qc.tsv")
-    cohort = pd.DataFrame(cohort_rows)
-    if cohort.empty:
-        cohort = pd.DataFrame(columns=["participant_id", "t1", "gm", "gm_unmodulated", "mask",
-                                       "prep_status"])
-    atomic_write_tsv(cohort, out / "cohort.tsv")
+    columns = ["participant_id", *(c for c in table.columns if c != image_column), *COHORT_COLUMNS]
+    atomic_write_tsv(pd.DataFrame(cohort_rows, columns=columns), out / "cohort.tsv")
     return qc
+
+
+def _cohort_row(table: pd.DataFrame, subject: PrepSubject, files: dict[str, str], status: str,
+                image_column: str) -> dict[str, Any]:
+    """A subject's row of ``cohort.tsv``: the input table's values as they are (less the image
+    column), ``source_t1`` (the absolute path of the image that was preprocessed), then the
+    outputs' paths relative to the prep folder, and ``prep_status``."""
+    entry: dict[str, Any] = {"participant_id": subject.participant_id}
+    if subject.participant_id in table.index:
+        entry |= {k: v for k, v in table.loc[subject.participant_id].items() if k != image_column}
+    source = subject.t1 if subject.derivatives is None else subject.derivatives["t1"]
+    entry["source_t1"] = str(source)
+    for key in ("t1", "gm", "gm_unmodulated", "mask"):
+        name = files.get(key) or (files.get("gm_unmodulated") if key == "gm" else None)
+        entry[key] = (subject.folder / name).as_posix() if name else ""
+    entry["prep_status"] = status
+    return entry
+
+
+def _check_table_columns(table: pd.DataFrame, image_column: str, source: Path | None) -> None:
+    """Refuse a participants table column that ``cohort.tsv`` would overwrite."""
+    taken = [c for c in table.columns if c in COHORT_COLUMNS and c != image_column]
+    if taken:
+        raise DfrnInputError(
+            f"column {taken[0]!r} of the participants table ({source}) has the name of a dfrn prep output column "
+            f"({', '.join(COHORT_COLUMNS)}); rename it"
+        )
 

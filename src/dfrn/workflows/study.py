@@ -139,7 +139,8 @@ def run_study_prep(cfg: StudyConfig, out: Path, progress: bool, log: Callable[[s
         c.table or c.bids, ResultsFolder(out).prep, image_column=c.image_column,
         session=c.session or None, derivatives=c.derivatives or None, transform=p.transform,
         seed=p.seed, deterministic=p.deterministic, template=p.template or None,
-        template_mask=p.template_mask or None, jobs=p.jobs, dice_min=p.dice_min,
+        template_mask=p.template_mask or None, template_space=p.template_space or None,
+        jobs=p.jobs, dice_min=p.dice_min,
         corr_min=p.corr_min, progress=progress, log=log,
         changed_input="refuse" if resumed else "rerun", executor=executor,
     )
