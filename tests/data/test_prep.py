@@ -212,3 +212,14 @@ def test_ants_temporary_files_are_removed_on_success_and_failure(template_4mm, t
     assert any("prob01" in name for name in seen[1]), seen
     assert list(system_tmp.iterdir()) == []
     assert not [p for p in work.iterdir() if p.name.startswith("ants-")]
+
+
+def test_a_folder_as_scan_path_is_called_a_folder(tmp_path: Path) -> None:
+    from dfrn.workflows.prep import plan_prep_subjects
+
+    (tmp_path / "scans").mkdir()
+    table = tmp_path / "participants.tsv"
+    table.write_text("participant_id\tt1\nsub-01\tscans\n")
+    with pytest.raises(DfrnInputError, match=r"^participant sub-01: column 't1' names a folder, "
+                       r"not a NIfTI file: .*scans$"):
+        plan_prep_subjects(table)

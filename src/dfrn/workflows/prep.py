@@ -249,6 +249,10 @@ def plan_prep_subjects(
             t1 = Path(str(value).strip())
             assert base is not None
             t1 = t1 if t1.is_absolute() else base / t1
+        if t1.is_dir():
+            raise DfrnInputError(
+                f"participant {pid}: column {image_column!r} names a folder, not a NIfTI file: {t1}"
+            )
         if not t1.is_file():
             raise DfrnInputError(f"participant {pid}: image file not found: {t1}")
         subjects.append(PrepSubject(str(pid), label, ses, t1.resolve()))
