@@ -199,3 +199,88 @@ def test_killed_driver_resumes_identically(tiny_cohort, local_run, tmp_path) -> 
     assert "already finished, skipped" in again.stdout
     _assert_tasks_intact(out)
     _assert_same(_predictions(out), _predictions(local_run))
+
+
+def _ray_cli(cfg: Path, out: Path, marker: str, ray_tmp: str) -> tuple[list[str], dict]:
+    env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "DFRN_TEST_RAY": marker,
+           "RAY_TMPDIR": ray_tmp}
+    cmd = [sys.executable, "-c", "import sys; from dfrn.cli import main; sys.exit(main())",
+           "run", str(cfg), "--out", str(out), "--no-progress", "--executor", "ray"]
+    return cmd, env
+
+
+def test_a_request_no_node_can_hold_fails_fast_with_one_line(tiny_cohort, tmp_path) -> None:
+    """Issue 17.18: 1 CPU in the local Ray, 2 asked per task. It used to hang for ever."""
+    cfg = tmp_path / "study.toml"
+    cfg.write_text(_config(tiny_cohort, num_cpus=1, cpus_per_task=2).to_toml())
+    marker, ray_tmp = uuid.uuid4().hex, tempfile.mkdtemp(prefix="dfrnray", dir="/tmp")
+    cmd, env = _ray_cli(cfg, tmp_path / "res", marker, ray_tmp)
+    try:  # a hang fails the test here, after 60 s
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    finally:
+        _kill_marked(marker)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "cpus_per_task = 2 but the largest Ray node has 1 CPU" in lines[0]
+    assert "cluster: 1 node(s), 1 CPU" in lines[0]
+    assert not (tmp_path / "res/cv/tasks").is_dir() or not any((tmp_path / "res/cv/tasks").iterdir())
+
+
+def test_a_waiting_task_is_logged(monkeypatch) -> None:
+    """A wait with no finished task is logged with what is asked and what is free."""
+    from dfrn.evaluation.executors import RayExecutor
+
+    monkeypatch.setattr(RayExecutor, "pending_log_s", 0.2)
+    runner = RayExecutor(num_cpus=1, cpus_per_task=1)
+    try:
+        with pytest.warns(UserWarning, match=r"Ray: no task finished for \d+ minutes; 1 task\(s\) "
+                          r"still pending or running, each asking for 1 CPU and 0 GPU "
+                          r"\(cluster: 1 node\(s\), \d CPU \(\d free\)"):
+            keys = list(runner.map(lambda seconds, item: (time.sleep(seconds), item)[1], 0.6,
+                                   ["a"]))
+    finally:
+        runner.close()
+    assert keys == ["a"]
+
+
+def test_sigterm_to_a_ray_run_is_a_clean_143(tiny_cohort, tmp_path) -> None:
+    """Issue 17.19: one dfrn line and exit 143, no stack trace from Ray's C++ core."""
+    cfg = tmp_path / "study.toml"
+    cfg.write_text(_config(tiny_cohort).to_toml())
+    out = tmp_path / "res"
+    marker, ray_tmp = uuid.uuid4().hex, tempfile.mkdtemp(prefix="dfrnray", dir="/tmp")
+    cmd, env = _ray_cli(cfg, out, marker, ray_tmp)
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=env, start_new_session=True)
+    try:
+        end = time.monotonic() + DEADLINE
+        while not _in_task_workers_of(marker):  # a task is under way
+            if run.poll() is not None:
+                pytest.fail(f"driver ended (rc {run.returncode}) early: {run.communicate()}")
+            assert time.monotonic() < end, "no Ray task started"
+            time.sleep(0.05)
+        os.kill(run.pid, signal.SIGTERM)
+        _, err = run.communicate(timeout=DEADLINE)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        _kill_marked(marker)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert run.returncode == 143, err
+    lines = err.strip().splitlines()
+    assert lines == ["dfrn: terminated; rerun the same command to resume"], err
+    assert not (out / "cv/predictions.tsv").exists()
+
+
+def _in_task_workers_of(marker: str) -> list[psutil.Process]:
+    found = []
+    for p in _in_task_workers():
+        try:
+            if p.environ().get("DFRN_TEST_RAY") == marker:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
