@@ -125,6 +125,16 @@ def test_report_in_a_real_browser(report: Path, tmp_path: Path) -> None:
         """)
         assert drawn > 1000, drawn  # the viewer drew the brain, not a blank canvas
         driver.switch_to.default_content()
+        # issue 17.22: each viewer's frame holds its content, with no scroll bar
+        fits = driver.execute_script("""
+            return [...document.querySelectorAll('iframe.viewer')].map(f => {
+              const d = f.contentDocument.documentElement;
+              return [d.scrollWidth, f.clientWidth, d.scrollHeight, f.clientHeight];
+            });
+        """)
+        assert len(fits) == 2
+        for sw, cw, sh, ch in fits:
+            assert sw <= cw and sh <= ch, fits
         height = driver.execute_script("return document.body.scrollHeight")
         driver.set_window_size(1200, min(int(height) + 100, 16000))
         out = Path(os.environ.get("DFRN_ARTIFACTS", tmp_path))
@@ -133,3 +143,38 @@ def test_report_in_a_real_browser(report: Path, tmp_path: Path) -> None:
         assert (out / "report.png").stat().st_size > 10_000
     finally:
         driver.quit()
+
+
+def test_p_values_and_one_repeat_sds_are_printed_honestly(report: Path) -> None:
+    """Issue 17.20-21: no p of "0.0", no sd of "0.0" from a single repeat."""
+    from dfrn.evaluation.metrics import format_p, format_sd
+
+    assert format_p(0.0) == "< 1e-300" and format_p(1.7e-19) == "1.7e-19"
+    assert format_p(0.0123) == "0.012" and format_sd(float("nan")) == "—"
+    text = report.read_text(encoding="utf-8")
+    cells = re.findall(r"<td>([^<]*)</td>", text)
+    ridge = text.split('id="ridge"', 1)[1].split("<h2", 1)[0]
+    assert "<td>—</td>" in ridge  # one repeat: dfrn_sd and ridge_sd are undefined
+    assert not re.search(r"<td>0\.0</td>", ridge)
+    perm = text.split('id="permutation"', 1)[1].split("<h2", 1)[0]
+    assert "<td>0.0</td>" not in perm and "<td>0</td>" not in perm
+    assert cells
+
+
+def test_p_columns_keep_tiny_values(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from dfrn.workflows.report import _frame
+
+    html = _frame(pd.DataFrame({"factor": ["a", "b"], "r": [0.9, 0.1], "p_parametric": [1.7e-19, 0.0],
+                                "p_permutation": [0.001, 0.5], "dfrn_sd": [float("nan"), 0.05]}))
+    assert "1.7e-19" in html and "&lt; 1e-300" in html and "0.001" in html
+    assert "<td>—</td>" in html and "<td>0.05</td>" in html
+
+
+def test_methods_name_the_baseline_column_neutrally(report: Path) -> None:
+    """Issue 17.23: the ROI features are sums of the [cohort] gm_column maps, not 'gray matter'."""
+    text = report.read_text(encoding="utf-8")
+    methods = text.split('id="methods"', 1)[1]
+    assert "atlas-region sums of the &#39;gm&#39; maps (ml)" in methods
+    assert "gray-matter" not in methods

@@ -28,6 +28,8 @@ _EXPORTS: dict[str, str] = {
     "compute_metrics": "metrics",
     "cross_validate_ridge": "ridge_cv",
     "format_r_p": "metrics",
+    "format_p": "metrics",
+    "format_sd": "metrics",
     "iter_splits": "folds",
     "make_executor": "executors",
     "make_fold_plan": "folds",

@@ -24,6 +24,8 @@ __all__ = [
     "compute_metrics",
     "table1",
     "format_r_p",
+    "format_p",
+    "format_sd",
     "mean_r",
 ]
 
@@ -68,12 +70,28 @@ def compute_metrics(predictions: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def format_p(p: float) -> str:
+    """A p-value as Table 1 prints it: ``0.012``, ``1.7e-19``, or ``< 1e-300`` for 0.
+
+    A parametric p of exactly 0 is below the smallest double, not zero.
+    """
+    if not np.isfinite(p):
+        return "—"
+    if p == 0.0:
+        return "< 1e-300"
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def format_sd(sd: float) -> str:
+    """A standard deviation over repeats, ``—`` when undefined (one repeat)."""
+    return f"{sd:.2f}" if np.isfinite(sd) else "—"
+
+
 def format_r_p(r: float, p: float) -> str:
     """Format a correlation and its p-value as in the paper: ``0.23 (0.012)``."""
     if not np.isfinite(r):
         return "nan"
-    p_txt = f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
-    return f"{r:.2f} ({p_txt})"
+    return f"{r:.2f} ({format_p(p)})"
 
 
 def table1(metrics: pd.DataFrame) -> pd.DataFrame:
@@ -93,7 +111,7 @@ def table1(metrics: pd.DataFrame) -> pd.DataFrame:
     summary = {"repeat": "mean ± sd"}
     means = mean_r(metrics)
     for f in factors:
-        summary[f] = f"{means.at[f, 'mean_r']:.2f} ± {means.at[f, 'sd_r']:.2f}"
+        summary[f] = f"{means.at[f, 'mean_r']:.2f} ± {format_sd(means.at[f, 'sd_r'])}"
     rows.append(summary)
     return pd.DataFrame(rows, columns=["repeat", *factors])
 
@@ -112,7 +130,7 @@ def mean_r(metrics: pd.DataFrame) -> pd.DataFrame:
     Returns
     -------
     DataFrame
-        Indexed by factor, with ``mean_r``, ``sd_r`` (ddof 1; 0 with one repeat), ``n_repeats``
+        Indexed by factor, with ``mean_r``, ``sd_r`` (ddof 1; NaN with one repeat: undefined), ``n_repeats``
         and ``n`` (subjects in the first repeat).
     """
     factors = list(dict.fromkeys(metrics["factor"]))
@@ -125,7 +143,7 @@ def mean_r(metrics: pd.DataFrame) -> pd.DataFrame:
             {
                 "factor": f,
                 "mean_r": float(finite.mean()) if len(finite) else float("nan"),
-                "sd_r": float(finite.std(ddof=1)) if len(finite) > 1 else 0.0,
+                "sd_r": float(finite.std(ddof=1)) if len(finite) > 1 else float("nan"),
                 "n_repeats": len(r),
                 "n": int(g["n"].iloc[0]),
             }

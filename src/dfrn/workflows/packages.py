@@ -171,7 +171,7 @@ def write_model_packages(
                                                                   log),
                 "performance": {
                     "mean_r": float(summary.at[factor, "mean_r"]),
-                    "sd_r": float(summary.at[factor, "sd_r"]),
+                    "sd_r": _finite_or_none(summary.at[factor, "sd_r"]),
                     "n_repeats": int(summary.at[factor, "n_repeats"]),
                     "permutation_p": None if perm is None or factor not in perm.index
                     else float(perm.at[factor, "p_permutation"]),
@@ -203,3 +203,9 @@ def _versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def _finite_or_none(value: float) -> float | None:
+    """A JSON-safe number: None where it is undefined (an sd over one repeat)."""
+    value = float(value)
+    return value if np.isfinite(value) else None

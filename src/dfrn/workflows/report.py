@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from dfrn.errors import DfrnInputError
-from dfrn.evaluation.metrics import mean_r
+from dfrn.evaluation.metrics import format_p, format_sd, mean_r
 from dfrn.io import atomic_write_text
 from dfrn.workflows.results import ResultsFolder
 
@@ -60,15 +60,26 @@ def _table(path: Path, round_to: int | None = 3, max_rows: int | None = None) ->
 
 
 def _frame(df: pd.DataFrame, round_to: int | None = 3) -> str:
+    """An HTML table: p-value columns as Table 1 prints them, sd columns with "—" when
+    undefined, other numbers rounded to ``round_to`` digits."""
+    df = df.copy()
+    for col in df.columns:
+        name = str(col)
+        if name.startswith("p_") or name == "p_value":
+            df[col] = [format_p(float(v)) for v in df[col]]
+        elif name == "sd" or name.endswith("_sd") or name.startswith("sd_"):
+            df[col] = [format_sd(float(v)) for v in df[col]]
     if round_to is not None:
         df = df.round(round_to)
     return df.to_html(index=False, border=0, na_rep="", escape=True)
 
 
+_FRAME_MARGIN = 40  # px around a viewer: the page's body margin and the colour bar's labels
 _NETWORK_LINK = re.compile(r"<link[^>]+href=[\"']https?://[^>]*>", re.IGNORECASE)
 
 
 def _viewer(factor: str, fam: Path, background: Any) -> dict[str, str]:
+    """One factor's offline slice viewer, with the frame size it needs."""
     from nilearn.plotting import view_img
 
     img = nib.load(fam)
@@ -80,7 +91,10 @@ def _viewer(factor: str, fam: Path, background: Any) -> dict[str, str]:
                         cmap="hot", title=f"|FAM| {factor}", black_bg=True)
         page = view.get_standalone()
     page = _NETWORK_LINK.sub("", page)  # nilearn links its favicon from the web
-    return {"factor": factor, "srcdoc": page}
+    # the frame holds the viewer's own size plus the page's margins; the template's onload
+    # grows it to the rendered content, so no scroll bar cuts the slices
+    return {"factor": factor, "srcdoc": page, "width": str(int(view.width) + _FRAME_MARGIN),
+            "height": str(int(view.height) + _FRAME_MARGIN)}
 
 
 def _sanity(path: Path) -> tuple[str | None, str, bool]:
@@ -127,8 +141,9 @@ def _methods(cfg: dict[str, Any], n_subjects: int, factors: list[str]) -> str:
             f"({f['n_factors']} factors, fitted on {'all subjects' if f['fit_on'] == 'all' else 'each training fold'}). "
         )
     if cfg.get("baseline", {}).get("enabled", True):
-        text += ("A ridge regression on atlas gray-matter volumes was evaluated on the same "
-                 "folds, with a permutation test. ")
+        column = c.get("gm_column") or "gm"
+        text += (f"A ridge regression on the atlas-region sums of the '{column}' maps (ml) was "
+                 "evaluated on the same folds, with a permutation test. ")
     if cfg.get("attention", {}).get("enabled", True):
         text += (f"Factor attention maps were computed with {cfg['attention']['method']} and "
                  "checked with the cascading model-randomisation test.")
