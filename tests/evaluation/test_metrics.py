@@ -66,3 +66,15 @@ def test_constant_predictions_give_nan_not_zero() -> None:
 def test_missing_columns_are_a_one_line_error() -> None:
     with pytest.raises(DfrnInputError, match="lacks the column"):
         compute_metrics(_predictions().drop(columns="y_pred"))
+
+
+def test_readable_tables_keep_tiny_p_values_and_undefined_sds() -> None:
+    """The log and the report print p as Table 1 does, never a rounded 0.0."""
+    from dfrn.evaluation.metrics import readable
+
+    df = pd.DataFrame({"factor": ["a", "b"], "r": [0.91234, 0.1], "p_parametric": [1.7e-19, 0.0],
+                       "p_permutation": [0.0123, 0.5], "sd_r": [float("nan"), 0.051]})
+    got = readable(df, 2)
+    assert list(got["p_parametric"]) == ["1.7e-19", "< 1e-300"]
+    assert list(got["p_permutation"]) == ["0.012", "0.500"]
+    assert list(got["sd_r"]) == ["—", "0.05"] and list(got["r"]) == [0.91, 0.1]

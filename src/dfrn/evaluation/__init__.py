@@ -30,6 +30,7 @@ _EXPORTS: dict[str, str] = {
     "format_r_p": "metrics",
     "format_p": "metrics",
     "format_sd": "metrics",
+    "readable": "metrics",
     "iter_splits": "folds",
     "make_executor": "executors",
     "make_fold_plan": "folds",

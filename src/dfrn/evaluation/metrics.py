@@ -26,6 +26,7 @@ __all__ = [
     "format_r_p",
     "format_p",
     "format_sd",
+    "readable",
     "mean_r",
 ]
 
@@ -85,6 +86,22 @@ def format_p(p: float) -> str:
 def format_sd(sd: float) -> str:
     """A standard deviation over repeats, ``—`` when undefined (one repeat)."""
     return f"{sd:.2f}" if np.isfinite(sd) else "—"
+
+
+def readable(df: pd.DataFrame, digits: int | None = 3) -> pd.DataFrame:
+    """A table for reading (the log, the report): p-value columns as :func:`format_p` prints
+    them, sd columns as :func:`format_sd`, other numbers rounded to ``digits``.
+
+    Rounding alone would print a p of 1.7e-19 as 0.0, and an undefined sd as nan.
+    """
+    df = df.copy()
+    for col in df.columns:
+        name = str(col)
+        if name.startswith("p_") or name == "p_value":
+            df[col] = [format_p(float(v)) for v in df[col]]
+        elif name == "sd" or name.endswith("_sd") or name.startswith("sd_"):
+            df[col] = [format_sd(float(v)) for v in df[col]]
+    return df.round(digits) if digits is not None else df
 
 
 def format_r_p(r: float, p: float) -> str:

@@ -26,7 +26,7 @@ from dfrn.config import StudyConfig
 from dfrn.data.atlas import Atlas, roi_mean_intensity, roi_volumes
 from dfrn.data.cohort import Cohort, read_delimited
 from dfrn.errors import DfrnInputError
-from dfrn.evaluation.metrics import PREDICTION_COLUMNS, compute_metrics, mean_r
+from dfrn.evaluation.metrics import PREDICTION_COLUMNS, compute_metrics, mean_r, readable
 from dfrn.evaluation.permutation import permutation_test
 from dfrn.evaluation.ridge_cv import cross_validate_ridge
 from dfrn.io import atomic_write_tsv
@@ -252,7 +252,7 @@ def run_baseline_stage(
             progress=progress, alphas=alphas,
         )
         write_permutation_table(perm, folder.root)
-        log(format_table(perm.round(4), f"Ridge baseline: permutation test ({n_perm} permutations)"))
+        log(format_table(readable(perm, 4), f"Ridge baseline: permutation test ({n_perm} permutations)"))
         results["permutation"] = perm
     elif n_perm > 0:
         log("note: the permutation test needs targets fixed before CV; skipped with fit_on = 'train'")

@@ -22,6 +22,7 @@ import pandas as pd
 from dfrn.config import StudyConfig
 from dfrn.errors import DfrnInputError
 from dfrn.evaluation.executors import Executor
+from dfrn.evaluation.metrics import readable
 from dfrn.evaluation.permutation import permutation_test_generic
 from dfrn.evaluation.tasks import plan_tasks, run_cv
 from dfrn.io import atomic_write_tsv
@@ -101,5 +102,5 @@ def network_permutation_test(
         cv_predict, result.targets, n_perm, seed=cfg.cv.seed, observed=observed, progress=progress
     )
     atomic_write_tsv(table, folder.network_permutation)
-    log(format_table(table.round(4), f"DFRN permutation test ({n_perm} permutations)"))
+    log(format_table(readable(table, 4), f"DFRN permutation test ({n_perm} permutations)"))
     return table

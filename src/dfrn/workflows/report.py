@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from dfrn.errors import DfrnInputError
-from dfrn.evaluation.metrics import format_p, format_sd, mean_r
+from dfrn.evaluation.metrics import mean_r, readable
 from dfrn.io import atomic_write_text
 from dfrn.workflows.results import ResultsFolder
 
@@ -60,18 +60,8 @@ def _table(path: Path, round_to: int | None = 3, max_rows: int | None = None) ->
 
 
 def _frame(df: pd.DataFrame, round_to: int | None = 3) -> str:
-    """An HTML table: p-value columns as Table 1 prints them, sd columns with "—" when
-    undefined, other numbers rounded to ``round_to`` digits."""
-    df = df.copy()
-    for col in df.columns:
-        name = str(col)
-        if name.startswith("p_") or name == "p_value":
-            df[col] = [format_p(float(v)) for v in df[col]]
-        elif name == "sd" or name.endswith("_sd") or name.startswith("sd_"):
-            df[col] = [format_sd(float(v)) for v in df[col]]
-    if round_to is not None:
-        df = df.round(round_to)
-    return df.to_html(index=False, border=0, na_rep="", escape=True)
+    """An HTML table of :func:`dfrn.evaluation.metrics.readable` numbers."""
+    return readable(df, round_to).to_html(index=False, border=0, na_rep="", escape=True)
 
 
 _FRAME_MARGIN = 40  # px around a viewer: the page's body margin and the colour bar's labels
