@@ -151,7 +151,7 @@ def plot_fig3(
     for k, (label, metrics, color) in enumerate(tables):
         summary = mean_r(metrics.assign(factor=metrics["factor"].astype(str))).reindex(factors)
         mean = summary["mean_r"].to_numpy(float)
-        sd = summary["sd_r"].fillna(0.0).to_numpy(float)
+        sd = summary["sd_r"].to_numpy(float)  # NaN with one repeat: no error bar, not "± 0"
         offset = (k - (len(tables) - 1) / 2) * width
         ax.bar(xs + offset, mean, width, yerr=sd, capsize=3, label=label, color=color)
     ax.axhline(0.0, color="black", linewidth=0.8)

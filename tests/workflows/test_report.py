@@ -141,27 +141,61 @@ def test_report_in_a_real_browser(report: Path, tmp_path: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         assert driver.save_screenshot(str(out / "report.png"))
         assert (out / "report.png").stat().st_size > 10_000
+        viewer = driver.find_elements("css selector", "iframe.viewer")[0]
+        driver.execute_script("arguments[0].scrollIntoView()", viewer)
+        assert viewer.screenshot(str(out / "report_viewer.png"))  # one whole viewer, to look at
     finally:
         driver.quit()
 
 
-def test_p_values_and_one_repeat_sds_are_printed_honestly(report: Path) -> None:
-    """Issue 17.20-21: no p of "0.0", no sd of "0.0" from a single repeat."""
-    from dfrn.evaluation.metrics import format_p, format_sd
+def _rewrite(report: Path, tmp_path: Path, edit) -> str:
+    """Copy the report's results folder (without its large task folders), let ``edit``
+    change it, write the report again and return its text."""
+    from dfrn.workflows.report import write_report
 
-    assert format_p(0.0) == "< 1e-300" and format_p(1.7e-19) == "1.7e-19"
-    assert format_p(0.0123) == "0.012" and format_sd(float("nan")) == "—"
+    res = tmp_path / "res"
+    shutil.copytree(report.parent, res,
+                    ignore=shutil.ignore_patterns("tasks", "permutations", "cache"))
+    edit(res)
+    return write_report(res).read_text(encoding="utf-8")
+
+
+def _section(text: str, section: str) -> str:
+    return text.split(f'id="{section}"', 1)[1].split("<h2", 1)[0]
+
+
+def test_p_values_print_as_table1_does(report: Path, tmp_path: Path) -> None:
+    """Issue 17.20: a parametric p of 1.7e-19 was printed "0.0"; 0.0 is below the smallest double."""
+    import pandas as pd
+
+    from dfrn.evaluation.metrics import format_r_p
+
+    def tiny_p(res: Path) -> None:
+        path = res / "cv" / "permutation.tsv"
+        df = pd.read_csv(path, sep="\t")
+        df["p_parametric"] = [1.7e-19, 0.0]
+        df.to_csv(path, sep="\t", index=False)
+
+    perm = _section(_rewrite(report, tmp_path, tiny_p), "permutation")
+    cells = re.findall(r"<td>([^<]*)</td>", perm.split("<h3>Ridge baseline</h3>")[0])
+    assert "1.7e-19" in cells and "&lt; 1e-300" in cells, cells
+    assert "0.0" not in cells and "0" not in cells, cells
+    assert format_r_p(0.5, 1.7e-19) == "0.50 (1.7e-19)"  # Table 1 prints p the same way
+    assert format_r_p(0.5, 0.0) == "0.50 (< 1e-300)"
+
+
+def test_one_repeat_sd_is_shown_as_a_dash(report: Path) -> None:
+    """Issue 17.21: an sd over one repeat is undefined, not "0.0"."""
     text = report.read_text(encoding="utf-8")
-    cells = re.findall(r"<td>([^<]*)</td>", text)
-    ridge = text.split('id="ridge"', 1)[1].split("<h2", 1)[0]
-    assert "<td>—</td>" in ridge  # one repeat: dfrn_sd and ridge_sd are undefined
-    assert not re.search(r"<td>0\.0</td>", ridge)
-    perm = text.split('id="permutation"', 1)[1].split("<h2", 1)[0]
-    assert "<td>0.0</td>" not in perm and "<td>0</td>" not in perm
-    assert cells
+    ridge = re.findall(r"<td>([^<]*)</td>", _section(text, "ridge"))
+    assert ridge.count("—") == 4, ridge  # dfrn_sd and ridge_sd of both factors
+    assert "0.0" not in ridge and "0" not in ridge, ridge
+    table1 = re.findall(r"<td>([^<]*)</td>", _section(text, "table1"))
+    assert all(c.endswith(" ± —") for c in table1[-2:]), table1  # the mean ± sd row
+    assert table1[-3] == "mean ± sd", table1
 
 
-def test_p_columns_keep_tiny_values(tmp_path: Path) -> None:
+def test_p_and_sd_columns_are_formatted(tmp_path: Path) -> None:
     import pandas as pd
 
     from dfrn.workflows.report import _frame
@@ -172,9 +206,41 @@ def test_p_columns_keep_tiny_values(tmp_path: Path) -> None:
     assert "<td>—</td>" in html and "<td>0.05</td>" in html
 
 
-def test_methods_name_the_baseline_column_neutrally(report: Path) -> None:
-    """Issue 17.23: the ROI features are sums of the [cohort] gm_column maps, not 'gray matter'."""
-    text = report.read_text(encoding="utf-8")
-    methods = text.split('id="methods"', 1)[1]
+def test_methods_name_the_baseline_column_neutrally(report: Path, tmp_path: Path) -> None:
+    """Issue 17.23: the ROI features are sums of the [cohort] gm_column maps (here lesion
+    maps), not necessarily gray-matter volumes."""
+    methods = _section(report.read_text(encoding="utf-8"), "methods")
     assert "atlas-region sums of the &#39;gm&#39; maps (ml)" in methods
     assert "gray-matter" not in methods
+
+    def lesion(res: Path) -> None:
+        config = res / "config.toml"
+        text = config.read_text(encoding="utf-8").replace('gm_column = "gm"', 'gm_column = "lesion"')
+        assert 'gm_column = "lesion"' in text
+        config.write_text(text, encoding="utf-8")
+
+    methods = _section(_rewrite(report, tmp_path, lesion), "methods")
+    assert "atlas-region sums of the &#39;lesion&#39; maps (ml)" in methods
+    assert "gray-matter" not in methods
+
+
+def test_figure3_draws_no_error_bar_for_one_repeat(report: Path, monkeypatch, tmp_path: Path) -> None:
+    """Issue 17.21: Figure 3 (in the report) drew a zero-length "± 0" bar for one repeat."""
+    from matplotlib.axes import Axes
+
+    from dfrn.plotting import plot_fig3
+    from dfrn.workflows.results import ResultsFolder
+
+    drawn: list = []
+    bar = Axes.bar
+
+    def spy(self, *args, **kwargs):
+        drawn.append(list(kwargs.get("yerr")))
+        return bar(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "bar", spy)
+    folder = ResultsFolder(report.parent)
+    plot_fig3(folder.read_metrics(folder.baseline_metrics), folder.read_metrics(),
+              tmp_path / "fig3.png")
+    assert len(drawn) == 2 and all(len(e) == 2 for e in drawn), drawn
+    assert all(all(v != v for v in e) for e in drawn), drawn  # NaN: no bar, not a bar of 0
