@@ -53,6 +53,7 @@ __all__ = [
     "CVConfig",
     "FactorsConfig",
     "BaselineConfig",
+    "ConfoundsConfig",
     "AttentionConfig",
     "FinalConfig",
     "PrepConfig",
@@ -80,8 +81,15 @@ class CohortConfig:
     targets: list[str] = field(default_factory=list)
     """Score columns to predict (one network each). Empty when ``[factors]`` derives them."""
     covariates: list[str] = field(default_factory=list)
-    """Covariates (e.g. age, sex) regressed out of the ridge baseline's features inside each
-    training fold. The one covariates list of a study."""
+    """Covariates (e.g. age, sex, head size): numeric columns, or categorical ones (one-hot
+    coded). The one covariates list of a study: the covariates-only model, the "beyond the
+    covariates" analysis (``cv/confounds.tsv``), ``[confounds] target = "residualize"`` and the
+    ridge baseline's feature residualisation all use it."""
+    site: str = ""
+    """The site (scanner) column: a categorical covariate, and ComBat's batch."""
+    missing_covariates: str = "refuse"
+    """A subject missing a covariate: ``"refuse"`` (naming it) or ``"drop"`` (leave it out of
+    the study; the log lists who)."""
     gm_column: str = "gm"
     """Optional column of maps (usually gray-matter probability) that the ridge baseline sums
     per atlas region; its files are checked like the images."""
@@ -149,6 +157,11 @@ class CVConfig:
     n_folds: int = 10
     n_repeats: int = 5
     seed: int = 0
+    groups: str = ""
+    """A column whose groups (site, family, subject with several sessions) stay inside one
+    fold. Leave-one-site-out: ``groups = "site"`` with ``n_folds`` = the number of sites."""
+    stratify: bool = False
+    """Balance the first target across folds (quantile bins)."""
 
 
 @dataclass
@@ -177,6 +190,26 @@ class BaselineConfig:
     atlas_labels: str = ""
     n_permutations: int = 1000
     alphas: list[float] = field(default_factory=list)
+    harmonize: str = "none"
+    """``"combat"``: ComBat on the ROI features inside each fold (fitted on the training
+    subjects, keeping the covariates' effects; batch = ``[cohort] site``)."""
+
+
+@dataclass
+class ConfoundsConfig:
+    """What the brain adds beyond ``[cohort] covariates`` and ``site``.
+
+    Whenever covariates are set, a covariates-only model is cross-validated in the same folds
+    and every model's out-of-fold predictions are judged by what they add beyond the
+    covariates (partial r, ΔR², Freedman–Lane permutation p): ``cv/confounds.tsv``.
+    """
+
+    target: str = "none"
+    """``"residualize"``: in every training fold, regress the covariates out of the target
+    (fitted on the training subjects, applied to the test subjects); the network and the ridge
+    then train and are evaluated on the residuals."""
+    n_permutations: int = 1000
+    """Freedman–Lane permutations for the ΔR² p-value (no network is retrained)."""
 
 
 @dataclass
@@ -262,6 +295,7 @@ class StudyConfig:
     cv: CVConfig = field(default_factory=CVConfig)
     factors: FactorsConfig | None = None
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    confounds: ConfoundsConfig = field(default_factory=ConfoundsConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     final: FinalConfig = field(default_factory=FinalConfig)
     prep: PrepConfig | None = None
@@ -290,9 +324,12 @@ class StudyConfig:
         d["training"].pop("device", None)
         if "prep" in d:
             d["prep"].pop("jobs", None)
-            if not d["prep"].get("template_space"):  # older runs keep their identity
-                d["prep"].pop("template_space", None)
         d["training"].pop("data", None)
+        for (section, key), default in LATER_DEFAULTS.items():  # older runs keep their identity
+            if section in d and d[section].get(key) == default:
+                d[section].pop(key, None)
+        if d["confounds"] == asdict(ConfoundsConfig()):
+            del d["confounds"]
         for key in ("channels_last_3d", "compile"):
             if not d["training"].get(key):
                 d["training"].pop(key, None)
@@ -325,6 +362,7 @@ SECTIONS: dict[str, type] = {
     "cv": CVConfig,
     "factors": FactorsConfig,
     "baseline": BaselineConfig,
+    "confounds": ConfoundsConfig,
     "attention": AttentionConfig,
     "final": FinalConfig,
     "prep": PrepConfig,
@@ -334,6 +372,16 @@ SECTIONS: dict[str, type] = {
 REMOVED_KEYS = {
     ("baseline", "covariates"): "list covariates once, in [cohort] covariates",
     ("training", "num_workers"): "it had no effect; delete it",
+}
+#: Keys added after runs existed: left out of the fingerprint at these defaults, so that
+#: those runs keep their identity.
+LATER_DEFAULTS: dict[tuple[str, str], Any] = {
+    ("prep", "template_space"): "",
+    ("cohort", "site"): "",
+    ("cohort", "missing_covariates"): "refuse",
+    ("cv", "groups"): "",
+    ("cv", "stratify"): False,
+    ("baseline", "harmonize"): "none",
 }
 PATH_KEYS = {
     "cohort": ("table", "bids", "mask", "cache_dir", "derivatives"),
@@ -421,6 +469,7 @@ COUNT_MINIMUMS: dict[str, dict[str, int]] = {
     "training": {"epochs": 1, "batch_size": 1, "patience": 1, "seed": 0},
     "cv": {"n_folds": 2, "n_repeats": 1, "seed": 0},
     "baseline": {"n_permutations": 0},
+    "confounds": {"n_permutations": 0},
     "attention": {"top_regions": 1},
     "factors": {"n_resamples": 0, "n_factors": 1},
     "prep": {"jobs": 1, "seed": 0},
@@ -460,6 +509,7 @@ def validate(cfg: StudyConfig) -> None:
         raise DfrnInputError("config [cohort] targets is empty and there is no [factors] section")
     _check_unique("cohort", "targets", c.targets)
     _check_unique("cohort", "covariates", c.covariates)
+    _check_confounds(cfg)
     _check_counts(cfg)
     if len(cfg.model.block_strides) != 4 or any(s < 1 for s in cfg.model.block_strides):
         raise DfrnInputError("config [model] block_strides must be four positive integers")
@@ -519,6 +569,38 @@ def validate(cfg: StudyConfig) -> None:
                 f"config [factors] n_factors must be a number, 'parallel' or 'map', got "
                 f"{f.n_factors!r}"
             )
+
+
+def _check_confounds(cfg: StudyConfig) -> None:
+    """The covariate, site, fold-group and harmonisation settings agree."""
+    c = cfg.cohort
+    if c.missing_covariates not in ("refuse", "drop"):
+        raise DfrnInputError(
+            f"config [cohort] missing_covariates must be 'refuse' or 'drop', got "
+            f"{c.missing_covariates!r}"
+        )
+    if cfg.confounds.target not in ("none", "residualize"):
+        raise DfrnInputError(
+            f"config [confounds] target must be 'none' or 'residualize', got "
+            f"{cfg.confounds.target!r}"
+        )
+    if cfg.confounds.target == "residualize" and not (c.covariates or c.site):
+        raise DfrnInputError(
+            "config [confounds] target = 'residualize' needs [cohort] covariates or site"
+        )
+    if cfg.baseline.harmonize not in ("none", "combat"):
+        raise DfrnInputError(
+            f"config [baseline] harmonize must be 'none' or 'combat', got {cfg.baseline.harmonize!r}"
+        )
+    if cfg.baseline.harmonize == "combat" and not c.site:
+        raise DfrnInputError(
+            "config [baseline] harmonize = 'combat' needs [cohort] site (ComBat's batch column)"
+        )
+    if c.site and c.site in c.targets:
+        raise DfrnInputError(f"config [cohort] site {c.site!r} is also a target")
+    overlap = [t for t in c.targets if t in c.covariates]
+    if overlap:
+        raise DfrnInputError(f"config [cohort] covariates lists the target {overlap[0]!r}")
 
 
 def load_config(path: str | Path) -> StudyConfig:

@@ -71,6 +71,18 @@ class Cohort:
     def __len__(self) -> int:
         return len(self.table)
 
+    def without(self, participant_ids: Sequence[str]) -> Cohort:
+        """This cohort less some participants (same columns and sources)."""
+        drop = {str(p) for p in participant_ids}
+        keep = [str(p) not in drop for p in self.table.index]
+        return Cohort(
+            table=self.table[keep],
+            images=[p for p, k in zip(self.images, keep, strict=True) if k],
+            target_columns=self.target_columns,
+            covariate_columns=self.covariate_columns,
+            source=self.source,
+        )
+
     def path_column(self, column: str) -> list[Path] | None:
         """Absolute paths from an optional path column (e.g. ``gm``), or None if absent."""
         if column not in self.table.columns:

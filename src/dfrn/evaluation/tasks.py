@@ -155,6 +155,10 @@ def run_task(
             "y_std": float(est.y_std_),  # type: ignore[attr-defined]
             "test_ids": list(y_test.index),
         }
+        fits = getattr(targets, "fits", None)
+        if fits is not None:  # residualised targets: the fold's covariate fit, for packages
+            meta["confound_fit"] = fits(task.repeat, task.fold, task.train_ids,
+                                        task.test_ids)[task.factor].to_dict()
         atomic_write_json(tmp / "task.json", meta)
         write_manifest(tmp)
         _place(tmp, final, task, tasks_dir)

@@ -10,10 +10,12 @@ from dfrn._exports import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "CRITERIA": "retention",
+    "ConfoundFit": "providers",
     "FewParticipantsWarning": "factors",
     "FoldFactorTargets": "providers",
     "ID_COLUMN": "factors",
     "ParallelAnalysis": "retention",
+    "ResidualizedTargets": "providers",
     "STABILITY_COLUMNS": "stability",
     "StaticTargets": "providers",
     "SymptomFactors": "factors",
@@ -27,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     "default_factor_names": "factors",
     "factor_congruence": "factors",
     "factor_targets": "providers",
+    "fit_confounds": "providers",
     "fit_factor_model": "providers",
     "fold_factor_scores": "factors",
     "fold_stability": "stability",

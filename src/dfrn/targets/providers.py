@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import pandas as pd
 
 from dfrn.config import FactorsConfig
@@ -42,6 +43,9 @@ __all__ = [
     "factor_targets",
     "fit_factor_model",
     "FoldFactorTargets",
+    "ResidualizedTargets",
+    "ConfoundFit",
+    "fit_confounds",
 ]
 
 
@@ -139,3 +143,84 @@ def factor_targets(
         return scores, StaticTargets(scores)
     log(f"fold fits are aligned to the full fit by {cfg.align} matching")
     return scores, FoldFactorTargets(items, reference, cfg.align)
+
+
+@dataclass(frozen=True)
+class ConfoundFit:
+    """One factor's target regression on the covariates, fitted on a training fold.
+
+    ``residual = y - (intercept + C @ coef)``; ``columns`` name the encoded covariates.
+    """
+
+    intercept: float
+    coef: tuple[float, ...]
+    columns: tuple[str, ...]
+
+    def fitted(self, design: pd.DataFrame) -> np.ndarray:
+        """``intercept + C @ coef`` for the rows of ``design`` (encoded covariates)."""
+        return self.intercept + design[list(self.columns)].to_numpy(float) @ np.asarray(self.coef)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"intercept": self.intercept, "coef": list(self.coef), "columns": list(self.columns)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ConfoundFit:
+        return cls(float(d["intercept"]), tuple(float(c) for c in d["coef"]),
+                   tuple(str(c) for c in d["columns"]))
+
+
+def fit_confounds(y: pd.Series, design: pd.DataFrame) -> ConfoundFit:
+    """Ordinary least squares ``y ~ 1 + C`` on the subjects of ``y`` that have a value.
+
+    Uses scikit-learn's ``LinearRegression`` (minimum-norm solution where a column is constant
+    in these subjects, e.g. a site with no training subject).
+    """
+    from sklearn.linear_model import LinearRegression
+
+    y = y.dropna()
+    x = design.loc[list(y.index)].to_numpy(float)
+    lr = LinearRegression().fit(x, y.to_numpy(float))
+    return ConfoundFit(float(lr.intercept_), tuple(float(c) for c in lr.coef_),
+                       tuple(map(str, design.columns)))
+
+
+@dataclass
+class ResidualizedTargets:
+    """Targets with the covariates regressed out inside each training fold.
+
+    For every split and factor, ``y ~ 1 + C`` is fitted on the training subjects only
+    (:func:`fit_confounds`) and its fitted values are subtracted from the training *and* the
+    test subjects' targets, so a test subject's residual never depends on its own target.
+
+    Parameters
+    ----------
+    base : TargetProvider
+        The raw targets (a score table, or per-fold factor fits).
+    design : DataFrame
+        Encoded covariates, indexed by participant_id (every study subject).
+    """
+
+    base: TargetProvider
+    design: pd.DataFrame
+    _fits: dict[tuple[int, int], dict[str, ConfoundFit]] = field(default_factory=dict)
+
+    def __call__(
+        self, repeat: int, fold: int, train_ids: Sequence[str], test_ids: Sequence[str]
+    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+        y_train, y_test = self.base(repeat, fold, train_ids, test_ids)
+        fits = self.fits(repeat, fold, train_ids, test_ids)
+        r_train, r_test = y_train.copy(), y_test.copy()
+        for factor, fit in fits.items():
+            r_train[factor] = y_train[factor] - fit.fitted(self.design.loc[list(y_train.index)])
+            r_test[factor] = y_test[factor] - fit.fitted(self.design.loc[list(y_test.index)])
+        return r_train, r_test
+
+    def fits(
+        self, repeat: int, fold: int, train_ids: Sequence[str], test_ids: Sequence[str]
+    ) -> dict[str, ConfoundFit]:
+        """The split's fitted regression of each factor (fitted on ``train_ids`` only)."""
+        key = (repeat, fold)
+        if key not in self._fits:
+            y_train, _ = self.base(repeat, fold, train_ids, test_ids)
+            self._fits[key] = {f: fit_confounds(y_train[f], self.design) for f in y_train.columns}
+        return self._fits[key]

@@ -319,6 +319,25 @@ class ResultsFolder:
         return self.cv / "table1.tsv"
 
     @property
+    def confounds(self) -> Path:
+        """Every model's value beyond the covariates, per repeat and factor."""
+        return self.cv / "confounds.tsv"
+
+    @property
+    def confounds_summary(self) -> Path:
+        """``confounds.tsv`` summarised over repeats, with the verdicts."""
+        return self.cv / "confounds_summary.tsv"
+
+    @property
+    def covariates_predictions(self) -> Path:
+        """Out-of-fold predictions of the covariates-only model."""
+        return self.cv / "covariates_predictions.tsv"
+
+    @property
+    def covariates_metrics(self) -> Path:
+        return self.cv / "covariates_metrics.tsv"
+
+    @property
     def network_permutation(self) -> Path:
         return self.cv / "permutation.tsv"
 

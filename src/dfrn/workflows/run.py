@@ -35,6 +35,7 @@ from dfrn.evaluation.tasks import plan_tasks, run_cv
 from dfrn.io import atomic_write_tsv
 from dfrn.models.regressor import resolve_device
 from dfrn.plotting import format_table, plot_fig2
+from dfrn.workflows.confounds import target_words
 from dfrn.workflows.results import (
     ResultsFolder,
     check_results_dir,
@@ -51,6 +52,8 @@ from dfrn.workflows.study import (
     prepare_volumes,
     results_lock,
     run_study_prep,
+    study_covariates,
+    study_provider,
     study_targets,
     uses_prep,
 )
@@ -110,9 +113,11 @@ def run_cv_stage(
     inputs = collect_inputs(cfg, cohort, progress)
     resumed = check_results_dir(out, cfg, inputs, allow_existing)
     plan = fold_plan_for(cohort, cfg, out)
-    targets, provider = study_targets(cohort, cfg, plan, None, log)
+    targets, raw_provider = study_targets(cohort, cfg, plan, None, log)
     factors = list(targets.columns)
     check_targets(targets, plan, cfg.cv.n_folds)
+    selection = study_covariates(cohort, cfg)
+    provider = study_provider(raw_provider, selection, cfg, log)
     volumes = prepare_volumes(cohort, cfg, out, progress, inputs, log)
     # every input check has passed: only now does the folder become a run
     if resumed:
@@ -155,7 +160,8 @@ def run_cv_stage(
     atomic_write_tsv(metrics, folder.metrics)
     atomic_write_tsv(t1, folder.table1)
     plot_fig2(predictions, metrics, folder.figure("fig2_scatter"))
-    log(format_table(t1, "Table 1 — Pearson r (p) of out-of-fold predictions, per repeat"))
+    log(format_table(t1, "Table 1 — Pearson r (p) of out-of-fold predictions, per repeat; "
+                         + target_words(cfg, selection)))
     if stability_summary is not None:
         log(format_table(
             stability_summary[["factor", "median_congruence", "min_congruence", "band"]].round(3),
@@ -163,7 +169,8 @@ def run_cv_stage(
             "with the full fit; 'not the same factor' below 0.85",
         ))
     result = StudyResult(out, resumed, cohort, targets, plan, predictions, metrics, t1)
-    result.extra.update(volumes=volumes, provider=provider, inputs=inputs)
+    result.extra.update(volumes=volumes, provider=provider, inputs=inputs,
+                        raw_provider=raw_provider, covariates=selection)
     return result
 
 
@@ -242,6 +249,13 @@ def _run_study_locked(
         result.extra["attention"] = run_attention_stage(
             out, cfg, result.extra["volumes"], list(result.targets.columns), result.plan,
             progress=progress, log=log,
+        )
+    if result.extra["covariates"] is not None:
+        from dfrn.workflows.confounds import run_confounds_stage
+
+        result.extra["confounds"] = run_confounds_stage(
+            out, cfg, result.cohort, result.extra["covariates"], result.extra["raw_provider"],
+            result.plan, log,
         )
     from dfrn.workflows.report import write_report
 

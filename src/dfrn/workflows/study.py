@@ -17,6 +17,7 @@ import pandas as pd
 
 from dfrn.config import StudyConfig
 from dfrn.data.cohort import Cohort, load_bids_cohort, load_cohort_table, read_delimited
+from dfrn.data.covariates import CovariateSelection, select_covariates
 from dfrn.data.images import VolumeCache, VolumeSet
 from dfrn.errors import DfrnInputError
 from dfrn.evaluation.executors import Executor
@@ -42,6 +43,8 @@ __all__ = [
     "fold_plan_for",
     "prepare_volumes",
     "study_targets",
+    "study_covariates",
+    "study_provider",
     "check_targets",
     "results_lock",
     "make_estimator_factory",
@@ -96,7 +99,29 @@ def load_study_cohort(cfg: StudyConfig, out: str | Path | None = None) -> Cohort
             strict=strict,
         )
     warn_prep_qc(cohort)
+    selection = study_covariates(cohort, cfg)
+    if selection is not None and selection.dropped:
+        import warnings
+
+        warnings.warn(
+            f"{len(selection.dropped)} subject(s) left out of the study because a covariate is "
+            f"missing ([cohort] missing_covariates = \"drop\"): "
+            f"{', '.join(selection.dropped[:10])}"
+            + (f" and {len(selection.dropped) - 10} more" if len(selection.dropped) > 10 else ""),
+            UserWarning, stacklevel=2,
+        )
+        cohort = cohort.without(selection.dropped)
     return cohort
+
+
+def study_covariates(cohort: Cohort, cfg: StudyConfig) -> CovariateSelection | None:
+    """The study's ``[cohort] covariates`` and ``site``, checked (None without any).
+
+    Subjects missing a covariate are refused by name, or listed in ``dropped`` under
+    ``[cohort] missing_covariates = "drop"``.
+    """
+    c = cfg.cohort
+    return select_covariates(cohort.table, c.covariates, c.site, c.missing_covariates)
 
 
 def warn_prep_qc(cohort: Cohort) -> None:
@@ -243,6 +268,22 @@ def study_targets(
     if out is not None:
         write_factor_outputs(*fit_factor_model(cohort, cfg.factors), out)
     return targets, provider
+
+
+def study_provider(
+    raw: TargetProvider,
+    selection: CovariateSelection | None,
+    cfg: StudyConfig,
+    log: Callable[[str], None] = print,
+) -> TargetProvider:
+    """The targets the models train on: ``raw``, or its fold residuals on the covariates."""
+    if cfg.confounds.target != "residualize" or selection is None:
+        return raw
+    from dfrn.targets.providers import ResidualizedTargets
+
+    log(f"targets: residualised on {selection.words()} inside each training fold (fitted on the "
+        "training subjects, applied to the test subjects)")
+    return ResidualizedTargets(raw, selection.design())
 
 
 def check_targets(targets: pd.DataFrame, plan: pd.DataFrame, n_folds: int) -> None:

@@ -1,0 +1,127 @@
+"""The "beyond the covariates" stage: the covariates-only model and ``cv/confounds.tsv``.
+
+Runs whenever ``[cohort] covariates`` or ``site`` is set, after the network (and the ridge
+baseline, when it ran). It cross-validates the covariates-only model in the study's folds
+(:func:`dfrn.evaluation.confounds.cross_validate_covariates`), judges each model's pooled
+out-of-fold predictions by what they add beyond the covariates
+(:func:`dfrn.evaluation.confounds.confound_table`) and writes:
+
+* ``cv/covariates_predictions.tsv`` and ``cv/covariates_metrics.tsv``;
+* ``cv/confounds.tsv``: repeat, factor, model, n, r, r_partial, p_partial, delta_r2,
+  p_delta_r2_permutation;
+* ``cv/confounds_summary.tsv``: the same over repeats, with a plain-words verdict per row.
+
+The analysis is always on the raw target: with ``[confounds] target = "residualize"`` the
+models were trained and evaluated on fold residuals, and their predictions are judged here
+against each fold's raw target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from dfrn.config import StudyConfig
+from dfrn.data.cohort import Cohort
+from dfrn.data.covariates import CovariateSelection
+from dfrn.evaluation.confounds import (
+    confound_table,
+    cross_validate_covariates,
+    raw_target_predictions,
+    summarise_confounds,
+    verdict,
+)
+from dfrn.evaluation.metrics import compute_metrics, readable
+from dfrn.io import atomic_write_tsv
+from dfrn.plotting import format_table
+from dfrn.targets.providers import TargetProvider
+from dfrn.workflows.results import ResultsFolder
+
+__all__ = ["run_confounds_stage", "MODEL_WORDS", "target_words"]
+
+#: How each model is named in the verdicts.
+MODEL_WORDS = {"dfrn": "the network", "ridge": "the ridge baseline", "covariates": "the covariates"}
+
+
+def target_words(cfg: StudyConfig, selection: CovariateSelection | None) -> str:
+    """What Table 1 reports: the raw target, or its residual after the covariates."""
+    if cfg.confounds.target == "residualize" and selection is not None:
+        return (f"targets residualised on {selection.words()} inside each training fold "
+                "(Table 1 reports r on the residuals)")
+    return "raw targets"
+
+
+def _model_predictions(folder: ResultsFolder, cov_pred: pd.DataFrame, residualized: bool,
+                       raw: TargetProvider, plan: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    models = {"dfrn": folder.read_predictions()}
+    if folder.baseline_predictions.is_file():
+        models["ridge"] = folder.read_predictions(folder.baseline_predictions)
+    if residualized:
+        models = {k: raw_target_predictions(v, raw, plan) for k, v in models.items()}
+    models["covariates"] = cov_pred
+    return models
+
+
+def run_confounds_stage(
+    out: str | Path,
+    cfg: StudyConfig,
+    cohort: Cohort,
+    selection: CovariateSelection | None,
+    raw_targets: TargetProvider,
+    plan: pd.DataFrame,
+    log: Callable[[str], None] = print,
+) -> pd.DataFrame | None:
+    """Write the stage's files (see the module docstring); return the summary.
+
+    Parameters
+    ----------
+    out : str or Path
+        The results folder (``cv/predictions.tsv`` must exist).
+    cfg : StudyConfig
+    cohort : Cohort
+    selection : CovariateSelection or None
+        The study's covariates; None: nothing to do (returns None).
+    raw_targets : TargetProvider
+        The raw (not residualised) targets of each split.
+    plan : DataFrame
+        The fold plan.
+    log : callable
+    """
+    if selection is None:
+        return None
+    folder = ResultsFolder(Path(out))
+    design = selection.design()
+    cov_pred = cross_validate_covariates(design, raw_targets, plan)
+    atomic_write_tsv(cov_pred, folder.covariates_predictions)
+    atomic_write_tsv(compute_metrics(cov_pred), folder.covariates_metrics)
+    models = _model_predictions(folder, cov_pred, cfg.confounds.target == "residualize",
+                                raw_targets, plan)
+    table = confound_table(models, design, cfg.confounds.n_permutations, cfg.cv.seed)
+    atomic_write_tsv(table, folder.confounds)
+    summary = summarise_confounds(table)
+    words = selection.words()
+    summary["verdict"] = [
+        verdict(row, words, MODEL_WORDS.get(row["model"], row["model"]))
+        if row["model"] != "covariates" else f"the bar: r = {row['r']:.2f} from {words} alone"
+        for _, row in summary.iterrows()
+    ]
+    atomic_write_tsv(summary, folder.confounds_summary)
+    _log_summary(summary, cfg, words, log)
+    return summary
+
+
+def _log_summary(summary: pd.DataFrame, cfg: StudyConfig, words: str,
+                 log: Callable[[str], None]) -> None:
+    n = cfg.confounds.n_permutations
+    shown = summary.drop(columns=["verdict", "sd_delta_r2"])
+    log(format_table(
+        readable(shown, 3),
+        f"Beyond the covariates ({words}): partial r, ΔR² and Freedman–Lane p ({n} "
+        "permutations) of the out-of-fold predictions (cv/confounds.tsv)",
+    ))
+    for _, row in summary.iterrows():
+        log(f"  {row['factor']}: {row['verdict']}")
+    log("  (ΔR² is the linear value added beyond the covariates in this cohort; it cannot rule "
+        "out covariate effects a linear model misses, e.g. non-linear age effects)")
