@@ -130,3 +130,37 @@ def template_4mm(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) ->
     """MNI152NLin6Asym at 4 mm (46×55×46), shared by the prep tests: the registration and
     every template-space file cost a quarter of 2 mm's, and the QC properties hold on it."""
     return mni_template(shared_data, tmp_path_factory.mktemp("template_4mm"), 4)
+
+
+def confound_cohort(root: Path, n: int = 48, size: int = 16, seed: int = 0) -> Path:
+    """Images in which age shrinks the whole brain (a broad atrophy) and a local score
+    darkens one blob; targets ``age_only`` (age plus noise: nothing beyond the covariates)
+    and ``local`` (the local score plus an age confound). Columns age, sex, site, true_local.
+    """
+    import nibabel as nib
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    zz, yy, xx = np.mgrid[:size, :size, :size].astype(np.float32)
+    d = np.sqrt((zz - 7.5) ** 2 + (yy - 7.5) ** 2 + (xx - 7.5) ** 2)
+    blob = np.exp(-((zz - 5) ** 2 + (yy - 5) ** 2 + (xx - 10) ** 2) / (2 * 2.5**2))
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    age = rng.uniform(20, 80, n)
+    z_age = (age - age.mean()) / age.std()
+    local = rng.standard_normal(n)
+    rows = []
+    for i in range(n):
+        brain = 1.0 / (1.0 + np.exp((d - (6.5 - 0.9 * z_age[i])) / 0.5))
+        img = brain * (1.0 - 0.3 * np.clip(local[i], -2.5, 2.5) * blob)
+        img = img + 0.03 * rng.standard_normal(img.shape) * (brain > 0.05)
+        name = f"sub-{i:02d}_T1w.nii.gz"
+        nib.save(nib.Nifti1Image(img.astype(np.float32), affine), root / name)
+        rows.append({"participant_id": f"sub-{i:02d}", "t1": name, "age": round(age[i], 1),
+                     "sex": rng.choice(["F", "M"]), "site": f"S{i % 3}",
+                     "age_only": 0.8 * z_age[i] + 0.6 * rng.standard_normal(),
+                     "local": local[i] + 0.6 * z_age[i] + 0.4 * rng.standard_normal(),
+                     "true_local": local[i]})
+    pd.DataFrame(rows).to_csv(root / "cohort.tsv", sep="\t", index=False)
+    return root / "cohort.tsv"

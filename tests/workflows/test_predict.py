@@ -68,7 +68,10 @@ def test_round_trip_equals_the_cv_models(study, tiny_cohort, tmp_path: Path, cap
                  "--allow-training-subjects", "--no-progress"]) == 0
     pred = pd.read_csv(pred_dir / "predictions.tsv", sep="\t", dtype={"participant_id": str})
     assert list(pred.columns) == ["participant_id", "factor", "prediction", "ensemble_sd",
-                                  "n_models"]
+                                  "n_models", "adjusted_for", "prediction_full"]
+    # an unadjusted package: the full prediction is the prediction, adjusted for nothing
+    np.testing.assert_array_equal(pred["prediction_full"], pred["prediction"])
+    assert pred["adjusted_for"].isna().all()
     volumes = res.extra["volumes"]
     for factor in ("anhedonia", "sleep"):
         models = [DFRNRegressor.load(out / "cv/tasks" / t.name / "model.pt")
@@ -166,7 +169,8 @@ def test_refit_mode_trains_one_network_for_the_folds_epochs(tiny_cohort, tmp_pat
     assert main(["predict", str(out), "--cohort", str(tiny_cohort.table), "--out",
                  str(pred_dir), "--allow-training-subjects", "--no-progress"]) == 0
     pred = pd.read_csv(pred_dir / "predictions.tsv", sep="\t")
-    assert (pred["n_models"] == 1).all() and (pred["ensemble_sd"] == 0).all()
+    # one network: its spread is undefined, not 0
+    assert (pred["n_models"] == 1).all() and pred["ensemble_sd"].isna().all()
 
 
 def _cohort_of(tmp_path: Path, scans: dict[str, Path]) -> Path:

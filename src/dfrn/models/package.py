@@ -58,6 +58,21 @@ INTENDED_USE = (
 _NUMBER = {"type": "number"}
 _SHA = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 
+_CONFOUND_FIT = {
+    "type": "object", "required": ["intercept", "coef", "columns"],
+    "properties": {"intercept": _NUMBER, "coef": {"type": "array", "items": _NUMBER},
+                   "columns": {"type": "array", "items": {"type": "string"}}},
+}
+_ADJUSTMENT = {
+    "type": "object", "required": ["method", "covariates"],
+    "properties": {
+        "method": {"const": "residualize"},
+        "covariates": {"type": "object", "required": ["columns", "levels"],
+                       "properties": {"columns": {"type": "array", "items": {"type": "string"}},
+                                      "levels": {"type": "object"}}},
+    },
+}
+
 METADATA_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
@@ -103,9 +118,12 @@ METADATA_SCHEMA: dict[str, Any] = {
                 "required": ["file", "sha256", "y_mean", "y_std"],
                 "properties": {"file": {"type": "string", "pattern": r"^[A-Za-z0-9._-]+$"},
                                "sha256": _SHA, "y_mean": _NUMBER,
-                               "y_std": {"type": "number", "exclusiveMinimum": 0}},
+                               "y_std": {"type": "number", "exclusiveMinimum": 0},
+                               "confound_fit": {"oneOf": [{"type": "null"}, _CONFOUND_FIT]}},
             },
         },
+        "target": {"type": "object", "properties": {
+            "adjustment": {"oneOf": [{"type": "null"}, _ADJUSTMENT]}}},
         "training_scans_sha256": {"type": "array", "items": _SHA},
         "training_scans_content_sha256": {"type": "array", "items": _SHA},
         "performance": {"type": "object"},
@@ -144,6 +162,12 @@ def validate_metadata(meta: Any, where: str = "metadata.json") -> dict[str, Any]
         raise DfrnInputError(
             f"{where} fails validation at {path}: {exc.message}"
         ) from None
+    adjustment = (meta.get("target") or {}).get("adjustment")
+    if adjustment and any(not m.get("confound_fit") for m in meta["models"]):
+        raise DfrnInputError(
+            f"{where} fails validation at models: a residualised package needs every model's "
+            "confound_fit"
+        )
     if meta["schema_version"] > SCHEMA_VERSION:
         raise DfrnInputError(
             f"{where} has schema version {meta['schema_version']}; this dfrn reads up to "
@@ -298,6 +322,7 @@ def package_readme(meta: dict[str, Any]) -> str:
         + (" inside the packaged brain mask" if inp["mask"] else "")
         + f"; downsample {inp['downsample']}",
         "",
+        *_adjustment_lines(meta),
         "## Performance (cross-validated)",
         f"- mean Pearson r over repeats: {r:.3f}" if r is not None else "- not recorded",
     ]
@@ -321,3 +346,17 @@ def package_readme(meta: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _adjustment_lines(meta: dict[str, Any]) -> list[str]:
+    adjustment = (meta.get("target") or {}).get("adjustment")
+    if not adjustment:
+        return []
+    names = ", ".join(adjustment["covariates"]["columns"])
+    return [
+        "## Target",
+        f"The networks predict the factor **residualised on {names}** (regressed out inside "
+        "each training fold). `dfrn predict` writes that residual prediction, and the full "
+        "prediction (covariate part + residual) when the new cohort's table has these columns.",
+        "",
+    ]

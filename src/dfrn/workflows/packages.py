@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from dfrn.config import StudyConfig
+from dfrn.data.covariates import CovariateSelection
 from dfrn.data.images import VolumeSet, load_volume
 from dfrn.evaluation.metrics import mean_r
 from dfrn.evaluation.tasks import plan_tasks, read_task_meta
@@ -33,6 +34,7 @@ from dfrn.models.package import (
     validate_metadata,
 )
 from dfrn.models.regressor import DFRNRegressor
+from dfrn.targets.providers import fit_confounds
 from dfrn.workflows.results import InputFile, ResultsFolder
 
 __all__ = ["write_model_packages", "template_name"]
@@ -80,8 +82,13 @@ def _refit(cfg: StudyConfig, volumes: VolumeSet, y: pd.Series, epochs: int, seed
 
 
 def _write_weights(tmp: Path, folder: ResultsFolder, cfg: StudyConfig, volumes: VolumeSet,
-                   y: pd.Series, tasks: list[Any], progress: bool) -> list[dict[str, Any]]:
-    """Write a factor's networks into ``tmp``; their ``models`` entries of the metadata."""
+                   y: pd.Series, tasks: list[Any], progress: bool,
+                   design: pd.DataFrame | None = None) -> list[dict[str, Any]]:
+    """Write a factor's networks into ``tmp``; their ``models`` entries of the metadata.
+
+    With ``design`` (residualised targets), each entry carries the covariate fit its network's
+    target was the residual of: the fold's (ensemble), or one fitted on all subjects (refit).
+    """
     models: list[dict[str, Any]] = []
     if cfg.final.mode == "ensemble":
         for k, t in enumerate(tasks):
@@ -91,14 +98,20 @@ def _write_weights(tmp: Path, folder: ResultsFolder, cfg: StudyConfig, volumes: 
             models.append({"file": name, "sha256": _save_weights(est, tmp / name),
                            "y_mean": est.y_mean_, "y_std": est.y_std_,
                            "repeat": t.repeat, "fold": t.fold,
-                           "best_epoch": int(meta["best_epoch"])})
+                           "best_epoch": int(meta["best_epoch"]),
+                           "confound_fit": meta.get("confound_fit")})
         return models
     epochs = [read_task_meta(folder.task_dir(t.name), t)["best_epoch"] + 1 for t in tasks]
-    est = _refit(cfg, volumes, y.dropna(), int(np.median(epochs)), cfg.training.seed, progress)
+    y, fit = y.dropna(), None
+    if design is not None:
+        fit = fit_confounds(y, design)
+        y = y - fit.fitted(design.loc[list(y.index)])
+    est = _refit(cfg, volumes, y, int(np.median(epochs)), cfg.training.seed, progress)
     models.append({"file": "model-0.safetensors",
                    "sha256": _save_weights(est, tmp / "model-0.safetensors"),
                    "y_mean": est.y_mean_, "y_std": est.y_std_,
-                   "epochs": int(np.median(epochs))})
+                   "epochs": int(np.median(epochs)),
+                   "confound_fit": None if fit is None else fit.to_dict()})
     return models
 
 
@@ -112,12 +125,21 @@ def write_model_packages(
     inputs: dict[str, InputFile],
     progress: bool = False,
     log: Callable[[str], None] = print,
+    covariates: CovariateSelection | None = None,
 ) -> dict[str, Path]:
     """Write (or keep, when already complete) one package per factor; return their folders.
 
     ``ensemble`` packages the first repeat's fold models; ``refit`` trains one network on all
-    subjects with a value, for the median of the folds' chosen epoch counts.
+    subjects with a value, for the median of the folds' chosen epoch counts. With
+    ``[confounds] target = "residualize"`` the packages record the covariates' coding and
+    each network's covariate fit (``covariates`` is then required).
     """
+    residualized = cfg.confounds.target == "residualize"
+    if residualized and covariates is None:
+        raise ValueError("residualised targets need the study's covariates")
+    design = covariates.design() if residualized and covariates is not None else None
+    adjustment = None if design is None or covariates is None else {
+        "method": "residualize", "covariates": covariates.encoder().to_dict()}
     folder = ResultsFolder(out)
     perm = None
     if folder.network_permutation.is_file():
@@ -139,7 +161,7 @@ def write_model_packages(
         tmp = make_temp_dir(final.parent, factor)
         try:
             models = _write_weights(tmp, folder, cfg, volumes, targets[factor],
-                                    plan_tasks(first, [factor]), progress)
+                                    plan_tasks(first, [factor]), progress, design)
             mask_entry = None
             if mask:
                 atomic_write(tmp / "brain_mask.nii.gz",
@@ -163,7 +185,8 @@ def write_model_packages(
                     "intensity": cfg.cohort.intensity,
                     "mask": mask_entry,
                 },
-                "target": {"name": factor, "units": "factor score (the training cohort's scale)"},
+                "target": {"name": factor, "units": "factor score (the training cohort's scale)",
+                           "adjustment": adjustment},
                 "models": models,
                 "preprocessing": {"kind": "user-registered"},
                 "training_scans_sha256": sorted({inputs[f"t1/{p}"].digest for p in trained_on}),

@@ -13,7 +13,12 @@ For every package (``MODEL`` itself, or each ``RESULTS/models/<factor>/``):
 4. scans are normalised and downsampled by :class:`dfrn.data.images.VolumeCache` with the
    package's mask and settings: the code path that made the training inputs;
 5. every network of the package predicts; ``predictions.tsv`` holds participant_id, factor,
-   prediction (the ensemble mean), ensemble_sd and n_models.
+   prediction (the ensemble mean), ensemble_sd, n_models, adjusted_for and prediction_full.
+   A package trained on targets residualised on covariates (``[confounds] target =
+   "residualize"``) predicts that residual (``adjusted_for`` names the covariates);
+   ``prediction_full`` adds each network's covariate part back when the new cohort's table
+   has the covariates, and is empty (NaN) when it lacks one: the log names it, and nothing is
+   ever treated as zero. For other packages ``prediction_full`` equals ``prediction``.
 
 With ``attention`` each subject's guided-backprop map (averaged over the package's networks,
 on the input grid, with its affine) is written to ``attention/``.
@@ -37,7 +42,8 @@ from dfrn.models.regressor import resolve_device
 
 __all__ = ["PREDICT_COLUMNS", "find_packages", "predict_cohort"]
 
-PREDICT_COLUMNS = ["participant_id", "factor", "prediction", "ensemble_sd", "n_models"]
+PREDICT_COLUMNS = ["participant_id", "factor", "prediction", "ensemble_sd", "n_models",
+                   "adjusted_for", "prediction_full"]
 
 
 def find_packages(path: str | Path) -> list[Path]:
@@ -166,16 +172,45 @@ def predict_cohort(
             progress=progress, intensity=inp["intensity"], digests=digests, log=log,
         )
         preds = np.stack([est.predict(volumes) for est in package.estimators])
-        sd = preds.std(axis=0, ddof=1) if len(preds) > 1 else np.zeros(preds.shape[1])
+        sd = preds.std(axis=0, ddof=1) if len(preds) > 1 else np.full(preds.shape[1], np.nan)
+        adjusted, full = _full_prediction(package, cohort, preds, log)
         for i, pid in enumerate(cohort.participant_ids):
             rows.append((pid, package.factor, float(preds[:, i].mean()), float(sd[i]),
-                         len(preds)))
+                         len(preds), adjusted, float(full[i])))
         if attention:
             _write_attention(package, volumes, cohort, out, log)
     table = pd.DataFrame(rows, columns=PREDICT_COLUMNS)
     atomic_write_tsv(table, out / "predictions.tsv", float_format=None)
     log(f"predicted {len(packages)} factor(s) for {len(cohort)} scan(s): {out / 'predictions.tsv'}")
     return table
+
+
+def _full_prediction(package: ModelPackage, cohort: Cohort, preds: np.ndarray,
+                     log: Callable[[str], None]) -> tuple[str, np.ndarray]:
+    """``(adjusted_for, full prediction per subject)`` of one package's networks.
+
+    For a residualised package the full prediction is the mean over networks of the residual
+    prediction plus that network's covariate part; NaN (with a log line naming the column)
+    when the cohort's table lacks a covariate.
+    """
+    from dfrn.data.covariates import CovariateEncoder, describe_covariates
+    from dfrn.targets.providers import ConfoundFit
+
+    adjustment = (package.metadata.get("target") or {}).get("adjustment")
+    if not adjustment:
+        return "", preds.mean(axis=0)
+    encoder = CovariateEncoder.from_dict(adjustment["covariates"])
+    words = describe_covariates(encoder.columns_)
+    absent = [c for c in encoder.columns_ if c not in cohort.table.columns]
+    if absent:
+        log(f"model {package.factor} predicts the factor residualised on {words}: the cohort "
+            f"table has no {absent[0]!r} column, so only the residual prediction is written "
+            "(prediction_full is empty)")
+        return words, np.full(preds.shape[1], np.nan)
+    design = encoder.transform(cohort.table, f"the cohort table {cohort.source}")
+    parts = [ConfoundFit.from_dict(m["confound_fit"]).fitted(design)
+             for m in package.metadata["models"]]
+    return words, (preds + np.stack(parts)).mean(axis=0)
 
 
 def _write_attention(package: ModelPackage, volumes, cohort: Cohort, out: Path, log) -> None:

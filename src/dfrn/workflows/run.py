@@ -235,6 +235,7 @@ def _run_study_locked(
         result.extra["packages"] = write_model_packages(
             out, cfg, result.extra["volumes"], result.targets, result.plan, result.metrics,
             result.extra["inputs"], progress=progress, log=log,
+            covariates=result.extra["covariates"],
         )
     if cfg.baseline.enabled:
         from dfrn.workflows.baseline import run_baseline_stage

@@ -1,0 +1,168 @@
+"""Beyond the covariates, end to end: a confounded null and a real effect through ``dfrn run``.
+
+The cohort (``conftest.confound_cohort``): age shrinks the whole brain, a local score darkens
+one blob. ``age_only`` is age plus noise (the brain carries nothing else); ``local`` is the
+local score plus an age confound.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import confound_cohort
+
+from dfrn.cli import main
+from dfrn.config import config_from_dict
+from dfrn.evaluation.confounds import CONFOUND_COLUMNS
+from dfrn.targets.providers import ConfoundFit
+from dfrn.workflows.run import run_study
+
+
+def _config(table: Path, targets: list[str], target: str, **over):
+    raw = {
+        "cohort": {"table": str(table), "targets": targets, "covariates": ["age", "sex"]},
+        "training": {"epochs": 10, "val_fraction": 0.0},
+        "cv": {"n_folds": 3, "n_repeats": 1},
+        "confounds": {"target": target, "n_permutations": 1000},
+        "baseline": {"enabled": False},
+        "attention": {"enabled": False},
+        "final": {"enabled": False},
+    }
+    for section, values in over.items():
+        raw.setdefault(section, {}).update(values)
+    return config_from_dict(raw, table.parent)
+
+
+@pytest.fixture(scope="module")
+def cohort_table(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return confound_cohort(tmp_path_factory.mktemp("confounds") / "cohort")
+
+
+@pytest.fixture(scope="module")
+def null_run(cohort_table: Path):
+    import torch
+
+    torch.manual_seed(0)
+    out = cohort_table.parent.parent / "null"
+    logs: list[str] = []
+    res = run_study(_config(cohort_table, ["age_only"], "none"), out, progress=False,
+                    log=logs.append)
+    return out, res, logs
+
+
+@pytest.fixture(scope="module")
+def residual_run(cohort_table: Path):
+    import torch
+
+    torch.manual_seed(0)
+    out = cohort_table.parent.parent / "residual"
+    logs: list[str] = []
+    res = run_study(_config(cohort_table, ["local"], "residualize", final={"enabled": True}),
+                    out, progress=False, log=logs.append)
+    return out, res, logs
+
+
+def test_confounded_null_is_called_nothing_detectable(null_run) -> None:
+    out, res, logs = null_run
+    r = float(res.metrics["pearson_r"].iloc[0])
+    assert r > 0.4, r  # the network reads age from the atrophy: Table 1 alone would say "works"
+    table = pd.read_csv(out / "cv/confounds.tsv", sep="\t")
+    assert list(table.columns) == CONFOUND_COLUMNS
+    net = table[table.model == "dfrn"].iloc[0]
+    assert net["r"] == pytest.approx(r, abs=1e-6)  # raw target: the same r as Table 1
+    assert net["p_delta_r2_permutation"] > 0.05, net.to_dict()
+    assert abs(net["delta_r2"]) < 0.05
+    cov = table[table.model == "covariates"].iloc[0]
+    assert cov["r"] > 0.5 and np.isnan(cov["delta_r2"])  # the bar, not judged against itself
+    summary = pd.read_csv(out / "cv/confounds_summary.tsv", sep="\t")
+    verdict = summary.loc[summary.model == "dfrn", "verdict"].iloc[0]
+    assert "add nothing detectable beyond age and sex" in verdict
+    assert any(line.startswith("  age_only: the network's predictions add nothing detectable")
+               for line in logs)
+    assert any("Table 1" in line and "raw targets" in line for line in logs)
+
+
+def test_real_effect_with_residualised_targets_is_found(residual_run, cohort_table) -> None:
+    out, res, logs = residual_run
+    table = pd.read_csv(out / "cv/confounds.tsv", sep="\t")
+    net = table[table.model == "dfrn"].iloc[0]
+    assert net["p_delta_r2_permutation"] < 0.05 and net["delta_r2"] > 0.05, net.to_dict()
+    assert net["r_partial"] > 0.3
+    summary = pd.read_csv(out / "cv/confounds_summary.tsv", sep="\t")
+    verdict = summary.loc[summary.model == "dfrn", "verdict"].iloc[0]
+    assert verdict.startswith("the network's predictions add ΔR² = ") and "nothing" not in verdict
+    assert any("Table 1" in line and "residualised on age and sex" in line for line in logs)
+    # the models were evaluated on fold residuals, the analysis on the raw target
+    pred = pd.read_csv(out / "cv/predictions.tsv", sep="\t", dtype={"participant_id": str})
+    raw = pd.read_csv(cohort_table, sep="\t", dtype={"participant_id": str}).set_index(
+        "participant_id")
+    resid = pred.set_index("participant_id")["y_true"]
+    assert not np.allclose(resid, raw.loc[resid.index, "local"])
+    assert abs(np.corrcoef(resid, raw.loc[resid.index, "age"])[0, 1]) < 0.2
+
+
+def test_task_residuals_use_the_training_fold_fit(residual_run, cohort_table) -> None:
+    out, res, _ = residual_run
+    raw = pd.read_csv(cohort_table, sep="\t", dtype={"participant_id": str}).set_index(
+        "participant_id")
+    design = pd.DataFrame({"age": raw["age"], "sex_M": (raw["sex"] == "M").astype(float)})
+    pred = pd.read_csv(out / "cv/predictions.tsv", sep="\t", dtype={"participant_id": str})
+    for task in sorted((out / "cv/tasks").iterdir()):
+        meta = json.loads((task / "task.json").read_text())
+        fit = ConfoundFit.from_dict(meta["confound_fit"])
+        train = [p for p in raw.index if p not in set(meta["test_ids"])]
+        # the fit is OLS on the training subjects only (statsmodels as the reference)
+        import statsmodels.api as sm
+
+        ols = sm.OLS(raw.loc[train, "local"], sm.add_constant(design.loc[train])).fit()
+        np.testing.assert_allclose([fit.intercept, *fit.coef], ols.params.to_numpy(), rtol=1e-8)
+        rows = pred[pred.fold == meta["fold"]].set_index("participant_id")
+        expected = raw.loc[rows.index, "local"] - fit.fitted(design.loc[rows.index])
+        np.testing.assert_allclose(rows["y_true"], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_predict_writes_residual_and_full_predictions(residual_run, cohort_table,
+                                                      tmp_path: Path) -> None:
+    out, res, _ = residual_run
+    meta = json.loads((out / "models/local/metadata.json").read_text())
+    assert meta["target"]["adjustment"]["covariates"] == {
+        "columns": ["age", "sex"], "levels": {"sex": ["F", "M"]}}
+    assert "residualised on age, sex" in (out / "models/local/README.md").read_text()
+    pred_dir = tmp_path / "p"
+    assert main(["predict", str(out), "--cohort", str(cohort_table), "--out", str(pred_dir),
+                 "--allow-training-subjects", "--no-progress"]) == 0
+    pred = pd.read_csv(pred_dir / "predictions.tsv", sep="\t", dtype={"participant_id": str})
+    raw = pd.read_csv(cohort_table, sep="\t", dtype={"participant_id": str}).set_index(
+        "participant_id")
+    design = pd.DataFrame({"age": raw["age"], "sex_M": (raw["sex"] == "M").astype(float)})
+    part = np.mean([ConfoundFit.from_dict(m["confound_fit"]).fitted(design.loc[pred.participant_id])
+                    for m in meta["models"]], axis=0)
+    np.testing.assert_allclose(pred["prediction_full"] - pred["prediction"], part, atol=1e-5)
+    assert (pred["adjusted_for"] == "age and sex").all()
+    # the full prediction tracks the raw target better than the residual one does
+    y = raw.loc[pred.participant_id, "local"]
+    assert np.corrcoef(y, pred["prediction_full"])[0, 1] > np.corrcoef(y, pred["prediction"])[0, 1]
+
+    # a cohort without the age column: residual only, and the log names the column
+    no_age = tmp_path / "no_age.tsv"
+    raw.drop(columns=["age"]).reset_index().to_csv(no_age, sep="\t", index=False)
+    for name in raw["t1"]:
+        (tmp_path / name).symlink_to(cohort_table.parent / name)
+    logs: list[str] = []
+    from dfrn.workflows.predict import predict_cohort
+
+    table = predict_cohort(out, no_age, tmp_path / "p2", allow_training_subjects=True,
+                           progress=False, log=logs.append)
+    assert table["prediction_full"].isna().all() and table["prediction"].notna().all()
+    assert any("no 'age' column" in line for line in logs)
+    # a sex level the model never saw: one line naming the subject
+    odd = tmp_path / "odd.tsv"
+    raw.assign(sex=["X"] + list(raw["sex"].iloc[1:])).reset_index().to_csv(odd, sep="\t",
+                                                                           index=False)
+    with pytest.raises(Exception, match=r"subject sub-00: covariate 'sex' is 'X'"):
+        predict_cohort(out, odd, tmp_path / "p3", allow_training_subjects=True, progress=False,
+                       log=logs.append)
