@@ -102,3 +102,36 @@ def test_negative_counts_are_refused_naming_section_and_key(
         DfrnInputError, match=rf"^config \[{section}\] {key} must be >= {minimum}, got {value}$"
     ):
         study_config(tiny_cohort, **{section: {key: value}})
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "message"),
+    [
+        ("confounds", {"target": "residualize"},
+         r"\[confounds\] target = 'residualize' needs \[cohort\] covariates or site"),
+        ("confounds", {"target": "regress"}, r"\[confounds\] target must be 'none' or 'residualize'"),
+        ("baseline", {"harmonize": "combat"}, r"harmonize = 'combat' needs \[cohort\] site"),
+        ("cohort", {"missing_covariates": "impute"}, "missing_covariates must be 'refuse' or 'drop'"),
+        ("confounds", {"n_permutations": -1}, r"\[confounds\] n_permutations must be >= 0"),
+        ("cohort", {"covariates": ["a"]}, r"\[cohort\] covariates lists the target 'a'"),
+    ],
+)
+def test_confound_settings_give_one_line(tmp_path, section, values, message) -> None:
+    from dfrn.config import config_from_dict
+
+    raw = {"cohort": {"table": "t.tsv", "targets": ["a"]}}
+    raw.setdefault(section, {}).update(values)
+    with pytest.raises(DfrnInputError, match=message):
+        config_from_dict(raw, tmp_path)
+
+
+def test_new_keys_at_their_defaults_keep_old_run_identities(tmp_path) -> None:
+    """Fingerprints computed by dfrn before [confounds], site, groups and harmonize existed."""
+    from dfrn.config import config_from_dict
+
+    raw = {"cohort": {"table": "t.tsv", "targets": ["a"], "covariates": ["age"]}, "prep": {}}
+    assert config_from_dict(raw, tmp_path).fingerprint() == "641b9abb3518e728"
+    raw = {"cohort": {"table": "t.tsv", "targets": ["a"]}}
+    assert config_from_dict(raw, tmp_path).fingerprint() == "38bff881f1eb4135"
+    raw["confounds"] = {"n_permutations": 10}
+    assert config_from_dict(raw, tmp_path).fingerprint() != "38bff881f1eb4135"

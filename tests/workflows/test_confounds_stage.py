@@ -166,3 +166,24 @@ def test_predict_writes_residual_and_full_predictions(residual_run, cohort_table
     with pytest.raises(Exception, match=r"subject sub-00: covariate 'sex' is 'X'"):
         predict_cohort(out, odd, tmp_path / "p3", allow_training_subjects=True, progress=False,
                        log=logs.append)
+
+
+def test_subjects_missing_a_covariate_are_refused_or_dropped(cohort_copy) -> None:
+    from conftest import study_config
+
+    from dfrn.errors import DfrnInputError
+    from dfrn.workflows.study import load_study_cohort
+
+    table = pd.read_csv(cohort_copy.table, sep="\t")
+    table.loc[3, "age"] = np.nan
+    table.to_csv(cohort_copy.table, sep="\t", index=False)
+    pid = table.loc[3, "participant_id"]
+    cfg = study_config(cohort_copy, cohort={"covariates": ["age", "sex"]})
+    with pytest.raises(DfrnInputError, match=f"subject {pid}: covariate 'age' is missing"):
+        load_study_cohort(cfg)
+    cfg = study_config(cohort_copy, cohort={"covariates": ["age", "sex"],
+                                            "missing_covariates": "drop"})
+    with pytest.warns(UserWarning, match=f"1 subject\\(s\\) left out .*: {pid}"):
+        cohort = load_study_cohort(cfg)
+    assert pid not in cohort.participant_ids and len(cohort) == len(table) - 1
+    assert len(cohort.images) == len(cohort)
