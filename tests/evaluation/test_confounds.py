@@ -147,8 +147,9 @@ def test_confound_table_uses_the_raw_target_and_summarises_over_repeats() -> Non
     pred = pd.DataFrame(rows, columns=["participant_id", "repeat", "fold", "factor", "y_true",
                                        "y_pred"])
     back = raw_target_predictions(pred, raw, plan)
-    np.testing.assert_allclose(back["y_true"],
-                               [targets.at[p, f] for p, f in zip(back.participant_id, back.factor)])
+    expected = [targets.at[p, f]
+                for p, f in zip(back.participant_id, back.factor, strict=True)]
+    np.testing.assert_allclose(back["y_true"], expected)
     table = confound_table({"dfrn": back}, design, n_perm=50)
     assert len(table) == 2 * 2
     summary = summarise_confounds(table)
