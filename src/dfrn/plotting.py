@@ -114,8 +114,14 @@ def plot_fig3(
     ridge_metrics: pd.DataFrame,
     dfrn_metrics: pd.DataFrame | None,
     path: str | Path,
+    covariates_metrics: pd.DataFrame | None = None,
+    covariates_label: str = "Covariates only",
+    target_note: str = "",
 ) -> Path:
     """Figure 3: mean Pearson r per factor, ridge regression next to DFRN, ± sd over repeats.
+
+    With ``covariates_metrics`` the covariates-only model's bar comes first: the r the brain
+    models have to clear.
 
     Parameters
     ----------
@@ -126,6 +132,12 @@ def plot_fig3(
         The network's metrics, in the same format; None draws the ridge bars alone.
     path : str or Path
         The PNG to write (atomically); usually ``figures/fig3_rr_vs_dfrn.png``.
+    covariates_metrics : DataFrame, optional
+        Metrics of the covariates-only model (same format).
+    covariates_label : str
+        Its legend entry (e.g. "Covariates only (age and sex)").
+    target_note : str
+        Appended to the brain models' legend entries (e.g. " (residualised target)").
 
     Returns
     -------
@@ -136,9 +148,11 @@ def plot_fig3(
 
     from dfrn.evaluation.metrics import mean_r
 
-    tables = [("Ridge regression (ROI volumes)", ridge_metrics, "#8c8c8c")]
+    tables = [] if covariates_metrics is None else [
+        (covariates_label, covariates_metrics, "#e0a030")]
+    tables.append((f"Ridge regression (ROI volumes){target_note}", ridge_metrics, "#8c8c8c"))
     if dfrn_metrics is not None:
-        tables.append(("DFRN", dfrn_metrics, "#1f77b4"))
+        tables.append((f"DFRN{target_note}", dfrn_metrics, "#1f77b4"))
     factors = list(
         dict.fromkeys(
             [str(f) for _, m, _ in tables[::-1] for f in m["factor"]]  # DFRN's order first

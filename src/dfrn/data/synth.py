@@ -17,7 +17,11 @@ anxiety       cerebellum                             (±26, -62, -36)
 ============  =====================================  =============
 
 Nuisance variation: global head size (an isotropic zoom about the centre), a smooth
-multiplicative bias field, and Gaussian noise. The ground-truth masks are written as
+multiplicative bias field, and Gaussian noise. With ``age_effect`` > 0, age (uniform 20–70)
+drives a broad atrophy: gray matter everywhere darkens (T1) and thins (GM) in proportion to
+the standardised age. With ``age_only``, that factor's score is age plus noise
+(``0.8 × z(age) + 0.6 × N(0, 1)``) and plants no region: the brain carries nothing about it
+beyond age, the confound every "beyond the covariates" analysis must see through. The ground-truth masks are written as
 ``truth_<factor>.nii.gz`` and the true scores into ``participants.tsv``.
 """
 
@@ -161,6 +165,8 @@ def make_synthetic_cohort(
     noise_sd: float = 0.02,
     seed: int = 0,
     progress: bool = False,
+    age_effect: float = 0.0,
+    age_only: str | None = None,
 ) -> SynthCohort:
     """Write a synthetic cohort with planted factor effects.
 
@@ -178,6 +184,11 @@ def make_synthetic_cohort(
     effect:
         Fractional darkening of a region per unit of factor score (scores are N(0, 1)),
         applied with a smooth edge.
+    age_effect:
+        Fractional darkening of gray matter (weighted by the template's GM probability) per
+        SD of age; 0 (default) leaves age unrelated to the images.
+    age_only:
+        A factor whose score is made from age plus noise, with no planted region.
     """
     from tqdm.auto import tqdm
 
@@ -197,6 +208,8 @@ def make_synthetic_cohort(
 
     truth_paths = {}
     for f, m in masks.items():
+        if f == age_only:  # no planted region: no ground truth
+            continue
         p = out / f"truth_{f}.nii.gz"
         atomic_write_nifti(nib.Nifti1Image((m & brain).astype(np.uint8), affine), p)
         truth_paths[f] = p
@@ -208,13 +221,23 @@ def make_synthetic_cohort(
     scores = rng.standard_normal((n_subjects, len(FACTORS)))
     ages = rng.uniform(20, 70, n_subjects).round(1)
     sexes = rng.choice(["F", "M"], n_subjects)
+    z_age = (ages - 45.0) / (50.0 / math.sqrt(12.0))  # uniform(20, 70): mean 45, sd 14.4
+    planted = np.ones(len(FACTORS))
+    if age_only is not None:
+        k = FACTORS.index(age_only)  # a separate stream: the other subjects' draws are unchanged
+        noise = np.random.default_rng([seed, 1]).standard_normal(n_subjects)
+        scores[:, k] = 0.8 * z_age + 0.6 * noise
+        planted[k] = 0.0
+    ageing = age_effect * gm_data
     rows = []
     width = max(4, len(str(n_subjects)))
     for i in tqdm(range(n_subjects), desc="synthetic subjects", disable=not progress):
         pid = f"sub-{i + 1:0{width}d}"
         change = np.zeros_like(t1_data)
         for k, f in enumerate(FACTORS):
-            change += effect * scores[i, k] * soft[f]
+            change += planted[k] * effect * scores[i, k] * soft[f]
+        if age_effect:
+            change += ageing * z_age[i]
         factor_map = np.clip(1.0 - change, 0.2, 1.8)
         scale = 1.0 + size_sd * rng.standard_normal()
         t1_i = _zoom_about_centre(t1_data * factor_map, scale)
@@ -275,6 +298,8 @@ def make_demo_atlases(cohort: SynthCohort, n_parcels: int = 60, seed: int = 0) -
     names = parc.labels[["index", "name"]].copy()
     brain = regions > 0
     for k, factor in enumerate(FACTORS):
+        if factor not in cohort.truth_masks:  # an age-only factor plants no region
+            continue
         idx = n_parcels + 1 + k
         truth = np.asarray(nib.load(cohort.truth_masks[factor]).dataobj) > 0
         regions[truth & brain] = idx

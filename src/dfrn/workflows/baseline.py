@@ -169,6 +169,34 @@ def _covariates(cohort: Cohort, cfg: StudyConfig) -> pd.DataFrame | None:
     return encode_covariates(cohort.table[names])
 
 
+def _draw_fig3(folder: ResultsFolder, cfg: StudyConfig, metrics: pd.DataFrame,
+               dfrn_metrics: pd.DataFrame | None) -> None:
+    """Figure 3, with the covariates-only bar when the study has covariates."""
+    from dfrn.data.covariates import describe_covariates
+
+    cov_metrics, label, note = None, "", ""
+    names = list(cfg.cohort.covariates) + ([cfg.cohort.site] if cfg.cohort.site else [])
+    if names and folder.covariates_metrics.is_file():
+        cov_metrics = folder.read_metrics(folder.covariates_metrics)
+        label = f"Covariates only ({describe_covariates(names)})"
+        if cfg.confounds.target == "residualize":
+            note = " (residualised target)"
+    plot_fig3(metrics, dfrn_metrics, folder.figure(_FIG3), cov_metrics, label, note)
+
+
+def _refresh_confounds(out: str | Path, cfg: StudyConfig, cohort: Cohort, plan: pd.DataFrame,
+                       log: Callable[[str], None]) -> None:
+    """After a later ``dfrn baseline``: redo the beyond-the-covariates table with its ridge."""
+    from dfrn.workflows.confounds import run_confounds_stage
+    from dfrn.workflows.study import study_covariates, study_targets
+
+    selection = study_covariates(cohort, cfg)
+    if selection is None or not ResultsFolder(Path(out)).predictions.is_file():
+        return
+    _, raw = study_targets(cohort, cfg, plan, None, log)
+    run_confounds_stage(out, cfg, selection, raw, plan, log)
+
+
 def run_baseline_stage(
     out: str | Path,
     cfg: StudyConfig | None = None,
@@ -219,11 +247,18 @@ def run_baseline_stage(
 
         with results_lock(Path(out), "dfrn baseline", log):
             study = open_finished_study(out, progress)
-            return run_baseline_stage(
+            results = run_baseline_stage(
                 out, study.cfg, study.cohort, None, None, study.plan, progress, log, atlas,
                 atlas_labels, n_permutations,
             )
-    from dfrn.workflows.study import load_study_cohort, study_targets
+            _refresh_confounds(out, study.cfg, study.cohort, study.plan, log)
+            return results
+    from dfrn.workflows.study import (
+        load_study_cohort,
+        study_covariates,
+        study_provider,
+        study_targets,
+    )
 
     folder = ResultsFolder(Path(out))
     b = cfg.baseline
@@ -231,7 +266,8 @@ def run_baseline_stage(
     if plan is None:
         plan = folder.read_folds()
     if targets is None or provider is None:
-        targets, provider = study_targets(cohort, cfg, plan, folder.root, log)
+        targets, raw = study_targets(cohort, cfg, plan, folder.root, log)
+        provider = study_provider(raw, study_covariates(cohort, cfg), cfg, log)
     atlas_obj = load_atlas_for(atlas or b.atlas, atlas_labels or b.atlas_labels, log)
     if atlas_obj is None:
         log("baseline skipped: it needs an atlas (--atlas/--atlas-labels or [baseline] atlas)")
@@ -258,7 +294,7 @@ def run_baseline_stage(
         log("note: the permutation test needs targets fixed before CV; skipped with fit_on = 'train'")
 
     dfrn_metrics = folder.read_metrics() if folder.metrics.is_file() else None
-    plot_fig3(metrics, dfrn_metrics, folder.figure(_FIG3))
+    _draw_fig3(folder, cfg, metrics, dfrn_metrics)
     summary = mean_r(metrics)["mean_r"].rename("ridge_r").to_frame()
     if dfrn_metrics is not None:
         dfrn_metrics = dfrn_metrics.assign(factor=dfrn_metrics["factor"].astype(str))

@@ -24,7 +24,6 @@ from pathlib import Path
 import pandas as pd
 
 from dfrn.config import StudyConfig
-from dfrn.data.cohort import Cohort
 from dfrn.data.covariates import CovariateSelection
 from dfrn.evaluation.confounds import (
     confound_table,
@@ -39,7 +38,7 @@ from dfrn.plotting import format_table
 from dfrn.targets.providers import TargetProvider
 from dfrn.workflows.results import ResultsFolder
 
-__all__ = ["run_confounds_stage", "MODEL_WORDS", "target_words"]
+__all__ = ["run_covariates_model", "run_confounds_stage", "MODEL_WORDS", "target_words"]
 
 #: How each model is named in the verdicts.
 MODEL_WORDS = {"dfrn": "the network", "ridge": "the ridge baseline", "covariates": "the covariates"}
@@ -64,10 +63,30 @@ def _model_predictions(folder: ResultsFolder, cov_pred: pd.DataFrame, residualiz
     return models
 
 
+def run_covariates_model(
+    out: str | Path,
+    selection: CovariateSelection,
+    raw_targets: TargetProvider,
+    plan: pd.DataFrame,
+) -> pd.DataFrame:
+    """Cross-validate the covariates-only model; write its predictions and metrics.
+
+    Returns
+    -------
+    DataFrame
+        Its metrics (``cv/covariates_metrics.tsv``).
+    """
+    folder = ResultsFolder(Path(out))
+    cov_pred = cross_validate_covariates(selection.design(), raw_targets, plan)
+    metrics = compute_metrics(cov_pred)
+    atomic_write_tsv(cov_pred, folder.covariates_predictions)
+    atomic_write_tsv(metrics, folder.covariates_metrics)
+    return metrics
+
+
 def run_confounds_stage(
     out: str | Path,
     cfg: StudyConfig,
-    cohort: Cohort,
     selection: CovariateSelection | None,
     raw_targets: TargetProvider,
     plan: pd.DataFrame,
@@ -75,12 +94,13 @@ def run_confounds_stage(
 ) -> pd.DataFrame | None:
     """Write the stage's files (see the module docstring); return the summary.
 
+    The covariates-only model is (re)fitted first, so the table never mixes runs.
+
     Parameters
     ----------
     out : str or Path
         The results folder (``cv/predictions.tsv`` must exist).
     cfg : StudyConfig
-    cohort : Cohort
     selection : CovariateSelection or None
         The study's covariates; None: nothing to do (returns None).
     raw_targets : TargetProvider
@@ -93,9 +113,8 @@ def run_confounds_stage(
         return None
     folder = ResultsFolder(Path(out))
     design = selection.design()
-    cov_pred = cross_validate_covariates(design, raw_targets, plan)
-    atomic_write_tsv(cov_pred, folder.covariates_predictions)
-    atomic_write_tsv(compute_metrics(cov_pred), folder.covariates_metrics)
+    run_covariates_model(out, selection, raw_targets, plan)
+    cov_pred = folder.read_predictions(folder.covariates_predictions)
     models = _model_predictions(folder, cov_pred, cfg.confounds.target == "residualize",
                                 raw_targets, plan)
     table = confound_table(models, design, cfg.confounds.n_permutations, cfg.cv.seed)

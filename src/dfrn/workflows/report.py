@@ -44,6 +44,28 @@ REFERENCES = [
     "Abraham A et al. (2014). Machine learning for neuroimaging with scikit-learn (nilearn). "
     "Front Neuroinform 8:14.",
 ]
+#: Cited in the Methods when the study has covariates.
+CONFOUND_REFERENCES = [
+    "Snoek L, Miletić S, Scholte HS (2019). How to control for confounds in decoding analyses "
+    "of neuroimaging data. NeuroImage 184:741-760.",
+    "Dinga R, Schmaal L, Penninx BWJH, Veltman DJ, Marquand AF (2020). Controlling for "
+    "effects of confounding variables on machine learning predictions. bioRxiv "
+    "2020.08.17.255034.",
+    "More S, Eickhoff SB, Caspers J, Patil KR (2021). Confound removal and normalization in "
+    "practice: a neuroimaging based sex prediction case study. ECML PKDD 2020 Workshops, "
+    "CCIS 1325.",
+    "Freedman D, Lane D (1983). A nonstochastic interpretation of reported significance "
+    "levels. J Bus Econ Stat 1:292-298.",
+    "Winkler AM, Ridgway GR, Webster MA, Smith SM, Nichols TE (2014). Permutation inference "
+    "for the general linear model. NeuroImage 92:381-397.",
+]
+#: Cited when the ridge baseline is harmonised with ComBat.
+COMBAT_REFERENCES = [
+    "Johnson WE, Li C, Rabinovic A (2007). Adjusting batch effects in microarray expression "
+    "data using empirical Bayes methods. Biostatistics 8:118-127.",
+    "Fortin JP et al. (2018). Harmonization of cortical thickness measurements across "
+    "scanners and sites. NeuroImage 167:104-120.",
+]
 
 
 def _png(path: Path) -> str | None:
@@ -134,10 +156,79 @@ def _methods(cfg: dict[str, Any], n_subjects: int, factors: list[str]) -> str:
         column = c.get("gm_column") or "gm"
         text += (f"A ridge regression on the atlas-region sums of the '{column}' maps (ml) was "
                  "evaluated on the same folds, with a permutation test. ")
+    text += _confound_methods(cfg)
     if cfg.get("attention", {}).get("enabled", True):
         text += (f"Factor attention maps were computed with {cfg['attention']['method']} and "
                  "checked with the cascading model-randomisation test.")
     return text
+
+
+def _covariate_names(cfg: dict[str, Any]) -> list[str]:
+    c = cfg["cohort"]
+    site = c.get("site") or ""
+    return list(c.get("covariates", [])) + ([site] if site and site not in c.get("covariates", [])
+                                            else [])
+
+
+def _confound_methods(cfg: dict[str, Any]) -> str:
+    """The Methods sentences on covariates, residualisation and harmonisation."""
+    from dfrn.data.covariates import describe_covariates
+
+    names = _covariate_names(cfg)
+    if not names:
+        return ""
+    words = describe_covariates(names)
+    conf = cfg.get("confounds", {})
+    text = (
+        f"Covariates: {words} (categorical ones one-hot coded). A covariates-only linear model "
+        "was cross-validated in the same folds. Each model's pooled out-of-fold predictions "
+        f"were judged by what they add beyond {words} (Dinga et al. 2020; More et al. 2021): "
+        "the partial correlation r(y, ŷ | covariates) with its parametric p, the ΔR² of "
+        "y ~ covariates + ŷ over y ~ covariates, and a permutation p for ΔR² by Freedman–Lane "
+        f"({conf.get('n_permutations', 1000)} permutations of the residuals of y ~ covariates; "
+        "Winkler et al. 2014). "
+    )
+    if conf.get("target") == "residualize":
+        text += ("The targets were residualised on the covariates inside each training fold "
+                 "(ordinary least squares fitted on the training subjects and applied to the "
+                 "test subjects; Snoek et al. 2019); Table 1 reports r on those residuals. ")
+    if cfg.get("baseline", {}).get("harmonize") == "combat":
+        text += ("The ridge baseline's ROI features were harmonised across sites with ComBat "
+                 "(Johnson et al. 2007; Fortin et al. 2018), learned on each training fold while "
+                 "keeping the covariates' effects, and applied to its test fold. ")
+    return text
+
+
+def _confounds_context(folder: ResultsFolder, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The report's "Beyond the covariates" section, or an empty one."""
+    from dfrn.data.covariates import describe_covariates
+
+    names = _covariate_names(cfg)
+    if not names or not folder.confounds_summary.is_file():
+        return {"confounds": None, "confound_verdicts": [], "covariate_words": ""}
+    summary = pd.read_csv(folder.confounds_summary, sep="	")
+    verdicts = [(r.factor, r.verdict) for r in summary.itertuples() if r.model != "covariates"]
+    table = summary.drop(columns=["verdict"])
+    return {"confounds": _frame(table, 3), "confound_verdicts": verdicts,
+            "covariate_words": describe_covariates(names)}
+
+
+def _references(cfg: dict[str, Any]) -> list[str]:
+    refs = list(REFERENCES)
+    if _covariate_names(cfg):
+        refs += CONFOUND_REFERENCES
+    if cfg.get("baseline", {}).get("harmonize") == "combat":
+        refs += COMBAT_REFERENCES
+    return refs
+
+
+def _target_note(cfg: dict[str, Any]) -> str:
+    from dfrn.data.covariates import describe_covariates
+
+    if cfg.get("confounds", {}).get("target") == "residualize":
+        return (f"Targets residualised on {describe_covariates(_covariate_names(cfg))} inside "
+                "each training fold: r is on the residuals.")
+    return "Raw targets."
 
 
 def write_report(out: str | Path, notes: list[str] | None = None) -> Path:
@@ -216,7 +307,9 @@ def write_report(out: str | Path, notes: list[str] | None = None) -> Path:
         "prep_text": "No preprocessing ran in dfrn: the images were registered by the user "
                      "(QC tables and mosaics appear here when dfrn prep made the inputs).",
         "methods": _methods(cfg, n_subjects, factors),
-        "references": REFERENCES,
+        "references": _references(cfg),
+        "target_note": _target_note(cfg),
+        **_confounds_context(folder, cfg),
     }
     loader = jinja2.PackageLoader("dfrn.workflows", "templates")
     environment = jinja2.Environment(loader=loader, autoescape=jinja2.select_autoescape(["j2"]))

@@ -223,6 +223,11 @@ def _run_study_locked(
     executor: Executor | None = None,
 ) -> StudyResult:
     result = run_cv_stage(cfg, out, progress, log, allow_existing, executor)
+    if result.extra["covariates"] is not None:  # before the baseline: Figure 3 shows its bar
+        from dfrn.workflows.confounds import run_covariates_model
+
+        run_covariates_model(out, result.extra["covariates"], result.extra["raw_provider"],
+                             result.plan)
     if permutations > 0:
         from dfrn.workflows.network_permutation import network_permutation_test
 
@@ -255,8 +260,7 @@ def _run_study_locked(
         from dfrn.workflows.confounds import run_confounds_stage
 
         result.extra["confounds"] = run_confounds_stage(
-            out, cfg, result.cohort, result.extra["covariates"], result.extra["raw_provider"],
-            result.plan, log,
+            out, cfg, result.extra["covariates"], result.extra["raw_provider"], result.plan, log,
         )
     from dfrn.workflows.report import write_report
 
