@@ -1,7 +1,15 @@
 """The cross-validation fold plan: subject-level K-fold, repeated, fixed by a seed.
 
 The plan is a table with one row per (participant_id, repeat): the ``fold`` column is the
-fold in which that participant is a *test* subject in that repeat. Every evaluation stage
+fold in which that participant is a *test* subject in that repeat.
+
+``groups`` (``[cv] groups``: site, family, a subject with several sessions) keeps each group
+inside one test fold, through scikit-learn's ``GroupKFold`` (shuffled, one random state per
+repeat) or ``StratifiedGroupKFold``; ``n_folds`` equal to the number of groups is
+leave-one-group-out. ``strata`` (``[cv] stratify``) balances a continuous target across
+folds: its values are cut into quantile bins holding at least ``n_folds`` subjects each and
+scikit-learn's ``StratifiedKFold`` splits within them. Without either, the plan is
+``RepeatedKFold``'s, as in every earlier version. Every evaluation stage
 (the network, the ridge baseline, permutation tests, attention maps) reads the same plan
 from ``cv/folds.tsv``, so they are compared on identical splits.
 """
@@ -12,19 +20,107 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import RepeatedKFold
+from sklearn.model_selection import (
+    GroupKFold,
+    RepeatedKFold,
+    StratifiedGroupKFold,
+    StratifiedKFold,
+)
 
 from dfrn.errors import DfrnInputError
 
-__all__ = ["FOLD_COLUMNS", "make_fold_plan", "iter_splits", "validate_fold_plan"]
+__all__ = [
+    "FOLD_COLUMNS", "make_fold_plan", "iter_splits", "validate_fold_plan", "check_plan_groups",
+    "strata_bins",
+]
 
 FOLD_COLUMNS = ["participant_id", "repeat", "fold"]
 
 
+def strata_bins(values: Sequence[float], n_folds: int) -> np.ndarray:
+    """Quantile bins of a continuous target, each with at least ``n_folds`` subjects.
+
+    Subjects without a value (NaN) form a bin of their own.
+
+    Parameters
+    ----------
+    values : sequence of float
+    n_folds : int
+
+    Returns
+    -------
+    ndarray of int
+        A bin label per subject.
+    """
+    v = np.asarray(values, dtype=float)
+    finite = np.isfinite(v)
+    n_bins = max(1, int(finite.sum()) // n_folds)
+    labels = np.full(len(v), -1, dtype=int)
+    if finite.any():
+        ranks = pd.Series(v[finite]).rank(method="first").to_numpy()
+        labels[finite] = np.minimum(((ranks - 1) * n_bins / finite.sum()).astype(int), n_bins - 1)
+    return labels
+
+
+def _group_labels(groups: Sequence[object], ids: list[str], n_folds: int,
+                  column: str) -> np.ndarray:
+    labels = pd.Series(list(groups), index=ids)
+    missing = labels.index[labels.isna().to_numpy()]
+    if len(missing):
+        raise DfrnInputError(f"participant {missing[0]}: group column {column!r} is empty")
+    labels = labels.astype(str).to_numpy()
+    n_groups = len(set(labels))
+    if n_groups < n_folds:
+        raise DfrnInputError(
+            f"group column {column!r} has {n_groups} groups, fewer than cv.n_folds={n_folds}: "
+            f"lower n_folds to at most {n_groups} (n_folds = {n_groups} is leave-one-group-out)"
+        )
+    return labels
+
+
+def _splitter(n_folds: int, seed: int, grouped: bool, stratified: bool):
+    if grouped and stratified:
+        return StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    if grouped:
+        return GroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    return StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+
+
 def make_fold_plan(
-    participant_ids: Sequence[str], n_folds: int = 10, n_repeats: int = 5, seed: int = 0
+    participant_ids: Sequence[str],
+    n_folds: int = 10,
+    n_repeats: int = 5,
+    seed: int = 0,
+    *,
+    groups: Sequence[object] | None = None,
+    strata: Sequence[float] | None = None,
+    group_column: str = "groups",
 ) -> pd.DataFrame:
-    """Assign every participant to a test fold in each repeat (scikit-learn ``RepeatedKFold``)."""
+    """Assign every participant to a test fold in each repeat.
+
+    Parameters
+    ----------
+    participant_ids : sequence of str
+    n_folds, n_repeats, seed : int
+    groups : sequence, optional
+        A group label per participant: each group stays inside one test fold per repeat.
+    strata : sequence of float, optional
+        A continuous target per participant, balanced across folds (:func:`strata_bins`).
+    group_column : str
+        The groups' column name, for messages.
+
+    Returns
+    -------
+    DataFrame
+        Columns ``participant_id, repeat, fold``. Without ``groups`` and ``strata`` it is
+        scikit-learn ``RepeatedKFold``'s plan (unchanged from earlier versions); repeat ``r``
+        otherwise uses the splitter's ``random_state = seed + r``.
+
+    Raises
+    ------
+    DfrnInputError
+        For fewer subjects (or groups) than folds, or a participant without a group.
+    """
     ids = list(participant_ids)
     if n_folds < 2:
         raise DfrnInputError(f"cv.n_folds must be at least 2, got {n_folds}")
@@ -33,10 +129,19 @@ def make_fold_plan(
             f"the cohort has {len(ids)} subjects, fewer than cv.n_folds={n_folds}: "
             "lower n_folds or add subjects"
         )
-    splitter = RepeatedKFold(n_splits=n_folds, n_repeats=n_repeats, random_state=seed)
     fold_of = np.full((n_repeats, len(ids)), -1, dtype=int)
-    for k, (_, test) in enumerate(splitter.split(np.zeros(len(ids)))):
-        fold_of[k // n_folds, test] = k % n_folds
+    if groups is None and strata is None:
+        splitter = RepeatedKFold(n_splits=n_folds, n_repeats=n_repeats, random_state=seed)
+        for k, (_, test) in enumerate(splitter.split(np.zeros(len(ids)))):
+            fold_of[k // n_folds, test] = k % n_folds
+    else:
+        labels = None if groups is None else _group_labels(groups, ids, n_folds, group_column)
+        bins = None if strata is None else strata_bins(strata, n_folds)
+        for r in range(n_repeats):
+            split = _splitter(n_folds, seed + r, labels is not None, bins is not None)
+            y = bins if bins is not None else np.zeros(len(ids))
+            for f, (_, test) in enumerate(split.split(np.zeros(len(ids)), y, labels)):
+                fold_of[r, test] = f
     rows = [
         (pid, r, int(fold_of[r, i])) for r in range(n_repeats) for i, pid in enumerate(ids)
     ]
@@ -53,6 +158,35 @@ def validate_fold_plan(plan: pd.DataFrame, participant_ids: Sequence[str]) -> No
         if set(g["participant_id"]) != ids or g["participant_id"].duplicated().any():
             raise DfrnInputError(
                 f"fold plan repeat {r} does not cover the cohort's participants exactly once"
+            )
+
+
+def check_plan_groups(plan: pd.DataFrame, groups: pd.Series, column: str) -> None:
+    """Refuse a fold plan in which a group spans two test folds of a repeat.
+
+    Parameters
+    ----------
+    plan : DataFrame
+        The fold plan (e.g. a saved ``cv/folds.tsv``).
+    groups : Series
+        Group labels indexed by participant_id.
+    column : str
+        The group column's name, for the message.
+
+    Raises
+    ------
+    DfrnInputError
+        Naming the group, the repeat and two of its folds.
+    """
+    labelled = plan.assign(_group=plan["participant_id"].astype(str).map(
+        groups.set_axis(groups.index.astype(str)).astype(str)))
+    for (repeat, group), g in labelled.groupby(["repeat", "_group"], sort=True):
+        folds = sorted(g["fold"].unique())
+        if len(folds) > 1:
+            raise DfrnInputError(
+                f"the fold plan puts {column} {group!r} in folds {folds[0]} and {folds[1]} of "
+                f"repeat {repeat}: its subjects must share a fold; start a new results folder "
+                "(the plan was made without [cv] groups)"
             )
 
 

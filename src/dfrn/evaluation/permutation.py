@@ -279,6 +279,8 @@ def permutation_test(
     n_jobs: int = 1,
     progress: bool = True,
     *,
+    sites: pd.Series | None = None,
+    preserve: pd.DataFrame | None = None,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     inner_cv: int = 5,
 ) -> pd.DataFrame:
@@ -307,6 +309,8 @@ def permutation_test(
     seed : int, default 0
     covariates : DataFrame, optional
         Raw covariates (see :func:`dfrn.evaluation.ridge_cv.cross_validate_ridge`).
+    sites, preserve : optional
+        ComBat inside each split (see :func:`dfrn.evaluation.ridge_cv.cross_validate_ridge`).
     n_jobs : int, default 1
         Threads sharing the folds.
     progress : bool, default True
@@ -318,7 +322,7 @@ def permutation_test(
     DataFrame
         As :func:`permutation_test_generic`.
     """
-    inputs = align_ridge_inputs(features, plan, covariates)
+    inputs = align_ridge_inputs(features, plan, covariates, sites, preserve)
     ids = inputs.ids
     targs = align_targets(targets, ids)
     factors = [str(f) for f in targs.columns]
@@ -351,7 +355,8 @@ def permutation_test(
                 if len(te) == 0:
                     engines[key] = (tr, te, None)
                 else:
-                    engines[key] = (tr, te, prepare_split_engine(inputs, tr, te, alphas, inner_cv))
+                    engines[key] = (tr, te, prepare_split_engine(
+                        inputs, tr, te, alphas, inner_cv, f"repeat {repeat} fold {fold}"))
             tr, te, engine = engines[key]
             if engine is not None:
                 pred, _ = engine.predict(y_mats[f][tr])

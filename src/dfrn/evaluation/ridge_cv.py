@@ -63,11 +63,38 @@ class RidgeInputs:
         ROI features, finite.
     covariates : ndarray of shape (n, q) or None
         Encoded covariates (see :func:`dfrn.models.ridge.encode_covariates`).
+    sites : ndarray of str, shape (n,), or None
+        Site labels: ComBat harmonises the features across them inside each split.
+    preserve : ndarray of shape (n, k) or None
+        The covariates whose effects ComBat keeps (those of ``covariates`` that are not
+        site dummies).
     """
 
     ids: list[str]
     x: np.ndarray
     covariates: np.ndarray | None
+    sites: np.ndarray | None = None
+    preserve: np.ndarray | None = None
+
+    def split_features(self, tr: np.ndarray, te: np.ndarray, where: str = "") -> tuple[
+            np.ndarray, np.ndarray]:
+        """The features of rows ``tr`` and ``te``, ComBat-harmonised when sites are set.
+
+        ComBat is learned on rows ``tr`` only and applied to both (see
+        :class:`dfrn.models.harmonize.ComBatHarmonizer`); ``where`` names the split in
+        messages.
+        """
+        if self.sites is None:
+            return self.x[tr], self.x[te]
+        from dfrn.models.harmonize import ComBatHarmonizer
+
+        p = self.preserve
+        try:
+            h = ComBatHarmonizer().fit(self.x[tr], self.sites[tr], None if p is None else p[tr])
+            return (h.transform(self.x[tr], self.sites[tr], None if p is None else p[tr]),
+                    h.transform(self.x[te], self.sites[te], None if p is None else p[te]))
+        except DfrnInputError as exc:
+            raise DfrnInputError(f"{where}: {exc}" if where else str(exc)) from None
 
     @cached_property
     def _positions(self) -> dict[str, int]:
@@ -116,6 +143,8 @@ def align_ridge_inputs(
     features: pd.DataFrame,
     plan: pd.DataFrame,
     covariates: pd.DataFrame | None = None,
+    sites: pd.Series | None = None,
+    preserve: pd.DataFrame | None = None,
 ) -> RidgeInputs:
     """Features and covariates of the plan's subjects, checked and in plan order.
 
@@ -127,6 +156,10 @@ def align_ridge_inputs(
         The fold plan (``participant_id``, ``repeat``, ``fold``).
     covariates : DataFrame, optional
         Raw covariates; encoded with :func:`dfrn.models.ridge.encode_covariates`.
+    sites : Series, optional
+        Site labels indexed by participant_id: ComBat harmonisation inside each split.
+    preserve : DataFrame, optional
+        Encoded covariates whose effects ComBat keeps (with ``sites``).
 
     Returns
     -------
@@ -154,7 +187,16 @@ def align_ridge_inputs(
         pid, col = _first_bad(feats, ~np.isfinite(x))
         raise DfrnInputError(f"ROI feature '{col}' is missing or infinite for subject {pid}")
     c = None if cov is None else cov.loc[ids].to_numpy(dtype=float)
-    return RidgeInputs(ids, x, c)
+    s = k = None
+    if sites is not None:
+        by_id = sites.set_axis(sites.index.astype(str))
+        _require(ids, by_id.to_frame(), "site")
+        s = by_id.loc[ids].astype(str).to_numpy()
+        if preserve is not None:
+            keep = index_by_participant(preserve, "ComBat covariates")
+            _require(ids, keep, "ComBat covariates")
+            k = keep.loc[ids].to_numpy(dtype=float)
+    return RidgeInputs(ids, x, c, s, k)
 
 
 def align_targets(targets: pd.DataFrame, ids: list[str]) -> pd.DataFrame:
@@ -212,11 +254,12 @@ def prepare_split_engine(
     te: np.ndarray,
     alphas: Sequence[float],
     inner_cv: int,
+    where: str = "",
 ) -> MultiTargetRidgeCV:
     """The target-independent part of :class:`RidgeBaseline` for one split, with test rows.
 
-    Covariate regression and scaling are fitted on rows ``tr`` and applied to ``tr`` and
-    ``te``; the returned engine then solves any number of target columns on ``tr`` and
+    ComBat (when ``inputs`` has sites), covariate regression and scaling are fitted on rows
+    ``tr`` and applied to ``tr`` and ``te``; the returned engine then solves any number of target columns on ``tr`` and
     predicts ``te`` (the same numbers as fitting ``RidgeBaseline`` per column).
 
     Parameters
@@ -231,12 +274,13 @@ def prepare_split_engine(
     -------
     MultiTargetRidgeCV
     """
-    x, c = inputs.x, inputs.covariates
+    c = inputs.covariates
     c_tr = None if c is None else c[tr]
     c_te = None if c is None else c[te]
-    b0, b, scaler = fit_preprocess(x[tr], c_tr)
-    z_train = apply_preprocess(x[tr], c_tr, b0, b, scaler)
-    z_test = apply_preprocess(x[te], c_te, b0, b, scaler)
+    x_tr, x_te = inputs.split_features(tr, te, where)
+    b0, b, scaler = fit_preprocess(x_tr, c_tr)
+    z_train = apply_preprocess(x_tr, c_tr, b0, b, scaler)
+    z_test = apply_preprocess(x_te, c_te, b0, b, scaler)
     return MultiTargetRidgeCV(z_train, z_test, alphas, inner_cv)
 
 
@@ -263,6 +307,8 @@ def cross_validate_ridge(
     plan: pd.DataFrame,
     covariates: pd.DataFrame | None = ...,
     *,
+    sites: pd.Series | None = ...,
+    preserve: pd.DataFrame | None = ...,
     alphas: Sequence[float] = ...,
     inner_cv: int = ...,
     return_models: Literal[False] = ...,
@@ -276,6 +322,8 @@ def cross_validate_ridge(
     plan: pd.DataFrame,
     covariates: pd.DataFrame | None = ...,
     *,
+    sites: pd.Series | None = ...,
+    preserve: pd.DataFrame | None = ...,
     alphas: Sequence[float] = ...,
     inner_cv: int = ...,
     return_models: Literal[True],
@@ -288,6 +336,8 @@ def cross_validate_ridge(
     plan: pd.DataFrame,
     covariates: pd.DataFrame | None = None,
     *,
+    sites: pd.Series | None = None,
+    preserve: pd.DataFrame | None = None,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     inner_cv: int = 5,
     return_models: bool = False,
@@ -309,6 +359,11 @@ def cross_validate_ridge(
         Raw covariates of the plan's subjects, encoded with
         :func:`dfrn.models.ridge.encode_covariates` and regressed out of the features inside
         each training fold.
+    sites : Series, optional
+        Site labels (indexed by participant_id): the features are ComBat-harmonised inside
+        each split, learned on its training subjects (:class:`RidgeInputs`).
+    preserve : DataFrame, optional
+        Encoded covariates whose effects ComBat keeps.
     alphas : sequence of float, default DEFAULT_ALPHAS
         Candidate penalties.
     inner_cv : int, default 5
@@ -331,7 +386,7 @@ def cross_validate_ridge(
         infinite value, a provider answering with subjects outside the split, or a split
         with fewer training subjects than ``inner_cv`` for a factor.
     """
-    inputs = align_ridge_inputs(features, plan, covariates)
+    inputs = align_ridge_inputs(features, plan, covariates, sites, preserve)
     if isinstance(targets, StaticTargets):
         targets = targets.targets
     if isinstance(targets, pd.DataFrame):
@@ -350,7 +405,7 @@ def _cross_validate(
     inner_cv: int,
     return_models: bool,
 ) -> pd.DataFrame | tuple[pd.DataFrame, dict[ModelKey, RidgeBaseline]]:
-    x, c = inputs.x, inputs.covariates
+    c = inputs.covariates
     frames: list[pd.DataFrame] = []
     models: dict[ModelKey, RidgeBaseline] = {}
     for repeat, fold, train, test in iter_splits(plan):
@@ -374,9 +429,10 @@ def _cross_validate(
                     f"subjects with a value, fewer than the ridge inner_cv={inner_cv}"
                 )
             tr, te = inputs.rows(list(ytr.index)), inputs.rows(list(yte.index))
+            x_tr, x_te = inputs.split_features(tr, te, f"repeat {repeat} fold {fold}")
             model = RidgeBaseline(alphas=alphas, inner_cv=inner_cv)
-            model.fit(x[tr], ytr.to_numpy(), None if c is None else c[tr])
-            pred = model.predict(x[te], None if c is None else c[te])
+            model.fit(x_tr, ytr.to_numpy(), None if c is None else c[tr])
+            pred = model.predict(x_te, None if c is None else c[te])
             if return_models:
                 models[(repeat, fold, str(factor))] = model
             frames.append(

@@ -11,6 +11,7 @@ from dfrn._exports import lazy_exports
 _EXPORTS: dict[str, str] = {
     "BasicBlock": "network",
     "BatchFeeder": "feed",
+    "ComBatHarmonizer": "harmonize",
     "DEFAULT_ALPHAS": "ridge",
     "DEFAULT_BLOCK_STRIDES": "network",
     "DFRN": "network",
@@ -32,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     "index_by_participant": "ridge",
     "load_package": "package",
     "package_readme": "package",
+    "require_neurocombat": "harmonize",
     "resident_bytes": "feed",
     "resolve_device": "regressor",
     "scan_content_digest": "package",

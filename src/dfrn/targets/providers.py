@@ -127,7 +127,7 @@ def fit_factor_model(cohort: Cohort, cfg: FactorsConfig) -> tuple[SymptomFactors
 def factor_targets(
     cohort: Cohort,
     cfg: FactorsConfig,
-    plan: pd.DataFrame,
+    plan: pd.DataFrame | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[pd.DataFrame, TargetProvider]:
     """Fit the factors and return (full-cohort scores, target provider). Writes nothing."""

@@ -52,6 +52,7 @@ _EXPORTS: dict[str, str] = {
     "run_attention_stage": "attention",
     "run_baseline_stage": "baseline",
     "run_confounds_stage": "confounds",
+    "run_covariates_model": "confounds",
     "run_cv_stage": "run",
     "run_demo": "demo",
     "run_factors": "factors",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -30,7 +31,7 @@ from dfrn.evaluation.metrics import PREDICTION_COLUMNS, compute_metrics, mean_r,
 from dfrn.evaluation.permutation import permutation_test
 from dfrn.evaluation.ridge_cv import cross_validate_ridge
 from dfrn.io import atomic_write_tsv
-from dfrn.models.ridge import DEFAULT_ALPHAS, encode_covariates
+from dfrn.models.ridge import DEFAULT_ALPHAS
 from dfrn.plotting import format_table, plot_fig3
 from dfrn.targets.providers import StaticTargets, TargetProvider
 from dfrn.workflows.attention import load_atlas_for
@@ -155,18 +156,36 @@ def _features(
     return feats
 
 
-def _covariates(cohort: Cohort, cfg: StudyConfig) -> pd.DataFrame | None:
-    """The encoded ``[cohort] covariates`` of the cohort, or None when there are none."""
-    names = list(cfg.cohort.covariates)
-    if not names:
-        return None
-    missing = [c for c in names if c not in cohort.table.columns]
-    if missing:
-        raise DfrnInputError(
-            f"covariate {missing[0]!r} of [cohort] covariates is not in the cohort table "
-            f"(available: {', '.join(map(str, cohort.table.columns))})"
-        )
-    return encode_covariates(cohort.table[names])
+@dataclass(frozen=True)
+class _RidgeCovariates:
+    """What the ridge takes from the study's covariates."""
+
+    design: pd.DataFrame | None = None
+    """All covariates, encoded (site dummies included): regressed out of the features."""
+    sites: pd.Series | None = None
+    """Site labels, for ComBat (``[baseline] harmonize = "combat"``)."""
+    preserve: pd.DataFrame | None = None
+    """The covariates ComBat keeps (the site dummies excluded)."""
+
+
+def _covariates(cohort: Cohort, cfg: StudyConfig) -> _RidgeCovariates:
+    """The ridge's covariates: ``[cohort] covariates`` and ``site``, and ComBat's inputs."""
+    from dfrn.data.covariates import CovariateEncoder
+    from dfrn.workflows.study import study_covariates
+
+    selection = study_covariates(cohort, cfg)
+    if selection is None:
+        return _RidgeCovariates()
+    design = selection.design()
+    if cfg.baseline.harmonize != "combat":
+        return _RidgeCovariates(design)
+    from dfrn.models.harmonize import require_neurocombat
+
+    require_neurocombat()  # before any work: a one-line error when the extra is missing
+    site = cfg.cohort.site
+    others = [c for c in selection.names if c != site]
+    preserve = CovariateEncoder().fit_transform(selection.raw[others]) if others else None
+    return _RidgeCovariates(design, selection.raw[site].astype(str), preserve)
 
 
 def _draw_fig3(folder: ResultsFolder, cfg: StudyConfig, metrics: pd.DataFrame,
@@ -276,7 +295,8 @@ def run_baseline_stage(
     feats = _features(cohort, cfg, atlas_obj, folder, log, option)
     alphas = tuple(b.alphas) if b.alphas else DEFAULT_ALPHAS
     cov = _covariates(cohort, cfg)
-    pred = cross_validate_ridge(feats, provider, plan, cov, alphas=alphas)
+    pred = cross_validate_ridge(feats, provider, plan, cov.design, sites=cov.sites,
+                                preserve=cov.preserve, alphas=alphas)
     write_baseline_outputs(pred, folder.root)
     metrics = compute_metrics(pred)
     results = {"predictions": pred, "metrics": metrics}
@@ -284,14 +304,17 @@ def run_baseline_stage(
     n_perm = b.n_permutations if n_permutations is None else n_permutations
     if n_perm > 0 and isinstance(provider, StaticTargets):
         perm = permutation_test(
-            feats, targets, plan, n_perm=n_perm, seed=cfg.cv.seed, covariates=cov,
-            progress=progress, alphas=alphas,
+            feats, targets, plan, n_perm=n_perm, seed=cfg.cv.seed, covariates=cov.design,
+            progress=progress, alphas=alphas, sites=cov.sites, preserve=cov.preserve,
         )
         write_permutation_table(perm, folder.root)
         log(format_table(readable(perm, 4), f"Ridge baseline: permutation test ({n_perm} permutations)"))
         results["permutation"] = perm
     elif n_perm > 0:
-        log("note: the permutation test needs targets fixed before CV; skipped with fit_on = 'train'")
+        why = ("the targets are residualised per fold (the Freedman-Lane p of cv/confounds.tsv "
+               "tests the ridge instead)" if cfg.confounds.target == "residualize"
+               else "fit_on = 'train'")
+        log(f"note: the ridge permutation test needs targets fixed before CV; skipped: {why}")
 
     dfrn_metrics = folder.read_metrics() if folder.metrics.is_file() else None
     _draw_fig3(folder, cfg, metrics, dfrn_metrics)

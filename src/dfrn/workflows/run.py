@@ -112,8 +112,8 @@ def run_cv_stage(
     check_common_grid(cohort.images, [f"participant {p}" for p in cohort.participant_ids])
     inputs = collect_inputs(cfg, cohort, progress)
     resumed = check_results_dir(out, cfg, inputs, allow_existing)
-    plan = fold_plan_for(cohort, cfg, out)
-    targets, raw_provider = study_targets(cohort, cfg, plan, None, log)
+    targets, raw_provider = study_targets(cohort, cfg, None, None, log)  # the plan needs them
+    plan = fold_plan_for(cohort, cfg, out, targets)
     factors = list(targets.columns)
     check_targets(targets, plan, cfg.cv.n_folds)
     selection = study_covariates(cohort, cfg)

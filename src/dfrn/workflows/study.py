@@ -21,7 +21,7 @@ from dfrn.data.covariates import CovariateSelection, select_covariates
 from dfrn.data.images import VolumeCache, VolumeSet
 from dfrn.errors import DfrnInputError
 from dfrn.evaluation.executors import Executor
-from dfrn.evaluation.folds import iter_splits, make_fold_plan
+from dfrn.evaluation.folds import check_plan_groups, iter_splits, make_fold_plan
 from dfrn.io import file_digest
 from dfrn.models.regressor import DFRNRegressor
 from dfrn.targets.providers import StaticTargets, TargetProvider
@@ -216,12 +216,48 @@ def collect_inputs(cfg: StudyConfig, cohort: Cohort, progress: bool = False) -> 
     return out
 
 
-def fold_plan_for(cohort: Cohort, cfg: StudyConfig, out: Path) -> pd.DataFrame:
-    """The saved fold plan (validated) on resume, else a new one (not yet written)."""
+def fold_plan_for(
+    cohort: Cohort, cfg: StudyConfig, out: Path, targets: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """The saved fold plan (validated) on resume, else a new one (not yet written).
+
+    ``[cv] groups`` keeps each group of that column in one fold (a saved plan that splits a
+    group is refused); ``[cv] stratify`` balances the first column of ``targets``.
+    """
     folder = ResultsFolder(out)
+    groups = _fold_groups(cohort, cfg)
     if folder.folds.is_file() and read_run_info(out) is not None:
-        return folder.read_folds(cohort.participant_ids)
-    return make_fold_plan(cohort.participant_ids, cfg.cv.n_folds, cfg.cv.n_repeats, cfg.cv.seed)
+        plan = folder.read_folds(cohort.participant_ids)
+    else:
+        strata = None
+        if cfg.cv.stratify:
+            if targets is None or targets.shape[1] == 0:
+                raise ValueError("[cv] stratify needs the study's targets")
+            strata = targets.iloc[:, 0].reindex(cohort.participant_ids).to_numpy(float)
+        plan = make_fold_plan(
+            cohort.participant_ids, cfg.cv.n_folds, cfg.cv.n_repeats, cfg.cv.seed,
+            groups=None if groups is None else groups.tolist(), strata=strata,
+            group_column=cfg.cv.groups,
+        )
+    if groups is not None:
+        check_plan_groups(plan, groups, cfg.cv.groups)
+    return plan
+
+
+def _fold_groups(cohort: Cohort, cfg: StudyConfig) -> pd.Series | None:
+    column = cfg.cv.groups
+    if not column:
+        return None
+    if column not in cohort.table.columns:
+        raise DfrnInputError(
+            f"[cv] groups names column {column!r}, which is not in the cohort table "
+            f"(available: {', '.join(map(str, cohort.table.columns))})"
+        )
+    groups = cohort.table[column]
+    empty = groups.index[groups.isna().to_numpy()]
+    if len(empty):
+        raise DfrnInputError(f"participant {empty[0]}: group column {column!r} is empty")
+    return groups.set_axis(groups.index.astype(str))
 
 
 def prepare_volumes(
@@ -253,7 +289,7 @@ def prepare_volumes(
 def study_targets(
     cohort: Cohort,
     cfg: StudyConfig,
-    plan: pd.DataFrame,
+    plan: pd.DataFrame | None,
     out: Path | None,
     log: Callable[[str], None],
 ) -> tuple[pd.DataFrame, TargetProvider]:
