@@ -101,3 +101,26 @@ def test_an_atlas_off_the_images_grid_names_the_atlas_and_its_key(cohort_copy, t
     with pytest.raises(DfrnInputError, match=rf"^atlas {atlas} is not on the grid of the images"
                        r".*fix \[baseline\] atlas"):
         run_baseline_stage(tmp_path / "out", cfg, plan=plan, progress=False, log=lambda s: None)
+
+
+def test_combat_and_site_reach_the_ridge_stage(cohort_copy, tmp_path) -> None:
+    """[cohort] site + [baseline] harmonize = "combat": ComBat inside each fold changes the
+    ridge's predictions; a plan that leaves a site out of a training fold is refused by name."""
+    from dfrn.errors import DfrnInputError
+    from dfrn.workflows.baseline import run_baseline_stage
+
+    table = pd.read_csv(cohort_copy.table, sep="\t")
+    table["scanner"] = ["S0", "S1"] * 6
+    table.to_csv(cohort_copy.table, sep="\t", index=False)
+    quiet = {"progress": False, "log": lambda s: None}
+    cfg, plan, _ = _baseline_study(cohort_copy, tmp_path, covariates=["age"], site="scanner")
+    plain = run_baseline_stage(tmp_path / "a", cfg, plan=plan, **quiet)["predictions"]
+    cfg, plan, _ = _baseline_study(cohort_copy, tmp_path, covariates=["age"], site="scanner")
+    cfg.baseline.harmonize = "combat"
+    harmonised = run_baseline_stage(tmp_path / "b", cfg, plan=plan, **quiet)["predictions"]
+    assert len(harmonised) == len(plain)
+    assert not np.allclose(harmonised["y_pred"], plain["y_pred"])
+    by_site = make_fold_plan(table["participant_id"].tolist(), n_folds=2, n_repeats=1,
+                             groups=table["scanner"].tolist())
+    with pytest.raises(DfrnInputError, match=r"repeat 0 fold \d: site 'S\d' of 6 test subject"):
+        run_baseline_stage(tmp_path / "c", cfg, plan=by_site, **quiet)

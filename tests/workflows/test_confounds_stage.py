@@ -187,3 +187,29 @@ def test_subjects_missing_a_covariate_are_refused_or_dropped(cohort_copy) -> Non
         cohort = load_study_cohort(cfg)
     assert pid not in cohort.participant_ids and len(cohort) == len(table) - 1
     assert len(cohort.images) == len(cohort)
+
+
+def test_cv_groups_keep_each_site_in_one_fold(cohort_copy, tmp_path: Path) -> None:
+    from conftest import study_config
+
+    from dfrn.errors import DfrnInputError
+    from dfrn.workflows.study import fold_plan_for, load_study_cohort
+
+    table = pd.read_csv(cohort_copy.table, sep="\t")
+    table["scanner"] = ["S0", "S1", "S2", "S3"] * 3
+    table.to_csv(cohort_copy.table, sep="\t", index=False)
+    cfg = study_config(cohort_copy, cv={"groups": "scanner", "n_folds": 4, "n_repeats": 2,
+                                        "stratify": True})
+    cohort = load_study_cohort(cfg)
+    plan = fold_plan_for(cohort, cfg, tmp_path / "out", cohort.targets)
+    labelled = plan.assign(site=plan["participant_id"].map(table.set_index("participant_id")
+                                                           ["scanner"]))
+    assert (labelled.groupby(["repeat", "site"])["fold"].nunique() == 1).all()
+    assert (labelled.groupby(["repeat", "fold"])["site"].nunique() == 1).all()  # leave-one-out
+    cfg = study_config(cohort_copy, cv={"groups": "scanner", "n_folds": 5})
+    with pytest.raises(DfrnInputError, match="group column 'scanner' has 4 groups, fewer than "
+                                              "cv.n_folds=5"):
+        fold_plan_for(cohort, cfg, tmp_path / "out")
+    cfg = study_config(cohort_copy, cv={"groups": "clinic"})
+    with pytest.raises(DfrnInputError, match=r"\[cv\] groups names column 'clinic'"):
+        fold_plan_for(cohort, cfg, tmp_path / "out")

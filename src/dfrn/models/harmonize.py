@@ -12,9 +12,10 @@ applied to any rows, training or test, with ComBat's adjustment::
 which is what ``neuroCombat`` does to its training data (the tests check it reproduces
 ``neuroCombat``'s own output exactly) and what neuroHarmonize's ``harmonizationApply`` does to
 new data. ``neuroCombatFromTraining`` is not used: it ignores covariates and fails on
-NumPy 2. neuroHarmonize itself is not a dependency: it pins NumPy below 2. combatlearn was
-compared and not chosen: on the same data its site variances after harmonisation stay
-unequal (the tests document the difference).
+NumPy 2. neuroHarmonize itself is not a dependency: it pins NumPy below 2. combatlearn 2.3
+was compared and not chosen: on a planted three-site cohort (300 subjects, 100 features,
+site scales 1, 2 and 0.5) its harmonised site SDs were 1.30, 1.33 and 1.19, where
+neuroCombat's were 1.31, 1.31 and 1.31, and the two outputs differed by up to 0.49.
 
 Install with ``pip install 'dfrn[harmonize]'``.
 """
@@ -81,7 +82,7 @@ class ComBatHarmonizer:
         levels, counts = np.unique(sites, return_counts=True)
         if (counts < 2).any():
             raise DfrnInputError(
-                f"site {levels[counts < 2][0]!r} has {counts[counts < 2][0]} training subject(s): "
+                f"site {str(levels[counts < 2][0])!r} has {counts[counts < 2][0]} training subject(s): "
                 "ComBat needs at least 2 per site; merge small sites or use [cv] groups"
             )
         q = 0 if covariates is None else covariates.shape[1]
@@ -119,7 +120,7 @@ class ComBatHarmonizer:
         if unseen:
             n = int(np.sum(sites == unseen[0]))
             raise DfrnInputError(
-                f"site {unseen[0]!r} of {n} test subject(s) has no training subject, so ComBat "
+                f"site {str(unseen[0])!r} of {n} test subject(s) has no training subject, so ComBat "
                 "cannot harmonise it; use [cv] groups = <the site column> only without "
                 "harmonize, or keep every site in every training fold"
             )
