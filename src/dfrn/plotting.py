@@ -172,7 +172,7 @@ def plot_fig3(
     ax.set_xticks(xs, factors, rotation=20 if len(factors) > 4 else 0, ha="center")
     ax.set_ylabel("Pearson r (mean ± sd over repeats)")
     ax.set_title("Out-of-fold prediction of symptom factors")
-    ax.legend(frameon=False, fontsize="small")
+    ax.legend(frameon=False, fontsize="small", loc="best")
     out = Path(path)
     atomic_write(out, lambda p: fig.savefig(p, dpi=150, format="png"))
     return out

@@ -199,7 +199,7 @@ def test_cli_prints_one_line_error(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         "dfrn: error: unknown config key [cohort] 'bogus' (known keys: bids, cache_dir, covariates, derivatives, "
-        "downsample, gm_column, image_column, intensity, mask, session, strict, table, targets)"
+        "downsample, gm_column, image_column, intensity, mask, missing_covariates, session, site, strict, table, targets)"
     ]
 
 

@@ -123,7 +123,7 @@ def test_encode_covariates() -> None:
     assert list(out.columns) == ["age", "sex_M", "smoker_True"]
     assert all(pd.api.types.is_float_dtype(t) for t in out.dtypes)
     assert out["sex_M"].tolist() == [0.0, 1.0, 0.0]
-    with pytest.raises(DfrnInputError, match="covariate 'sex' is missing for subject 2"):
+    with pytest.raises(DfrnInputError, match="subject 2: covariate 'sex' is missing"):
         encode_covariates(cov.assign(sex=["F", None, "M"]))
     with pytest.raises(DfrnInputError, match="duplicated participant_id"):
         encode_covariates(cov.assign(participant_id=[1, 1, 2]))

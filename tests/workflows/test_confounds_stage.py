@@ -213,3 +213,16 @@ def test_cv_groups_keep_each_site_in_one_fold(cohort_copy, tmp_path: Path) -> No
     cfg = study_config(cohort_copy, cv={"groups": "clinic"})
     with pytest.raises(DfrnInputError, match=r"\[cv\] groups names column 'clinic'"):
         fold_plan_for(cohort, cfg, tmp_path / "out")
+
+
+def test_network_permutations_with_residualised_targets_are_refused_before_training(
+        tiny_cohort, tmp_path: Path) -> None:
+    from conftest import study_config
+
+    from dfrn.errors import DfrnInputError
+
+    cfg = study_config(tiny_cohort, cohort={"covariates": ["age"]},
+                       confounds={"target": "residualize"})
+    with pytest.raises(DfrnInputError, match="Freedman-Lane p of cv/confounds.tsv"):
+        run_study(cfg, tmp_path / "out", progress=False, log=lambda s: None, permutations=3)
+    assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -28,6 +28,8 @@ def report(tiny_cohort, tmp_path_factory) -> Path:
     atlases = make_demo_atlases(tiny_cohort, n_parcels=12, seed=0)
     cfg = study_config(
         tiny_cohort,
+        cohort={"covariates": ["age", "sex"]},
+        confounds={"n_permutations": 99},
         baseline={"enabled": True, "atlas": str(atlases["parcellation"]),
                   "atlas_labels": str(atlases["parcellation"].with_name("parcellation_dseg.tsv")),
                   "n_permutations": 9},
@@ -64,8 +66,8 @@ def test_report_has_every_section_and_valid_images(report: Path) -> None:
     html5lib.parse(text, namespaceHTMLElements=False)  # parses as HTML5
     tags = _parse(text)
     ids = {a.get("id") for _, a in tags}
-    for section in ("summary", "table1", "fig2", "ridge", "permutation", "attention",
-                    "methods", "prep"):
+    for section in ("summary", "table1", "fig2", "confounds", "ridge", "permutation",
+                    "attention", "methods", "prep"):
         assert section in ids, section
     assert "a note for the reader" in text and "Table 1" in text
     assert "Sanity check" in text and ("fails" in text or "passes" in text)
@@ -222,6 +224,47 @@ def test_methods_name_the_baseline_column_neutrally(report: Path, tmp_path: Path
     methods = _section(_rewrite(report, tmp_path, lesion), "methods")
     assert "atlas-region sums of the &#39;lesion&#39; maps (ml)" in methods
     assert "gray-matter" not in methods
+
+
+def test_beyond_the_covariates_section_verdicts_and_methods(report: Path) -> None:
+    """Issue 18: the verdicts next to the table, Table 1's target, Methods and references."""
+    import pandas as pd
+
+    text = report.read_text(encoding="utf-8")
+    section = _section(text, "confounds")
+    summary = pd.read_csv(report.parent / "cv/confounds_summary.tsv", sep="\t")
+    judged = summary[summary.model != "covariates"]
+    assert len(judged) == 4  # network and ridge, two factors
+    for row in judged.itertuples():
+        assert row.verdict in section.replace("&#39;", "'"), row.verdict
+        assert ("add nothing detectable" in row.verdict) == (row.p_delta_r2_permutation >= 0.05)
+    assert "age and sex" in section and "cannot show" in section
+    assert "Raw targets." in _section(text, "table1")
+    methods = _section(text, "methods")
+    assert "Freedman–Lane (99 permutations" in methods and "Dinga et al. 2020" in methods
+    assert "Snoek L, Miletić S, Scholte HS (2019)" in text and "Winkler AM" in text
+
+
+def test_figure3_shows_the_covariates_bar(report: Path, monkeypatch, tmp_path: Path) -> None:
+    from matplotlib.axes import Axes
+
+    from dfrn.workflows.baseline import _draw_fig3
+    from dfrn.workflows.results import ResultsFolder
+
+    labels: list = []
+    bar = Axes.bar
+
+    def spy(self, *args, **kwargs):
+        labels.append(kwargs.get("label"))
+        return bar(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "bar", spy)
+    from dfrn.config import load_config
+
+    folder = ResultsFolder(report.parent)
+    cfg = load_config(folder.config_toml)
+    _draw_fig3(folder, cfg, folder.read_metrics(folder.baseline_metrics), folder.read_metrics())
+    assert labels == ["Covariates only (age and sex)", "Ridge regression (ROI volumes)", "DFRN"]
 
 
 def test_figure3_draws_no_error_bar_for_one_repeat(report: Path, monkeypatch, tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ _EXPORTS: dict[str, str] = {
     "check_common_grid": "images",
     "check_shared_files": "cohort",
     "check_t1": "prep",
+    "covariate_names": "covariates",
     "describe_covariates": "covariates",
     "downsampled_affine": "images",
     "fetch_aal3_atlas": "atlas",

@@ -21,7 +21,10 @@ import pandas as pd
 
 from dfrn.errors import DfrnInputError
 
-__all__ = ["CovariateEncoder", "CovariateSelection", "select_covariates", "describe_covariates"]
+__all__ = [
+    "CovariateEncoder", "CovariateSelection", "select_covariates", "describe_covariates",
+    "covariate_names",
+]
 
 MISSING_POLICIES = ("refuse", "drop")
 
@@ -185,6 +188,12 @@ class CovariateSelection:
         return describe_covariates(self.names)
 
 
+def covariate_names(covariates: Sequence[str], site: str = "") -> list[str]:
+    """``[cohort] covariates`` then ``site`` (once): the study's covariate columns."""
+    names = [str(c) for c in covariates]
+    return names + ([site] if site and site not in names else [])
+
+
 def describe_covariates(names: Sequence[str]) -> str:
     """``["age", "sex", "site"]`` → ``"age, sex and site"``."""
     names = list(names)
@@ -222,7 +231,7 @@ def select_covariates(
     """
     if missing not in MISSING_POLICIES:
         raise DfrnInputError(f"config [cohort] missing_covariates must be 'refuse' or 'drop', got {missing!r}")
-    names = [str(c) for c in covariates] + ([site] if site and site not in covariates else [])
+    names = covariate_names(covariates, site)
     if not names:
         return None
     absent = [c for c in names if c not in table.columns]

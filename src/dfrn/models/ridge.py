@@ -466,7 +466,8 @@ def index_by_participant(df: pd.DataFrame, what: str) -> pd.DataFrame:
 def encode_covariates(covariates: pd.DataFrame) -> pd.DataFrame:
     """Covariates as floats: numeric ones as they are, the others one-hot coded.
 
-    Text, categorical and boolean columns are one-hot coded with the first level dropped.
+    Text, categorical and boolean columns are one-hot coded with the first level (in sorted
+    order) dropped, by :class:`dfrn.data.covariates.CovariateEncoder`.
 
     Parameters
     ----------
@@ -483,12 +484,7 @@ def encode_covariates(covariates: pd.DataFrame) -> pd.DataFrame:
     DfrnInputError
         When a covariate is missing for a participant (naming both).
     """
+    from dfrn.data.covariates import CovariateEncoder
+
     cov = index_by_participant(covariates, "covariates table")
-    missing = cov.isna().to_numpy()
-    if missing.any():
-        i, j = np.argwhere(missing)[0]
-        raise DfrnInputError(f"covariate '{cov.columns[j]}' is missing for subject {cov.index[i]}")
-    categorical = [c for c in cov.columns if not pd.api.types.is_numeric_dtype(cov[c])]
-    categorical += [c for c in cov.columns if pd.api.types.is_bool_dtype(cov[c])]
-    out = pd.get_dummies(cov, columns=categorical, drop_first=True, dtype=float)
-    return out.astype(float)
+    return CovariateEncoder().fit_transform(cov)

@@ -27,6 +27,7 @@ _EXPORTS: dict[str, str] = {
     "ResultsLock": "lock",
     "SCRATCH": "results",
     "StudyResult": "run",
+    "check_permutable": "network_permutation",
     "check_results_dir": "results",
     "check_targets": "study",
     "cohort_table_path": "study",

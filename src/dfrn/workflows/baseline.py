@@ -191,10 +191,10 @@ def _covariates(cohort: Cohort, cfg: StudyConfig) -> _RidgeCovariates:
 def _draw_fig3(folder: ResultsFolder, cfg: StudyConfig, metrics: pd.DataFrame,
                dfrn_metrics: pd.DataFrame | None) -> None:
     """Figure 3, with the covariates-only bar when the study has covariates."""
-    from dfrn.data.covariates import describe_covariates
+    from dfrn.data.covariates import covariate_names, describe_covariates
 
     cov_metrics, label, note = None, "", ""
-    names = list(cfg.cohort.covariates) + ([cfg.cohort.site] if cfg.cohort.site else [])
+    names = covariate_names(cfg.cohort.covariates, cfg.cohort.site)
     if names and folder.covariates_metrics.is_file():
         cov_metrics = folder.read_metrics(folder.covariates_metrics)
         label = f"Covariates only ({describe_covariates(names)})"

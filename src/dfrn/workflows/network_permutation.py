@@ -30,7 +30,28 @@ from dfrn.plotting import format_table
 from dfrn.targets.providers import StaticTargets
 from dfrn.workflows.results import ResultsFolder
 
-__all__ = ["network_permutation_test"]
+__all__ = ["check_permutable", "network_permutation_test"]
+
+
+def check_permutable(cfg: StudyConfig) -> None:
+    """Refuse ``--permutations`` for targets made inside the folds, before any training.
+
+    Raises
+    ------
+    DfrnInputError
+        With ``[factors] fit_on = "train"`` or ``[confounds] target = "residualize"``.
+    """
+    if cfg.factors is not None and cfg.factors.fit_on == "train":
+        raise DfrnInputError(
+            "--permutations needs targets fixed before CV; it is not available with "
+            "[factors] fit_on = 'train'"
+        )
+    if cfg.confounds.target == "residualize":
+        raise DfrnInputError(
+            "--permutations needs targets fixed before CV; it is not available with "
+            "[confounds] target = 'residualize' (the Freedman-Lane p of cv/confounds.tsv tests "
+            "the network beyond the covariates without retraining)"
+        )
 
 
 def network_permutation_test(
@@ -72,11 +93,9 @@ def network_permutation_test(
     """
     from dfrn.workflows.study import make_estimator_factory
 
+    check_permutable(cfg)
     if not isinstance(result.extra["provider"], StaticTargets):
-        raise DfrnInputError(
-            "--permutations needs targets fixed before CV; it is not available with "
-            "[factors] fit_on = 'train'"
-        )
+        raise DfrnInputError("--permutations needs targets fixed before CV")
     plan = result.plan[result.plan["repeat"] == result.plan["repeat"].min()]
     factors = list(result.targets.columns)
     tasks = plan_tasks(plan, factors)

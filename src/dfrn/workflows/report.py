@@ -164,10 +164,9 @@ def _methods(cfg: dict[str, Any], n_subjects: int, factors: list[str]) -> str:
 
 
 def _covariate_names(cfg: dict[str, Any]) -> list[str]:
-    c = cfg["cohort"]
-    site = c.get("site") or ""
-    return list(c.get("covariates", [])) + ([site] if site and site not in c.get("covariates", [])
-                                            else [])
+    from dfrn.data.covariates import covariate_names
+
+    return covariate_names(cfg["cohort"].get("covariates", []), cfg["cohort"].get("site", ""))
 
 
 def _confound_methods(cfg: dict[str, Any]) -> str:

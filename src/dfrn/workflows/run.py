@@ -195,6 +195,10 @@ def run_study(
     :func:`dfrn.workflows.network_permutation.network_permutation_test`).
     """
     out = Path(out)
+    if permutations > 0:
+        from dfrn.workflows.network_permutation import check_permutable
+
+        check_permutable(cfg)  # before any training
     e = cfg.executor
     runner = make_executor(
         executor or e.kind, e.address, e.num_cpus, e.cpus_per_task, e.gpus_per_task,
