@@ -25,7 +25,7 @@ from dfrn.workflows.run import run_study
 def _config(table: Path, targets: list[str], target: str, **over):
     raw = {
         "cohort": {"table": str(table), "targets": targets, "covariates": ["age", "sex"]},
-        "training": {"epochs": 10, "val_fraction": 0.0},
+        "training": {"epochs": 10, "val_fraction": 0.0, "batch_size": 8},
         "cv": {"n_folds": 3, "n_repeats": 1},
         "confounds": {"target": target, "n_permutations": 1000},
         "baseline": {"enabled": False},
