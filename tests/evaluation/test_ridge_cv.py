@@ -219,7 +219,7 @@ def test_cross_validate_input_errors() -> None:
         cross_validate_ridge(bad, targets, plan)
     bad_cov = cov.copy()
     bad_cov.loc["sub-002", "age"] = np.nan
-    with pytest.raises(DfrnInputError, match="age.*sub-002"):
+    with pytest.raises(DfrnInputError, match="sub-002: covariate 'age' is missing"):
         cross_validate_ridge(x, targets, plan, bad_cov)
     with pytest.raises(DfrnInputError, match="sub-011 of the fold plan has no targets"):
         cross_validate_ridge(x, targets.drop(index="sub-011"), plan)

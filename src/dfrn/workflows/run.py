@@ -28,6 +28,7 @@ import pandas as pd
 
 from dfrn.config import StudyConfig
 from dfrn.data.cohort import Cohort
+from dfrn.data.covariates import CovariateSelection
 from dfrn.data.images import check_common_grid
 from dfrn.evaluation.executors import Executor, make_executor
 from dfrn.evaluation.metrics import compute_metrics, table1
@@ -35,6 +36,7 @@ from dfrn.evaluation.tasks import plan_tasks, run_cv
 from dfrn.io import atomic_write_tsv
 from dfrn.models.regressor import resolve_device
 from dfrn.plotting import format_table, plot_fig2
+from dfrn.targets.providers import TargetProvider
 from dfrn.workflows.confounds import target_words
 from dfrn.workflows.results import (
     ResultsFolder,
@@ -89,6 +91,26 @@ class StudyResult:
     extra: dict[str, object] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class _Targets:
+    targets: pd.DataFrame
+    raw_provider: TargetProvider
+    plan: pd.DataFrame
+    covariates: CovariateSelection | None
+    provider: TargetProvider
+
+
+def _study_targets(cohort: Cohort, cfg: StudyConfig, out: Path,
+                   log: Callable[[str], None]) -> _Targets:
+    """Targets (checked), the fold plan (stratified on them when asked), the covariates and
+    the targets the models train on (residualised per fold when asked)."""
+    targets, raw = study_targets(cohort, cfg, None, None, log)
+    plan = fold_plan_for(cohort, cfg, out, targets)
+    check_targets(targets, plan, cfg.cv.n_folds)
+    selection = study_covariates(cohort, cfg)
+    return _Targets(targets, raw, plan, selection, study_provider(raw, selection, cfg, log))
+
+
 def run_cv_stage(
     cfg: StudyConfig,
     out: Path,
@@ -112,12 +134,9 @@ def run_cv_stage(
     check_common_grid(cohort.images, [f"participant {p}" for p in cohort.participant_ids])
     inputs = collect_inputs(cfg, cohort, progress)
     resumed = check_results_dir(out, cfg, inputs, allow_existing)
-    targets, raw_provider = study_targets(cohort, cfg, None, None, log)  # the plan needs them
-    plan = fold_plan_for(cohort, cfg, out, targets)
+    st = _study_targets(cohort, cfg, out, log)
+    targets, plan, provider, selection = st.targets, st.plan, st.provider, st.covariates
     factors = list(targets.columns)
-    check_targets(targets, plan, cfg.cv.n_folds)
-    selection = study_covariates(cohort, cfg)
-    provider = study_provider(raw_provider, selection, cfg, log)
     volumes = prepare_volumes(cohort, cfg, out, progress, inputs, log)
     # every input check has passed: only now does the folder become a run
     if resumed:
@@ -170,7 +189,7 @@ def run_cv_stage(
         ))
     result = StudyResult(out, resumed, cohort, targets, plan, predictions, metrics, t1)
     result.extra.update(volumes=volumes, provider=provider, inputs=inputs,
-                        raw_provider=raw_provider, covariates=selection)
+                        raw_provider=st.raw_provider, covariates=selection)
     return result
 
 
