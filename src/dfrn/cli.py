@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                 choices=["guided_backprop", "gradient", "integrated_gradients", "smoothgrad"],
                 help="attribution method (default: the config's, guided_backprop)",
             )
+            p.add_argument("--ablation", action="store_true", default=None,
+                           help="region ablation importance out of fold (the 'where is the "
+                           "signal' ranking), even if [attention] ablation = false")
     return parser
 
 
@@ -281,7 +284,7 @@ def _run(args: argparse.Namespace) -> int:
 
         run_attention_stage(
             args.results, progress=progress, method=args.method, atlas=args.atlas,
-            atlas_labels=args.atlas_labels,
+            atlas_labels=args.atlas_labels, ablation=args.ablation,
         )
     return 0
 

@@ -223,6 +223,14 @@ class AttentionConfig:
     truth: dict[str, str] = field(default_factory=dict)
     sanity: bool = True
     top_regions: int = 10
+    ablation: bool = True
+    """Region ablation importance, out of fold (needs an atlas): the headline "where is the
+    signal" ranking (``attention/region_ablation.tsv``)."""
+    ablation_baseline: str = "train_mean"
+    """The neutral value of an ablated region: the training subjects' mean input, or
+    ``"zero"``."""
+    bootstrap: int = 1000
+    """Bootstrap resamples of the subjects for the CI of ``delta_r`` (0: no CI)."""
 
 
 @dataclass
@@ -382,6 +390,9 @@ LATER_DEFAULTS: dict[tuple[str, str], Any] = {
     ("cv", "groups"): "",
     ("cv", "stratify"): False,
     ("baseline", "harmonize"): "none",
+    ("attention", "ablation"): True,
+    ("attention", "ablation_baseline"): "train_mean",
+    ("attention", "bootstrap"): 1000,
 }
 PATH_KEYS = {
     "cohort": ("table", "bids", "mask", "cache_dir", "derivatives"),
@@ -470,7 +481,7 @@ COUNT_MINIMUMS: dict[str, dict[str, int]] = {
     "cv": {"n_folds": 2, "n_repeats": 1, "seed": 0},
     "baseline": {"n_permutations": 0},
     "confounds": {"n_permutations": 0},
-    "attention": {"top_regions": 1},
+    "attention": {"top_regions": 1, "bootstrap": 0},
     "factors": {"n_resamples": 0, "n_factors": 1},
     "prep": {"jobs": 1, "seed": 0},
     "executor": {"num_cpus": 0, "max_retries": 0},
@@ -587,6 +598,11 @@ def _check_confounds(cfg: StudyConfig) -> None:
     if cfg.confounds.target == "residualize" and not (c.covariates or c.site):
         raise DfrnInputError(
             "config [confounds] target = 'residualize' needs [cohort] covariates or site"
+        )
+    if cfg.attention.ablation_baseline not in ("train_mean", "zero"):
+        raise DfrnInputError(
+            f"config [attention] ablation_baseline must be 'train_mean' or 'zero', got "
+            f"{cfg.attention.ablation_baseline!r}"
         )
     if cfg.baseline.harmonize not in ("none", "combat"):
         raise DfrnInputError(

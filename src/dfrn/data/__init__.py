@@ -44,6 +44,7 @@ _EXPORTS: dict[str, str] = {
     "find_bids_t1": "cohort",
     "find_derivative_images": "derivatives",
     "image_name": "images",
+    "labels_on_grid": "atlas",
     "load_atlas": "atlas",
     "load_bids_cohort": "cohort",
     "load_cohort_table": "cohort",

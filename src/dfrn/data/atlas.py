@@ -51,6 +51,7 @@ __all__ = [
     "region_table",
     "roi_volumes",
     "roi_mean_intensity",
+    "labels_on_grid",
 ]
 
 STATISTICS: tuple[str, ...] = ("sum", "mean", "volume")
@@ -381,12 +382,36 @@ def _check_atlas_fits_images(
         return
     first = max(grids.values(), key=len)[0]
     img = images[first]
-    raise DfrnInputError(
+    raise _off_grid(atlas, img.shape[:3], img.affine, f", e.g. image {names[first]}", atlas_option)
+
+
+def _off_grid(atlas: Atlas, shape: tuple[int, ...], affine: np.ndarray, example: str,
+              atlas_option: str) -> DfrnInputError:
+    return DfrnInputError(
         f"atlas {atlas.source} is not on the grid of the images, nor a change of resolution "
         f"of it (atlas: {_grid_text(atlas.img.shape[:3], atlas.img.affine)}; images: "
-        f"{_grid_text(img.shape[:3], img.affine)}, e.g. image {names[first]}): fix "
-        f"{atlas_option} to an atlas on the images' template grid"
+        f"{_grid_text(shape, affine)}{example}): fix {atlas_option} to an atlas on the "
+        "images' template grid"
     )
+
+
+def labels_on_grid(atlas: Atlas, shape: tuple[int, ...], affine: np.ndarray,
+                   atlas_option: str) -> np.ndarray:
+    """The atlas' labels on an image grid: as they are, or resampled (nearest neighbour)
+    from another resolution of the same grid.
+
+    Raises
+    ------
+    DfrnInputError
+        When the atlas is on neither (naming ``atlas_option``, the config key to fix).
+    """
+    shape = tuple(int(n) for n in shape[:3])
+    if not _fits(atlas, shape, affine):
+        raise _off_grid(atlas, shape, affine, "", atlas_option)
+    index = _label_index(atlas, nib.Nifti1Image(np.zeros(shape, np.uint8), affine), "the images")
+    labels = np.zeros(int(np.prod(shape)), dtype=np.int64)
+    labels[index.voxels] = atlas.indices[index.codes]
+    return labels.reshape(shape)
 
 
 class _LabelIndex:

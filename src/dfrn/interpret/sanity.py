@@ -39,7 +39,28 @@ __all__ = [
     "DFRN_CASCADE",
     "cascading_randomization",
     "ssim3d",
+    "fails_sanity",
+    "SANITY_MAX_SPEARMAN",
 ]
+
+#: A map that keeps a Spearman correlation above this with the trained model's map after
+#: only the output layer is randomised mostly shows the image: it fails the check.
+SANITY_MAX_SPEARMAN = 0.8
+
+
+def fails_sanity(table: pd.DataFrame, method: str) -> bool | None:
+    """Whether ``method``'s map fails the check (None when the table does not test it).
+
+    Parameters
+    ----------
+    table : DataFrame
+        :func:`cascading_randomization`'s table (``method``, ``step``, ``spearman``).
+    method : str
+    """
+    rows = table[(table["method"] == method) & (table["step"] == "fc")]
+    if rows.empty:
+        return None
+    return bool(float(rows["spearman"].iloc[0]) > SANITY_MAX_SPEARMAN)
 
 # (step label, module names randomised at that step), from the top of DFRN down.
 DFRN_CASCADE: tuple[tuple[str, tuple[str, ...]], ...] = (

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dfrn._exports import lazy_exports
 
 _EXPORTS: dict[str, str] = {
+    "AblationJob": "ablation",
     "DemoSettings": "demo",
     "FULL": "demo",
     "FinishedStudy": "study",
@@ -49,7 +50,9 @@ _EXPORTS: dict[str, str] = {
     "prepare_volumes": "study",
     "read_run_info": "results",
     "record_resume": "results",
+    "region_grid_for": "ablation",
     "results_lock": "study",
+    "run_ablation_task": "ablation",
     "run_attention_stage": "attention",
     "run_baseline_stage": "baseline",
     "run_confounds_stage": "confounds",
@@ -58,6 +61,7 @@ _EXPORTS: dict[str, str] = {
     "run_demo": "demo",
     "run_factors": "factors",
     "run_prep": "prep",
+    "run_region_ablation": "ablation",
     "run_study": "run",
     "run_study_prep": "study",
     "study_covariates": "study",

@@ -39,6 +39,7 @@ from dfrn.config import StudyConfig
 from dfrn.data.atlas import Atlas
 from dfrn.data.images import VolumeSet, load_img
 from dfrn.errors import DfrnInputError
+from dfrn.evaluation.executors import Executor
 from dfrn.evaluation.tasks import plan_tasks, read_task_meta
 from dfrn.interpret.maps import (
     FoldTask,
@@ -148,6 +149,17 @@ def _factor_tasks(
     return tasks
 
 
+def _voxel_table_title(method: str, sanity: pd.DataFrame | None, top: int) -> str:
+    """The voxel-map region table's title: labelled image-driven when the map fails."""
+    from dfrn.interpret.sanity import fails_sanity
+
+    title = f"Top {top} regions by mean |attention| ({method}) per factor"
+    if sanity is not None and fails_sanity(sanity, method):
+        return (f"{title}: an image-driven map ({method} fails the sanity check), not a ranking "
+                "of what the networks use; see the region ablation for that")
+    return title
+
+
 def run_attention_stage(
     out: str | Path,
     cfg: StudyConfig | None = None,
@@ -159,6 +171,8 @@ def run_attention_stage(
     method: str | None = None,
     atlas: str | None = None,
     atlas_labels: str | None = None,
+    ablation: bool | None = None,
+    executor: Executor | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Compute and write every attention output for a finished CV run in ``out``.
 
@@ -185,11 +199,17 @@ def run_attention_stage(
         Attribution method; the configured one by default.
     atlas, atlas_labels : str, optional
         Override the configured atlas and its label table.
+    ablation : bool, optional
+        Override ``[attention] ablation`` (region ablation importance, with the configured
+        method's run only).
+    executor : Executor, optional
+        Runs the region-ablation tasks (default: in this process).
 
     Returns
     -------
     dict of str to pd.DataFrame
-        ``regions``, ``localisation`` and ``sanity`` tables, for those that were made.
+        ``regions``, ``localisation``, ``sanity`` and ``ablation`` tables, for those that
+        were made.
     """
     if cfg is None:
         from dfrn.workflows.study import open_finished_study, prepare_volumes, results_lock
@@ -201,7 +221,7 @@ def run_attention_stage(
             )
             return run_attention_stage(
                 out, study.cfg, volumes, factors, study.plan, progress, log, method, atlas,
-                atlas_labels,
+                atlas_labels, ablation, executor,
             )
     from tqdm.auto import tqdm
 
@@ -235,6 +255,18 @@ def run_attention_stage(
             atomic_write_nifti(absolute, abs_path)
         maps[factor] = load_img(abs_path, f"attention map of {factor}")
     results: dict[str, pd.DataFrame] = {}
+    if a.sanity:
+        first = _factor_tasks(files, plan, factors[0], volumes, device)[0]
+        model = first.model if isinstance(first.model, nn.Module) else first.model()
+        idx = list(first.test_indices)[:4]
+        x = np.stack([np.asarray(volumes[i], dtype=np.float32) for i in idx])[:, None]
+        methods = list(dict.fromkeys([method, "gradient"]))
+        sanity = cascading_randomization(model, torch.from_numpy(x).to(device), methods, seed=0)
+        sanity.insert(0, "factor", factors[0])
+        atomic_write_tsv(sanity, files.table("sanity"))
+        plot_sanity(sanity, files.figure("attention_sanity"))
+        log(format_table(sanity.round(3), f"Sanity check: cascading randomisation ({factors[0]})"))
+        results["sanity"] = sanity
 
     atlas_obj = load_atlas_for(atlas or a.atlas, atlas_labels or a.atlas_labels, log)
     if atlas_obj is not None:
@@ -244,7 +276,7 @@ def run_attention_stage(
         )
         atomic_write_tsv(regions, files.table("regions"))
         top = regions[regions["rank"] <= a.top_regions][["factor", "rank", "region", "mean_attention"]]
-        log(format_table(top, f"Top {a.top_regions} regions by mean |attention| per factor"))
+        log(format_table(top, _voxel_table_title(method, results.get("sanity"), a.top_regions)))
         results["regions"] = regions
 
     if a.truth:
@@ -273,16 +305,13 @@ def run_attention_stage(
         warnings.simplefilter("ignore")
         plot_fam(maps, template_img, files.figure("fig4_fam"))
 
-    if a.sanity:
-        first = _factor_tasks(files, plan, factors[0], volumes, device)[0]
-        model = first.model if isinstance(first.model, nn.Module) else first.model()
-        idx = list(first.test_indices)[:4]
-        x = np.stack([np.asarray(volumes[i], dtype=np.float32) for i in idx])[:, None]
-        methods = list(dict.fromkeys([method, "gradient"]))
-        sanity = cascading_randomization(model, torch.from_numpy(x).to(device), methods, seed=0)
-        sanity.insert(0, "factor", factors[0])
-        atomic_write_tsv(sanity, files.table("sanity"))
-        plot_sanity(sanity, files.figure("attention_sanity"))
-        log(format_table(sanity.round(3), f"Sanity check: cascading randomisation ({factors[0]})"))
-        results["sanity"] = sanity
+    if atlas_obj is not None and files.own and (a.ablation if ablation is None else ablation):
+        from dfrn.workflows.ablation import run_region_ablation
+
+        results["ablation"] = run_region_ablation(
+            out, cfg, volumes, factors, plan, atlas_obj,
+            "--atlas" if atlas else "[attention] atlas", device, progress, log, executor,
+        )
+    elif ablation and atlas_obj is None:
+        raise DfrnInputError("--ablation needs an atlas: --atlas/--atlas-labels or [attention] atlas")
     return results

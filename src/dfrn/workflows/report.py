@@ -21,6 +21,7 @@ import pandas as pd
 
 from dfrn.errors import DfrnInputError
 from dfrn.evaluation.metrics import mean_r, readable
+from dfrn.interpret.sanity import fails_sanity
 from dfrn.io import atomic_write_text
 from dfrn.workflows.results import ResultsFolder
 
@@ -34,6 +35,8 @@ REFERENCES = [
     "Springenberg JT et al. (2015). Striving for simplicity: the all convolutional net "
     "(guided backpropagation). ICLR workshop.",
     "Adebayo J et al. (2018). Sanity checks for saliency maps. NeurIPS.",
+    "Zeiler MD, Fergus R (2014). Visualizing and understanding convolutional networks "
+    "(occlusion). ECCV.",
     "Kaiser HF (1958). The varimax criterion for analytic rotation in factor analysis. "
     "Psychometrika 23:187-200.",
     "Horn JL (1965). A rationale and test for the number of factors in factor analysis. "
@@ -119,7 +122,7 @@ def _sanity(path: Path) -> tuple[str | None, str, bool]:
         fc = g.loc[g["step"] == "fc", "spearman"]
         if len(fc):
             rho = float(fc.iloc[0])
-            bad = rho > 0.8
+            bad = bool(fails_sanity(df, str(method)))
             fails |= bad and method == df["method"].iloc[0]
             verdicts.append(
                 f"{method}: after randomising only the output layer the map keeps a Spearman "
@@ -157,6 +160,15 @@ def _methods(cfg: dict[str, Any], n_subjects: int, factors: list[str]) -> str:
         text += (f"A ridge regression on the atlas-region sums of the '{column}' maps (ml) was "
                  "evaluated on the same folds, with a permutation test. ")
     text += _confound_methods(cfg)
+    att = cfg.get("attention", {})
+    if att.get("enabled", True) and att.get("ablation", True):
+        base = ("the training subjects' mean input" if att.get("ablation_baseline", "train_mean")
+                == "train_mean" else "zero")
+        text += ("Region importance was measured out of fold by ablation (occlusion; Zeiler & "
+                 "Fergus 2014) with captum's FeatureAblation: each atlas region of each test "
+                 f"subject's input was set to {base} of its fold, the fold's model predicted "
+                 "again, and the fall in the pooled out-of-fold r was recorded, with a "
+                 f"{att.get('bootstrap', 1000)}-resample bootstrap CI over subjects. ")
     if cfg.get("attention", {}).get("enabled", True):
         text += (f"Factor attention maps were computed with {cfg['attention']['method']} and "
                  "checked with the cascading model-randomisation test.")
@@ -230,6 +242,15 @@ def _target_note(cfg: dict[str, Any]) -> str:
     return "Raw targets."
 
 
+def _regions_title(cfg: dict[str, Any], fails: bool) -> str:
+    method = cfg.get("attention", {}).get("method", "guided_backprop")
+    title = f"Top regions by mean |attention| ({method})"
+    if fails:
+        return (f"{title}: an image-driven map ({method} fails the sanity check below), not a "
+                "ranking of what the networks use")
+    return title
+
+
 def write_report(out: str | Path, notes: list[str] | None = None) -> Path:
     """Write ``out/report.html`` from whatever the results folder holds; return its path."""
     import tomllib
@@ -273,6 +294,11 @@ def write_report(out: str | Path, notes: list[str] | None = None) -> Path:
     if folder.attention_table("regions").is_file():
         reg = pd.read_csv(folder.attention_table("regions"), sep="\t")
         regions = _frame(reg[reg["rank"] <= 5], 4)
+    ablation = None
+    if folder.region_ablation.is_file():
+        abl = pd.read_csv(folder.region_ablation, sep="\t")
+        ablation = _frame(abl[abl["rank"] <= 5][["factor", "rank", "region", "delta_r", "ci_low",
+                                                 "ci_high", "mean_abs_change"]], 3)
     stability = _table(folder.factors / "stability_summary.tsv")
 
     ds = cfg["cohort"].get("downsample", 1)
@@ -298,6 +324,8 @@ def write_report(out: str | Path, notes: list[str] | None = None) -> Path:
         "fig4": _png(folder.figure("fig4_fam")),
         "viewers": viewers,
         "regions": regions,
+        "regions_title": _regions_title(cfg, fails),
+        "ablation": ablation,
         "sanity": sanity,
         "sanity_verdict": verdict,
         "sanity_fails": fails,

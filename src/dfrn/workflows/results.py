@@ -383,6 +383,20 @@ class ResultsFolder:
         """``regions``, ``localisation`` or ``sanity`` table of the attention stage."""
         return self.attention(method) / f"{name}.tsv"
 
+    @property
+    def region_ablation(self) -> Path:
+        """Region ablation importance: ``attention/region_ablation.tsv``."""
+        return self.attention() / "region_ablation.tsv"
+
+    @property
+    def ablation_tasks(self) -> Path:
+        """One folder per (repeat, fold, factor) of region ablation: ``attention/ablation/``."""
+        return self.attention() / "ablation"
+
+    def ablation_map(self, factor: str) -> Path:
+        """Each region filled with its ``delta_r``: ``attention/<factor>_ablation_dseg.nii.gz``."""
+        return self.attention() / f"{factor}_ablation_dseg.nii.gz"
+
     def task_dir(self, task_name: str) -> Path:
         """The folder of one finished CV task."""
         return self.tasks / task_name

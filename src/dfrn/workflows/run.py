@@ -277,7 +277,7 @@ def _run_study_locked(
 
         result.extra["attention"] = run_attention_stage(
             out, cfg, result.extra["volumes"], list(result.targets.columns), result.plan,
-            progress=progress, log=log,
+            progress=progress, log=log, executor=executor,
         )
     if result.extra["covariates"] is not None:
         from dfrn.workflows.confounds import run_confounds_stage

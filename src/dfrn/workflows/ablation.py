@@ -1,0 +1,206 @@
+"""Region ablation in a study: one task per (repeat, fold, factor), then the ranking.
+
+Each task loads its fold's model, takes that fold's *test* subjects, replaces one atlas
+region at a time by the neutral value (the fold's training subjects' mean input, or 0) and
+records how each prediction changes (:func:`dfrn.interpret.ablation.ablation_changes`). A
+task writes ``attention/ablation/<task>/`` (``changes.tsv``, ``task.json``, ``manifest.json``)
+under a temporary name and renames it into place when complete, so an interrupted stage
+resumes; a folder whose files or settings (atlas, baseline) differ is redone. Tasks run
+through the study's executor (in this process, or as Ray tasks).
+
+The pooled result (:func:`dfrn.interpret.ablation.region_importance`) is written to
+``attention/region_ablation.tsv`` and, per factor, ``attention/<factor>_ablation_dseg.nii.gz``:
+the atlas on the images' grid, each region filled with its ``delta_r``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from dfrn.config import StudyConfig
+from dfrn.data.atlas import Atlas, labels_on_grid
+from dfrn.data.images import VolumeSet
+from dfrn.evaluation.executors import Executor, LocalExecutor
+from dfrn.evaluation.tasks import Task, plan_tasks, read_task_meta
+from dfrn.interpret.ablation import (
+    RegionGrid,
+    ablation_changes,
+    region_importance,
+    regions_on_grid,
+    train_mean_baseline,
+)
+from dfrn.io import (
+    atomic_write_json,
+    atomic_write_nifti,
+    atomic_write_tsv,
+    make_temp_dir,
+    verify_manifest,
+    write_manifest,
+)
+from dfrn.plotting import format_table
+from dfrn.workflows.results import ResultsFolder
+
+__all__ = ["AblationJob", "run_ablation_task", "run_region_ablation", "region_grid_for"]
+
+_FILES = ("changes.tsv", "task.json")
+
+
+@dataclass(frozen=True)
+class AblationJob:
+    """What every ablation task of a study shares (picklable: paths and small arrays)."""
+
+    volumes: VolumeSet
+    grid: RegionGrid
+    baseline: str
+    cv_tasks: Path
+    ablation_tasks: Path
+    device: str
+    key: str
+    """Digest of the region grid and the baseline: a task folder made with others is redone."""
+
+
+def region_grid_for(atlas: Atlas, volumes: VolumeSet, atlas_option: str) -> RegionGrid:
+    """The atlas on the network's input grid (one-line errors naming ``atlas_option``)."""
+    grid = volumes.input_grid
+    labels = labels_on_grid(atlas, grid.shape, grid.affine, atlas_option)
+    return regions_on_grid(labels, atlas.labels, volumes.downsample, volumes.shape,
+                           atlas_name=f"atlas {atlas.source} ({atlas_option})")
+
+
+def _job_key(grid: RegionGrid, baseline: str) -> str:
+    h = hashlib.sha256(grid.labels.astype(np.int64).tobytes())
+    h.update(json.dumps([grid.table["name"].tolist(), baseline]).encode())
+    return h.hexdigest()[:16]
+
+
+def _verified(folder: Path, task: Task, key: str) -> bool:
+    if not folder.is_dir() or verify_manifest(folder, required=_FILES):
+        return False
+    meta = json.loads((folder / "task.json").read_text(encoding="utf-8"))
+    return meta.get("key") == key and meta.get("task") == task.name
+
+
+def run_ablation_task(job: AblationJob, task: Task) -> str:
+    """Ablate every region for one task's test subjects; write its folder (idempotent)."""
+    from dfrn.models.regressor import DFRNRegressor
+
+    final = job.ablation_tasks / task.name
+    if _verified(final, task, job.key):
+        return task.name
+    import torch
+
+    meta = read_task_meta(job.cv_tasks / task.name, task)
+    est = DFRNRegressor.load(job.cv_tasks / task.name / "model.pt", device=job.device)
+    ids = [str(p) for p in meta["test_ids"]]
+    x = np.stack([np.asarray(job.volumes[i], np.float32) for i in job.volumes.index_of(ids)])
+    baseline: float | np.ndarray = 0.0
+    if job.baseline == "train_mean":
+        baseline = train_mean_baseline(job.volumes.__getitem__,
+                                       job.volumes.index_of(list(task.train_ids)))
+    changes = ablation_changes(est.model_, torch.from_numpy(x[:, None]).to(est.device_),
+                               job.grid, baseline) * float(est.y_std_)
+    table = pd.DataFrame(changes.T, columns=[str(i) for i in job.grid.table["index"]])
+    table.insert(0, "participant_id", ids)
+    tmp = make_temp_dir(job.ablation_tasks, task.name)
+    try:
+        atomic_write_tsv(table, tmp / "changes.tsv", float_format=None)
+        atomic_write_json(tmp / "task.json", {"task": task.name, "key": job.key,
+                                              "baseline": job.baseline})
+        write_manifest(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return task.name
+
+
+def _records(folder: ResultsFolder, tasks: list[Task], grid: RegionGrid) -> pd.DataFrame:
+    """Intact and ablated predictions per (repeat, factor, subject), from the task folders."""
+    pred = folder.read_predictions().set_index(["repeat", "fold", "factor", "participant_id"])
+    regions = [int(i) for i in grid.table["index"]]
+    frames = []
+    for t in tasks:
+        ch = pd.read_csv(folder.ablation_tasks / t.name / "changes.tsv", sep="\t",
+                         dtype={"participant_id": str})
+        p = pred.loc[(t.repeat, t.fold, t.factor)].loc[ch["participant_id"]]
+        ablated = p["y_pred"].to_numpy()[:, None] - ch[[str(i) for i in regions]].to_numpy(float)
+        df = pd.DataFrame(ablated, columns=regions)
+        df.insert(0, "participant_id", ch["participant_id"].to_numpy())
+        df.insert(1, "repeat", t.repeat)
+        df.insert(2, "factor", t.factor)
+        df.insert(3, "y_true", p["y_true"].to_numpy())
+        df.insert(4, "y_pred", p["y_pred"].to_numpy())
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def run_region_ablation(
+    out: str | Path,
+    cfg: StudyConfig,
+    volumes: VolumeSet,
+    factors: list[str],
+    plan: pd.DataFrame,
+    atlas: Atlas,
+    atlas_option: str,
+    device: str,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    executor: Executor | None = None,
+) -> pd.DataFrame:
+    """Run (or resume) every ablation task, then write the ranking and the maps."""
+    from tqdm.auto import tqdm
+
+    folder = ResultsFolder(Path(out))
+    a = cfg.attention
+    grid = region_grid_for(atlas, volumes, atlas_option)
+    if grid.skipped:
+        log(f"region ablation: {len(grid.skipped)} region(s) have fewer than 2 voxels on the "
+            f"network's input grid and are skipped: {', '.join(grid.skipped[:10])}")
+    tasks = plan_tasks(plan, factors)
+    job = AblationJob(volumes, grid, a.ablation_baseline, folder.tasks, folder.ablation_tasks,
+                      device, _job_key(grid, a.ablation_baseline))
+    folder.ablation_tasks.mkdir(parents=True, exist_ok=True)
+    todo = [t for t in tasks if not _verified(folder.ablation_tasks / t.name, t, job.key)]
+    if len(todo) < len(tasks):
+        log(f"region ablation: resuming, {len(tasks) - len(todo)} of {len(tasks)} tasks done")
+    runner = executor or LocalExecutor()
+    with tqdm(total=len(todo), desc="region ablation", unit="task", disable=not progress) as bar:
+        for _ in runner.map(run_ablation_task, job, todo):
+            bar.update()
+    table = region_importance(_records(folder, tasks, grid), grid.table, a.bootstrap,
+                              cfg.cv.seed)
+    atomic_write_tsv(table, folder.region_ablation)
+    _write_maps(folder, table, atlas, volumes, atlas_option)
+    top = table[table["rank"] <= a.top_regions]
+    log(format_table(
+        top[["factor", "rank", "region", "delta_r", "ci_low", "ci_high", "mean_abs_change"]]
+        .round(3),
+        f"Where is the signal: region ablation, out of fold (fall in r when the region is "
+        f"replaced by the {'training mean' if a.ablation_baseline == 'train_mean' else 'zero'}"
+        f"; 95% bootstrap CI over subjects, {a.bootstrap} resamples)",
+    ))
+    return table
+
+
+def _write_maps(folder: ResultsFolder, table: pd.DataFrame, atlas: Atlas, volumes: VolumeSet,
+                atlas_option: str) -> None:
+    grid = volumes.input_grid
+    labels = labels_on_grid(atlas, grid.shape, grid.affine, atlas_option)
+    for factor, g in table.groupby("factor", sort=False):
+        lookup = np.zeros(int(labels.max()) + 1, dtype=np.float32)
+        idx = g["index"].to_numpy(dtype=np.int64)
+        lookup[idx[idx < len(lookup)]] = g["delta_r"].to_numpy(np.float32)[idx < len(lookup)]
+        img = nib.Nifti1Image(lookup[labels], np.asarray(grid.affine, dtype=float))
+        atomic_write_nifti(img, folder.ablation_map(str(factor)))

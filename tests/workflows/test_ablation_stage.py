@@ -1,0 +1,113 @@
+"""Region ablation through ``dfrn run`` and ``dfrn attention --ablation``: the planted
+regions come first, tasks resume, the map carries the images' affine, bad input is one line."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from dfrn.cli import main
+from dfrn.config import config_from_dict
+from dfrn.interpret.ablation import IMPORTANCE_COLUMNS
+from dfrn.workflows.run import run_study
+
+FACTORS = ["anhedonia", "appetite"]
+
+
+@pytest.fixture(scope="module")
+def planted_run(tmp_path_factory: pytest.TempPathFactory):
+    """36 synthetic subjects (8 mm) with planted regions; the attention atlas names them."""
+    import torch
+
+    from dfrn.data.synth import make_demo_atlases, make_synthetic_cohort
+
+    root = tmp_path_factory.mktemp("ablation")
+    synth = make_synthetic_cohort(root / "synth", n_subjects=36, voxel_size=8.0, effect=0.5,
+                                  radius=14.0, seed=5)
+    atlases = make_demo_atlases(synth, n_parcels=12, seed=0)
+    raw = {
+        "cohort": {"table": str(synth.table), "targets": FACTORS, "mask": str(synth.brain_mask)},
+        "training": {"epochs": 10, "val_fraction": 0.0, "batch_size": 8},
+        "cv": {"n_folds": 3, "n_repeats": 1},
+        "baseline": {"enabled": False},
+        "final": {"enabled": False},
+        "attention": {"atlas": str(atlases["regions"]),
+                      "atlas_labels": str(atlases["regions"].with_name("regions_dseg.tsv")),
+                      "template": str(synth.template), "sanity": False, "bootstrap": 200},
+    }
+    torch.manual_seed(0)
+    logs: list[str] = []
+    out = root / "res"
+    res = run_study(config_from_dict(raw, root), out, progress=False, log=logs.append)
+    return out, res, logs, atlases
+
+
+def test_planted_regions_rank_first(planted_run) -> None:
+    from dfrn.data.synth import REGIONS
+
+    out, res, logs, _ = planted_run
+    table = pd.read_csv(out / "attention/region_ablation.tsv", sep="\t")
+    assert list(table.columns) == IMPORTANCE_COLUMNS
+    ranks = {f: int(table[(table.factor == f) & (table.region == REGIONS[f][0])]["rank"].iloc[0])
+             for f in FACTORS}
+    print("planted-region ranks:", ranks)
+    assert ranks == {f: 1 for f in FACTORS}, ranks
+    top = table[table["rank"] == 1]
+    assert (top["ci_low"] > 0).all() and (top["ci_low"] <= top["delta_r"]).all()
+    assert any(line.startswith("Where is the signal: region ablation") for line in logs)
+
+
+def test_ablation_map_is_on_the_images_grid(planted_run) -> None:
+    out, res, _, atlases = planted_run
+    img = nib.load(out / "attention/anhedonia_ablation_dseg.nii.gz")
+    atlas = nib.load(atlases["regions"])
+    assert img.shape == atlas.shape
+    np.testing.assert_allclose(img.affine, atlas.affine)
+    table = pd.read_csv(out / "attention/region_ablation.tsv", sep="\t")
+    row = table[(table.factor == "anhedonia") & (table["rank"] == 1)].iloc[0]
+    labels = np.asarray(atlas.dataobj)
+    values = np.asarray(img.dataobj)[labels == row["index"]]
+    np.testing.assert_allclose(values, row["delta_r"], rtol=1e-6)
+
+
+def test_attention_ablation_resumes_and_redoes_a_damaged_task(planted_run, capsys) -> None:
+    out, _, _, _ = planted_run
+    before = pd.read_csv(out / "attention/region_ablation.tsv", sep="\t")
+    tasks = out / "attention/ablation"
+    kept = tasks / "repeat-0_fold-0_anhedonia/changes.tsv"
+    mtime = kept.stat().st_mtime_ns
+    damaged = tasks / "repeat-0_fold-1_appetite/changes.tsv"
+    damaged.write_text(damaged.read_text().replace("\t0.", "\t9.", 1))
+    assert main(["attention", str(out), "--ablation", "--no-progress"]) == 0
+    assert "resuming, 5 of 6 tasks done" in capsys.readouterr().out
+    assert kept.stat().st_mtime_ns == mtime
+    pd.testing.assert_frame_equal(pd.read_csv(out / "attention/region_ablation.tsv", sep="\t"),
+                                  before)
+
+
+def test_a_study_without_models_and_an_off_grid_atlas_give_one_line(planted_run, tmp_path,
+                                                                   capsys) -> None:
+    out, _, _, atlases = planted_run
+    copy = tmp_path / "res"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "attention")
+    moved = tmp_path / "moved_dseg.nii.gz"
+    img = nib.load(atlases["regions"])
+    affine = img.affine.copy()
+    affine[:3, 3] += 8.0
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), affine), moved)
+    labels = str(atlases["regions"].with_name("regions_dseg.tsv"))
+    assert main(["attention", str(copy), "--ablation", "--atlas", str(moved), "--atlas-labels",
+                 labels, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not on the grid of the images" in err[0], err
+    assert "fix --atlas" in err[0]
+    (copy / "cv/tasks/repeat-0_fold-0_anhedonia/model.pt").unlink()
+    assert main(["attention", str(copy), "--ablation", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "repeat-0_fold-0_anhedonia" in err[0], err
