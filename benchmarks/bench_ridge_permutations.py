@@ -20,9 +20,9 @@ from sklearn.linear_model import RidgeCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from dfrn.models.ridge import DEFAULT_ALPHAS
 from dfrn.evaluation.folds import iter_splits, make_fold_plan
 from dfrn.evaluation.permutation import permutation_indices, permutation_test
+from dfrn.models.ridge import DEFAULT_ALPHAS
 
 
 def main() -> None:
