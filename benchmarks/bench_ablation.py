@@ -30,11 +30,11 @@ from dfrn.models.network import DFRN
 
 
 def _grid(shape: tuple[int, int, int], n_regions: int) -> RegionGrid:
-    """``n_regions`` slabs along the first axis (background elsewhere)."""
-    labels = np.zeros(shape, dtype=np.int64)
-    edges = np.linspace(0, shape[0], n_regions + 1).astype(int)
-    for k in range(n_regions):
-        labels[edges[k]:edges[k + 1], 2:-2, 2:-2] = k + 1
+    """``n_regions`` equal chunks of the voxels in raster order (background: the first 10%)."""
+    flat = np.zeros(int(np.prod(shape)), dtype=np.int64)
+    start = len(flat) // 10
+    flat[start:] = 1 + (np.arange(len(flat) - start) * n_regions) // (len(flat) - start)
+    labels = flat.reshape(shape)
     table = pd.DataFrame({"index": np.arange(1, n_regions + 1),
                           "name": [f"r{k}" for k in range(n_regions)]})
     return RegionGrid(labels, table.assign(n_voxels=[int((labels == i).sum())

@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also predict scans the models were trained on (in-sample)")
     p.add_argument("--attention", action="store_true",
                    help="also write each subject's attention map per factor")
+    p.add_argument("--regions", action="store_true",
+                   help="also write each subject's per-region sensitivity (|change| of the "
+                   "prediction when a region is ablated; individual, not group importance)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<index>")
 
     p = sub.add_parser(
@@ -270,7 +273,8 @@ def _run(args: argparse.Namespace) -> int:
         predict_cohort(
             args.model, args.cohort, args.out, image_column=args.image_column,
             session=args.session, allow_training_subjects=args.allow_training_subjects,
-            attention=args.attention, device=args.device, progress=progress,
+            attention=args.attention, regions=args.regions, device=args.device,
+            progress=progress,
         )
     elif args.command == "baseline":
         from dfrn.workflows.baseline import run_baseline_stage

@@ -34,10 +34,10 @@ def planted_run(tmp_path_factory: pytest.TempPathFactory):
         "training": {"epochs": 5, "val_fraction": 0.0, "batch_size": 8},
         "cv": {"n_folds": 3, "n_repeats": 1},
         "baseline": {"enabled": False},
-        "final": {"enabled": False},
         "attention": {"atlas": str(atlases["regions"]),
                       "atlas_labels": str(atlases["regions"].with_name("regions_dseg.tsv")),
-                      "template": str(synth.template), "sanity": False, "bootstrap": 200},
+                      "template": str(synth.template), "sanity": False, "bootstrap": 200,
+                      "truth": {f: str(synth.truth_masks[f]) for f in FACTORS}},
     }
     torch.manual_seed(0)
     logs: list[str] = []
@@ -59,6 +59,10 @@ def test_planted_regions_rank_first(planted_run) -> None:
     top = table[table["rank"] == 1]
     assert (top["ci_low"] > 0).all() and (top["ci_low"] <= top["delta_r"]).all()
     assert any(line.startswith("Where is the signal: region ablation") for line in logs)
+    assert ("region ablation ranks the ground-truth region first for 2 of 2 factors: anhedonia "
+            "hippocampus 1/") in "\n".join(logs)
+    truth = pd.read_csv(out / "attention/ablation_truth.tsv", sep="\t")
+    assert truth["rank"].tolist() == [1, 1]
 
 
 def test_ablation_map_is_on_the_images_grid(planted_run) -> None:
@@ -110,3 +114,35 @@ def test_a_study_without_models_and_an_off_grid_atlas_give_one_line(planted_run,
     assert main(["attention", str(copy), "--ablation", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "repeat-0_fold-0_anhedonia" in err[0], err
+
+
+def test_predict_regions_gives_individual_sensitivity(planted_run, tmp_path: Path) -> None:
+    import torch
+
+    from dfrn.data.synth import REGIONS
+    from dfrn.interpret.ablation import RegionGrid, ablation_changes
+    from dfrn.models.package import load_package
+
+    out, res, _, _ = planted_run
+    rows = pd.read_csv(res.cohort.source, sep="\t").head(8)  # 8 scans keep it quick
+    rows["t1"] = [str(res.cohort.source.parent / p) for p in rows["t1"]]
+    table = tmp_path / "eight.tsv"
+    rows.to_csv(table, sep="\t", index=False)
+    assert main(["predict", str(out), "--cohort", str(table), "--out", str(tmp_path / "p"),
+                 "--allow-training-subjects", "--regions", "--no-progress"]) == 0
+    sens = pd.read_csv(tmp_path / "p/regions.tsv", sep="\t", dtype={"participant_id": str})
+    assert list(sens.columns) == ["participant_id", "factor", "region", "abs_change"]
+    mean = sens.groupby(["factor", "region"])["abs_change"].mean()
+    for f in FACTORS:
+        assert mean[f].idxmax() == REGIONS[f][0], mean[f].sort_values().tail(3)
+    # parity: the first subject's sensitivity, from the package's networks by hand
+    package = load_package(out / "models/anhedonia")
+    labels, regions, baselines = package.regions()
+    volumes = res.extra["volumes"]
+    pid = volumes.participant_ids[0]
+    x = torch.from_numpy(np.asarray(volumes[0], np.float32)[None, None])
+    by_hand = np.mean([ablation_changes(est.model_, x, RegionGrid(labels, regions), base)[:, 0]
+                       * est.y_std_ for est, base in zip(package.estimators, baselines,
+                                                         strict=True)], axis=0)
+    got = sens[(sens.participant_id == pid) & (sens.factor == "anhedonia")]
+    np.testing.assert_allclose(got["abs_change"], np.abs(by_hand), rtol=1e-4, atol=1e-6)

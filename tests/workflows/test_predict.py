@@ -325,3 +325,13 @@ def test_all_zero_scan_is_named_with_its_file(study, tiny_cohort, tmp_path: Path
     line = _one_line_error(capsys)
     assert "participant blank" in line and str(blank) in line and "all zero" in line
     assert "[cohort]" not in line and "new-0" not in line
+
+
+def test_regions_need_a_package_with_an_atlas(study, tiny_cohort, tmp_path: Path, capsys) -> None:
+    out, _ = study  # its study ran without an attention atlas
+    assert main(["predict", str(out), "--cohort", str(tiny_cohort.table), "--out",
+                 str(tmp_path / "p"), "--allow-training-subjects", "--regions",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no region atlas" in err[0], err
+    assert not (tmp_path / "p").exists()

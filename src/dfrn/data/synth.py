@@ -273,16 +273,18 @@ def make_synthetic_cohort(
     )
 
 
-def make_demo_atlases(cohort: SynthCohort, n_parcels: int = 60, seed: int = 0) -> dict[str, Path]:
+def make_demo_atlases(cohort: SynthCohort, n_parcels: int = 60, seed: int = 0,
+                      n_region_parcels: int | None = None) -> dict[str, Path]:
     """Two offline atlases for the demo, written beside the cohort.
 
     * ``parcellation_dseg.nii.gz`` (+ ``.tsv``): ``n_parcels`` k-means parcels of the brain
       mask, driven by voxel coordinates only, so they do not copy the planted regions. The
       ridge baseline uses it (an atlas that outlined the planted regions would make its job
       trivial).
-    * ``regions_dseg.nii.gz`` (+ ``.tsv``): the same parcels with the five planted regions
-      written over them under their anatomical names (hippocampus, insula, …). Attention
-      maps are ranked on it, so the output can say *which* structure a factor is read from.
+    * ``regions_dseg.nii.gz`` (+ ``.tsv``): parcels (the same ones, or ``n_region_parcels``
+      coarser ones) with the planted regions written over them under their anatomical names
+      (hippocampus, insula, …). Attention maps and region ablation are ranked on it, so the
+      output can say *which* structure a factor is read from.
     """
     from dfrn.data.atlas import synthetic_parcellation
 
@@ -294,6 +296,10 @@ def make_demo_atlases(cohort: SynthCohort, n_parcels: int = 60, seed: int = 0) -
     atomic_write_nifti(nib.Nifti1Image(labels, parc.img.affine), p)
     atomic_write_tsv(parc.labels[["index", "name"]], p.with_name("parcellation_dseg.tsv"))
     paths["parcellation"] = p
+    if n_region_parcels is not None and n_region_parcels != n_parcels:
+        parc = synthetic_parcellation(cohort.brain_mask, n_region_parcels, seed=seed)
+        labels = parc.label_data().astype(np.int32)
+        n_parcels = n_region_parcels
     regions = labels.copy()
     names = parc.labels[["index", "name"]].copy()
     brain = regions > 0

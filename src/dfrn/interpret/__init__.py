@@ -34,6 +34,7 @@ _EXPORTS: dict[str, str] = {
     "ssim3d": "sanity",
     "to_template_space": "maps",
     "train_mean_baseline": "ablation",
+    "truth_ranks": "ablation",
 }
 
 __all__ = sorted(_EXPORTS)

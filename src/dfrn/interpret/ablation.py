@@ -40,6 +40,7 @@ __all__ = [
     "region_importance",
     "IMPORTANCE_COLUMNS",
     "MIN_REGION_VOXELS",
+    "truth_ranks",
 ]
 
 #: Regions with fewer voxels than this on the network's input grid are skipped.
@@ -248,3 +249,36 @@ def region_importance(
         t["rank"] = np.arange(1, len(t) + 1)
         out.append(t[IMPORTANCE_COLUMNS])
     return pd.concat(out, ignore_index=True)
+
+
+def truth_ranks(table: pd.DataFrame, labels: np.ndarray, truth: dict[str, np.ndarray]
+                ) -> pd.DataFrame:
+    """Where a known region (a ground-truth mask) lands in each factor's ablation ranking.
+
+    Parameters
+    ----------
+    table : DataFrame
+        :func:`region_importance`'s output.
+    labels : ndarray of int
+        The atlas on the masks' grid.
+    truth : dict of str to ndarray of bool
+        A ground-truth mask per factor (the demo's planted regions).
+
+    Returns
+    -------
+    DataFrame
+        ``factor``, ``region`` (the atlas region covering most of the mask), ``rank`` and
+        ``n_regions``.
+    """
+    rows = []
+    for factor, mask in truth.items():
+        ranked = table[table["factor"] == factor]
+        inside = labels[np.asarray(mask, bool) & (labels > 0)]
+        if ranked.empty or inside.size == 0:
+            continue
+        index = int(np.bincount(inside).argmax())
+        hit = ranked[ranked["index"] == index]
+        rows.append({"factor": factor, "region": hit["region"].iloc[0] if len(hit) else "",
+                     "rank": int(hit["rank"].iloc[0]) if len(hit) else -1,
+                     "n_regions": len(ranked)})
+    return pd.DataFrame(rows, columns=["factor", "region", "rank", "n_regions"])

@@ -122,6 +122,13 @@ METADATA_SCHEMA: dict[str, Any] = {
                                "confound_fit": {"oneOf": [{"type": "null"}, _CONFOUND_FIT]}},
             },
         },
+        "regions": {"oneOf": [{"type": "null"}, {
+            "type": "object", "required": ["file", "sha256", "indices", "names", "baseline"],
+            "properties": {"file": {"type": "string", "pattern": r"^[A-Za-z0-9._-]+$"},
+                           "sha256": _SHA,
+                           "indices": {"type": "array", "items": {"type": "integer"}},
+                           "names": {"type": "array", "items": {"type": "string"}},
+                           "baseline": {"enum": ["train_mean", "zero"]}}}]},
         "target": {"type": "object", "properties": {
             "adjustment": {"oneOf": [{"type": "null"}, _ADJUSTMENT]}}},
         "training_scans_sha256": {"type": "array", "items": _SHA},
@@ -246,6 +253,38 @@ class ModelPackage:
     def mask_path(self) -> Path | None:
         mask = self.metadata["input"]["mask"]
         return None if mask is None else self.folder / mask["file"]
+
+    def regions(self) -> tuple[np.ndarray, Any, list[np.ndarray | float]]:
+        """The packaged atlas on the input grid and each network's ablation baseline.
+
+        Returns
+        -------
+        (labels, table, baselines)
+            Region labels on the input grid (int64), their ``index``/``name``/``n_voxels``
+            table, and per network its neutral input (an array, or 0.0).
+
+        Raises
+        ------
+        DfrnInputError
+            When the package was written without an atlas.
+        """
+        import pandas as pd
+        from safetensors.numpy import load_file
+
+        regions = self.metadata.get("regions")
+        if not regions:
+            raise DfrnInputError(
+                f"model {self.factor} holds no region atlas (its study ran without [attention] "
+                "atlas and ablation): rerun 'dfrn run' with one to predict --regions"
+            )
+        arrays = load_file(str(self.folder / regions["file"]))
+        labels = arrays["labels"].astype(np.int64)
+        table = pd.DataFrame({"index": regions["indices"], "name": regions["names"]})
+        table["n_voxels"] = [int((labels == i).sum()) for i in table["index"]]
+        base: list[np.ndarray | float] = [
+            arrays[f"baseline-{k}"].astype(np.float32) if regions["baseline"] == "train_mean"
+            else 0.0 for k in range(len(self.estimators))]
+        return labels, table, base
 
 
 def load_package(folder: str | Path, device: str = "cpu") -> ModelPackage:

@@ -38,6 +38,7 @@ from dfrn.interpret.ablation import (
     region_importance,
     regions_on_grid,
     train_mean_baseline,
+    truth_ranks,
 )
 from dfrn.io import (
     atomic_write_json,
@@ -182,7 +183,7 @@ def run_region_ablation(
     table = region_importance(_records(folder, tasks, grid), grid.table, a.bootstrap,
                               cfg.cv.seed)
     atomic_write_tsv(table, folder.region_ablation)
-    _write_maps(folder, table, atlas, volumes, atlas_option)
+    labels = _write_maps(folder, table, atlas, volumes, atlas_option)
     top = table[table["rank"] <= a.top_regions]
     log(format_table(
         top[["factor", "rank", "region", "delta_r", "ci_low", "ci_high", "mean_abs_change"]]
@@ -191,11 +192,30 @@ def run_region_ablation(
         f"replaced by the {'training mean' if a.ablation_baseline == 'train_mean' else 'zero'}"
         f"; 95% bootstrap CI over subjects, {a.bootstrap} resamples)",
     ))
+    if a.truth:
+        _log_truth(folder, table, labels, a.truth, log)
     return table
 
 
+def _log_truth(folder: ResultsFolder, table: pd.DataFrame, labels: np.ndarray,
+               truth: dict[str, str], log: Callable[[str], None]) -> None:
+    """With ground-truth masks (the demo): the rank of each known region, in the log and in
+    ``attention/ablation_truth.tsv``."""
+    from dfrn.data.images import load_img
+
+    masks = {f: np.asarray(load_img(p, f"truth mask of {f}").dataobj) > 0
+             for f, p in truth.items() if f in set(table["factor"])}
+    ranks = truth_ranks(table, labels, masks)
+    atomic_write_tsv(ranks, folder.attention_table("ablation_truth"))
+    first = int((ranks["rank"] == 1).sum())
+    log(f"region ablation ranks the ground-truth region first for {first} of {len(ranks)} "
+        "factors: " + "; ".join(f"{r.factor} {r.region} {r.rank}/{r.n_regions}"
+                                for r in ranks.itertuples()))
+
+
 def _write_maps(folder: ResultsFolder, table: pd.DataFrame, atlas: Atlas, volumes: VolumeSet,
-                atlas_option: str) -> None:
+                atlas_option: str) -> np.ndarray:
+    """Each factor's ``delta_r`` map on the images' grid; returns the atlas on that grid."""
     grid = volumes.input_grid
     labels = labels_on_grid(atlas, grid.shape, grid.affine, atlas_option)
     for factor, g in table.groupby("factor", sort=False):
@@ -204,3 +224,4 @@ def _write_maps(folder: ResultsFolder, table: pd.DataFrame, atlas: Atlas, volume
         lookup[idx[idx < len(lookup)]] = g["delta_r"].to_numpy(np.float32)[idx < len(lookup)]
         img = nib.Nifti1Image(lookup[labels], np.asarray(grid.affine, dtype=float))
         atomic_write_nifti(img, folder.ablation_map(str(factor)))
+    return labels

@@ -146,11 +146,12 @@ def run_demo(
             age_effect=s.age_effect,
             age_only=AGE_ONLY,
         )
-        make_demo_atlases(synth, seed=seed)
+        make_demo_atlases(synth, seed=seed, n_region_parcels=30)
     log(
         "atlases (built offline): the baseline uses 60 k-means parcels of the brain mask "
-        "(synth/parcellation_dseg), which do not follow the planted regions; attention maps are "
-        "ranked on those parcels with the 5 planted structures named (synth/regions_dseg)"
+        "(synth/parcellation_dseg), which do not follow the planted regions; attention maps and "
+        "region ablation are ranked on 30 coarser parcels with the planted structures named "
+        "(synth/regions_dseg)"
     )
     cfg = demo_config(synth_dir.resolve(), s, seed)
     shrunk = (f"dfrn demo --full: the paper's protocol ({PAPER})." if full else

@@ -115,6 +115,39 @@ def _write_weights(tmp: Path, folder: ResultsFolder, cfg: StudyConfig, volumes: 
     return models
 
 
+def _region_entry(tmp: Path, grid: Any, baseline: str, volumes: VolumeSet,
+                  train_ids: list[list[str]]) -> dict[str, Any]:
+    """Write ``regions.safetensors`` (the atlas on the input grid and, with the train-mean
+    baseline, each network's neutral input) for ``dfrn predict --regions``."""
+    from safetensors.numpy import save
+
+    from dfrn.interpret.ablation import train_mean_baseline
+
+    arrays = {"labels": grid.labels.astype(np.int32)}
+    if baseline == "train_mean":
+        for k, ids in enumerate(train_ids):
+            arrays[f"baseline-{k}"] = train_mean_baseline(
+                volumes.__getitem__, volumes.index_of(ids)).astype(np.float16)
+    data = save(arrays)
+    atomic_write(tmp / "regions.safetensors", lambda p: p.write_bytes(data),
+                 size_hint=len(data))
+    return {"file": "regions.safetensors", "sha256": file_digest(tmp / "regions.safetensors"),
+            "indices": [int(i) for i in grid.table["index"]],
+            "names": grid.table["name"].astype(str).tolist(), "baseline": baseline}
+
+
+def _package_grid(cfg: StudyConfig, volumes: VolumeSet, log: Callable[[str], None]) -> Any:
+    """The attention atlas on the input grid, when region ablation is configured."""
+    a = cfg.attention
+    if not (a.enabled and a.ablation):
+        return None
+    from dfrn.workflows.ablation import region_grid_for
+    from dfrn.workflows.attention import load_atlas_for
+
+    atlas = load_atlas_for(a.atlas, a.atlas_labels, log)
+    return None if atlas is None else region_grid_for(atlas, volumes, "[attention] atlas")
+
+
 def write_model_packages(
     out: Path,
     cfg: StudyConfig,
@@ -141,6 +174,7 @@ def write_model_packages(
     adjustment = None if design is None or covariates is None else {
         "method": "residualize", "covariates": covariates.encoder().to_dict()}
     folder = ResultsFolder(out)
+    region_grid = _package_grid(cfg, volumes, log)
     perm = None
     if folder.network_permutation.is_file():
         perm = pd.read_csv(folder.network_permutation, sep="\t").set_index("factor")
@@ -160,8 +194,13 @@ def write_model_packages(
                 log(f"rebuilding model package {factor}: {exc}")
         tmp = make_temp_dir(final.parent, factor)
         try:
-            models = _write_weights(tmp, folder, cfg, volumes, targets[factor],
-                                    plan_tasks(first, [factor]), progress, design)
+            tasks = plan_tasks(first, [factor])
+            models = _write_weights(tmp, folder, cfg, volumes, targets[factor], tasks, progress,
+                                    design)
+            regions = None if region_grid is None else _region_entry(
+                tmp, region_grid, cfg.attention.ablation_baseline, volumes,
+                [list(t.train_ids) for t in tasks] if cfg.final.mode == "ensemble"
+                else [list(volumes.participant_ids)])
             mask_entry = None
             if mask:
                 atomic_write(tmp / "brain_mask.nii.gz",
@@ -188,6 +227,7 @@ def write_model_packages(
                 "target": {"name": factor, "units": "factor score (the training cohort's scale)",
                            "adjustment": adjustment},
                 "models": models,
+                "regions": regions,
                 "preprocessing": {"kind": "user-registered"},
                 "training_scans_sha256": sorted({inputs[f"t1/{p}"].digest for p in trained_on}),
                 "training_scans_content_sha256": _content_digests(inputs, trained_on, content,

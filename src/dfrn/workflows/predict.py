@@ -20,6 +20,13 @@ For every package (``MODEL`` itself, or each ``RESULTS/models/<factor>/``):
    has the covariates, and is empty (NaN) when it lacks one: the log names it, and nothing is
    ever treated as zero. For other packages ``prediction_full`` equals ``prediction``.
 
+With ``regions`` each subject's per-region sensitivity is written to ``regions.tsv``:
+participant_id, factor, region, abs_change, the |change| of the subject's (ensemble)
+prediction, in target units, when that atlas region of its scan is replaced by the
+networks' neutral value (their training subjects' mean input, or 0). It is individual
+sensitivity, not group importance: with no targets there is no r to lose (the study's
+``attention/region_ablation.tsv`` measures that).
+
 With ``attention`` each subject's guided-backprop map (averaged over the package's networks,
 on the input grid, with its affine) is written to ``attention/``.
 """
@@ -142,6 +149,7 @@ def predict_cohort(
     session: str | None = None,
     allow_training_subjects: bool = False,
     attention: bool = False,
+    regions: bool = False,
     device: str = "auto",
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -159,6 +167,10 @@ def predict_cohort(
         raise ResultsFolderError(f"{out} already holds predictions.tsv; choose another --out")
     resolve_device(device, option="--device")
     packages = [load_package(p, device=device) for p in find_packages(model_or_results)]
+    if regions:
+        for package in packages:
+            package.regions()  # a package without an atlas: one line, before any work
+    region_rows: list[pd.DataFrame] = []
     cohort = _load_cohort(Path(cohort_source), image_column, session)
     for package in packages:
         _check_grid(cohort, package)
@@ -179,9 +191,15 @@ def predict_cohort(
                          len(preds), adjusted, float(full[i])))
         if attention:
             _write_attention(package, volumes, cohort, out, log)
+        if regions:
+            region_rows.append(_region_sensitivity(package, volumes, cohort))
     table = pd.DataFrame(rows, columns=PREDICT_COLUMNS)
     atomic_write_tsv(table, out / "predictions.tsv", float_format=None)
     log(f"predicted {len(packages)} factor(s) for {len(cohort)} scan(s): {out / 'predictions.tsv'}")
+    if regions:
+        atomic_write_tsv(pd.concat(region_rows, ignore_index=True), out / "regions.tsv",
+                         float_format=None)
+        log(f"per-region sensitivity (individual, not group importance): {out / 'regions.tsv'}")
     return table
 
 
@@ -211,6 +229,32 @@ def _full_prediction(package: ModelPackage, cohort: Cohort, preds: np.ndarray,
     parts = [ConfoundFit.from_dict(m["confound_fit"]).fitted(design)
              for m in package.metadata["models"]]
     return words, (preds + np.stack(parts)).mean(axis=0)
+
+
+def _region_sensitivity(package: ModelPackage, volumes, cohort: Cohort,
+                        chunk: int = 4) -> pd.DataFrame:
+    """|Δ ensemble prediction| per subject and region (target units), ``chunk`` scans at a time."""
+    import torch
+
+    from dfrn.interpret.ablation import RegionGrid, ablation_changes
+
+    labels, table, baselines = package.regions()
+    grid = RegionGrid(labels, table)
+    n = len(cohort)
+    total = np.zeros((len(table), n))
+    for est, base in zip(package.estimators, baselines, strict=True):
+        for start in range(0, n, chunk):
+            x = np.stack([np.asarray(volumes[i], np.float32)
+                          for i in range(start, min(n, start + chunk))])[:, None]
+            change = ablation_changes(est.model_, torch.from_numpy(x).to(est.device_), grid, base)
+            total[:, start:start + len(x)] += change * float(est.y_std_)
+    mean = np.abs(total / len(package.estimators))
+    return pd.DataFrame({
+        "participant_id": np.tile(cohort.participant_ids, len(table)),
+        "factor": package.factor,
+        "region": np.repeat(table["name"].astype(str).to_numpy(), n),
+        "abs_change": mean.ravel(),
+    })
 
 
 def _write_attention(package: ModelPackage, volumes, cohort: Cohort, out: Path, log) -> None:
