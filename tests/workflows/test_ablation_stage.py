@@ -4,6 +4,7 @@ regions come first, tasks resume, the map carries the images' affine, bad input 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np

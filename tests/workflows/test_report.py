@@ -245,6 +245,25 @@ def test_beyond_the_covariates_section_verdicts_and_methods(report: Path) -> Non
     assert "Snoek L, Miletić S, Scholte HS (2019)" in text and "Winkler AM" in text
 
 
+def test_where_is_the_signal_is_the_ablation_ranking(report: Path) -> None:
+    """Issue 19: the headline ranks regions by delta_r with its CI; a voxel map that fails the
+    sanity check is labelled image-driven."""
+    import pandas as pd
+
+    from dfrn.interpret.sanity import fails_sanity
+
+    text = report.read_text(encoding="utf-8")
+    where = _section(text.replace('<h3 id="where"', '<h2 id="where"'), "where")
+    for column in ("delta_r", "ci_low", "ci_high", "mean_abs_change"):
+        assert f"<th>{column}</th>" in where
+    ranking = pd.read_csv(report.parent / "attention/region_ablation.tsv", sep="\t")
+    assert ranking.loc[ranking["rank"] == 1, "region"].iloc[0] in where
+    sanity = pd.read_csv(report.parent / "attention/sanity.tsv", sep="\t")
+    voxel = text.split('id="voxel-regions">', 1)[1].split("</h3>", 1)[0]
+    assert ("image-driven map" in voxel) == fails_sanity(sanity, "guided_backprop")
+    assert "Zeiler MD, Fergus R (2014)" in text and "FeatureAblation" in _section(text, "methods")
+
+
 def test_figure3_shows_the_covariates_bar(report: Path, monkeypatch, tmp_path: Path) -> None:
     from matplotlib.axes import Axes
 
