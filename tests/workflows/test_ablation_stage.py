@@ -16,7 +16,7 @@ from dfrn.config import config_from_dict
 from dfrn.interpret.ablation import IMPORTANCE_COLUMNS
 from dfrn.workflows.run import run_study
 
-FACTORS = ["anhedonia", "appetite"]
+FACTORS = ["appetite"]  # one factor keeps the suite quick; the demo check covers four
 
 
 @pytest.fixture(scope="module")
@@ -60,20 +60,20 @@ def test_planted_regions_rank_first(planted_run) -> None:
     top = table[table["rank"] == 1]
     assert (top["ci_low"] > 0).all() and (top["ci_low"] <= top["delta_r"]).all()
     assert any(line.startswith("Where is the signal: region ablation") for line in logs)
-    assert ("region ablation ranks the ground-truth region first for 2 of 2 factors: anhedonia "
-            "hippocampus 1/") in "\n".join(logs)
+    assert ("region ablation ranks the ground-truth region first for 1 of 1 factors: appetite "
+            "insula 1/") in "\n".join(logs)
     truth = pd.read_csv(out / "attention/ablation_truth.tsv", sep="\t")
-    assert truth["rank"].tolist() == [1, 1]
+    assert truth["rank"].tolist() == [1]
 
 
 def test_ablation_map_is_on_the_images_grid(planted_run) -> None:
     out, res, _, atlases = planted_run
-    img = nib.load(out / "attention/anhedonia_ablation_dseg.nii.gz")
+    img = nib.load(out / "attention/appetite_ablation_dseg.nii.gz")
     atlas = nib.load(atlases["regions"])
     assert img.shape == atlas.shape
     np.testing.assert_allclose(img.affine, atlas.affine)
     table = pd.read_csv(out / "attention/region_ablation.tsv", sep="\t")
-    row = table[(table.factor == "anhedonia") & (table["rank"] == 1)].iloc[0]
+    row = table[(table.factor == "appetite") & (table["rank"] == 1)].iloc[0]
     labels = np.asarray(atlas.dataobj)
     values = np.asarray(img.dataobj)[labels == row["index"]]
     np.testing.assert_allclose(values, row["delta_r"], rtol=1e-6)
@@ -83,12 +83,12 @@ def test_attention_ablation_resumes_and_redoes_a_damaged_task(planted_run, capsy
     out, _, _, _ = planted_run
     before = pd.read_csv(out / "attention/region_ablation.tsv", sep="\t")
     tasks = out / "attention/ablation"
-    kept = tasks / "repeat-0_fold-0_anhedonia/changes.tsv"
+    kept = tasks / "repeat-0_fold-0_appetite/changes.tsv"
     mtime = kept.stat().st_mtime_ns
     damaged = tasks / "repeat-0_fold-1_appetite/changes.tsv"
     damaged.write_text(damaged.read_text().replace("\t0.", "\t9.", 1))
     assert main(["attention", str(out), "--ablation", "--no-progress"]) == 0
-    assert "resuming, 5 of 6 tasks done" in capsys.readouterr().out
+    assert "resuming, 2 of 3 tasks done" in capsys.readouterr().out
     assert kept.stat().st_mtime_ns == mtime
     pd.testing.assert_frame_equal(pd.read_csv(out / "attention/region_ablation.tsv", sep="\t"),
                                   before)
@@ -111,10 +111,10 @@ def test_a_study_without_models_and_an_off_grid_atlas_give_one_line(planted_run,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not on the grid of the images" in err[0], err
     assert "fix --atlas" in err[0]
-    (copy / "cv/tasks/repeat-0_fold-0_anhedonia/model.pt").unlink()
+    (copy / "cv/tasks/repeat-0_fold-0_appetite/model.pt").unlink()
     assert main(["attention", str(copy), "--ablation", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "repeat-0_fold-0_anhedonia" in err[0], err
+    assert len(err) == 1 and "repeat-0_fold-0_appetite" in err[0], err
 
 
 def test_predict_regions_gives_individual_sensitivity(planted_run, tmp_path: Path) -> None:
@@ -137,7 +137,7 @@ def test_predict_regions_gives_individual_sensitivity(planted_run, tmp_path: Pat
     for f in FACTORS:
         assert mean[f].idxmax() == REGIONS[f][0], mean[f].sort_values().tail(3)
     # parity: the first subject's sensitivity, from the package's networks by hand
-    package = load_package(out / "models/anhedonia")
+    package = load_package(out / "models/appetite")
     labels, regions, baselines = package.regions()
     volumes = res.extra["volumes"]
     pid = volumes.participant_ids[0]
@@ -145,5 +145,5 @@ def test_predict_regions_gives_individual_sensitivity(planted_run, tmp_path: Pat
     by_hand = np.mean([ablation_changes(est.model_, x, RegionGrid(labels, regions), base)[:, 0]
                        * est.y_std_ for est, base in zip(package.estimators, baselines,
                                                          strict=True)], axis=0)
-    got = sens[(sens.participant_id == pid) & (sens.factor == "anhedonia")]
+    got = sens[(sens.participant_id == pid) & (sens.factor == "appetite")]
     np.testing.assert_allclose(got["abs_change"], np.abs(by_hand), rtol=1e-4, atol=1e-6)
