@@ -129,7 +129,8 @@ def run_ablation_task(job: AblationJob, task: Task) -> str:
 
 def _records(folder: ResultsFolder, tasks: list[Task], grid: RegionGrid) -> pd.DataFrame:
     """Intact and ablated predictions per (repeat, factor, subject), from the task folders."""
-    pred = folder.read_predictions().set_index(["repeat", "fold", "factor", "participant_id"])
+    pred = folder.read_predictions().set_index(
+        ["repeat", "fold", "factor", "participant_id"]).sort_index()
     regions = [int(i) for i in grid.table["index"]]
     frames = []
     for t in tasks:
