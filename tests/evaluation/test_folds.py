@@ -86,3 +86,27 @@ def test_stratified_plans_balance_a_skewed_target() -> None:
             spread[strat].append(means.std())
     assert np.mean(spread[True]) < 0.5 * np.mean(spread[False])
     assert strata_bins([1.0, np.nan, 2.0, 3.0, 4.0], 2).tolist() == [0, -1, 0, 1, 1]
+
+
+def test_a_stratified_group_split_with_an_empty_fold_falls_back_to_group_kfold(monkeypatch) -> None:
+    import numpy as np
+
+    import dfrn.evaluation.folds as folds
+
+    class _LeavesOneEmpty:
+        """Puts every group into folds 0 and 1 of 3 (what StratifiedGroupKFold can do)."""
+
+        def split(self, x, y, groups):
+            labels = np.unique(groups)
+            first = np.isin(groups, labels[: len(labels) // 2])
+            yield np.flatnonzero(~first), np.flatnonzero(first)
+            yield np.flatnonzero(first), np.flatnonzero(~first)
+
+    real = folds._splitter
+    monkeypatch.setattr(folds, "_splitter", lambda n, seed, grouped, stratified:
+                        _LeavesOneEmpty() if stratified else real(n, seed, grouped, stratified))
+    ids, groups = _sites(n=30, n_groups=6)
+    plan = folds.make_fold_plan(ids, 3, 1, seed=0, groups=groups, strata=np.arange(30.0))
+    assert sorted(plan["fold"].unique()) == [0, 1, 2]
+    labelled = plan.assign(group=groups)
+    assert (labelled.groupby("group")["fold"].nunique() == 1).all()

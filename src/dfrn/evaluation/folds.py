@@ -114,7 +114,9 @@ def make_fold_plan(
     DataFrame
         Columns ``participant_id, repeat, fold``. Without ``groups`` and ``strata`` it is
         scikit-learn ``RepeatedKFold``'s plan (unchanged from earlier versions); repeat ``r``
-        otherwise uses the splitter's ``random_state = seed + r``.
+        otherwise uses the splitter's ``random_state = seed + r``. A repeat in which
+        ``StratifiedGroupKFold`` leaves a fold empty is split by ``GroupKFold`` instead, so
+        every plan has ``n_folds`` folds.
 
     Raises
     ------
@@ -142,6 +144,10 @@ def make_fold_plan(
             y = bins if bins is not None else np.zeros(len(ids))
             for f, (_, test) in enumerate(split.split(np.zeros(len(ids)), y, labels)):
                 fold_of[r, test] = f
+            if len(np.unique(fold_of[r])) < n_folds:  # StratifiedGroupKFold can leave one empty
+                split = _splitter(n_folds, seed + r, labels is not None, False)
+                for f, (_, test) in enumerate(split.split(np.zeros(len(ids)), y, labels)):
+                    fold_of[r, test] = f
     rows = [
         (pid, r, int(fold_of[r, i])) for r in range(n_repeats) for i, pid in enumerate(ids)
     ]
