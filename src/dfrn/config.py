@@ -582,31 +582,24 @@ def validate(cfg: StudyConfig) -> None:
             )
 
 
+def _check_choice(section: str, key: str, value: str, choices: tuple[str, ...]) -> None:
+    """``value`` is one of ``choices`` (one-line error naming the key)."""
+    if value not in choices:
+        allowed = " or ".join(repr(c) for c in choices)
+        raise DfrnInputError(f"config [{section}] {key} must be {allowed}, got {value!r}")
+
+
 def _check_confounds(cfg: StudyConfig) -> None:
     """The covariate, site, fold-group and harmonisation settings agree."""
     c = cfg.cohort
-    if c.missing_covariates not in ("refuse", "drop"):
-        raise DfrnInputError(
-            f"config [cohort] missing_covariates must be 'refuse' or 'drop', got "
-            f"{c.missing_covariates!r}"
-        )
-    if cfg.confounds.target not in ("none", "residualize"):
-        raise DfrnInputError(
-            f"config [confounds] target must be 'none' or 'residualize', got "
-            f"{cfg.confounds.target!r}"
-        )
+    _check_choice("cohort", "missing_covariates", c.missing_covariates, ("refuse", "drop"))
+    _check_choice("confounds", "target", cfg.confounds.target, ("none", "residualize"))
+    _check_choice("attention", "ablation_baseline", cfg.attention.ablation_baseline,
+                  ("train_mean", "zero"))
+    _check_choice("baseline", "harmonize", cfg.baseline.harmonize, ("none", "combat"))
     if cfg.confounds.target == "residualize" and not (c.covariates or c.site):
         raise DfrnInputError(
             "config [confounds] target = 'residualize' needs [cohort] covariates or site"
-        )
-    if cfg.attention.ablation_baseline not in ("train_mean", "zero"):
-        raise DfrnInputError(
-            f"config [attention] ablation_baseline must be 'train_mean' or 'zero', got "
-            f"{cfg.attention.ablation_baseline!r}"
-        )
-    if cfg.baseline.harmonize not in ("none", "combat"):
-        raise DfrnInputError(
-            f"config [baseline] harmonize must be 'none' or 'combat', got {cfg.baseline.harmonize!r}"
         )
     if cfg.baseline.harmonize == "combat" and not c.site:
         raise DfrnInputError(

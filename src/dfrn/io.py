@@ -163,6 +163,19 @@ def make_temp_dir(parent: str | Path, prefix: str) -> Path:
     return tmp
 
 
+def place_folder(tmp: str | Path, final: str | Path) -> Path:
+    """Rename a complete temporary folder into ``final``, replacing what was there.
+
+    Used for folders that are written whole and then published (model packages, region
+    ablation tasks); ``tmp`` must come from :func:`make_temp_dir` beside ``final``.
+    """
+    final = Path(final)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from dfrn.io import (
     atomic_write_nifti,
     atomic_write_tsv,
     make_temp_dir,
+    place_folder,
     verify_manifest,
     write_manifest,
 )
@@ -118,9 +118,7 @@ def run_ablation_task(job: AblationJob, task: Task) -> str:
         atomic_write_json(tmp / "task.json", {"task": task.name, "key": job.key,
                                               "baseline": job.baseline})
         write_manifest(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        place_folder(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from dfrn.io import (
     atomic_write_text,
     file_digest,
     make_temp_dir,
+    place_folder,
     write_manifest,
 )
 from dfrn.models.package import (
@@ -245,9 +245,7 @@ def write_model_packages(
             atomic_write_json(tmp / "metadata.json", meta)
             atomic_write_text(tmp / "README.md", package_readme(meta))
             write_manifest(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            place_folder(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
