@@ -129,9 +129,17 @@ def test_new_keys_at_their_defaults_keep_old_run_identities(tmp_path) -> None:
     """Fingerprints computed by dfrn before [confounds], site, groups and harmonize existed."""
     from dfrn.config import config_from_dict
 
-    raw = {"cohort": {"table": "t.tsv", "targets": ["a"], "covariates": ["age"]}, "prep": {}}
+    old = {"val_split": "random"}  # the inner split dfrn drew before it was stratified
+    raw = {"cohort": {"table": "t.tsv", "targets": ["a"], "covariates": ["age"]}, "prep": {},
+           "training": dict(old)}
     assert config_from_dict(raw, tmp_path).fingerprint() == "641b9abb3518e728"
-    raw = {"cohort": {"table": "t.tsv", "targets": ["a"]}}
+    raw = {"cohort": {"table": "t.tsv", "targets": ["a"]}, "training": dict(old)}
     assert config_from_dict(raw, tmp_path).fingerprint() == "38bff881f1eb4135"
     raw["confounds"] = {"n_permutations": 10}
     assert config_from_dict(raw, tmp_path).fingerprint() != "38bff881f1eb4135"
+    # the stratified split changes the numbers, so it changes the identity where there is one
+    raw = {"cohort": {"table": "t.tsv", "targets": ["a"]}}
+    assert config_from_dict(raw, tmp_path).fingerprint() != "38bff881f1eb4135"
+    raw["training"] = {"val_fraction": 0.0}  # no split: the same numbers as before
+    assert config_from_dict(raw, tmp_path).fingerprint() == config_from_dict(
+        {**raw, "training": {"val_fraction": 0.0, "val_split": "random"}}, tmp_path).fingerprint()

@@ -117,6 +117,10 @@ class CohortConfig:
 @dataclass
 class ModelConfig:
     block_strides: list[int] = field(default_factory=lambda: [1, 2, 2, 2])
+    heads: str = "separate"
+    """``"separate"``: one network per factor (the paper's choice). ``"joint"``: one network
+    with one output per factor, trained on the sum of the factors' SSE (the paper's ablation);
+    a subject's missing factor masks that factor's term only."""
 
 
 @dataclass
@@ -150,6 +154,31 @@ class TrainingConfig:
     may change results in the last digits)."""
     compile: bool = False
     """Train through ``torch.compile`` (may change results in the last digits)."""
+    early_stopping: str = "val"
+    """``"val"``: keep the epoch with the lowest validation loss, stop after ``patience``
+    epochs without a new lowest (the paper-compatible default). ``"smoothed"``: the same on an
+    exponential moving average of the validation loss, never before ``min_epochs``.
+    ``"none"``: train exactly ``epochs`` epochs on all training subjects (no validation split)."""
+    min_epochs: int = 10
+    """``early_stopping = "smoothed"``: the fewest epochs trained."""
+    smoothing: float = 0.8
+    """``early_stopping = "smoothed"``: weight of the past in the moving average, in [0, 1)."""
+    val_split: str = "stratified"
+    """The inner validation subjects: ``"stratified"`` (one drawn from each of
+    ``n_val`` quantile bins of the target, so they span its range) or ``"random"``
+    (a random draw, as dfrn did before; it reproduces older runs)."""
+    augment: str = "none"
+    """``"light"``: TorchIO random affine (±3°, ±2 voxels, ±3% scale) on training batches only,
+    seeded per task; never a left-right flip unless ``augment_flip`` (needs ``dfrn[augment]``)."""
+    augment_bias_field: bool = False
+    """``augment = "light"``: add a random bias field (for T1 scans not z-scored)."""
+    augment_flip: bool = False
+    """``augment = "light"``: add random left-right flips (destroys lateralised effects)."""
+    lr_schedule: str = "constant"
+    """``"constant"`` or ``"cosine"`` (cosine annealing to 0 over ``epochs``)."""
+    n_seeds: int = 1
+    """Networks trained per task with different seeds; their predictions are averaged. Each
+    seed is a task of its own (``…_seed-<s>``), so the executor can spread them."""
 
 
 @dataclass
@@ -341,6 +370,11 @@ class StudyConfig:
         for key in ("channels_last_3d", "compile"):
             if not d["training"].get(key):
                 d["training"].pop(key, None)
+        # the split changes results only where there is one; "random" is the older draw
+        if d["training"]["val_split"] == "random" or self._no_val_split():
+            d["training"].pop("val_split")
+        if self.training.weight_decay > 0:  # AdamW since the key became decoupled
+            d["training"]["optimizer"] = "adamw"
         for section, keys in PATH_KEYS.items():
             if section in d:
                 for k in keys:
@@ -350,6 +384,10 @@ class StudyConfig:
         d["attention"]["truth"] = sorted(self.attention.truth)
         blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def _no_val_split(self) -> bool:
+        t = self.training
+        return t.val_fraction == 0 or t.early_stopping == "none"
 
     def to_toml(self) -> str:
         import tomli_w
@@ -393,6 +431,15 @@ LATER_DEFAULTS: dict[tuple[str, str], Any] = {
     ("attention", "ablation"): True,
     ("attention", "ablation_baseline"): "train_mean",
     ("attention", "bootstrap"): 1000,
+    ("model", "heads"): "separate",
+    ("training", "early_stopping"): "val",
+    ("training", "min_epochs"): 10,
+    ("training", "smoothing"): 0.8,
+    ("training", "augment"): "none",
+    ("training", "augment_bias_field"): False,
+    ("training", "augment_flip"): False,
+    ("training", "lr_schedule"): "constant",
+    ("training", "n_seeds"): 1,
 }
 PATH_KEYS = {
     "cohort": ("table", "bids", "mask", "cache_dir", "derivatives"),
@@ -477,7 +524,8 @@ def config_from_dict(raw: dict[str, Any], base: Path) -> StudyConfig:
 #: always an error; a zero one where nothing would run).
 COUNT_MINIMUMS: dict[str, dict[str, int]] = {
     "cohort": {"downsample": 1},
-    "training": {"epochs": 1, "batch_size": 1, "patience": 1, "seed": 0},
+    "training": {"epochs": 1, "batch_size": 1, "patience": 1, "seed": 0, "min_epochs": 1,
+                 "n_seeds": 1},
     "cv": {"n_folds": 2, "n_repeats": 1, "seed": 0},
     "baseline": {"n_permutations": 0},
     "confounds": {"n_permutations": 0},
@@ -522,6 +570,7 @@ def validate(cfg: StudyConfig) -> None:
     _check_unique("cohort", "covariates", c.covariates)
     _check_confounds(cfg)
     _check_counts(cfg)
+    _check_recipe(cfg)
     if len(cfg.model.block_strides) != 4 or any(s < 1 for s in cfg.model.block_strides):
         raise DfrnInputError("config [model] block_strides must be four positive integers")
     t = cfg.training
@@ -587,6 +636,37 @@ def _check_choice(section: str, key: str, value: str, choices: tuple[str, ...]) 
     if value not in choices:
         allowed = " or ".join(repr(c) for c in choices)
         raise DfrnInputError(f"config [{section}] {key} must be {allowed}, got {value!r}")
+
+
+def _check_recipe(cfg: StudyConfig) -> None:
+    """The training recipe's choices (heads, early stopping, augmentation, schedule)."""
+    import importlib.util
+
+    t = cfg.training
+    _check_choice("model", "heads", cfg.model.heads, ("separate", "joint"))
+    _check_choice("training", "early_stopping", t.early_stopping, ("val", "smoothed", "none"))
+    _check_choice("training", "val_split", t.val_split, ("stratified", "random"))
+    _check_choice("training", "augment", t.augment, ("none", "light"))
+    _check_choice("training", "lr_schedule", t.lr_schedule, ("constant", "cosine"))
+    if not 0 <= t.smoothing < 1:
+        raise DfrnInputError(f"config [training] smoothing must be in [0, 1), got {t.smoothing:g}")
+    if t.weight_decay < 0:
+        raise DfrnInputError(f"config [training] weight_decay must be >= 0, got {t.weight_decay:g}")
+    if t.augment == "none" and (t.augment_bias_field or t.augment_flip):
+        raise DfrnInputError(
+            "config [training] augment_bias_field / augment_flip need augment = 'light'"
+        )
+    if t.augment == "light" and importlib.util.find_spec("torchio") is None:
+        raise DfrnInputError(
+            "config [training] augment = 'light' needs TorchIO: pip install 'dfrn[augment]'"
+        )
+    if cfg.model.heads == "joint":
+        n = len(cfg.cohort.targets) if cfg.factors is None else cfg.factors.n_factors
+        if isinstance(n, int) and n < 2:
+            raise DfrnInputError(
+                f"config [model] heads = 'joint' trains one network for several factors, but "
+                f"the study has {n} target; use heads = 'separate'"
+            )
 
 
 def _check_confounds(cfg: StudyConfig) -> None:

@@ -51,7 +51,8 @@ def test_memory_and_prefetch_train_bit_for_bit_like_sync(cohort: VolumeSet) -> N
 def test_history_logs_the_data_wait_per_epoch(cohort: VolumeSet) -> None:
     est = _fit(_Subset(cohort, range(10)), np.arange(10.0), data="prefetch")
     h = est.history_
-    assert list(h.columns) == ["epoch", "train_loss", "val_loss", "data_wait_s", "epoch_s"]
+    assert list(h.columns) == ["epoch", "train_loss", "val_loss", "val_loss_smoothed", "lr",
+                               "data_wait_s", "epoch_s"]
     assert len(h) == 2
     assert (h["data_wait_s"] > 0).all() and (h["data_wait_s"] <= h["epoch_s"]).all()
 

@@ -74,14 +74,19 @@ class DFRN(nn.Module):
         Stride of each of the four residual blocks; see the module docstring.
     in_channels:
         Number of input channels (1 for a T1 scan).
+    n_outputs:
+        Outputs of the last linear layer: 1 (one network per factor, the paper's choice) or
+        one per factor (``[model] heads = "joint"``, the paper's ablation).
 
-    Input is ``(N, in_channels, D, H, W)``; output is ``(N,)``.
+    Input is ``(N, in_channels, D, H, W)``; output is ``(N,)`` for one output, else
+    ``(N, n_outputs)``.
     """
 
     def __init__(
         self,
         block_strides: Sequence[int] = DEFAULT_BLOCK_STRIDES,
         in_channels: int = 1,
+        n_outputs: int = 1,
     ) -> None:
         super().__init__()
         strides = tuple(int(s) for s in block_strides)
@@ -89,7 +94,10 @@ class DFRN(nn.Module):
             raise DfrnInputError(
                 f"block_strides must be four positive integers, got {block_strides!r}"
             )
+        if n_outputs < 1:
+            raise DfrnInputError(f"n_outputs must be >= 1, got {n_outputs}")
         self.block_strides = strides
+        self.n_outputs = int(n_outputs)
         self.conv1 = nn.Conv3d(
             in_channels, 64, kernel_size=7, stride=(1, 2, 2), padding=3, bias=False
         )
@@ -101,7 +109,7 @@ class DFRN(nn.Module):
             self.add_module(f"layer{i}", nn.Sequential(BasicBlock(in_planes, planes, stride)))
             in_planes = planes
         self.avgpool = nn.AdaptiveAvgPool3d(1)
-        self.fc = nn.Linear(in_planes, 1)
+        self.fc = nn.Linear(in_planes, self.n_outputs)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -118,7 +126,23 @@ class DFRN(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = torch.flatten(self.avgpool(x), 1)
-        return self.fc(x).squeeze(1)
+        out = self.fc(x)
+        return out.squeeze(1) if self.n_outputs == 1 else out
+
+    def select_output(self, k: int) -> DFRN:
+        """A one-output copy that computes output ``k`` exactly (the fc layer's row ``k``).
+
+        A joint network's prediction for one factor is this network's; attribution,
+        ablation and model packages use it as they use a network of its own.
+        """
+        if not 0 <= k < self.n_outputs:
+            raise DfrnInputError(f"output {k} of a network with {self.n_outputs} outputs")
+        one = DFRN(self.block_strides, self.conv1.in_channels, 1)
+        state = {n: v for n, v in self.state_dict().items() if not n.startswith("fc.")}
+        state["fc.weight"] = self.fc.weight.detach()[k : k + 1].clone()
+        state["fc.bias"] = self.fc.bias.detach()[k : k + 1].clone()
+        one.load_state_dict(state)
+        return one.to(self.fc.weight.device).train(self.training)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,11 +1,15 @@
-"""Training one DFRN for one factor: a scikit-learn style regressor.
+"""Training one DFRN for one factor (or jointly for several): a scikit-learn style regressor.
 
 ``DFRNRegressor(...).fit(volumes, y)`` trains a fresh :class:`dfrn.models.network.DFRN` with the
 method's loss (sum of squared errors), Adam (lr 0.001) and batch size 4. What the paper
 leaves open is set by parameters whose defaults are documented in
 :class:`dfrn.config.TrainingConfig`: targets z-scored with the *training* data's mean and sd,
 at most 50 epochs, early stopping on an inner validation split (10% of the training
-subjects, patience 10, best weights kept), no weight decay, no augmentation.
+subjects, stratified on the target, patience 10, best weights kept), no weight decay, no
+augmentation. The recipe's options: the stopping rule (:mod:`dfrn.models.early_stopping`),
+TorchIO augmentation (:mod:`dfrn.models.augment`), AdamW when ``weight_decay`` > 0, and a
+cosine learning-rate schedule. A 2D ``y`` trains one network with one output per factor
+(``[model] heads = "joint"``).
 
 ``volumes`` is any sequence of 3D arrays (e.g. :class:`dfrn.data.images.VolumeSet`, or a list of
 arrays); only the subjects given are trained on. Batches reach the network by one of the paths
@@ -28,6 +32,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +43,18 @@ from sklearn.base import BaseEstimator, RegressorMixin
 
 from dfrn.config import DEVICE_PATTERN, ModelConfig, TrainingConfig
 from dfrn.errors import DfrnInputError
+from dfrn.models.augment import Augmenter
+from dfrn.models.early_stopping import EarlyStopping
 from dfrn.models.feed import BatchFeeder
 from dfrn.models.network import DFRN
 
-__all__ = ["DFRNRegressor", "resolve_device", "seed_everything"]
+__all__ = [
+    "DFRNRegressor",
+    "resolve_device",
+    "seed_everything",
+    "stratified_holdout",
+    "masked_sse",
+]
 
 
 # the defaults live in the config dataclasses only
@@ -97,6 +110,22 @@ def seed_everything(seed: int) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+@dataclass
+class _Loop:
+    """What the epochs of one :meth:`DFRNRegressor.fit` share."""
+
+    feeder: BatchFeeder
+    step_model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    schedule: Any
+    stopper: EarlyStopping
+    augmenter: Augmenter
+    rng: np.random.Generator
+    train_idx: np.ndarray
+    ys: torch.Tensor
+    volumes: Sequence[np.ndarray]
+
+
 def _batches(order: np.ndarray, size: int) -> list[np.ndarray]:
     """Split ``order`` into consecutive batches of ``size``.
 
@@ -113,15 +142,40 @@ def _batches(order: np.ndarray, size: int) -> list[np.ndarray]:
     return out
 
 
-class DFRNRegressor(RegressorMixin, BaseEstimator):
-    """One Deep Factor Regression Network for one factor score.
+def stratified_holdout(score: np.ndarray, n_val: int, rng: np.random.Generator) -> np.ndarray:
+    """Positions of ``n_val`` validation subjects spread over the range of ``score``.
 
-    Parameters mirror :class:`dfrn.config.TrainingConfig` plus ``block_strides``.
+    The subjects are sorted by ``score`` and cut into ``n_val`` consecutive bins of (nearly)
+    equal size; one subject is drawn at random from each bin. The validation subjects so
+    span the target's range, instead of a random draw that can miss a tail.
+    """
+    order = np.argsort(np.asarray(score, dtype=float), kind="stable")
+    picks = [int(rng.choice(b)) for b in np.array_split(order, n_val)]
+    return np.sort(np.asarray(picks, dtype=int))
+
+
+def masked_sse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Sum of squared errors over the targets that have a value (NaN: no value).
+
+    A missing target adds nothing to the loss and sends no gradient to its output.
+    """
+    present = torch.isfinite(target)
+    diff = torch.where(present, pred - torch.nan_to_num(target), torch.zeros_like(pred))
+    return torch.sum(diff**2)
+
+
+class DFRNRegressor(RegressorMixin, BaseEstimator):
+    """One Deep Factor Regression Network for one factor score (or, jointly, for several).
+
+    Parameters mirror :class:`dfrn.config.TrainingConfig` plus ``block_strides``. ``fit``
+    with a 2D ``y`` (subjects × factors) trains one network with one output per factor (the
+    paper's joint-training ablation); its loss is the sum of the factors' SSE, and a
+    missing value (NaN) of one factor masks that factor's term only.
 
     Fitted attributes: ``model_`` (the network, in eval mode, on ``device_``), ``y_mean_``,
-    ``y_std_`` (target scaling from the training data), ``history_`` (per-epoch train and
-    validation loss), ``best_epoch_`` and ``val_ids_`` (positions of the inner-validation
-    subjects within the training data).
+    ``y_std_`` (target scaling from the training data; arrays for a 2D ``y``), ``history_``
+    (per-epoch train loss, raw and smoothed validation loss, learning rate), ``best_epoch_``
+    and ``val_ids_`` (positions of the inner-validation subjects within the training data).
     """
 
     def __init__(
@@ -142,6 +196,14 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         compile: bool = _TRAIN.compile,
         progress: bool = False,
         desc: str = "",
+        early_stopping: str = _TRAIN.early_stopping,
+        min_epochs: int = _TRAIN.min_epochs,
+        smoothing: float = _TRAIN.smoothing,
+        augment: str = _TRAIN.augment,
+        augment_bias_field: bool = _TRAIN.augment_bias_field,
+        augment_flip: bool = _TRAIN.augment_flip,
+        lr_schedule: str = _TRAIN.lr_schedule,
+        val_split: str = _TRAIN.val_split,
     ) -> None:
         self.block_strides = block_strides
         self.epochs = epochs
@@ -159,6 +221,14 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         self.compile = compile
         self.progress = progress
         self.desc = desc
+        self.early_stopping = early_stopping
+        self.min_epochs = min_epochs
+        self.smoothing = smoothing
+        self.augment = augment
+        self.augment_bias_field = augment_bias_field
+        self.augment_flip = augment_flip
+        self.lr_schedule = lr_schedule
+        self.val_split = val_split
 
     # -- helpers -----------------------------------------------------------------------
     def _what(self) -> str:
@@ -179,6 +249,7 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         feeder: BatchFeeder | None = None,
         model: torch.nn.Module | None = None,
     ) -> np.ndarray:
+        """Scaled predictions, one row per item of ``idx`` (``(n, n_outputs)``)."""
         autocast, _ = self._autocast()
         self.model_.eval()
         model = model if model is not None else self.model_
@@ -189,148 +260,205 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         try:
             with torch.no_grad():
                 batches = _batches(np.asarray(idx), max(self.batch_size, 2))
-                for x in feeder.batches(batches):
+                for b, x in zip(batches, feeder.batches(batches), strict=True):
                     with autocast():
-                        out.append(model(x).float().cpu().numpy())
+                        out.append(model(x).float().reshape(len(b), -1).cpu().numpy())
         finally:
             if own:
                 feeder.close()
-        return np.concatenate(out) if out else np.zeros(0)
+        return np.concatenate(out) if out else np.zeros((0, self.model_.n_outputs))
 
-    # -- estimator API -----------------------------------------------------------------
-    def fit(self, volumes: Sequence[np.ndarray], y: Sequence[float]) -> DFRNRegressor:
-        """Train on ``volumes[i]`` with targets ``y[i]``."""
-        from tqdm.auto import tqdm
-
+    def _check_targets(self, volumes: Sequence[np.ndarray], y: Any) -> np.ndarray:
+        """``y`` as subjects × outputs; one-line errors for what cannot be trained on."""
         y = np.asarray(y, dtype=np.float64)
-        n = len(y)
+        if y.ndim not in (1, 2):
+            raise DfrnInputError(f"{self._what()}targets must be 1D or 2D, got shape {y.shape}")
+        y2 = y.reshape(len(y), -1)
+        n = len(y2)
         if n != len(volumes):
             raise DfrnInputError(f"{self._what()}{len(volumes)} volumes but {n} targets")
-        if n < 2:
-            raise DfrnInputError(
-                f"{self._what()}{n} training subject(s) with a value; at least 2 are needed"
-            )
-        if not np.all(np.isfinite(y)):
+        if np.isinf(y2).any() or (y.ndim == 1 and np.isnan(y2).any()):
             raise DfrnInputError(f"{self._what()}training targets contain NaN or inf")
+        counts = np.isfinite(y2).sum(axis=0)
+        if n < 2 or counts.min() < 2:
+            raise DfrnInputError(
+                f"{self._what()}{int(counts.min()) if n else 0} training subject(s) with a "
+                "value; at least 2 are needed"
+            )
+        empty = np.flatnonzero(~np.isfinite(y2).any(axis=1))
+        if len(empty):
+            raise DfrnInputError(
+                f"{self._what()}training subject at position {int(empty[0])} has no target value"
+            )
+        return y2
+
+    def _split(self, y2: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Inner (train, validation) positions: a holdout of ``val_fraction`` of the subjects.
+
+        ``val_split = "stratified"`` draws one subject from each quantile bin of the target
+        (the mean z-score over factors for a joint network) from its own random stream;
+        ``"random"`` is the first ``n_val`` of a permutation (dfrn's earlier draw). The
+        permutation is drawn either way, so the batch order after it does not depend on
+        the split.
+        """
+        n = len(y2)
+        order = rng.permutation(n)
+        n_val = 0 if self.early_stopping == "none" else int(math.floor(n * self.val_fraction))
+        if n_val < 2 or n - n_val < 2:
+            return np.arange(n), np.zeros(0, dtype=int)
+        if self.val_split == "random":
+            val_idx = np.sort(order[:n_val])
+        else:
+            sd = np.nanstd(y2, axis=0)
+            z = (y2 - np.nanmean(y2, axis=0)) / np.where(sd > 0, sd, 1.0)
+            score = np.nanmean(z, axis=1)
+            val_idx = stratified_holdout(score, n_val, np.random.default_rng([self.seed, 1]))
+        return np.setdiff1d(np.arange(n), val_idx), val_idx
+
+    def _scale(self, y2: np.ndarray, train_idx: np.ndarray) -> torch.Tensor:
+        """Set ``y_mean_``/``y_std_`` from the inner training subjects; the scaled targets."""
+        if self.target_scaling == "zscore":
+            mean = np.nanmean(y2[train_idx], axis=0)
+            sd = np.nanstd(y2[train_idx], axis=0)
+            sd = np.where(sd > 0, sd, 1.0)
+        else:
+            mean, sd = np.zeros(y2.shape[1]), np.ones(y2.shape[1])
+        self.y_mean_, self.y_std_ = (mean, sd) if self.joint_ else (float(mean[0]), float(sd[0]))
+        return torch.tensor((y2 - mean) / sd, dtype=torch.float32)
+
+    def _optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
+        """Adam (AdamW when ``weight_decay`` > 0) and the learning-rate schedule."""
+        kwargs: dict[str, Any] = {"lr": self.lr, "weight_decay": self.weight_decay}
+        if self.device_.type in ("cpu", "cuda"):
+            kwargs["fused"] = True
+        cls = torch.optim.AdamW if self.weight_decay > 0 else torch.optim.Adam
+        opt = cls(self.model_.parameters(), **kwargs)
+        if self.lr_schedule == "cosine":
+            return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.epochs)
+        if self.lr_schedule != "constant":
+            raise DfrnInputError(
+                f"config [training] lr_schedule {self.lr_schedule!r} is not one of constant, cosine"
+            )
+        return opt, None
+
+    # -- estimator API -----------------------------------------------------------------
+    def fit(self, volumes: Sequence[np.ndarray], y: Any) -> DFRNRegressor:
+        """Train on ``volumes[i]`` with targets ``y[i]`` (a row of factors for a 2D ``y``)."""
+        y2 = self._check_targets(volumes, y)
+        self.joint_ = np.asarray(y).ndim == 2
         self.device_ = resolve_device(self.device)
+        stopper = EarlyStopping(self.early_stopping, self.patience, self.min_epochs,
+                                self.smoothing)
+        augmenter = Augmenter(self.augment, self.seed, self.augment_bias_field,
+                              self.augment_flip)
         seed_everything(self.seed)
         rng = np.random.default_rng(self.seed)
-
-        order = rng.permutation(n)
-        n_val = int(math.floor(n * self.val_fraction))
-        if n_val < 2 or n - n_val < 2:
-            n_val = 0
-        val_idx = np.sort(order[:n_val])
-        train_idx = np.sort(order[n_val:])
-        self.val_ids_ = val_idx
-
-        if self.target_scaling == "zscore":
-            self.y_mean_ = float(y[train_idx].mean())
-            sd = float(y[train_idx].std())
-            self.y_std_ = sd if sd > 0 else 1.0
-        else:
-            self.y_mean_, self.y_std_ = 0.0, 1.0
-        ys = torch.tensor((y - self.y_mean_) / self.y_std_, dtype=torch.float32)
-
-        self.model_ = DFRN(block_strides=self.block_strides).to(self.device_)
+        train_idx, self.val_ids_ = self._split(y2, rng)
+        ys = self._scale(y2, train_idx)
+        self.model_ = DFRN(block_strides=self.block_strides, n_outputs=y2.shape[1])
+        self.model_ = self.model_.to(self.device_)
         if self.channels_last_3d:
             self.model_ = self.model_.to(memory_format=torch.channels_last_3d)
         step_model: torch.nn.Module = (
             torch.compile(self.model_) if self.compile else self.model_  # type: ignore[assignment]
         )
-        opt_kwargs: dict[str, Any] = {"lr": self.lr, "weight_decay": self.weight_decay}
-        if self.device_.type in ("cpu", "cuda"):
-            opt_kwargs["fused"] = True
-        opt = torch.optim.Adam(self.model_.parameters(), **opt_kwargs)
-        autocast, scaler = self._autocast()
-
-        history: list[dict[str, float]] = []
-        bar = tqdm(
-            range(self.epochs), desc=self.desc or "epochs", leave=False, disable=not self.progress
-        )
+        opt, schedule = self._optimizer()
         feeder = BatchFeeder(volumes, self.device_, self.data, bool(self.channels_last_3d))
         try:
-            self._train(
-                bar, feeder, step_model, opt, autocast, scaler, rng, train_idx, val_idx, ys,
-                volumes, history, tqdm,
-            )
+            history = self._train(_Loop(feeder, step_model, opt, schedule, stopper, augmenter,
+                                        rng, train_idx, ys, volumes))
         finally:
             feeder.close()
         self.history_ = pd.DataFrame(history)
         self.model_.eval()
         return self
 
-    def _train(self, bar, feeder, step_model, opt, autocast, scaler, rng, train_idx, val_idx, ys,
-               volumes, history, tqdm) -> None:
-        """The epochs of :meth:`fit` (early stopping keeps the best validation weights)."""
-        n_val = len(val_idx)
-        best = (math.inf, -1)
+    def _epoch(self, loop: _Loop, epoch: int) -> float:
+        """One pass over the inner training subjects; the epoch's loss per target value."""
+        from tqdm.auto import tqdm
+
+        autocast, scaler = self._autocast()
+        loop.step_model.train()
+        total = 0.0
+        batches = _batches(loop.rng.permutation(loop.train_idx), self.batch_size)
+        steps = tqdm(
+            loop.feeder.batches(batches), total=len(batches), desc=f"epoch {epoch}", unit="step",
+            leave=False, delay=2.0, disable=not self.progress,
+        )
+        for k, (b, x) in enumerate(zip(batches, steps, strict=True)):
+            x = loop.augmenter(x, epoch, k)
+            target = loop.ys[b].to(self.device_)
+            loop.opt.zero_grad(set_to_none=True)
+            with autocast():
+                pred = loop.step_model(x)
+            loss = masked_sse(pred.float().reshape(target.shape), target)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(loop.opt)
+                scaler.update()
+            else:
+                loss.backward()
+                loop.opt.step()
+            total += float(loss.detach())
+        return total / max(int(torch.isfinite(loop.ys[loop.train_idx]).sum()), 1)
+
+    def _val_loss(self, loop: _Loop) -> float:
+        if not len(self.val_ids_):
+            return float("nan")
+        pv = self._predict_scaled(loop.volumes, self.val_ids_, loop.feeder, loop.step_model)
+        truth = loop.ys[self.val_ids_].numpy()
+        present = np.isfinite(truth)
+        return float(np.mean((pv[present] - truth[present]) ** 2))
+
+    def _train(self, loop: _Loop) -> list[dict[str, float]]:
+        """The epochs of :meth:`fit`; the stopping rule decides the kept weights."""
+        from tqdm.auto import tqdm
+
+        history: list[dict[str, float]] = []
         best_state: dict[str, torch.Tensor] | None = None
-        stale = 0
+        bar = tqdm(range(self.epochs), desc=self.desc or "epochs", leave=False,
+                   disable=not self.progress)
         for epoch in bar:
             t_epoch = time.perf_counter()
-            feeder.reset_wait()
-            step_model.train()
-            total = 0.0
-            batches = _batches(rng.permutation(train_idx), self.batch_size)
-            steps = tqdm(
-                feeder.batches(batches), total=len(batches), desc=f"epoch {epoch}", unit="step",
-                leave=False, delay=2.0, disable=not self.progress,
-            )
-            for b, x in zip(batches, steps, strict=True):
-                target = ys[b].to(self.device_)
-                opt.zero_grad(set_to_none=True)
-                with autocast():
-                    pred = step_model(x)
-                loss = torch.sum((pred.float() - target) ** 2)  # sum of squared errors
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    opt.step()
-                total += float(loss.detach())
-            train_loss = total / len(train_idx)
-            val_loss = float("nan")
-            if n_val:
-                pv = self._predict_scaled(volumes, val_idx, feeder, step_model)
-                val_loss = float(np.mean((pv - ys[val_idx].numpy()) ** 2))
+            loop.feeder.reset_wait()
+            lr = float(loop.opt.param_groups[0]["lr"])
+            train_loss = self._epoch(loop, epoch)
+            if loop.schedule is not None:
+                loop.schedule.step()
+            val_loss = self._val_loss(loop)
+            step = loop.stopper.update(val_loss)
             history.append({
                 "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                "data_wait_s": feeder.reset_wait(), "epoch_s": time.perf_counter() - t_epoch,
+                "val_loss_smoothed": step.smoothed, "lr": lr,
+                "data_wait_s": loop.feeder.reset_wait(),
+                "epoch_s": time.perf_counter() - t_epoch,
             })
             bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
-            if n_val:
-                if val_loss < best[0]:
-                    best = (val_loss, epoch)
-                    best_state = {
-                        k: v.detach().clone() for k, v in self.model_.state_dict().items()
-                    }
-                    stale = 0
-                else:
-                    stale += 1
-                    if stale >= self.patience:
-                        break
+            if step.improved and len(self.val_ids_) and self.early_stopping != "none":
+                best_state = {k: v.detach().clone() for k, v in self.model_.state_dict().items()}
+            if step.stop:
+                break
         if best_state is not None:
             self.model_.load_state_dict(best_state)
-            self.best_epoch_ = best[1]
-        else:
-            self.best_epoch_ = len(history) - 1
+        self.best_epoch_ = loop.stopper.best_epoch_
+        return history
 
     def predict(self, volumes: Sequence[np.ndarray]) -> np.ndarray:
-        """Predicted scores (in the target's original units) for every volume."""
+        """Predicted scores in the targets' units: ``(n,)``, or ``(n, n_factors)`` if joint."""
         scaled = self._predict_scaled(volumes, range(len(volumes)))
-        return scaled * self.y_std_ + self.y_mean_
+        out = scaled * np.asarray(self.y_std_) + np.asarray(self.y_mean_)
+        return out if getattr(self, "joint_", False) else out[:, 0]
 
     # -- checkpoints -------------------------------------------------------------------
     def checkpoint(self) -> dict[str, Any]:
+        joint = getattr(self, "joint_", False)
         return {
             "state_dict": {k: v.detach().cpu() for k, v in self.model_.state_dict().items()},
-            "y_mean": self.y_mean_,
-            "y_std": self.y_std_,
+            "y_mean": [float(v) for v in self.y_mean_] if joint else float(self.y_mean_),
+            "y_std": [float(v) for v in self.y_std_] if joint else float(self.y_std_),
             "block_strides": [int(s) for s in self.model_.block_strides],
             "best_epoch": int(self.best_epoch_),
+            "n_outputs": int(self.model_.n_outputs),
         }
 
     def save(self, path: str | Path) -> None:
@@ -341,15 +469,23 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         atomic_write(path, lambda p: torch.save(ckpt, p), size_hint=size + (1 << 16))
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu") -> DFRNRegressor:
-        """Load a checkpoint written by :meth:`save` (``weights_only=True``: no code runs)."""
+    def load(cls, path: str | Path, device: str = "cpu", output: int | None = None) -> DFRNRegressor:
+        """Load a checkpoint written by :meth:`save` (``weights_only=True``: no code runs).
+
+        ``output`` picks one factor of a joint network: the result is a one-output
+        regressor that predicts exactly that factor (see :meth:`DFRN.select_output`).
+        """
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        n_outputs = int(ckpt.get("n_outputs", 1))
         est = cls(block_strides=tuple(ckpt["block_strides"]), device=device)
         est.device_ = resolve_device(device)
-        est.model_ = DFRN(block_strides=ckpt["block_strides"])
-        est.model_.load_state_dict(ckpt["state_dict"])
-        est.model_.to(est.device_).eval()
-        est.y_mean_ = float(ckpt["y_mean"])
-        est.y_std_ = float(ckpt["y_std"])
+        model = DFRN(block_strides=ckpt["block_strides"], n_outputs=n_outputs)
+        model.load_state_dict(ckpt["state_dict"])
+        mean, sd = np.atleast_1d(ckpt["y_mean"]), np.atleast_1d(ckpt["y_std"])
+        est.joint_ = n_outputs > 1 and output is None
+        if n_outputs > 1 and output is not None:
+            model, mean, sd = model.select_output(output), mean[output : output + 1], sd[output : output + 1]
+        est.model_ = model.to(est.device_).eval()
+        est.y_mean_, est.y_std_ = (mean, sd) if est.joint_ else (float(mean[0]), float(sd[0]))
         est.best_epoch_ = int(ckpt["best_epoch"])
         return est

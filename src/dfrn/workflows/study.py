@@ -408,6 +408,14 @@ def make_estimator_factory(cfg: StudyConfig, progress: bool) -> Callable[[int, s
             compile=t.compile,
             progress=progress,
             desc=desc,
+            early_stopping=t.early_stopping,
+            min_epochs=t.min_epochs,
+            smoothing=t.smoothing,
+            val_split=t.val_split,
+            augment=t.augment,
+            augment_bias_field=t.augment_bias_field,
+            augment_flip=t.augment_flip,
+            lr_schedule=t.lr_schedule,
         )
 
     return make

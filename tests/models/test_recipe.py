@@ -1,0 +1,184 @@
+"""The training recipe: joint heads, early-stopping rules, stratified split, augmentation,
+AdamW and the cosine schedule. Each test plants what the option must (or must not) do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dfrn.errors import DfrnInputError
+from dfrn.models.augment import Augmenter
+from dfrn.models.early_stopping import EarlyStopping
+from dfrn.models.regressor import DFRNRegressor, masked_sse, stratified_holdout
+
+
+def _vols(n: int, size: int = 16) -> list[np.ndarray]:
+    return [np.random.default_rng(i).standard_normal((size,) * 3).astype(np.float32)
+            for i in range(n)]
+
+
+VOLS = _vols(12)
+
+
+def test_joint_with_one_factor_equals_separate_training() -> None:
+    y = np.linspace(-1, 1, 10)
+    sep = DFRNRegressor(epochs=2, seed=3, val_fraction=0.2).fit(VOLS[:10], y)
+    joint = DFRNRegressor(epochs=2, seed=3, val_fraction=0.2).fit(VOLS[:10], y[:, None])
+    assert joint.model_.n_outputs == 1 and joint.predict(VOLS[10:]).shape == (2, 1)
+    np.testing.assert_array_equal(sep.val_ids_, joint.val_ids_)
+    np.testing.assert_allclose(joint.predict(VOLS[10:])[:, 0], sep.predict(VOLS[10:]), atol=1e-6)
+
+
+def test_five_factors_give_five_columns_and_missing_values_are_masked(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    y = rng.standard_normal((10, 5))
+    y[[1, 4, 7], 2] = np.nan  # factor 2 is missing for three subjects
+    est = DFRNRegressor(epochs=2, seed=0, val_fraction=0.0).fit(VOLS[:10], y)
+    pred = est.predict(VOLS[10:])
+    assert pred.shape == (2, 5) and np.all(np.isfinite(pred))  # a NaN in the loss spreads
+    assert est.y_mean_[2] == pytest.approx(np.nanmean(y[:, 2]))
+    # one factor of a joint network is a one-output network that predicts exactly it
+    est.save(tmp_path / "joint.pt")
+    back = DFRNRegressor.load(tmp_path / "joint.pt")
+    np.testing.assert_allclose(back.predict(VOLS[10:]), pred, rtol=1e-6)
+    third = DFRNRegressor.load(tmp_path / "joint.pt", output=2)
+    assert third.model_.n_outputs == 1
+    np.testing.assert_allclose(third.predict(VOLS[10:]), pred[:, 2], rtol=1e-5, atol=1e-6)
+
+
+def test_masked_sse_ignores_missing_targets_and_sends_them_no_gradient() -> None:
+    pred = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+    target = torch.tensor([[0.0, float("nan")], [1.0, 1.0]])
+    loss = masked_sse(pred, target)
+    assert float(loss.detach()) == pytest.approx(1.0 + 4.0 + 9.0)
+    loss.backward()
+    assert float(pred.grad[0, 1]) == 0.0 and float(pred.grad[0, 0]) == pytest.approx(2.0)
+
+
+def test_no_early_stopping_trains_exactly_epochs_on_every_subject() -> None:
+    y = np.linspace(-1, 1, 10)
+    est = DFRNRegressor(epochs=4, patience=1, val_fraction=0.3, early_stopping="none",
+                        seed=0).fit(VOLS[:10], y)
+    assert len(est.history_) == 4 and est.best_epoch_ == 3
+    assert len(est.val_ids_) == 0 and est.history_["val_loss"].isna().all()
+
+
+def _run(rule: EarlyStopping, losses: list[float]) -> tuple[int, int]:
+    """(epochs trained, kept epoch) for a planted sequence of validation losses."""
+    for epoch, v in enumerate(losses):
+        if rule.update(v).stop:
+            return epoch + 1, rule.best_epoch_
+    return len(losses), rule.best_epoch_
+
+
+def test_a_single_lucky_epoch_stops_raw_early_stopping_but_not_the_smoothed_rule() -> None:
+    losses = [1.0 - 0.02 * t for t in range(30)]  # steady improvement ...
+    losses[2] = 0.3  # ... and one lucky spike early on
+    trained, kept = _run(EarlyStopping("val", patience=4), losses)
+    assert (trained, kept) == (7, 2)  # raw: stopped by the spike, which it keeps
+    trained, kept = _run(EarlyStopping("smoothed", patience=4, min_epochs=10, smoothing=0.8),
+                         losses)
+    assert trained == 30 and kept == 29
+    jump = [1.0 - 0.02 * t for t in range(30)]
+    jump[12] *= 35  # a 35-fold jump of one epoch, as measured on a small validation split
+    trained, kept = _run(EarlyStopping("smoothed", patience=4, min_epochs=10), jump)
+    assert trained == 30 and kept == 29
+    # the smoothed rule still stops on a real plateau, after min_epochs
+    flat = [1.0 - 0.05 * t for t in range(8)] + [0.65] * 30
+    trained, _ = _run(EarlyStopping("smoothed", patience=4, min_epochs=10), flat)
+    assert 10 <= trained < 38
+
+
+def test_history_keeps_raw_and_smoothed_validation_loss() -> None:
+    est = DFRNRegressor(epochs=3, val_fraction=0.3, early_stopping="smoothed", min_epochs=3,
+                        smoothing=0.5, seed=0).fit(VOLS[:10], np.linspace(-1, 1, 10))
+    h = est.history_
+    v = h.val_loss.to_numpy()
+    medians = [v[0], np.median(v[:2]), np.median(v[:3])]
+    expect = [medians[0]]
+    for m in medians[1:]:
+        expect.append(0.5 * expect[-1] + 0.5 * m)
+    np.testing.assert_allclose(h.val_loss_smoothed, expect, rtol=1e-9)
+    assert est.best_epoch_ == int(np.argmin(expect))
+
+
+def test_stratified_validation_split_spans_the_target() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.permutation(100).astype(float)
+    val = stratified_holdout(y, 10, rng)
+    assert sorted((y[val] // 10).astype(int).tolist()) == list(range(10))  # one per decile
+    est = DFRNRegressor(epochs=1, val_fraction=0.2, seed=1).fit(VOLS[:10], np.arange(10.0))
+    assert sorted(est.val_ids_ // 5) == [0, 1]  # one from the lower half, one from the upper
+
+
+def _blob() -> torch.Tensor:
+    x = torch.zeros(1, 1, 24, 24, 24)
+    x[0, 0, 3:9, 9:15, 9:15] = 1.0  # a lateralised effect: first axis, low side
+    return x
+
+
+def test_augmentation_is_seeded_and_never_flips_unless_asked() -> None:
+    aug = Augmenter("light", seed=7)
+    a, b = aug(_blob(), epoch=0, step=0), Augmenter("light", seed=7)(_blob(), 0, 0)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # a rerun draws the same
+    assert not torch.equal(a, aug(_blob(), 0, 1)) and not torch.equal(a, _blob())
+    axis = torch.arange(24.0)[:, None, None]
+
+    def side(x: torch.Tensor) -> float:  # centre of mass along the first axis
+        return float((x[0, 0] * axis).sum() / x[0, 0].sum())
+
+    assert all(side(aug(_blob(), 0, s)) < 10 for s in range(20))
+    flips = Augmenter("light", seed=7, flip=True)
+    assert any(side(flips(_blob(), 0, s)) > 14 for s in range(20))  # the check can fail
+
+
+def test_augmented_training_is_reproducible_and_absent_at_prediction() -> None:
+    y = np.linspace(-1, 1, 10)
+    kw = dict(epochs=2, seed=2, val_fraction=0.0, augment="light")
+    a = DFRNRegressor(**kw).fit(VOLS[:10], y)
+    b = DFRNRegressor(**kw).fit(VOLS[:10], y)
+    plain = DFRNRegressor(**{**kw, "augment": "none"}).fit(VOLS[:10], y)
+    np.testing.assert_array_equal(a.predict(VOLS[10:]), b.predict(VOLS[10:]))
+    assert not np.allclose(a.predict(VOLS[10:]), plain.predict(VOLS[10:]))  # it trained on it
+    with torch.no_grad():
+        x = torch.from_numpy(np.stack(VOLS[10:]))[:, None]
+        direct = a.model_(x).numpy() * a.y_std_ + a.y_mean_
+    np.testing.assert_allclose(a.predict(VOLS[10:]), direct, rtol=1e-6)
+    a.augment = "none"
+    np.testing.assert_array_equal(a.predict(VOLS[10:]), b.predict(VOLS[10:]))
+
+
+def test_weight_decay_uses_adamw_and_cosine_anneals_the_rate() -> None:
+    est = DFRNRegressor(epochs=4, val_fraction=0.0, weight_decay=0.01, lr_schedule="cosine",
+                        seed=0).fit(VOLS[:6], np.arange(6.0))
+    expect = [0.5e-3 * (1 + np.cos(np.pi * e / 4)) for e in range(4)]
+    np.testing.assert_allclose(est.history_["lr"], expect, rtol=1e-9)
+    opt, _ = est._optimizer()
+    assert isinstance(opt, torch.optim.AdamW)
+    est.weight_decay = 0.0
+    assert type(est._optimizer()[0]) is torch.optim.Adam
+
+
+@pytest.mark.parametrize(
+    "section,values,message",
+    [
+        ("model", {"heads": "joint"}, r"heads = 'joint' .* 1 target"),
+        ("model", {"heads": "shared"}, r"\[model\] heads must be 'separate' or 'joint'"),
+        ("training", {"augment": "heavy"}, r"\[training\] augment must be 'none' or 'light'"),
+        ("training", {"augment_flip": True}, r"augment_flip need augment = 'light'"),
+        ("training", {"early_stopping": "ema"}, r"\[training\] early_stopping must be"),
+        ("training", {"smoothing": 1.0}, r"smoothing must be in \[0, 1\)"),
+        ("training", {"n_seeds": 0}, r"n_seeds must be >= 1"),
+        ("training", {"lr_schedule": "step"}, r"lr_schedule must be 'constant' or 'cosine'"),
+    ],
+)
+def test_bad_recipe_settings_give_one_line(tmp_path, section, values, message) -> None:
+    from dfrn.config import config_from_dict
+
+    raw = {"cohort": {"table": "t.tsv", "targets": ["a"]}, section: values}
+    with pytest.raises(DfrnInputError, match=message) as err:
+        config_from_dict(raw, tmp_path)
+    assert "\n" not in str(err.value)
