@@ -662,6 +662,11 @@ def _check_recipe(cfg: StudyConfig) -> None:
         )
     if cfg.model.heads == "joint":
         n = len(cfg.cohort.targets) if cfg.factors is None else cfg.factors.n_factors
+        if cfg.final.mode == "refit":
+            raise DfrnInputError(
+                "config [final] mode = 'refit' trains one network per factor; with [model] "
+                "heads = 'joint' use mode = 'ensemble' (the fold networks)"
+            )
         if isinstance(n, int) and n < 2:
             raise DfrnInputError(
                 f"config [model] heads = 'joint' trains one network for several factors, but "

@@ -166,6 +166,7 @@ def test_weight_decay_uses_adamw_and_cosine_anneals_the_rate() -> None:
     "section,values,message",
     [
         ("model", {"heads": "joint"}, r"heads = 'joint' .* 1 target"),
+        ("final", {"mode": "refit"}, r"\[final\] mode = 'refit' .* use mode = 'ensemble'"),
         ("model", {"heads": "shared"}, r"\[model\] heads must be 'separate' or 'joint'"),
         ("training", {"augment": "heavy"}, r"\[training\] augment must be 'none' or 'light'"),
         ("training", {"augment_flip": True}, r"augment_flip need augment = 'light'"),
@@ -179,6 +180,9 @@ def test_bad_recipe_settings_give_one_line(tmp_path, section, values, message) -
     from dfrn.config import config_from_dict
 
     raw = {"cohort": {"table": "t.tsv", "targets": ["a"]}, section: values}
+    if section == "final":  # refit with joint heads, on two targets
+        raw = {"cohort": {"table": "t.tsv", "targets": ["a", "b"]}, "model": {"heads": "joint"},
+               "final": values}
     with pytest.raises(DfrnInputError, match=message) as err:
         config_from_dict(raw, tmp_path)
     assert "\n" not in str(err.value)

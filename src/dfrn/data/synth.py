@@ -141,6 +141,36 @@ def _zoom_about_centre(data: np.ndarray, scale: float, order: int = 1) -> np.nda
     return ndimage.affine_transform(data, matrix, offset=offset, order=order, mode="constant")
 
 
+def _displacement_fields(shape: tuple[int, ...], affine: np.ndarray,
+                         radius: float) -> list[np.ndarray]:
+    """Per factor, a unit radial field (3, *shape) in voxels: outward from each centre of its
+    region, tapering smoothly to 0 at twice the radius."""
+    ijk = np.indices(shape, dtype=np.float32)
+    inverse = np.linalg.inv(affine)
+    voxel = float(np.abs(affine[0, 0]))
+    out = []
+    for _, centres in REGIONS.values():
+        field_k = np.zeros((3, *shape), dtype=np.float32)
+        for c in centres:
+            cv = (inverse[:3, :3] @ np.asarray(c) + inverse[:3, 3]).astype(np.float32)
+            offset = ijk - cv[:, None, None, None]
+            dist = np.sqrt(np.sum(offset**2, axis=0)) * voxel
+            taper = np.clip(1.0 - dist / (2.0 * radius), 0.0, None) ** 2
+            field_k += offset / max(radius / voxel, 1.0) * taper
+        out.append(field_k)
+    return out
+
+
+def _displace(images: list[np.ndarray], fields: list[np.ndarray],
+              weights: np.ndarray) -> list[np.ndarray]:
+    """Resample ``images`` at x + Σ_k weights[k] × fields[k](x): a positive weight samples
+    from farther out, so the region looks shrunk."""
+    total = sum(w * f for w, f in zip(weights, fields, strict=True) if w)
+    coords = np.indices(images[0].shape, dtype=np.float32) + total
+    return [ndimage.map_coordinates(im, coords, order=1, mode="nearest").astype(np.float32)
+            for im in images]
+
+
 @dataclass
 class SynthCohort:
     """What :func:`make_synthetic_cohort` wrote."""
@@ -167,6 +197,7 @@ def make_synthetic_cohort(
     progress: bool = False,
     age_effect: float = 0.0,
     age_only: str | None = None,
+    displacement: float = 0.0,
 ) -> SynthCohort:
     """Write a synthetic cohort with planted factor effects.
 
@@ -189,6 +220,11 @@ def make_synthetic_cohort(
         SD of age; 0 (default) leaves age unrelated to the images.
     age_only:
         A factor whose score is made from age plus noise, with no planted region.
+    displacement:
+        When > 0, each factor *shrinks* its region instead of darkening it: a smooth radial
+        displacement of up to ``displacement`` mm per unit of score pulls the region's
+        tissue towards its centre (subtle local atrophy; intensities are only resampled).
+        ``effect`` is then not used.
     """
     from tqdm.auto import tqdm
 
@@ -229,19 +265,25 @@ def make_synthetic_cohort(
         scores[:, k] = 0.8 * z_age + 0.6 * noise
         planted[k] = 0.0
     ageing = age_effect * gm_data
+    fields = _displacement_fields(t1_data.shape, affine, radius) if displacement else None
     rows = []
     width = max(4, len(str(n_subjects)))
     for i in tqdm(range(n_subjects), desc="synthetic subjects", disable=not progress):
         pid = f"sub-{i + 1:0{width}d}"
         change = np.zeros_like(t1_data)
         for k, f in enumerate(FACTORS):
-            change += planted[k] * effect * scores[i, k] * soft[f]
+            if fields is None:
+                change += planted[k] * effect * scores[i, k] * soft[f]
         if age_effect:
             change += ageing * z_age[i]
         factor_map = np.clip(1.0 - change, 0.2, 1.8)
         scale = 1.0 + size_sd * rng.standard_normal()
-        t1_i = _zoom_about_centre(t1_data * factor_map, scale)
-        gm_i = _zoom_about_centre(gm_data * factor_map, scale)
+        t1_s, gm_s = t1_data * factor_map, gm_data * factor_map
+        if fields is not None:
+            weights = planted * scores[i] * displacement / voxel_size
+            t1_s, gm_s = _displace([t1_s, gm_s], fields, weights)
+        t1_i = _zoom_about_centre(t1_s, scale)
+        gm_i = _zoom_about_centre(gm_s, scale)
         t1_i *= _bias_field(t1_i.shape, rng, bias_strength)
         t1_i += noise_sd * rng.standard_normal(t1_i.shape).astype(np.float32) * (t1_i > 0)
         t1_i = np.clip(t1_i, 0, None).astype(np.float32)

@@ -46,6 +46,8 @@ _EXPORTS: dict[str, str] = {
     "permutation_test_generic": "permutation",
     "permute_targets": "permutation",
     "plan_tasks": "tasks",
+    "FactorNetwork": "tasks",
+    "factor_networks": "tasks",
     "prepare_split_engine": "ridge_cv",
     "raw_target_predictions": "confounds",
     "read_task_meta": "tasks",

@@ -1,7 +1,13 @@
-"""Repeated cross-validation of the network: one task per (repeat, fold, factor).
+"""Repeated cross-validation of the network: one task per (repeat, fold, factor, seed).
 
 Each task trains one :class:`dfrn.models.regressor.DFRNRegressor` on the training subjects of a fold
-(those with a value for that factor) and predicts its test subjects. A task writes its
+(those with a value for that factor) and predicts its test subjects. With
+``[model] heads = "joint"`` a task trains one network for all factors (one task per fold;
+subjects with a value for any factor; a missing factor masks its loss term) and writes one
+row per factor and subject. With ``[training] n_seeds`` > 1 each seed is a task of its own
+(``…_seed-<s>``; seed 0 keeps the plain name) and the pooled predictions are the seeds' mean.
+:class:`FactorNetwork` names one trained network's view of one factor, for the stages that
+read the networks back (attention, ablation, model packages). A task writes its
 folder ``cv/tasks/repeat-<r>_fold-<f>_<factor>/`` (``model.pt``, ``predictions.tsv``,
 ``history.tsv``, ``task.json``) under a temporary name and renames it into place when it
 is complete, with a ``manifest.json`` (size and SHA-256 of every file). On a re-run, a task
@@ -27,7 +33,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -60,39 +66,159 @@ __all__ = [
     "task_seed",
     "TaskJob",
     "run_task_job",
+    "FactorNetwork",
+    "factor_networks",
 ]
 
 
 @dataclass(frozen=True)
 class Task:
+    """One network to train: a fold of a repeat, its factor (or all, jointly) and its seed."""
+
     repeat: int
     fold: int
     factor: str
     factor_index: int
     train_ids: tuple[str, ...]
     test_ids: tuple[str, ...]
+    factors: tuple[str, ...] = ()
+    """The factors of a joint network, in output order (empty: one network, one factor)."""
+    seed_index: int = 0
+
+    @property
+    def joint(self) -> bool:
+        return bool(self.factors)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The factors this task's network predicts, in output order."""
+        return self.factors if self.factors else (self.factor,)
 
     @property
     def name(self) -> str:
-        return f"repeat-{self.repeat}_fold-{self.fold}_{check_safe_id(self.factor, 'factor name')}"
+        head = "heads-joint" if self.joint else check_safe_id(self.factor, "factor name")
+        seed = f"_seed-{self.seed_index}" if self.seed_index else ""
+        return f"repeat-{self.repeat}_fold-{self.fold}_{head}{seed}"
 
 
-def task_seed(base_seed: int, repeat: int, fold: int, factor_index: int) -> int:
-    """A distinct, reproducible seed per task."""
-    ss = np.random.SeedSequence([base_seed, repeat, fold, factor_index])
+JOINT = "joint"  # the ``factor`` of a joint task
+
+
+def task_seed(base_seed: int, repeat: int, fold: int, factor_index: int,
+              seed_index: int = 0) -> int:
+    """A distinct, reproducible seed per task (seed 0 keeps the seed of earlier versions)."""
+    key = [base_seed, repeat, fold, factor_index] + ([seed_index] if seed_index else [])
+    ss = np.random.SeedSequence(key)
     return int(ss.generate_state(1)[0] & 0x7FFFFFFF)
 
 
-def plan_tasks(plan: pd.DataFrame, factors: Sequence[str]) -> list[Task]:
-    """All tasks in a fixed order: repeat, fold, factor."""
+def plan_tasks(plan: pd.DataFrame, factors: Sequence[str], heads: str = "separate",
+               n_seeds: int = 1) -> list[Task]:
+    """All tasks in a fixed order: repeat, fold, factor (one joint task), seed."""
+    for f in factors:
+        check_safe_id(f, "factor name")
     tasks = []
     for r, f, train, test in iter_splits(plan):
-        for k, factor in enumerate(factors):
-            tasks.append(Task(r, f, factor, k, tuple(train), tuple(test)))
+        groups = [(JOINT, 0, tuple(factors))] if heads == "joint" else [
+            (factor, k, ()) for k, factor in enumerate(factors)]
+        for factor, k, joint in groups:
+            for s in range(n_seeds):
+                tasks.append(Task(r, f, factor, k, tuple(train), tuple(test), joint, s))
     return tasks
 
 
+@dataclass(frozen=True)
+class FactorNetwork:
+    """One trained network's view of one factor: a task, and which output is the factor."""
+
+    task: Task
+    factor: str
+
+    @property
+    def output(self) -> int | None:
+        """The factor's output of a joint network (None for a network of its own)."""
+        return self.task.targets.index(self.factor) if self.task.joint else None
+
+    @property
+    def name(self) -> str:
+        """A folder name unique per (repeat, fold, factor, seed)."""
+        t = self.task
+        if not t.joint:
+            return t.name
+        seed = f"_seed-{t.seed_index}" if t.seed_index else ""
+        return f"repeat-{t.repeat}_fold-{t.fold}_{self.factor}_heads-joint{seed}"
+
+    def load(self, tasks_dir: Path, device: str = "cpu") -> Any:
+        """The network as a one-output :class:`~dfrn.models.regressor.DFRNRegressor`."""
+        from dfrn.models.regressor import DFRNRegressor
+
+        return DFRNRegressor.load(Path(tasks_dir) / self.task.name / "model.pt", device=device,
+                                  output=self.output)
+
+    def meta(self, tasks_dir: Path) -> dict:
+        """The task's verified ``task.json``, with this factor's scaling and covariate fit."""
+        meta = read_task_meta(Path(tasks_dir) / self.task.name, self.task)
+        k = self.output
+        if k is None:
+            return meta
+        fits = meta.get("confound_fit") or {}
+        return {**meta, "factor": self.factor, "y_mean": meta["y_mean"][k],
+                "y_std": meta["y_std"][k], "confound_fit": fits.get(self.factor),
+                "test_ids": meta["test_ids_by_factor"][self.factor]}
+
+
+def factor_networks(plan: pd.DataFrame, factor: str, factors: Sequence[str],
+                    heads: str = "separate", n_seeds: int = 1) -> list[FactorNetwork]:
+    """Every trained network of ``factor``: one per (repeat, fold, seed), in plan order."""
+    return [FactorNetwork(t, factor) for t in plan_tasks(plan, factors, heads, n_seeds)
+            if factor in t.targets]
+
+
 TASK_FILES = ("model.pt", "history.tsv", "predictions.tsv", "task.json")
+
+
+def _task_targets(task: Task, targets: TargetProvider) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The task's training and test targets: one column per factor it predicts; the rows
+    with a value for at least one of them."""
+    y_train_all, y_test_all = targets(task.repeat, task.fold, task.train_ids, task.test_ids)
+    cols = list(task.targets)
+    return y_train_all[cols].dropna(how="all"), y_test_all[cols].dropna(how="all")
+
+
+def _prediction_rows(task: Task, y_test: pd.DataFrame, pred: np.ndarray) -> pd.DataFrame:
+    """One row per (factor, test subject with a value for that factor)."""
+    frames = []
+    for k, factor in enumerate(task.targets):
+        has = y_test[factor].notna().to_numpy()
+        frames.append(pd.DataFrame({
+            "participant_id": list(y_test.index[has]), "repeat": task.repeat,
+            "fold": task.fold, "factor": factor,
+            "y_true": y_test[factor].to_numpy(float)[has], "y_pred": pred[has, k],
+        }, columns=PREDICTION_COLUMNS))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _task_meta(task: Task, est: Any, seed: int, n_train: int, y_test: pd.DataFrame,
+               targets: TargetProvider) -> dict:
+    meta = {
+        "repeat": task.repeat, "fold": task.fold, "factor": task.factor, "seed": seed,
+        "n_train": n_train, "n_test": len(y_test),
+        "best_epoch": int(getattr(est, "best_epoch_", -1)),
+        "y_mean": np.asarray(est.y_mean_).tolist(), "y_std": np.asarray(est.y_std_).tolist(),
+        "test_ids": list(y_test.index),
+    }
+    if task.joint:
+        meta.update(factors=list(task.factors), seed_index=task.seed_index,
+                    test_ids_by_factor={f: list(y_test.index[y_test[f].notna().to_numpy()])
+                                        for f in task.factors})
+    elif task.seed_index:
+        meta["seed_index"] = task.seed_index
+    fits = getattr(targets, "fits", None)
+    if fits is not None:  # residualised targets: the fold's covariate fit, for packages
+        fold_fits = fits(task.repeat, task.fold, task.train_ids, task.test_ids)
+        meta["confound_fit"] = ({f: fold_fits[f].to_dict() for f in task.factors}
+                                if task.joint else fold_fits[task.factor].to_dict())
+    return meta
 
 
 def run_task(
@@ -113,53 +239,27 @@ def run_task(
     final = tasks_dir / task.name
     if final.is_dir() and verify_task(final, task) is None:
         return final
-    y_train_all, y_test_all = targets(task.repeat, task.fold, task.train_ids, task.test_ids)
-    y_train = y_train_all[task.factor].dropna()
-    y_test = y_test_all[task.factor].dropna()
-    seed = task_seed(base_seed, task.repeat, task.fold, task.factor_index)
-    est = make_estimator(seed, f"repeat {task.repeat}, fold {task.fold}, factor {task.factor}")
-    tr = index_of(list(y_train.index))
-    te = index_of(list(y_test.index))
-    est.fit(_Subset(volumes, tr), y_train.to_numpy())  # type: ignore[attr-defined]
-    pred = est.predict(_Subset(volumes, te)) if te else np.zeros(0)  # type: ignore[attr-defined]
-    pred = np.asarray(pred, dtype=float)
-    if pred.shape != (len(te),):
+    y_train, y_test = _task_targets(task, targets)
+    seed = task_seed(base_seed, task.repeat, task.fold, task.factor_index, task.seed_index)
+    what = "all factors (joint)" if task.joint else f"factor {task.factor}"
+    seed_text = f", seed {task.seed_index}" if task.seed_index else ""
+    est: Any = make_estimator(seed, f"repeat {task.repeat}, fold {task.fold}, {what}{seed_text}")
+    tr, te = index_of(list(y_train.index)), index_of(list(y_test.index))
+    y_fit = y_train.to_numpy(float) if task.joint else y_train[task.factor].to_numpy(float)
+    est.fit(_Subset(volumes, tr), y_fit)
+    pred = np.asarray(est.predict(_Subset(volumes, te)) if te else np.zeros(0), dtype=float)
+    if pred.size == len(te) * len(task.targets):
+        pred = pred.reshape(len(te), len(task.targets))
+    if pred.shape != (len(te), len(task.targets)):
         raise ResultsIntegrityError(
             f"task {task.name}: {pred.shape} predictions for {len(te)} test subjects"
         )
     tmp = make_temp_dir(tasks_dir, task.name)
     try:
-        est.save(tmp / "model.pt")  # type: ignore[attr-defined]
-        atomic_write_tsv(est.history_, tmp / "history.tsv")  # type: ignore[attr-defined]
-        df = pd.DataFrame(
-            {
-                "participant_id": list(y_test.index),
-                "repeat": task.repeat,
-                "fold": task.fold,
-                "factor": task.factor,
-                "y_true": y_test.to_numpy(float),
-                "y_pred": pred,
-            },
-            columns=PREDICTION_COLUMNS,
-        )
-        atomic_write_tsv(df, tmp / "predictions.tsv")
-        meta = {
-            "repeat": task.repeat,
-            "fold": task.fold,
-            "factor": task.factor,
-            "seed": seed,
-            "n_train": len(tr),
-            "n_test": len(te),
-            "best_epoch": int(getattr(est, "best_epoch_", -1)),
-            "y_mean": float(est.y_mean_),  # type: ignore[attr-defined]
-            "y_std": float(est.y_std_),  # type: ignore[attr-defined]
-            "test_ids": list(y_test.index),
-        }
-        fits = getattr(targets, "fits", None)
-        if fits is not None:  # residualised targets: the fold's covariate fit, for packages
-            meta["confound_fit"] = fits(task.repeat, task.fold, task.train_ids,
-                                        task.test_ids)[task.factor].to_dict()
-        atomic_write_json(tmp / "task.json", meta)
+        est.save(tmp / "model.pt")
+        atomic_write_tsv(est.history_, tmp / "history.tsv")
+        atomic_write_tsv(_prediction_rows(task, y_test, pred), tmp / "predictions.tsv")
+        atomic_write_json(tmp / "task.json", _task_meta(task, est, seed, len(tr), y_test, targets))
         write_manifest(tmp)
         _place(tmp, final, task, tasks_dir)
     except BaseException:
@@ -209,9 +309,9 @@ def verify_task(folder: Path, task: Task) -> str | None:
         meta = json.loads((folder / "task.json").read_text(encoding="utf-8"))
     except Exception:
         return "task.json is unreadable"
-    if (meta.get("repeat"), meta.get("fold"), meta.get("factor")) != (
-        task.repeat, task.fold, task.factor
-    ):
+    if (meta.get("repeat"), meta.get("fold"), meta.get("factor"), meta.get("seed_index", 0)) != (
+        task.repeat, task.fold, task.factor, task.seed_index
+    ) or meta.get("factors", []) != list(task.factors):
         return "task.json describes another task"
     if not set(meta.get("test_ids", [])) <= set(task.test_ids):
         return "its test subjects are not this fold's"
@@ -389,28 +489,11 @@ def collect_predictions(
         folder = cv_dir / "tasks" / t.name
         meta = read_task_meta(folder, t)
         df = read_delimited(folder / "predictions.tsv", f"predictions of task {t.name}", allow_empty=True)
-        if expected is not None:
-            col = expected.loc[list(t.test_ids), t.factor]
-            want = [str(p) for p in col.index[col.notna().to_numpy()]]
-        else:
-            want = [str(p) for p in meta["test_ids"]]
-        got = df["participant_id"].tolist()
-        problems = []
-        missing = sorted(set(want) - set(got))
-        if missing:
-            problems.append(f"no prediction for {', '.join(missing[:5])}")
-        extra = sorted(set(got) - set(want))
-        if extra:
-            problems.append(f"unexpected subjects {', '.join(extra[:5])}")
-        dup = sorted(set(df["participant_id"][df["participant_id"].duplicated()]))
-        if dup:
-            problems.append(f"duplicate predictions for {', '.join(dup[:5])}")
-        keys = df[["repeat", "fold", "factor"]].drop_duplicates()
-        if len(df) and (
-            len(keys) != 1
-            or (int(keys.iloc[0]["repeat"]), int(keys.iloc[0]["fold"]), str(keys.iloc[0]["factor"]))
-            != (t.repeat, t.fold, t.factor)
-        ):
+        problems = [p for factor in t.targets
+                    for p in _prediction_problems(t, factor, df, meta, expected)]
+        keys = df[["repeat", "fold"]].drop_duplicates()
+        if len(df) and (len(keys) != 1 or (int(keys.iloc[0]["repeat"]), int(keys.iloc[0]["fold"]))
+                        != (t.repeat, t.fold) or not set(df["factor"]) <= set(t.targets)):
             problems.append("rows of another (repeat, fold, factor)")
         if not np.all(np.isfinite(df["y_pred"].to_numpy(float))):
             problems.append("non-finite predictions")
@@ -422,4 +505,41 @@ def collect_predictions(
         frames.append(df)
     if not frames:
         return pd.DataFrame(columns=PREDICTION_COLUMNS)
-    return pd.concat(frames, ignore_index=True)[PREDICTION_COLUMNS]
+    pooled = pd.concat(frames, ignore_index=True)[PREDICTION_COLUMNS]
+    return _mean_over_seeds(pooled)
+
+
+def _prediction_problems(t: Task, factor: str, df: pd.DataFrame, meta: dict,
+                         expected: pd.DataFrame | None) -> list[str]:
+    """What is wrong with one factor's rows of a task's predictions (empty: nothing)."""
+    if expected is not None:
+        col = expected.loc[list(t.test_ids), factor]
+        want = [str(p) for p in col.index[col.notna().to_numpy()]]
+    elif t.joint:
+        want = [str(p) for p in meta["test_ids_by_factor"][factor]]
+    else:
+        want = [str(p) for p in meta["test_ids"]]
+    rows = df[df["factor"].astype(str) == factor]
+    got = rows["participant_id"].astype(str).tolist()
+    problems = []
+    missing = sorted(set(want) - set(got))
+    if missing:
+        problems.append(f"no prediction for {', '.join(missing[:5])}"
+                        + (f" ({factor})" if t.joint else ""))
+    extra = sorted(set(got) - set(want))
+    if extra:
+        problems.append(f"unexpected subjects {', '.join(extra[:5])}")
+    dup = sorted(set(rows["participant_id"][rows["participant_id"].duplicated()]))
+    if dup:
+        problems.append(f"duplicate predictions for {', '.join(map(str, dup[:5]))}")
+    return problems
+
+
+def _mean_over_seeds(pooled: pd.DataFrame) -> pd.DataFrame:
+    """One row per (repeat, fold, factor, subject): the mean prediction of its seeds."""
+    keys = ["participant_id", "repeat", "fold", "factor"]
+    if not pooled.duplicated(keys).any():
+        return pooled
+    mean = pooled.groupby(keys, sort=False, as_index=False).agg(
+        y_true=("y_true", "first"), y_pred=("y_pred", "mean"))
+    return mean[PREDICTION_COLUMNS]

@@ -9,6 +9,13 @@ from __future__ import annotations
 from dfrn._exports import lazy_exports
 
 _EXPORTS: dict[str, str] = {
+    "AUGMENT_MODES": "augment",
+    "Augmenter": "augment",
+    "EARLY_STOPPING_MODES": "early_stopping",
+    "EarlyStopping": "early_stopping",
+    "StopStep": "early_stopping",
+    "masked_sse": "regressor",
+    "stratified_holdout": "regressor",
     "BasicBlock": "network",
     "BatchFeeder": "feed",
     "ComBatHarmonizer": "harmonize",

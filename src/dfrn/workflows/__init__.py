@@ -78,6 +78,7 @@ _EXPORTS: dict[str, str] = {
     "write_model_packages": "packages",
     "write_permutation_table": "baseline",
     "write_report": "report",
+    "training_words": "report",
     "write_roi_features": "baseline",
     "write_run_identity": "results",
     "write_stability": "factors",

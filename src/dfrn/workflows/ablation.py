@@ -1,11 +1,12 @@
-"""Region ablation in a study: one task per (repeat, fold, factor), then the ranking.
+"""Region ablation in a study: one task per trained network of a factor, then the ranking.
 
-Each task loads its fold's model, takes that fold's *test* subjects, replaces one atlas
+Each task loads its fold's model (one seed's; a joint network's output for the factor), takes that fold's *test* subjects, replaces one atlas
 region at a time by the neutral value (the fold's training subjects' mean input, or 0) and
 records how each prediction changes (:func:`dfrn.interpret.ablation.ablation_changes`). A
 task writes ``attention/ablation/<task>/`` (``changes.tsv``, ``task.json``, ``manifest.json``)
 under a temporary name and renames it into place when complete, so an interrupted stage
-resumes; a folder whose files or settings (atlas, baseline) differ is redone. Tasks run
+resumes; a folder whose files or settings (atlas, baseline) differ is redone. With several
+seeds, a subject's prediction changes are averaged over the seeds, as its predictions are. Tasks run
 through the study's executor (in this process, or as Ray tasks).
 
 The pooled result (:func:`dfrn.interpret.ablation.region_importance`) is written to
@@ -30,7 +31,7 @@ from dfrn.config import StudyConfig
 from dfrn.data.atlas import Atlas, labels_on_grid
 from dfrn.data.images import VolumeSet
 from dfrn.evaluation.executors import Executor, LocalExecutor
-from dfrn.evaluation.tasks import Task, plan_tasks, read_task_meta
+from dfrn.evaluation.tasks import FactorNetwork, factor_networks
 from dfrn.interpret.ablation import (
     RegionGrid,
     ablation_changes,
@@ -84,24 +85,23 @@ def _job_key(grid: RegionGrid, baseline: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _verified(folder: Path, task: Task, key: str) -> bool:
+def _verified(folder: Path, net: FactorNetwork, key: str) -> bool:
     if not folder.is_dir() or verify_manifest(folder, required=_FILES):
         return False
     meta = json.loads((folder / "task.json").read_text(encoding="utf-8"))
-    return meta.get("key") == key and meta.get("task") == task.name
+    return meta.get("key") == key and meta.get("task") == net.name
 
 
-def run_ablation_task(job: AblationJob, task: Task) -> str:
-    """Ablate every region for one task's test subjects; write its folder (idempotent)."""
-    from dfrn.models.regressor import DFRNRegressor
-
-    final = job.ablation_tasks / task.name
-    if _verified(final, task, job.key):
-        return task.name
+def run_ablation_task(job: AblationJob, net: FactorNetwork) -> str:
+    """Ablate every region for one network's test subjects; write its folder (idempotent)."""
+    final = job.ablation_tasks / net.name
+    if _verified(final, net, job.key):
+        return net.name
     import torch
 
-    meta = read_task_meta(job.cv_tasks / task.name, task)
-    est = DFRNRegressor.load(job.cv_tasks / task.name / "model.pt", device=job.device)
+    task = net.task
+    meta = net.meta(job.cv_tasks)
+    est = net.load(job.cv_tasks, device=job.device)
     ids = [str(p) for p in meta["test_ids"]]
     x = np.stack([np.asarray(job.volumes[i], np.float32) for i in job.volumes.index_of(ids)])
     baseline: float | np.ndarray = 0.0
@@ -112,38 +112,45 @@ def run_ablation_task(job: AblationJob, task: Task) -> str:
                                job.grid, baseline) * float(est.y_std_)
     table = pd.DataFrame(changes.T, columns=[str(i) for i in job.grid.table["index"]])
     table.insert(0, "participant_id", ids)
-    tmp = make_temp_dir(job.ablation_tasks, task.name)
+    tmp = make_temp_dir(job.ablation_tasks, net.name)
     try:
         atomic_write_tsv(table, tmp / "changes.tsv", float_format=None)
-        atomic_write_json(tmp / "task.json", {"task": task.name, "key": job.key,
+        atomic_write_json(tmp / "task.json", {"task": net.name, "key": job.key,
                                               "baseline": job.baseline})
         write_manifest(tmp)
         place_folder(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return task.name
+    return net.name
 
 
-def _records(folder: ResultsFolder, tasks: list[Task], grid: RegionGrid) -> pd.DataFrame:
-    """Intact and ablated predictions per (repeat, factor, subject), from the task folders."""
+def _records(folder: ResultsFolder, networks: list[FactorNetwork],
+             grid: RegionGrid) -> pd.DataFrame:
+    """Intact and ablated predictions per (repeat, factor, subject), from the task folders;
+    a subject's changes are averaged over the seeds of its fold."""
     pred = folder.read_predictions().set_index(
         ["repeat", "fold", "factor", "participant_id"]).sort_index()
-    regions = [int(i) for i in grid.table["index"]]
-    frames = []
-    for t in tasks:
-        ch = pd.read_csv(folder.ablation_tasks / t.name / "changes.tsv", sep="\t",
+    regions = [str(i) for i in grid.table["index"]]
+    changes = []
+    for net in networks:
+        ch = pd.read_csv(folder.ablation_tasks / net.name / "changes.tsv", sep="\t",
                          dtype={"participant_id": str})
-        p = pred.loc[(t.repeat, t.fold, t.factor)].loc[ch["participant_id"]]
-        ablated = p["y_pred"].to_numpy()[:, None] - ch[[str(i) for i in regions]].to_numpy(float)
-        df = pd.DataFrame(ablated, columns=regions)
-        df.insert(0, "participant_id", ch["participant_id"].to_numpy())
-        df.insert(1, "repeat", t.repeat)
-        df.insert(2, "factor", t.factor)
-        df.insert(3, "y_true", p["y_true"].to_numpy())
-        df.insert(4, "y_pred", p["y_pred"].to_numpy())
-        frames.append(df)
-    return pd.concat(frames, ignore_index=True)
+        ch.insert(1, "repeat", net.task.repeat)
+        ch.insert(2, "fold", net.task.fold)
+        ch.insert(3, "factor", net.factor)
+        changes.append(ch)
+    keys = ["participant_id", "repeat", "fold", "factor"]
+    mean = pd.concat(changes, ignore_index=True).groupby(keys, sort=False)[regions].mean()
+    p = pred.loc[[(r, f, fa, pid) for pid, r, f, fa in mean.index]]
+    ablated = p["y_pred"].to_numpy()[:, None] - mean.to_numpy(float)
+    df = pd.DataFrame(ablated, columns=[int(i) for i in regions])
+    df.insert(0, "participant_id", mean.index.get_level_values("participant_id").to_numpy())
+    df.insert(1, "repeat", mean.index.get_level_values("repeat").to_numpy())
+    df.insert(2, "factor", mean.index.get_level_values("factor").to_numpy())
+    df.insert(3, "y_true", p["y_true"].to_numpy())
+    df.insert(4, "y_pred", p["y_pred"].to_numpy())
+    return df
 
 
 def run_region_ablation(
@@ -168,7 +175,9 @@ def run_region_ablation(
     if grid.skipped:
         log(f"region ablation: {len(grid.skipped)} region(s) have fewer than 2 voxels on the "
             f"network's input grid and are skipped: {', '.join(grid.skipped[:10])}")
-    tasks = plan_tasks(plan, factors)
+    trained = list(dict.fromkeys(folder.read_predictions()["factor"]))  # in output order
+    tasks = [net for f in factors for net in factor_networks(
+        plan, f, trained, cfg.model.heads, cfg.training.n_seeds)]
     job = AblationJob(volumes, grid, a.ablation_baseline, folder.tasks, folder.ablation_tasks,
                       device, _job_key(grid, a.ablation_baseline))
     folder.ablation_tasks.mkdir(parents=True, exist_ok=True)

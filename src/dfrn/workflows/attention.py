@@ -40,7 +40,7 @@ from dfrn.data.atlas import Atlas
 from dfrn.data.images import VolumeSet, load_img
 from dfrn.errors import DfrnInputError
 from dfrn.evaluation.executors import Executor
-from dfrn.evaluation.tasks import plan_tasks, read_task_meta
+from dfrn.evaluation.tasks import FactorNetwork, factor_networks
 from dfrn.interpret.maps import (
     FoldTask,
     factor_attention_map,
@@ -50,7 +50,7 @@ from dfrn.interpret.maps import (
 from dfrn.interpret.regions import rank_regions
 from dfrn.interpret.sanity import cascading_randomization
 from dfrn.io import atomic_write_nifti, atomic_write_tsv
-from dfrn.models.regressor import DFRNRegressor, resolve_device
+from dfrn.models.regressor import resolve_device
 from dfrn.plotting import format_table, plot_fam, plot_sanity
 from dfrn.workflows.results import ResultsFolder
 
@@ -90,8 +90,6 @@ class _AttentionFiles:
     def task_dir(self, task_name: str) -> Path:
         return self.folder.task_dir(task_name)
 
-    def task_model(self, task_name: str) -> Path:
-        return self.task_dir(task_name) / "model.pt"
 
 
 def load_atlas_for(atlas: str, labels: str, log: Callable[[str], None]) -> Atlas | None:
@@ -130,22 +128,24 @@ def load_atlas_for(atlas: str, labels: str, log: Callable[[str], None]) -> Atlas
 
 
 def _factor_tasks(
-    files: _AttentionFiles, plan: pd.DataFrame, factor: str, volumes: VolumeSet, device: str
+    files: _AttentionFiles, networks: list[FactorNetwork], volumes: VolumeSet, device: str
 ) -> list[FoldTask]:
+    """One attribution task per trained network of a factor (every fold and seed; a joint
+    network's output for the factor). A subject's out-of-fold map is the mean over the
+    networks that did not see it, so several seeds average as their predictions do."""
     tasks = []
-    for t in plan_tasks(plan, [factor]):
-        folder = files.task_dir(t.name)
-        if not folder.is_dir():
+    for net in networks:
+        if not files.task_dir(net.task.name).is_dir():
             raise DfrnInputError(
-                f"task {t.name} has not finished; rerun 'dfrn run' to complete the CV first"
+                f"task {net.task.name} has not finished; rerun 'dfrn run' to complete the CV first"
             )
-        meta = read_task_meta(folder, t)  # every file checked against the task's manifest
-        model_path = files.task_model(t.name)
+        meta = net.meta(files.task_dir(net.task.name).parent)  # checked against its manifest
 
-        def loader(p: Path = model_path) -> nn.Module:
-            return DFRNRegressor.load(p, device=device).model_
+        def loader(n: FactorNetwork = net) -> nn.Module:
+            return n.load(files.task_dir(n.task.name).parent, device=device).model_
 
-        tasks.append(FoldTask(loader, volumes.index_of(meta["test_ids"]), t.repeat, t.fold))
+        tasks.append(FoldTask(loader, volumes.index_of(meta["test_ids"]), net.task.repeat,
+                              net.task.fold))
     return tasks
 
 
@@ -235,8 +235,12 @@ def run_attention_stage(
         volumes = prepare_volumes(load_study_cohort(cfg, folder.root), cfg, folder.root, progress, log=log)
     if plan is None:
         plan = folder.read_folds(volumes.participant_ids)
-    if factors is None:
-        factors = list(dict.fromkeys(folder.read_predictions()["factor"]))
+    trained = list(dict.fromkeys(folder.read_predictions()["factor"]))  # in output order
+    factors = trained if factors is None else factors
+
+    def networks(factor: str) -> list[FactorNetwork]:
+        return factor_networks(plan, factor, trained, cfg.model.heads, cfg.training.n_seeds)
+
     device = str(resolve_device(cfg.training.device))
     ref_img = nib.Nifti1Image(
         np.zeros(volumes.input_grid.shape, np.uint8), volumes.input_grid.affine
@@ -247,7 +251,7 @@ def run_attention_stage(
     for factor in tqdm(factors, desc=f"attention ({method})", disable=not progress):
         signed_path, abs_path = files.fam(factor, False), files.fam(factor, True)
         if not (signed_path.is_file() and abs_path.is_file()):
-            tasks = _factor_tasks(files, plan, factor, volumes, device)
+            tasks = _factor_tasks(files, networks(factor), volumes, device)
             fam = factor_attention_map(tasks, volumes, method, mode=a.mode, device=device)
             signed = to_template_space(fam.signed, ref_img, volumes.downsample)
             absolute = to_template_space(fam.absolute, ref_img, volumes.downsample)
@@ -256,7 +260,7 @@ def run_attention_stage(
         maps[factor] = load_img(abs_path, f"attention map of {factor}")
     results: dict[str, pd.DataFrame] = {}
     if a.sanity:
-        first = _factor_tasks(files, plan, factors[0], volumes, device)[0]
+        first = _factor_tasks(files, networks(factors[0]), volumes, device)[0]
         model = first.model if isinstance(first.model, nn.Module) else first.model()
         idx = list(first.test_indices)[:4]
         x = np.stack([np.asarray(volumes[i], dtype=np.float32) for i in idx])[:, None]

@@ -98,7 +98,7 @@ def network_permutation_test(
         raise DfrnInputError("--permutations needs targets fixed before CV")
     plan = result.plan[result.plan["repeat"] == result.plan["repeat"].min()]
     factors = list(result.targets.columns)
-    tasks = plan_tasks(plan, factors)
+    tasks = plan_tasks(plan, factors, cfg.model.heads, cfg.training.n_seeds)
     volumes = result.extra["volumes"]
     make = make_estimator_factory(cfg, progress=False)
     log(

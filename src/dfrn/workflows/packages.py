@@ -14,7 +14,7 @@ from dfrn.config import StudyConfig
 from dfrn.data.covariates import CovariateSelection
 from dfrn.data.images import VolumeSet, load_volume
 from dfrn.evaluation.metrics import mean_r
-from dfrn.evaluation.tasks import plan_tasks, read_task_meta
+from dfrn.evaluation.tasks import FactorNetwork, factor_networks
 from dfrn.io import (
     atomic_write,
     atomic_write_json,
@@ -82,7 +82,7 @@ def _refit(cfg: StudyConfig, volumes: VolumeSet, y: pd.Series, epochs: int, seed
 
 
 def _write_weights(tmp: Path, folder: ResultsFolder, cfg: StudyConfig, volumes: VolumeSet,
-                   y: pd.Series, tasks: list[Any], progress: bool,
+                   y: pd.Series, networks: list[FactorNetwork], progress: bool,
                    design: pd.DataFrame | None = None) -> list[dict[str, Any]]:
     """Write a factor's networks into ``tmp``; their ``models`` entries of the metadata.
 
@@ -91,27 +91,28 @@ def _write_weights(tmp: Path, folder: ResultsFolder, cfg: StudyConfig, volumes: 
     """
     models: list[dict[str, Any]] = []
     if cfg.final.mode == "ensemble":
-        for k, t in enumerate(tasks):
-            meta = read_task_meta(folder.task_dir(t.name), t)
-            est = DFRNRegressor.load(folder.task_dir(t.name) / "model.pt")
+        for k, net in enumerate(networks):
+            meta = net.meta(folder.tasks)
+            est = net.load(folder.tasks)  # a joint network's output for this factor
             name = f"model-{k}.safetensors"
             models.append({"file": name, "sha256": _save_weights(est, tmp / name),
                            "y_mean": est.y_mean_, "y_std": est.y_std_,
-                           "repeat": t.repeat, "fold": t.fold,
+                           "repeat": net.task.repeat, "fold": net.task.fold,
+                           "seed_index": net.task.seed_index,
                            "best_epoch": int(meta["best_epoch"]),
                            "confound_fit": meta.get("confound_fit")})
         return models
-    epochs = [read_task_meta(folder.task_dir(t.name), t)["best_epoch"] + 1 for t in tasks]
+    epochs = int(np.median([net.meta(folder.tasks)["best_epoch"] + 1 for net in networks]))
     y, fit = y.dropna(), None
     if design is not None:
         fit = fit_confounds(y, design)
         y = y - fit.fitted(design.loc[list(y.index)])
-    est = _refit(cfg, volumes, y, int(np.median(epochs)), cfg.training.seed, progress)
-    models.append({"file": "model-0.safetensors",
-                   "sha256": _save_weights(est, tmp / "model-0.safetensors"),
-                   "y_mean": est.y_mean_, "y_std": est.y_std_,
-                   "epochs": int(np.median(epochs)),
-                   "confound_fit": None if fit is None else fit.to_dict()})
+    for s in range(cfg.training.n_seeds):  # one network per seed, as in the CV
+        est = _refit(cfg, volumes, y, epochs, cfg.training.seed + s, progress)
+        name = f"model-{s}.safetensors"
+        models.append({"file": name, "sha256": _save_weights(est, tmp / name),
+                       "y_mean": est.y_mean_, "y_std": est.y_std_, "epochs": epochs,
+                       "seed_index": s, "confound_fit": None if fit is None else fit.to_dict()})
     return models
 
 
@@ -194,12 +195,13 @@ def write_model_packages(
                 log(f"rebuilding model package {factor}: {exc}")
         tmp = make_temp_dir(final.parent, factor)
         try:
-            tasks = plan_tasks(first, [factor])
-            models = _write_weights(tmp, folder, cfg, volumes, targets[factor], tasks, progress,
-                                    design)
+            networks = factor_networks(first, factor, list(targets.columns), cfg.model.heads,
+                                       cfg.training.n_seeds)
+            models = _write_weights(tmp, folder, cfg, volumes, targets[factor], networks,
+                                    progress, design)
             regions = None if region_grid is None else _region_entry(
                 tmp, region_grid, cfg.attention.ablation_baseline, volumes,
-                [list(t.train_ids) for t in tasks] if cfg.final.mode == "ensemble"
+                [list(n.task.train_ids) for n in networks] if cfg.final.mode == "ensemble"
                 else [list(volumes.participant_ids)])
             mask_entry = None
             if mask:

@@ -25,7 +25,7 @@ from dfrn.interpret.sanity import fails_sanity
 from dfrn.io import atomic_write_text
 from dfrn.workflows.results import ResultsFolder
 
-__all__ = ["write_report", "REFERENCES"]
+__all__ = ["write_report", "REFERENCES", "training_words"]
 
 REFERENCES = [
     "DFRN: deep factor regression of depression symptom factors from structural MRI (the "
@@ -133,19 +133,53 @@ def _sanity(path: Path) -> tuple[str | None, str, bool]:
     return _frame(df), " ".join(verdicts), fails
 
 
+def _stopping_words(t: dict[str, Any]) -> str:
+    rule = t.get("early_stopping", "val")
+    if rule == "none" or not t["val_fraction"]:
+        return f"for {t['epochs']} epochs (no early stopping)"
+    split = ("stratified on the target" if t.get("val_split", "stratified") == "stratified"
+             else "random")
+    watched = ("the raw validation loss" if rule == "val" else
+               f"a moving average (weight {t.get('smoothing', 0.8):g}) of the 3-epoch median "
+               f"validation loss, at least {t.get('min_epochs', 10)} epochs")
+    return (f"for at most {t['epochs']} epochs with early stopping on {watched} (patience "
+            f"{t['patience']}) of {t['val_fraction']:.0%} of the training subjects ({split})")
+
+
+def training_words(cfg: dict[str, Any], factors: list[str]) -> str:
+    """The training recipe in one sentence (the report's Methods and the run's log)."""
+    t, m = cfg["training"], cfg["model"]
+    joint = m.get("heads", "separate") == "joint"
+    heads = (f"One 3D ResNet-10-style network with one output per symptom factor (joint "
+             f"heads, the paper's ablation; {', '.join(factors)}" if joint else
+             f"One 3D ResNet-10-style network per symptom factor ({', '.join(factors)}")
+    optimiser = (f"AdamW (lr {t['lr']}, weight decay {t['weight_decay']:g})"
+                 if t.get("weight_decay", 0) > 0 else f"Adam (lr {t['lr']})")
+    extras = []
+    if t.get("lr_schedule", "constant") == "cosine":
+        extras.append("a cosine learning-rate schedule")
+    if t.get("augment", "none") != "none":
+        extras.append("TorchIO augmentation of the training batches (random affine ±3°, ±2 "
+                      "voxels, ±3% scale" + (", bias field" if t.get("augment_bias_field") else "")
+                      + (", left-right flips" if t.get("augment_flip") else ", no flips") + ")")
+    n_seeds = int(t.get("n_seeds", 1))
+    if n_seeds > 1:
+        extras.append(f"{n_seeds} seeds per fold, their predictions averaged")
+    return (f"{heads}; block strides {m['block_strides']}) was trained with the "
+            f"{'sum of the factors' if joint else 'sum of'} squared errors, {optimiser}, batch "
+            f"size {t['batch_size']}, {_stopping_words(t)}"
+            + ("" if not extras else ", with " + ", ".join(extras)) + ".")
+
+
 def _methods(cfg: dict[str, Any], n_subjects: int, factors: list[str]) -> str:
-    c, t, cv = cfg["cohort"], cfg["training"], cfg["cv"]
+    c, cv = cfg["cohort"], cfg["cv"]
     text = (
         f"{n_subjects} participants' T1-weighted images on a common grid were normalised "
         f"({c.get('intensity', 'zscore')}"
         + (" inside a brain mask" if c.get("mask") else "")
-        + f") and downsampled by {c.get('downsample', 1)}. One 3D ResNet-10-style network per "
-        f"symptom factor ({', '.join(factors)}; block strides "
-        f"{cfg['model']['block_strides']}) was trained with the sum of squared errors, Adam "
-        f"(lr {t['lr']}), batch size {t['batch_size']}, at most {t['epochs']} epochs"
-        + (f" with early stopping on {t['val_fraction']:.0%} of the training subjects"
-           if t["val_fraction"] else "")
-        + f". Performance was estimated by {cv['n_repeats']} × {cv['n_folds']}-fold "
+        + f") and downsampled by {c.get('downsample', 1)}. "
+        + training_words(cfg, factors)
+        + f" Performance was estimated by {cv['n_repeats']} × {cv['n_folds']}-fold "
         "subject-level cross-validation (Pearson r of pooled out-of-fold predictions per "
         "repeat). "
     )
@@ -230,6 +264,14 @@ def _references(cfg: dict[str, Any]) -> list[str]:
         refs += CONFOUND_REFERENCES
     if cfg.get("baseline", {}).get("harmonize") == "combat":
         refs += COMBAT_REFERENCES
+    t = cfg.get("training", {})
+    if t.get("augment", "none") != "none":
+        refs.append("Pérez-García F, Sparks R, Ourselin S (2021). TorchIO: a Python library for "
+                    "efficient loading, preprocessing, augmentation and patch-based sampling of "
+                    "medical images in deep learning. Comput Methods Programs Biomed 208:106236.")
+    if t.get("weight_decay", 0) > 0:
+        refs.append("Loshchilov I, Hutter F (2019). Decoupled weight decay regularization "
+                    "(AdamW). ICLR.")
     return refs
 
 

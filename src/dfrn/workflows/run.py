@@ -38,6 +38,7 @@ from dfrn.models.regressor import resolve_device
 from dfrn.plotting import format_table, plot_fig2
 from dfrn.targets.providers import TargetProvider
 from dfrn.workflows.confounds import target_words
+from dfrn.workflows.report import training_words
 from dfrn.workflows.results import (
     ResultsFolder,
     check_results_dir,
@@ -159,7 +160,8 @@ def run_cv_stage(
         f"{'×'.join(map(str, volumes.shape))} (downsample {cfg.cohort.downsample}); "
         f"{cfg.cv.n_repeats} × {cfg.cv.n_folds}-fold CV"
     )
-    tasks = plan_tasks(plan, factors)
+    tasks = plan_tasks(plan, factors, cfg.model.heads, cfg.training.n_seeds)
+    log(f"training: {training_words(cfg.to_dict(), factors)} {len(tasks)} networks in all.")
     predictions = run_cv(
         tasks,
         volumes,

@@ -1,0 +1,88 @@
+"""``dfrn run`` with the training recipe's options: joint heads and several seeds through CV,
+Table 1, attention, region ablation and model packages; every recipe option end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dfrn.config import config_from_dict
+from dfrn.workflows.run import run_study
+
+FACTORS = ["anhedonia", "sleep"]
+
+
+@pytest.fixture(scope="module")
+def joint_run(tiny_cohort, tmp_path_factory: pytest.TempPathFactory):
+    from dfrn.data.synth import make_demo_atlases
+
+    atlases = make_demo_atlases(tiny_cohort, n_parcels=6, seed=0)
+    raw = {
+        "cohort": {"table": str(tiny_cohort.table), "targets": FACTORS,
+                   "mask": str(tiny_cohort.brain_mask)},
+        "model": {"heads": "joint"},
+        "training": {"epochs": 2, "val_fraction": 0.25, "early_stopping": "smoothed",
+                     "min_epochs": 1, "augment": "light", "lr_schedule": "cosine",
+                     "weight_decay": 0.01, "n_seeds": 2},
+        "cv": {"n_folds": 2, "n_repeats": 1, "seed": 1},
+        "baseline": {"enabled": False},
+        "attention": {"atlas": str(atlases["regions"]),
+                      "atlas_labels": str(atlases["regions"].with_name("regions_dseg.tsv")),
+                      "template": str(tiny_cohort.template), "sanity": False, "bootstrap": 0},
+    }
+    out = tmp_path_factory.mktemp("joint") / "res"
+    logs: list[str] = []
+    res = run_study(config_from_dict(raw, tiny_cohort.root), out, progress=False,
+                    log=logs.append)
+    return out, res, logs
+
+
+def test_joint_heads_train_one_network_per_fold_and_seed(joint_run) -> None:
+    out, res, logs = joint_run
+    tasks = sorted(p.name for p in (out / "cv/tasks").iterdir())
+    assert tasks == ["repeat-0_fold-0_heads-joint", "repeat-0_fold-0_heads-joint_seed-1",
+                     "repeat-0_fold-1_heads-joint", "repeat-0_fold-1_heads-joint_seed-1"]
+    history = pd.read_csv(out / "cv/tasks" / tasks[0] / "history.tsv", sep="\t")
+    assert {"val_loss", "val_loss_smoothed", "lr"} <= set(history.columns)
+    assert any("joint heads" in line and "2 seeds per fold" in line for line in logs)
+    pred = pd.read_csv(out / "cv/predictions.tsv", sep="\t")
+    assert len(pred) == 12 * len(FACTORS)  # every subject once per factor: seeds averaged
+    # the pooled prediction is the mean of the two seeds' networks
+    rows = [pd.read_csv(out / "cv/tasks" / t / "predictions.tsv", sep="\t") for t in tasks[:2]]
+    mean = (rows[0].set_index(["participant_id", "factor"])["y_pred"]
+            + rows[1].set_index(["participant_id", "factor"])["y_pred"]) / 2
+    got = pred[pred.fold == 0].set_index(["participant_id", "factor"])["y_pred"]
+    np.testing.assert_allclose(got.loc[mean.index], mean, rtol=1e-6)  # TSV digits
+    assert not np.allclose(rows[0]["y_pred"], rows[1]["y_pred"])  # two different seeds
+    t1 = pd.read_csv(out / "cv/table1.tsv", sep="\t")
+    assert list(t1.columns) == ["repeat", *FACTORS]
+
+
+def test_attention_ablation_and_packages_read_each_factors_output(joint_run) -> None:
+    from dfrn.models.package import load_package
+    from dfrn.models.regressor import DFRNRegressor
+
+    out, _, _ = joint_run
+    import nibabel as nib
+
+    maps = [np.asarray(nib.load(out / f"attention/{f}_fam.nii.gz").dataobj) for f in FACTORS]
+    assert not np.allclose(maps[0], maps[1])  # each factor's own output is explained
+    ablation = pd.read_csv(out / "attention/region_ablation.tsv", sep="\t")
+    assert set(ablation["factor"]) == set(FACTORS)
+    names = sorted(p.name for p in (out / "attention/ablation").iterdir())
+    assert "repeat-0_fold-1_sleep_heads-joint_seed-1" in names and len(names) == 8
+    # a package member is the joint network's output for its factor, exactly
+    package = load_package(out / "models/sleep")
+    members = package.metadata["models"]
+    assert len(package.estimators) == 4 and [m["seed_index"] for m in members] == [0, 1, 0, 1]
+    joint = DFRNRegressor.load(out / "cv/tasks/repeat-0_fold-1_heads-joint_seed-1/model.pt")
+    cache = sorted((out / "cache").rglob("*.npy"))[:3]
+    x = [np.load(p).astype(np.float32) for p in cache]
+    np.testing.assert_allclose(package.estimators[3].predict(x), joint.predict(x)[:, 1],
+                               rtol=1e-5, atol=1e-6)
+    meta = json.loads((out / "cv/tasks/repeat-0_fold-1_heads-joint/task.json").read_text())
+    assert meta["factors"] == FACTORS and len(meta["y_mean"]) == 2
