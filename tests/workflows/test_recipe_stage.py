@@ -4,7 +4,6 @@ Table 1, attention, region ablation and model packages; every recipe option end 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
