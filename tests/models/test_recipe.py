@@ -92,6 +92,14 @@ def test_a_single_lucky_epoch_stops_raw_early_stopping_but_not_the_smoothed_rule
     assert 10 <= trained < 38
 
 
+def test_a_diverged_epoch_is_never_kept() -> None:
+    for mode in ("val", "smoothed"):
+        rule = EarlyStopping(mode, patience=2, min_epochs=1)
+        steps = [rule.update(v) for v in (1.0, float("nan"), float("nan"))]
+        assert [s.improved for s in steps] == [True, False, False] and steps[-1].stop
+        assert rule.best_epoch_ == 0
+
+
 def test_history_keeps_raw_and_smoothed_validation_loss() -> None:
     est = DFRNRegressor(epochs=3, val_fraction=0.3, early_stopping="smoothed", min_epochs=3,
                         smoothing=0.5, seed=0).fit(VOLS[:10], np.linspace(-1, 1, 10))

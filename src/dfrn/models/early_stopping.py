@@ -16,8 +16,8 @@ chosen by ``[training] early_stopping``:
 - ``"none"``: train for exactly ``epochs`` epochs and keep the last weights (no
   validation split is held out).
 
-Without a validation split (``val_fraction = 0``, or too few subjects) every rule keeps the
-last epoch's weights.
+Without a validation split (``val_fraction = 0``, or too few subjects) the regressor uses
+``"none"``: it keeps the last epoch's weights.
 """
 
 from __future__ import annotations
@@ -94,9 +94,12 @@ class EarlyStopping:
             self._average = level if math.isnan(self._average) else (
                 self.smoothing * self._average + (1.0 - self.smoothing) * level
             )
-        if self.mode == "none" or math.isnan(val_loss):
+        if self.mode == "none":
             self.best_epoch_ = self._epoch
             return StopStep(math.nan, self._average, True, False)
+        if math.isnan(val_loss):  # a diverged network: never the one to keep
+            self._stale += 1
+            return StopStep(math.nan, self._average, False, self._stale >= self.patience)
         watched = self._average if self.mode == "smoothed" else val_loss
         # the average approaches a plateau forever: count only a gain of 0.1% or more
         margin = 1e-3 * abs(self._best) if self.mode == "smoothed" and self._best < math.inf else 0

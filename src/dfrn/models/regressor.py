@@ -347,13 +347,13 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         y2 = self._check_targets(volumes, y)
         self.joint_ = np.asarray(y).ndim == 2
         self.device_ = resolve_device(self.device)
-        stopper = EarlyStopping(self.early_stopping, self.patience, self.min_epochs,
-                                self.smoothing)
         augmenter = Augmenter(self.augment, self.seed, self.augment_bias_field,
                               self.augment_flip)
         seed_everything(self.seed)
         rng = np.random.default_rng(self.seed)
         train_idx, self.val_ids_ = self._split(y2, rng)
+        stopper = EarlyStopping(self.early_stopping if len(self.val_ids_) else "none",
+                                self.patience, self.min_epochs, self.smoothing)
         ys = self._scale(y2, train_idx)
         self.model_ = DFRN(block_strides=self.block_strides, n_outputs=y2.shape[1])
         self.model_ = self.model_.to(self.device_)
@@ -434,7 +434,7 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
                 "epoch_s": time.perf_counter() - t_epoch,
             })
             bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
-            if step.improved and len(self.val_ids_) and self.early_stopping != "none":
+            if step.improved and loop.stopper.mode != "none":
                 best_state = {k: v.detach().clone() for k, v in self.model_.state_dict().items()}
             if step.stop:
                 break
