@@ -131,7 +131,8 @@ def main() -> None:
     ap.add_argument("--factor", default="anhedonia")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--root", type=Path, default=Path("/tmp/dfrn-bench-recipe"))
-    ap.add_argument("--out", type=Path, default=None, help="write every fit's row here (TSV)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="every fit's row (TSV), written as it goes; an existing file resumes")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cohorts = [
@@ -139,19 +140,25 @@ def main() -> None:
         _cohort("subtle", args.root, n_subjects=116, displacement=2.0),
     ]
     rows: list[dict] = []
-    for variant in VARIANTS:
+    if args.out and args.out.is_file():  # resume: keep the fits already made
+        rows = pd.read_csv(args.out, sep="\t").to_dict("records")
+    done = {(r["cohort"], r["variant"], int(r["seed"])) for r in rows}
+
+    def run(variant: str) -> None:
         for c in cohorts:
             for seed in range(args.seeds):
+                if (c.name, variant, seed) in done:
+                    continue
                 rows.append(_fit(c, variant, seed, args.factor, args.epochs))
                 print(rows[-1], flush=True)
+                if args.out:
+                    pd.DataFrame(rows).to_csv(args.out, sep="\t", index=False)
+
+    for variant in VARIANTS:
+        run(variant)
     best = _best(_table(rows))
     if best and best not in VARIANTS:
-        for c in cohorts:
-            for seed in range(args.seeds):
-                rows.append(_fit(c, best, seed, args.factor, args.epochs))
-                print(rows[-1], flush=True)
-    if args.out:
-        pd.DataFrame(rows).to_csv(args.out, sep="\t", index=False)
+        run(best)
     table = _table(rows)
     print(f"\nbest combination: {best or '(none beat the paper recipe on every cohort)'}")
     print(table.to_markdown() if hasattr(table, "to_markdown") else table.to_string())

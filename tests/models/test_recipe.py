@@ -90,6 +90,12 @@ def test_a_single_lucky_epoch_stops_raw_early_stopping_but_not_the_smoothed_rule
     flat = [1.0 - 0.05 * t for t in range(8)] + [0.65] * 30
     trained, _ = _run(EarlyStopping("smoothed", patience=4, min_epochs=10), flat)
     assert 10 <= trained < 38
+    # an untrained network's low first loss is not kept: epochs before min_epochs are not
+    # candidates (measured: raw stopping kept epoch 0 of a subtle-atrophy cohort)
+    early_low = [0.8] + [1.5 - 0.02 * t for t in range(1, 30)]
+    assert _run(EarlyStopping("val", patience=10), early_low) == (11, 0)
+    trained, kept = _run(EarlyStopping("smoothed", patience=10, min_epochs=10), early_low)
+    assert kept >= 9 and trained == 30
 
 
 def test_a_diverged_epoch_is_never_kept() -> None:
@@ -101,7 +107,7 @@ def test_a_diverged_epoch_is_never_kept() -> None:
 
 
 def test_history_keeps_raw_and_smoothed_validation_loss() -> None:
-    est = DFRNRegressor(epochs=3, val_fraction=0.3, early_stopping="smoothed", min_epochs=3,
+    est = DFRNRegressor(epochs=3, val_fraction=0.3, early_stopping="smoothed", min_epochs=1,
                         smoothing=0.5, seed=0).fit(VOLS[:10], np.linspace(-1, 1, 10))
     h = est.history_
     v = h.val_loss.to_numpy()

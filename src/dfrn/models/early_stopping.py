@@ -7,8 +7,10 @@ chosen by ``[training] early_stopping``:
 - ``"val"`` (the default, as before): keep the weights of the epoch with the lowest raw
   validation loss; stop after ``patience`` epochs without a new lowest.
 - ``"smoothed"``: the same on an exponential moving average of the validation loss
-  (``s_t = smoothing × s_{t-1} + (1 - smoothing) × m_t``), never stopping before
-  ``min_epochs`` epochs. ``m_t`` is the median of the last three epochs' losses, so one
+  (``s_t = smoothing × s_{t-1} + (1 - smoothing) × m_t``), from epoch ``min_epochs`` on:
+  the first ``min_epochs - 1`` epochs are neither kept nor counted (a barely trained
+  network that predicts about the mean has a low validation loss on a small split, and
+  would otherwise be kept). ``m_t`` is the median of the last three epochs' losses, so one
   outlying epoch, a lucky low or a 35-fold jump, does not enter the average at all: it
   neither stops training nor becomes the kept epoch. Slower noise is damped by the average.
   A new lowest must beat the old by 0.1%, or the average would creep towards a plateau
@@ -56,14 +58,14 @@ class EarlyStopping:
     patience : int
         Epochs without a new lowest watched loss before stopping.
     min_epochs : int
-        ``"smoothed"`` only: never stop before this many epochs.
+        ``"smoothed"`` only: the first epoch that may be kept (1-based); none stops earlier.
     smoothing : float
         ``"smoothed"`` only: weight of the past in the moving average, in [0, 1).
 
     Attributes
     ----------
     best_epoch_ : int
-        The epoch whose weights are kept (-1 before any).
+        The epoch whose weights are kept (-1 while there is none: keep the last).
     """
 
     mode: str = "val"
@@ -97,6 +99,8 @@ class EarlyStopping:
         if self.mode == "none":
             self.best_epoch_ = self._epoch
             return StopStep(math.nan, self._average, True, False)
+        if self.mode == "smoothed" and self._epoch + 1 < self.min_epochs:
+            return StopStep(self._average, self._average, False, False)  # not a candidate yet
         if math.isnan(val_loss):  # a diverged network: never the one to keep
             self._stale += 1
             return StopStep(math.nan, self._average, False, self._stale >= self.patience)
@@ -109,6 +113,4 @@ class EarlyStopping:
         else:
             self._stale += 1
         stop = self._stale >= self.patience
-        if self.mode == "smoothed" and self._epoch + 1 < self.min_epochs:
-            stop = False
         return StopStep(watched, self._average, improved, stop)

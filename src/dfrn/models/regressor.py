@@ -440,7 +440,8 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
                 break
         if best_state is not None:
             self.model_.load_state_dict(best_state)
-        self.best_epoch_ = loop.stopper.best_epoch_
+        best = loop.stopper.best_epoch_
+        self.best_epoch_ = best if best >= 0 else len(history) - 1
         return history
 
     def predict(self, volumes: Sequence[np.ndarray]) -> np.ndarray:
