@@ -128,6 +128,13 @@ def test_stratified_validation_split_spans_the_target() -> None:
     assert sorted(est.val_ids_ // 5) == [0, 1]  # one from the lower half, one from the upper
 
 
+def test_a_random_split_is_the_draw_of_earlier_versions() -> None:
+    est = DFRNRegressor(epochs=1, val_fraction=0.3, val_split="random", seed=4).fit(
+        VOLS[:10], np.arange(10.0))
+    np.testing.assert_array_equal(est.val_ids_,
+                                  np.sort(np.random.default_rng(4).permutation(10)[:3]))
+
+
 def _blob() -> torch.Tensor:
     x = torch.zeros(1, 1, 24, 24, 24)
     x[0, 0, 3:9, 9:15, 9:15] = 1.0  # a lateralised effect: first axis, low side

@@ -19,12 +19,18 @@ FACTORS = ["anhedonia", "sleep"]
 def joint_run(tiny_cohort, tmp_path_factory: pytest.TempPathFactory):
     from dfrn.data.synth import make_demo_atlases
 
+    root = tmp_path_factory.mktemp("joint")
     atlases = make_demo_atlases(tiny_cohort, n_parcels=6, seed=0)
+    table = pd.read_csv(tiny_cohort.table, sep="\t")
+    for col in ("t1", "gm"):
+        table[col] = [str(tiny_cohort.root / f) for f in table[col]]
+    table.loc[[0, 5, 9], "sleep"] = np.nan  # sleep is missing for three subjects
+    table.to_csv(root / "participants.tsv", sep="\t", index=False)
     raw = {
-        "cohort": {"table": str(tiny_cohort.table), "targets": FACTORS,
+        "cohort": {"table": str(root / "participants.tsv"), "targets": FACTORS,
                    "mask": str(tiny_cohort.brain_mask)},
         "model": {"heads": "joint"},
-        "training": {"epochs": 2, "val_fraction": 0.25, "early_stopping": "smoothed",
+        "training": {"epochs": 2, "val_fraction": 0.34, "early_stopping": "smoothed",
                      "min_epochs": 1, "augment": "light", "lr_schedule": "cosine",
                      "weight_decay": 0.01, "n_seeds": 2},
         "cv": {"n_folds": 2, "n_repeats": 1, "seed": 1},
@@ -33,7 +39,7 @@ def joint_run(tiny_cohort, tmp_path_factory: pytest.TempPathFactory):
                       "atlas_labels": str(atlases["regions"].with_name("regions_dseg.tsv")),
                       "template": str(tiny_cohort.template), "sanity": False, "bootstrap": 0},
     }
-    out = tmp_path_factory.mktemp("joint") / "res"
+    out = root / "res"
     logs: list[str] = []
     res = run_study(config_from_dict(raw, tiny_cohort.root), out, progress=False,
                     log=logs.append)
@@ -47,11 +53,16 @@ def test_joint_heads_train_one_network_per_fold_and_seed(joint_run) -> None:
                      "repeat-0_fold-1_heads-joint", "repeat-0_fold-1_heads-joint_seed-1"]
     history = pd.read_csv(out / "cv/tasks" / tasks[0] / "history.tsv", sep="\t")
     assert {"val_loss", "val_loss_smoothed", "lr"} <= set(history.columns)
+    assert np.isfinite(history["val_loss"]).all()  # an inner split was drawn and watched
     assert any("joint heads" in line and "2 seeds per fold" in line for line in logs)
     pred = pd.read_csv(out / "cv/predictions.tsv", sep="\t")
-    assert len(pred) == 12 * len(FACTORS)  # every subject once per factor: seeds averaged
+    assert len(pred) == 12 + 9  # every subject once per factor it has: seeds averaged
+    assert pred[pred.factor == "sleep"]["y_true"].notna().all()
     # the pooled prediction is the mean of the two seeds' networks
     rows = [pd.read_csv(out / "cv/tasks" / t / "predictions.tsv", sep="\t") for t in tasks[:2]]
+    metas = [json.loads((out / "cv/tasks" / t / "task.json").read_text()) for t in tasks[::2]]
+    ids = {f: {p for m in metas for p in m["test_ids_by_factor"][f]} for f in FACTORS}
+    assert len(ids["sleep"]) == 9 and ids["sleep"] < ids["anhedonia"]
     mean = (rows[0].set_index(["participant_id", "factor"])["y_pred"]
             + rows[1].set_index(["participant_id", "factor"])["y_pred"]) / 2
     got = pred[pred.fold == 0].set_index(["participant_id", "factor"])["y_pred"]
@@ -85,3 +96,31 @@ def test_attention_ablation_and_packages_read_each_factors_output(joint_run) -> 
                                rtol=1e-5, atol=1e-6)
     meta = json.loads((out / "cv/tasks/repeat-0_fold-1_heads-joint/task.json").read_text())
     assert meta["factors"] == FACTORS and len(meta["y_mean"]) == 2
+    # every stage reads a factor through FactorNetwork: its output, scaling and subjects
+    from dfrn.evaluation.tasks import factor_networks
+
+    plan = pd.read_csv(out / "cv/folds.tsv", sep="\t", dtype={"participant_id": str})
+    nets = factor_networks(plan, "sleep", FACTORS, "joint", 2)
+    assert [n.output for n in nets] == [1, 1, 1, 1]
+    one = nets[3].load(out / "cv/tasks")
+    np.testing.assert_allclose(one.predict(x), joint.predict(x)[:, 1], rtol=1e-5, atol=1e-6)
+    seed1 = json.loads((out / "cv/tasks" / nets[3].task.name / "task.json").read_text())
+    assert one.y_mean_ == pytest.approx(seed1["y_mean"][1])
+    assert nets[3].meta(out / "cv/tasks")["test_ids"] == seed1["test_ids_by_factor"]["sleep"]
+
+
+def test_the_report_and_the_log_say_which_recipe_was_used(joint_run, tiny_cohort) -> None:
+    from conftest import study_config
+
+    from dfrn.workflows.report import training_words
+
+
+    out, _, _ = joint_run
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "joint heads" in html and "AdamW" in html and "TorchIO" in html
+    default = training_words(study_config(tiny_cohort).to_dict(), FACTORS)
+    assert "network per symptom factor" in default and "Adam (lr 0.001)" in default
+    assert "for 1 epoch (no early stopping)" in default  # val_fraction 0 in the fast config
+    smoothed = training_words(study_config(tiny_cohort, training={
+        "val_fraction": 0.1, "early_stopping": "smoothed"}).to_dict(), FACTORS)
+    assert "moving average" in smoothed and "stratified on the target" in smoothed

@@ -48,6 +48,7 @@ _EXPORTS: dict[str, str] = {
     "plan_tasks": "tasks",
     "FactorNetwork": "tasks",
     "factor_networks": "tasks",
+    "network_factors": "tasks",
     "prepare_split_engine": "ridge_cv",
     "raw_target_predictions": "confounds",
     "read_task_meta": "tasks",

@@ -68,6 +68,7 @@ __all__ = [
     "run_task_job",
     "FactorNetwork",
     "factor_networks",
+    "network_factors",
 ]
 
 
@@ -165,6 +166,34 @@ class FactorNetwork:
         return {**meta, "factor": self.factor, "y_mean": meta["y_mean"][k],
                 "y_std": meta["y_std"][k], "confound_fit": fits.get(self.factor),
                 "test_ids": meta["test_ids_by_factor"][self.factor]}
+
+
+def network_factors(tasks_dir: Path, plan: pd.DataFrame, factors: Sequence[str],
+                    heads: str = "separate") -> list[str]:
+    """The study's factors in the order its tasks were planned (a joint network's outputs).
+
+    ``factors`` are the study's factors in any order (e.g. as they appear in the pooled
+    predictions, where a factor with no test subject in the first fold comes later). For
+    joint heads the order is read from the first fold's verified ``task.json``.
+    """
+    if heads != "joint":
+        return list(factors)
+    r, f, train, test = next(iter(iter_splits(plan)))
+    probe = Task(r, f, JOINT, 0, tuple(train), tuple(test), factors=tuple(factors))
+    folder = Path(tasks_dir) / probe.name
+    reason = verify_manifest(folder, required=TASK_FILES) if folder.is_dir() else "it is missing"
+    if reason:
+        raise ResultsIntegrityError(
+            f"task {probe.name} in {tasks_dir} is not intact ({reason}); rerun 'dfrn run' with "
+            "the same config and --out to redo it"
+        )
+    order = [str(x) for x in json.loads((folder / "task.json").read_text("utf-8"))["factors"]]
+    if sorted(order) != sorted(map(str, factors)):
+        raise ResultsIntegrityError(
+            f"task {probe.name} predicts {', '.join(order)} but the study's predictions hold "
+            f"{', '.join(sorted(map(str, factors)))}; rerun 'dfrn run' into a new --out"
+        )
+    return order
 
 
 def factor_networks(plan: pd.DataFrame, factor: str, factors: Sequence[str],

@@ -75,7 +75,7 @@ class Augmenter:
             return x
         state = np.random.SeedSequence([self.seed, epoch, step]).generate_state(1)[0]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(state))
+            torch.default_generator.manual_seed(int(state))  # the CPU stream only
             cpu = x.detach().float().cpu()
             out = torch.stack([self.transform(cpu[i]) for i in range(cpu.shape[0])])
         return out.to(device=x.device, dtype=x.dtype)

@@ -176,6 +176,9 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
     ``y_std_`` (target scaling from the training data; arrays for a 2D ``y``), ``history_``
     (per-epoch train loss, raw and smoothed validation loss, learning rate), ``best_epoch_``
     and ``val_ids_`` (positions of the inner-validation subjects within the training data).
+
+    ``schedule_epochs`` (default: ``epochs``) is the cosine schedule's horizon: a refit that
+    trains for the folds' median best epoch keeps the schedule the folds trained under.
     """
 
     def __init__(
@@ -204,6 +207,7 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         augment_flip: bool = _TRAIN.augment_flip,
         lr_schedule: str = _TRAIN.lr_schedule,
         val_split: str = _TRAIN.val_split,
+        schedule_epochs: int | None = None,
     ) -> None:
         self.block_strides = block_strides
         self.epochs = epochs
@@ -229,6 +233,7 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         self.augment_flip = augment_flip
         self.lr_schedule = lr_schedule
         self.val_split = val_split
+        self.schedule_epochs = schedule_epochs
 
     # -- helpers -----------------------------------------------------------------------
     def _what(self) -> str:
@@ -317,6 +322,13 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
 
     def _scale(self, y2: np.ndarray, train_idx: np.ndarray) -> torch.Tensor:
         """Set ``y_mean_``/``y_std_`` from the inner training subjects; the scaled targets."""
+        counts = np.isfinite(y2[train_idx]).sum(axis=0)
+        if counts.min() < 2:
+            raise DfrnInputError(
+                f"{self._what()}target column {int(np.argmin(counts))} has {int(counts.min())} "
+                "value(s) among the subjects left for training after the validation split; at "
+                "least 2 are needed (lower val_fraction)"
+            )
         if self.target_scaling == "zscore":
             mean = np.nanmean(y2[train_idx], axis=0)
             sd = np.nanstd(y2[train_idx], axis=0)
@@ -334,7 +346,8 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         cls = torch.optim.AdamW if self.weight_decay > 0 else torch.optim.Adam
         opt = cls(self.model_.parameters(), **kwargs)
         if self.lr_schedule == "cosine":
-            return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.epochs)
+            horizon = self.schedule_epochs or self.epochs
+            return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=horizon)
         if self.lr_schedule != "constant":
             raise DfrnInputError(
                 f"config [training] lr_schedule {self.lr_schedule!r} is not one of constant, cosine"
@@ -478,6 +491,8 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         """
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         n_outputs = int(ckpt.get("n_outputs", 1))
+        if output is not None and not 0 <= output < n_outputs:
+            raise DfrnInputError(f"{path}: output {output} of a network with {n_outputs} output(s)")
         est = cls(block_strides=tuple(ckpt["block_strides"]), device=device)
         est.device_ = resolve_device(device)
         model = DFRN(block_strides=ckpt["block_strides"], n_outputs=n_outputs)

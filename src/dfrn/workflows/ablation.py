@@ -31,7 +31,7 @@ from dfrn.config import StudyConfig
 from dfrn.data.atlas import Atlas, labels_on_grid
 from dfrn.data.images import VolumeSet
 from dfrn.evaluation.executors import Executor, LocalExecutor
-from dfrn.evaluation.tasks import FactorNetwork, factor_networks
+from dfrn.evaluation.tasks import FactorNetwork, factor_networks, network_factors
 from dfrn.interpret.ablation import (
     RegionGrid,
     ablation_changes,
@@ -175,7 +175,8 @@ def run_region_ablation(
     if grid.skipped:
         log(f"region ablation: {len(grid.skipped)} region(s) have fewer than 2 voxels on the "
             f"network's input grid and are skipped: {', '.join(grid.skipped[:10])}")
-    trained = list(dict.fromkeys(folder.read_predictions()["factor"]))  # in output order
+    trained = network_factors(folder.tasks, plan, list(dict.fromkeys(
+        folder.read_predictions()["factor"])), cfg.model.heads)  # in the networks' order
     tasks = [net for f in factors for net in factor_networks(
         plan, f, trained, cfg.model.heads, cfg.training.n_seeds)]
     job = AblationJob(volumes, grid, a.ablation_baseline, folder.tasks, folder.ablation_tasks,

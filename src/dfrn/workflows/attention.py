@@ -40,7 +40,7 @@ from dfrn.data.atlas import Atlas
 from dfrn.data.images import VolumeSet, load_img
 from dfrn.errors import DfrnInputError
 from dfrn.evaluation.executors import Executor
-from dfrn.evaluation.tasks import FactorNetwork, factor_networks
+from dfrn.evaluation.tasks import FactorNetwork, factor_networks, network_factors
 from dfrn.interpret.maps import (
     FoldTask,
     factor_attention_map,
@@ -235,7 +235,8 @@ def run_attention_stage(
         volumes = prepare_volumes(load_study_cohort(cfg, folder.root), cfg, folder.root, progress, log=log)
     if plan is None:
         plan = folder.read_folds(volumes.participant_ids)
-    trained = list(dict.fromkeys(folder.read_predictions()["factor"]))  # in output order
+    trained = network_factors(folder.tasks, plan, list(dict.fromkeys(
+        folder.read_predictions()["factor"])), cfg.model.heads)  # in the networks' order
     factors = trained if factors is None else factors
 
     def networks(factor: str) -> list[FactorNetwork]:

@@ -76,7 +76,7 @@ def _refit(cfg: StudyConfig, volumes: VolumeSet, y: pd.Series, epochs: int, seed
     from dfrn.workflows.study import make_estimator_factory
 
     est = make_estimator_factory(cfg, progress)(seed, f"refit {y.name}")
-    est.set_params(epochs=max(1, epochs), val_fraction=0.0)
+    est.set_params(epochs=max(1, epochs), val_fraction=0.0, schedule_epochs=cfg.training.epochs)
     idx = volumes.index_of(list(y.index))
     return est.fit([volumes[i] for i in idx], y.to_numpy(float))
 

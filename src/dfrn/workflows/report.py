@@ -136,7 +136,7 @@ def _sanity(path: Path) -> tuple[str | None, str, bool]:
 def _stopping_words(t: dict[str, Any]) -> str:
     rule = t.get("early_stopping", "val")
     if rule == "none" or not t["val_fraction"]:
-        return f"for {t['epochs']} epochs (no early stopping)"
+        return f"for {t['epochs']} epoch{'s' if t['epochs'] != 1 else ''} (no early stopping)"
     split = ("stratified on the target" if t.get("val_split", "stratified") == "stratified"
              else "random")
     watched = ("the raw validation loss" if rule == "val" else
