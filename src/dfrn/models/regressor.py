@@ -179,6 +179,7 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
 
     ``schedule_epochs`` (default: ``epochs``) is the cosine schedule's horizon: a refit that
     trains for the folds' median best epoch keeps the schedule the folds trained under.
+    ``voxel_mm`` is the network input's voxel size (augmentation shifts are set in mm).
     """
 
     def __init__(
@@ -208,6 +209,7 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         lr_schedule: str = _TRAIN.lr_schedule,
         val_split: str = _TRAIN.val_split,
         schedule_epochs: int | None = None,
+        voxel_mm: float = 1.0,
     ) -> None:
         self.block_strides = block_strides
         self.epochs = epochs
@@ -234,6 +236,7 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         self.lr_schedule = lr_schedule
         self.val_split = val_split
         self.schedule_epochs = schedule_epochs
+        self.voxel_mm = voxel_mm
 
     # -- helpers -----------------------------------------------------------------------
     def _what(self) -> str:
@@ -361,7 +364,7 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         self.joint_ = np.asarray(y).ndim == 2
         self.device_ = resolve_device(self.device)
         augmenter = Augmenter(self.augment, self.seed, self.augment_bias_field,
-                              self.augment_flip)
+                              self.augment_flip, self.voxel_mm)
         seed_everything(self.seed)
         rng = np.random.default_rng(self.seed)
         train_idx, self.val_ids_ = self._split(y2, rng)

@@ -42,6 +42,7 @@ _EXPORTS: dict[str, str] = {
     "load_study_cohort": "study",
     "lock_results": "lock",
     "make_estimator_factory": "study",
+    "network_voxel_mm": "study",
     "network_permutation_test": "network_permutation",
     "open_finished_study": "study",
     "plan_prep_subjects": "prep",

@@ -91,7 +91,7 @@ def network_permutation_test(
     DfrnInputError
         When the targets are fitted per fold (``[factors] fit_on = "train"``).
     """
-    from dfrn.workflows.study import make_estimator_factory
+    from dfrn.workflows.study import make_estimator_factory, network_voxel_mm
 
     check_permutable(cfg)
     if not isinstance(result.extra["provider"], StaticTargets):
@@ -100,7 +100,7 @@ def network_permutation_test(
     factors = list(result.targets.columns)
     tasks = plan_tasks(plan, factors, cfg.model.heads, cfg.training.n_seeds)
     volumes = result.extra["volumes"]
-    make = make_estimator_factory(cfg, progress=False)
+    make = make_estimator_factory(cfg, progress=False, voxel_mm=network_voxel_mm(volumes))
     log(
         f"network permutation test: {n_perm} permutations × {len(tasks)} trainings "
         f"(first repeat, {plan['fold'].nunique()} folds × {len(factors)} factors)"

@@ -73,9 +73,9 @@ def _content_digests(inputs: dict[str, InputFile], participants: pd.Index,
 
 def _refit(cfg: StudyConfig, volumes: VolumeSet, y: pd.Series, epochs: int, seed: int,
            progress: bool) -> DFRNRegressor:
-    from dfrn.workflows.study import make_estimator_factory
+    from dfrn.workflows.study import make_estimator_factory, network_voxel_mm
 
-    est = make_estimator_factory(cfg, progress)(seed, f"refit {y.name}")
+    est = make_estimator_factory(cfg, progress, network_voxel_mm(volumes))(seed, f"refit {y.name}")
     est.set_params(epochs=max(1, epochs), val_fraction=0.0, schedule_epochs=cfg.training.epochs)
     idx = volumes.index_of(list(y.index))
     return est.fit([volumes[i] for i in idx], y.to_numpy(float))

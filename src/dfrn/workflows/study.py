@@ -48,6 +48,7 @@ __all__ = [
     "check_targets",
     "results_lock",
     "make_estimator_factory",
+    "network_voxel_mm",
     "FinishedStudy",
     "open_finished_study",
 ]
@@ -387,7 +388,19 @@ def _remove_if_empty(folder: Path) -> None:
         pass
 
 
-def make_estimator_factory(cfg: StudyConfig, progress: bool) -> Callable[[int, str], DFRNRegressor]:
+def network_voxel_mm(volumes: VolumeSet) -> float:
+    """The network input's voxel size in mm: the images' (mean over axes) × downsample."""
+    zooms = np.sqrt((np.asarray(volumes.input_grid.affine)[:3, :3] ** 2).sum(axis=0))
+    return float(zooms.mean() * volumes.downsample)
+
+
+def make_estimator_factory(cfg: StudyConfig, progress: bool,
+                           voxel_mm: float = 1.0) -> Callable[[int, str], DFRNRegressor]:
+    """``make(seed, desc)``: an unfitted regressor with the study's training settings.
+
+    ``voxel_mm`` is the network input's voxel size (:func:`network_voxel_mm`), for the
+    augmentation's shifts in mm.
+    """
     t = cfg.training
 
     def make(seed: int, desc: str) -> DFRNRegressor:
@@ -416,6 +429,7 @@ def make_estimator_factory(cfg: StudyConfig, progress: bool) -> Callable[[int, s
             augment_bias_field=t.augment_bias_field,
             augment_flip=t.augment_flip,
             lr_schedule=t.lr_schedule,
+            voxel_mm=voxel_mm,
         )
 
     return make
