@@ -130,8 +130,9 @@ class TrainingConfig:
     Defaults chosen here (the paper is silent): 50 epochs at most; targets z-scored with the
     training fold's mean and sd (predictions are mapped back); no weight decay; no
     augmentation (left-right flips would destroy lateralised effects); early stopping on an
-    inner validation split of 10% of the training subjects with a patience of 10 epochs,
-    keeping the weights of the best validation epoch.
+    inner validation split of 10% of the training subjects (stratified on the target) with a
+    patience of 10 epochs, keeping the weights of the best validation epoch. The recipe
+    benchmark (``benchmarks/bench_recipe.py``) found no option reliably better, so these stay.
     """
 
     epochs: int = 50

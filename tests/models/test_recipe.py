@@ -152,6 +152,8 @@ def test_augmentation_is_seeded_and_never_flips_unless_asked() -> None:
         return float((x[0, 0] * axis).sum() / x[0, 0].sum())
 
     assert all(side(aug(_blob(), 0, s)) < 10 for s in range(20))
+    coarse = Augmenter("light", seed=7, voxel_mm=8.0).transform.transforms[0]
+    assert coarse.translation == (-0.25, 0.25) * 3  # 2 mm at 8 mm voxels: a quarter voxel
     flips = Augmenter("light", seed=7, flip=True)
     assert any(side(flips(_blob(), 0, s)) > 14 for s in range(20))  # the check can fail
 

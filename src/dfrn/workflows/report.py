@@ -141,9 +141,11 @@ def _stopping_words(t: dict[str, Any]) -> str:
              else "random")
     watched = ("the raw validation loss" if rule == "val" else
                f"a moving average (weight {t.get('smoothing', 0.8):g}) of the 3-epoch median "
-               f"validation loss, at least {t.get('min_epochs', 10)} epochs")
-    return (f"for at most {t['epochs']} epochs with early stopping on {watched} (patience "
-            f"{t['patience']}) of {t['val_fraction']:.0%} of the training subjects ({split})")
+               "validation loss")
+    kept = (f"; no epoch before {t.get('min_epochs', 10)} kept" if rule == "smoothed" else "")
+    return (f"for at most {t['epochs']} epochs with early stopping on {watched} of "
+            f"{t['val_fraction']:.0%} of the training subjects ({split}; patience "
+            f"{t['patience']}{kept})")
 
 
 def training_words(cfg: dict[str, Any], factors: list[str]) -> str:
@@ -160,13 +162,14 @@ def training_words(cfg: dict[str, Any], factors: list[str]) -> str:
         extras.append("a cosine learning-rate schedule")
     if t.get("augment", "none") != "none":
         extras.append("TorchIO augmentation of the training batches (random affine ±3°, ±2 "
-                      "voxels, ±3% scale" + (", bias field" if t.get("augment_bias_field") else "")
+                      "mm, ±3% scale" + (", bias field" if t.get("augment_bias_field") else "")
                       + (", left-right flips" if t.get("augment_flip") else ", no flips") + ")")
+    loss = "sum of the factors' squared errors" if joint else "sum of squared errors"
     n_seeds = int(t.get("n_seeds", 1))
     if n_seeds > 1:
         extras.append(f"{n_seeds} seeds per fold, their predictions averaged")
     return (f"{heads}; block strides {m['block_strides']}) was trained with the "
-            f"{'sum of the factors' if joint else 'sum of'} squared errors, {optimiser}, batch "
+            f"{loss}, {optimiser}, batch "
             f"size {t['batch_size']}, {_stopping_words(t)}"
             + ("" if not extras else ", with " + ", ".join(extras)) + ".")
 
