@@ -124,3 +124,18 @@ def test_the_report_and_the_log_say_which_recipe_was_used(joint_run, tiny_cohort
     smoothed = training_words(study_config(tiny_cohort, training={
         "val_fraction": 0.1, "early_stopping": "smoothed"}).to_dict(), FACTORS)
     assert "moving average" in smoothed and "stratified on the target" in smoothed
+
+
+def test_every_training_key_reaches_the_regressor(tiny_cohort) -> None:
+    from conftest import study_config
+
+    from dfrn.workflows.study import make_estimator_factory
+
+    cfg = study_config(tiny_cohort, training={"early_stopping": "smoothed", "min_epochs": 3,
+                                              "augment": "light", "lr_schedule": "cosine",
+                                              "weight_decay": 0.5, "val_split": "random"})
+    params = make_estimator_factory(cfg, False, voxel_mm=8.0)(7, "x").get_params()
+    assert params["seed"] == 7 and params["voxel_mm"] == 8.0
+    for key, value in vars(cfg.training).items():
+        if key not in ("seed", "n_seeds"):
+            assert params[key] == value, key

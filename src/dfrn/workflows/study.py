@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -401,36 +401,12 @@ def make_estimator_factory(cfg: StudyConfig, progress: bool,
     ``voxel_mm`` is the network input's voxel size (:func:`network_voxel_mm`), for the
     augmentation's shifts in mm.
     """
-    t = cfg.training
+    # every [training] key is a regressor parameter, except the per-task ones
+    settings = {k: v for k, v in asdict(cfg.training).items() if k not in ("seed", "n_seeds")}
 
     def make(seed: int, desc: str) -> DFRNRegressor:
-        return DFRNRegressor(
-            block_strides=tuple(cfg.model.block_strides),
-            epochs=t.epochs,
-            batch_size=t.batch_size,
-            lr=t.lr,
-            weight_decay=t.weight_decay,
-            target_scaling=t.target_scaling,
-            val_fraction=t.val_fraction,
-            patience=t.patience,
-            seed=seed,
-            device=t.device,
-            amp=t.amp,
-            data=t.data,
-            channels_last_3d=t.channels_last_3d,
-            compile=t.compile,
-            progress=progress,
-            desc=desc,
-            early_stopping=t.early_stopping,
-            min_epochs=t.min_epochs,
-            smoothing=t.smoothing,
-            val_split=t.val_split,
-            augment=t.augment,
-            augment_bias_field=t.augment_bias_field,
-            augment_flip=t.augment_flip,
-            lr_schedule=t.lr_schedule,
-            voxel_mm=voxel_mm,
-        )
+        return DFRNRegressor(block_strides=tuple(cfg.model.block_strides), seed=seed,
+                             progress=progress, desc=desc, voxel_mm=voxel_mm, **settings)
 
     return make
 
