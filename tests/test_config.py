@@ -114,6 +114,7 @@ def test_negative_counts_are_refused_naming_section_and_key(
         ("cohort", {"missing_covariates": "impute"}, "missing_covariates must be 'refuse' or 'drop'"),
         ("confounds", {"n_permutations": -1}, r"\[confounds\] n_permutations must be >= 0"),
         ("cohort", {"covariates": ["a"]}, r"\[cohort\] covariates lists the target 'a'"),
+        ("model", {"widen_factor": 0.01}, r"\[model\] widen_factor must be at least 1/64, got 0.01"),
     ],
 )
 def test_confound_settings_give_one_line(tmp_path, section, values, message) -> None:
@@ -135,6 +136,11 @@ def test_new_keys_at_their_defaults_keep_old_run_identities(tmp_path) -> None:
     assert config_from_dict(raw, tmp_path).fingerprint() == "641b9abb3518e728"
     raw = {"cohort": {"table": "t.tsv", "targets": ["a"]}, "training": dict(old)}
     assert config_from_dict(raw, tmp_path).fingerprint() == "38bff881f1eb4135"
+    raw["model"] = {"widen_factor": 1.0}  # the paper's width, written out
+    assert config_from_dict(raw, tmp_path).fingerprint() == "38bff881f1eb4135"
+    raw["model"] = {"widen_factor": 0.125}
+    assert config_from_dict(raw, tmp_path).fingerprint() != "38bff881f1eb4135"
+    del raw["model"]
     raw["confounds"] = {"n_permutations": 10}
     assert config_from_dict(raw, tmp_path).fingerprint() != "38bff881f1eb4135"
     # the stratified split changes the numbers, so it changes the identity where there is one

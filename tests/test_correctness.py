@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import study_config
+from conftest import NARROW, study_config
 
 from dfrn.cli import main
 from dfrn.config import config_from_dict
@@ -97,6 +97,7 @@ def test_binary_lesion_maps_predict_their_load(tmp_path: Path) -> None:
     raw = {
         "cohort": {"table": str(table), "targets": ["load"], "mask": str(mask),
                    "intensity": "none"},
+        "model": {"widen_factor": NARROW},
         "training": {"epochs": 12, "val_fraction": 0.0},
         "cv": {"n_folds": 3, "n_repeats": 1},
         "baseline": {"enabled": False},
@@ -195,7 +196,7 @@ def _run_cli(cfg_text: str, tmp_path: Path, capsys) -> tuple[int, list[str]]:
 
 
 BASE = '[cohort]\ntable = "table.tsv"\nmask = "{mask}"\n{extra}\n[cv]\nn_folds = 2\nn_repeats = 1\n' \
-       '[training]\nepochs = 1\n[baseline]\nenabled = false\n[attention]\nenabled = false\n'
+       '[model]\nwiden_factor = 0.125\n[training]\nepochs = 1\n[baseline]\nenabled = false\n[attention]\nenabled = false\n'
 
 
 def test_constant_target_is_one_line(tiny_cohort, tmp_path: Path, capsys) -> None:

@@ -81,7 +81,9 @@ run("run", "{cfg}", "--out", "{mnt}/new/res")    # the parent is read-only
 
 def test_full_disk_names_the_file_and_the_space(tiny_cohort, tmp_path: Path) -> None:
     cfg = tmp_path / "study.toml"
-    cfg.write_text(study_config(tiny_cohort, cohort={"targets": ["sleep"]}).to_toml())
+    # the paper's width: one network (55 MiB) does not fit the 8 MiB disk
+    cfg.write_text(study_config(tiny_cohort, cohort={"targets": ["sleep"]},
+                                model={"widen_factor": 1.0}).to_toml())
     mnt = tmp_path / "mnt"
     result = _in_namespace(PRELUDE + f"""
 mount("{mnt}", "size=8m")

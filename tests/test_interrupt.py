@@ -23,7 +23,9 @@ DEADLINE = 240.0
 
 
 def _write_config(cohort, tmp_path: Path, epochs: int) -> Path:
-    cfg = study_config(cohort, cohort={"targets": ["sleep"]}, training={"epochs": epochs})
+    # the paper's width: a task lasts seconds, long enough to signal it mid-training
+    cfg = study_config(cohort, cohort={"targets": ["sleep"]}, training={"epochs": epochs},
+                       model={"widen_factor": 1.0})
     path = tmp_path / "study.toml"
     path.write_text(cfg.to_toml())
     return path

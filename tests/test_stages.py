@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import NARROW
 
 from dfrn.cli import main
 from dfrn.config import config_from_dict
@@ -43,6 +44,7 @@ def test_study_with_factors_section(tiny_cohort, tmp_path: Path, fit_on: str) ->
             "n_resamples": resamples,
             "names": {"anhedonia": ["item_1", "item_2"], "sleep": ["item_7", "item_8"]},
         },
+        "model": {"widen_factor": NARROW},
         "training": {"epochs": 1, "val_fraction": 0.0},
         "cv": {"n_folds": 2, "n_repeats": 1},
         "baseline": {"enabled": False},
@@ -88,6 +90,7 @@ def test_baseline_and_attention_stages_and_cli(tiny_cohort, tmp_path: Path, caps
             "mask": str(tiny_cohort.brain_mask),
             "covariates": ["age", "sex"],
         },
+        "model": {"widen_factor": NARROW},
         "training": {"epochs": 1, "val_fraction": 0.0},
         "cv": {"n_folds": 2, "n_repeats": 1},
         "baseline": {
@@ -149,6 +152,7 @@ def test_baseline_and_attention_stages_and_cli(tiny_cohort, tmp_path: Path, caps
 def test_network_permutation_test(tiny_cohort, tmp_path: Path) -> None:
     raw = {
         "cohort": {"table": str(tiny_cohort.table), "targets": ["sleep"]},
+        "model": {"widen_factor": NARROW},
         "training": {"epochs": 1, "val_fraction": 0.0},
         "cv": {"n_folds": 2, "n_repeats": 1},
         "baseline": {"enabled": False},

@@ -10,8 +10,9 @@ from dfrn.models.network import DFRN, count_parameters
 monai_resnet = pytest.importorskip("monai.networks.nets.resnet")
 
 
-def _monai_reference() -> torch.nn.Module:
+def _monai_reference(widen_factor: float = 1.0) -> torch.nn.Module:
     return monai_resnet.ResNet(
+        widen_factor=widen_factor,
         block="basic",
         layers=[1, 1, 1, 1],
         block_inplanes=[64, 128, 256, 512],
@@ -33,11 +34,13 @@ def test_parameter_count_matches_monai() -> None:
     assert set(ref.state_dict()) == set(ours.state_dict())
 
 
-@pytest.mark.parametrize("train", [True, False])
-def test_outputs_match_monai_after_weight_copy(train: bool) -> None:
+@pytest.mark.parametrize(("train", "widen"), [(True, 1.0), (False, 1.0), (True, 0.125)])
+def test_outputs_match_monai_after_weight_copy(train: bool, widen: float) -> None:
     torch.manual_seed(0)
-    ref = _monai_reference().double()
-    ours = DFRN().double()
+    ref = _monai_reference(widen).double()
+    ours = DFRN(widen_factor=widen).double()
+    assert count_parameters(ours) == count_parameters(ref)
+    assert ours.conv1.out_channels == int(64 * widen) and ours.fc.in_features == int(512 * widen)
     ours.load_state_dict(ref.state_dict())
     ref.train(train)
     ours.train(train)
@@ -48,6 +51,13 @@ def test_outputs_match_monai_after_weight_copy(train: bool) -> None:
     torch.testing.assert_close(y_ours, y_ref, rtol=1e-10, atol=1e-10)
     if train:  # running statistics were updated identically
         torch.testing.assert_close(ours.bn1.running_mean, ref.bn1.running_mean)
+
+
+def test_widen_factor_below_one_channel_is_refused() -> None:
+    from dfrn.errors import DfrnInputError
+
+    with pytest.raises(DfrnInputError, match="widen_factor must be at least 1/64"):
+        DFRN(widen_factor=0.01)
 
 
 def test_block_strides_literal_reading_keeps_resolution() -> None:

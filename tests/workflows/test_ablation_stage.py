@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import NARROW
 
 from dfrn.cli import main
 from dfrn.config import config_from_dict
@@ -32,6 +33,7 @@ def planted_run(tmp_path_factory: pytest.TempPathFactory):
     atlases = make_demo_atlases(synth, n_parcels=12, seed=0)
     raw = {
         "cohort": {"table": str(synth.table), "targets": FACTORS, "mask": str(synth.brain_mask)},
+        "model": {"widen_factor": NARROW},
         "training": {"epochs": 5, "val_fraction": 0.0, "batch_size": 8},
         "cv": {"n_folds": 3, "n_repeats": 1},
         "baseline": {"enabled": False},

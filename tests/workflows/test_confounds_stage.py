@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import confound_cohort
+from conftest import NARROW, confound_cohort
 
 from dfrn.cli import main
 from dfrn.config import config_from_dict
@@ -25,6 +25,7 @@ from dfrn.workflows.run import run_study
 def _config(table: Path, targets: list[str], target: str, **over):
     raw = {
         "cohort": {"table": str(table), "targets": targets, "covariates": ["age", "sex"]},
+        "model": {"widen_factor": NARROW},
         "training": {"epochs": 10, "val_fraction": 0.0, "batch_size": 8},
         "cv": {"n_folds": 3, "n_repeats": 1},
         "confounds": {"target": target, "n_permutations": 1000},

@@ -345,6 +345,9 @@ table = "{cohort_table}"
 targets = ["age"]
 downsample = 2
 
+[model]
+widen_factor = 0.125
+
 [training]
 epochs = 1
 val_fraction = 0.0

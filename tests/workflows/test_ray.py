@@ -33,7 +33,8 @@ TASKS = ["repeat-0_fold-0_anhedonia", "repeat-0_fold-0_sleep",
 
 
 def _config(cohort, **executor):
-    return study_config(cohort, training={"epochs": EPOCHS},
+    # the paper's width: a task lasts seconds, long enough to kill a worker mid-training
+    return study_config(cohort, training={"epochs": EPOCHS}, model={"widen_factor": 1.0},
                         executor={"num_cpus": 2, **executor})
 
 

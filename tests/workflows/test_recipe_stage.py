@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import NARROW
 
 from dfrn.config import config_from_dict
 from dfrn.workflows.run import run_study
@@ -29,7 +30,7 @@ def joint_run(tiny_cohort, tmp_path_factory: pytest.TempPathFactory):
     raw = {
         "cohort": {"table": str(root / "participants.tsv"), "targets": FACTORS,
                    "mask": str(tiny_cohort.brain_mask)},
-        "model": {"heads": "joint"},
+        "model": {"heads": "joint", "widen_factor": NARROW},
         "training": {"epochs": 2, "val_fraction": 0.34, "early_stopping": "smoothed",
                      "min_epochs": 1, "augment": "light", "lr_schedule": "cosine",
                      "weight_decay": 0.01, "n_seeds": 2},
@@ -121,6 +122,9 @@ def test_the_report_and_the_log_say_which_recipe_was_used(joint_run, tiny_cohort
     default = training_words(study_config(tiny_cohort).to_dict(), FACTORS)
     assert "network per symptom factor" in default and "Adam (lr 0.001)" in default
     assert "for 1 epoch (no early stopping)" in default  # val_fraction 0 in the fast config
+    assert "channels × 0.125, as MONAI's widen_factor" in default  # the tests' narrow network
+    paper = training_words(study_config(tiny_cohort, model={"widen_factor": 1.0}).to_dict(), FACTORS)
+    assert "widen_factor" not in paper
     smoothed = training_words(study_config(tiny_cohort, training={
         "val_fraction": 0.1, "early_stopping": "smoothed"}).to_dict(), FACTORS)
     assert "moving average" in smoothed and "stratified on the target" in smoothed
@@ -136,6 +140,7 @@ def test_every_training_key_reaches_the_regressor(tiny_cohort) -> None:
                                               "weight_decay": 0.5, "val_split": "random"})
     params = make_estimator_factory(cfg, False, voxel_mm=8.0)(7, "x").get_params()
     assert params["seed"] == 7 and params["voxel_mm"] == 8.0
+    assert params["widen_factor"] == NARROW and params["block_strides"] == (1, 2, 2, 2)
     for key, value in vars(cfg.training).items():
         if key not in ("seed", "n_seeds"):
             assert params[key] == value, key

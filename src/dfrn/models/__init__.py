@@ -17,6 +17,7 @@ _EXPORTS: dict[str, str] = {
     "masked_sse": "regressor",
     "stratified_holdout": "regressor",
     "BasicBlock": "network",
+    "block_channels": "network",
     "BatchFeeder": "feed",
     "ComBatHarmonizer": "harmonize",
     "DEFAULT_ALPHAS": "ridge",

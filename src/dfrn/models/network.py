@@ -9,7 +9,9 @@ Architecture (DEVELOPERS.md, the method's paper):
   changes, "shortcut B"), then ReLU;
 * global average pooling and one linear output.
 
-``block_strides`` sets the stride of the first conv of each block.
+``block_strides`` sets the stride of the first conv of each block. ``widen_factor`` scales
+every layer's channels as MONAI's ``ResNet(widen_factor=...)`` does (``int(64 * f)`` …);
+1.0 is the paper's network, a small factor a narrow one for quick checks and small cohorts.
 
 * ``(1, 2, 2, 2)`` (default) is the standard 3D ResNet-10 of Hara et al., whose stem the
   paper uses exactly. At 182×218×182 a forward pass costs about 0.13 TMAC.
@@ -33,11 +35,21 @@ from torch import nn
 from dfrn.config import ModelConfig
 from dfrn.errors import DfrnInputError
 
-__all__ = ["DFRN", "BasicBlock", "count_parameters", "DEFAULT_BLOCK_STRIDES", "PAPER_LITERAL_STRIDES"]
+__all__ = ["DFRN", "BasicBlock", "block_channels", "count_parameters", "DEFAULT_BLOCK_STRIDES", "PAPER_LITERAL_STRIDES"]
 
 DEFAULT_BLOCK_STRIDES: tuple[int, ...] = tuple(ModelConfig().block_strides)  # one default
 PAPER_LITERAL_STRIDES: tuple[int, int, int, int] = (1, 1, 1, 1)
 BLOCK_CHANNELS: tuple[int, int, int, int] = (64, 128, 256, 512)
+
+
+def block_channels(widen_factor: float = 1.0) -> tuple[int, ...]:
+    """The four blocks' channel counts, ``int(c * widen_factor)`` as in MONAI's ``ResNet``."""
+    channels = tuple(int(c * widen_factor) for c in BLOCK_CHANNELS)
+    if not widen_factor > 0 or channels[0] < 1:
+        raise DfrnInputError(
+            f"widen_factor must be at least 1/64 (one channel in the first block), got {widen_factor!r}"
+        )
+    return channels
 
 
 class BasicBlock(nn.Module):
@@ -77,6 +89,8 @@ class DFRN(nn.Module):
     n_outputs:
         Outputs of the last linear layer: 1 (one network per factor, the paper's choice) or
         one per factor (``[model] heads = "joint"``, the paper's ablation).
+    widen_factor:
+        Multiplies every layer's channel count, as in MONAI's ``ResNet`` (1.0: 64 … 512).
 
     Input is ``(N, in_channels, D, H, W)``; output is ``(N,)`` for one output, else
     ``(N, n_outputs)``.
@@ -87,6 +101,7 @@ class DFRN(nn.Module):
         block_strides: Sequence[int] = DEFAULT_BLOCK_STRIDES,
         in_channels: int = 1,
         n_outputs: int = 1,
+        widen_factor: float = 1.0,
     ) -> None:
         super().__init__()
         strides = tuple(int(s) for s in block_strides)
@@ -96,16 +111,18 @@ class DFRN(nn.Module):
             )
         if n_outputs < 1:
             raise DfrnInputError(f"n_outputs must be >= 1, got {n_outputs}")
+        channels = block_channels(widen_factor)
         self.block_strides = strides
         self.n_outputs = int(n_outputs)
+        self.widen_factor = float(widen_factor)
         self.conv1 = nn.Conv3d(
-            in_channels, 64, kernel_size=7, stride=(1, 2, 2), padding=3, bias=False
+            in_channels, channels[0], kernel_size=7, stride=(1, 2, 2), padding=3, bias=False
         )
-        self.bn1 = nn.BatchNorm3d(64)
+        self.bn1 = nn.BatchNorm3d(channels[0])
         self.relu = nn.ReLU()
         self.maxpool = nn.MaxPool3d(kernel_size=3, stride=2, padding=1)
-        in_planes = 64
-        for i, (planes, stride) in enumerate(zip(BLOCK_CHANNELS, strides, strict=True), start=1):
+        in_planes = channels[0]
+        for i, (planes, stride) in enumerate(zip(channels, strides, strict=True), start=1):
             self.add_module(f"layer{i}", nn.Sequential(BasicBlock(in_planes, planes, stride)))
             in_planes = planes
         self.avgpool = nn.AdaptiveAvgPool3d(1)
@@ -137,7 +154,7 @@ class DFRN(nn.Module):
         """
         if not 0 <= k < self.n_outputs:
             raise DfrnInputError(f"output {k} of a network with {self.n_outputs} outputs")
-        one = DFRN(self.block_strides, self.conv1.in_channels, 1)
+        one = DFRN(self.block_strides, self.conv1.in_channels, 1, self.widen_factor)
         state = {n: v for n, v in self.state_dict().items() if not n.startswith("fc.")}
         state["fc.weight"] = self.fc.weight.detach()[k : k + 1].clone()
         state["fc.bias"] = self.fc.bias.detach()[k : k + 1].clone()

@@ -92,6 +92,7 @@ METADATA_SCHEMA: dict[str, Any] = {
                 "name": {"const": "DFRN"},
                 "block_strides": {"type": "array", "items": {"type": "integer", "minimum": 1},
                                   "minItems": 4, "maxItems": 4},
+                "widen_factor": {"type": "number", "exclusiveMinimum": 0},
             },
         },
         "input": {
@@ -317,6 +318,7 @@ def load_package(folder: str | Path, device: str = "cpu") -> ModelPackage:
         if not mpath.is_file() or file_digest(mpath) != mask["sha256"]:
             raise DfrnInputError(f"{mpath}: missing, or not the mask the networks were trained with")
     dev = resolve_device(device)
+    widen = float(meta["network"].get("widen_factor", 1.0))  # packages before the key: 1.0
     estimators = []
     for entry in meta["models"]:
         wpath = folder / entry["file"]
@@ -324,14 +326,15 @@ def load_package(folder: str | Path, device: str = "cpu") -> ModelPackage:
             raise DfrnInputError(f"{wpath}: weight file missing from the package")
         if file_digest(wpath) != entry["sha256"]:
             raise DfrnInputError(f"{wpath}: SHA-256 differs from metadata.json (file changed)")
-        net = DFRN(block_strides=meta["network"]["block_strides"])
+        net = DFRN(block_strides=meta["network"]["block_strides"], widen_factor=widen)
         state = load_file(str(wpath))
         try:
             net.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v
                                  for k, v in state.items()})
         except RuntimeError as exc:
             raise DfrnInputError(f"{wpath}: weights do not fit the network ({exc})") from None
-        est = DFRNRegressor(block_strides=tuple(meta["network"]["block_strides"]), device=device)
+        est = DFRNRegressor(block_strides=tuple(meta["network"]["block_strides"]),
+                            widen_factor=widen, device=device)
         est.device_ = dev
         est.model_ = net.to(dev).eval()
         est.y_mean_ = float(entry["y_mean"])

@@ -167,7 +167,8 @@ def masked_sse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 class DFRNRegressor(RegressorMixin, BaseEstimator):
     """One Deep Factor Regression Network for one factor score (or, jointly, for several).
 
-    Parameters mirror :class:`dfrn.config.TrainingConfig` plus ``block_strides``. ``fit``
+    Parameters mirror :class:`dfrn.config.TrainingConfig` plus ``block_strides`` and
+    ``widen_factor`` (:class:`dfrn.config.ModelConfig`). ``fit``
     with a 2D ``y`` (subjects × factors) trains one network with one output per factor (the
     paper's joint-training ablation); its loss is the sum of the factors' SSE, and a
     missing value (NaN) of one factor masks that factor's term only.
@@ -210,8 +211,10 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         val_split: str = _TRAIN.val_split,
         schedule_epochs: int | None = None,
         voxel_mm: float = 1.0,
+        widen_factor: float = _MODEL.widen_factor,
     ) -> None:
         self.block_strides = block_strides
+        self.widen_factor = widen_factor
         self.epochs = epochs
         self.batch_size = batch_size
         self.lr = lr
@@ -371,7 +374,8 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         stopper = EarlyStopping(self.early_stopping if len(self.val_ids_) else "none",
                                 self.patience, self.min_epochs, self.smoothing)
         ys = self._scale(y2, train_idx)
-        self.model_ = DFRN(block_strides=self.block_strides, n_outputs=y2.shape[1])
+        self.model_ = DFRN(block_strides=self.block_strides, n_outputs=y2.shape[1],
+                           widen_factor=self.widen_factor)
         self.model_ = self.model_.to(self.device_)
         if self.channels_last_3d:
             self.model_ = self.model_.to(memory_format=torch.channels_last_3d)
@@ -474,6 +478,7 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
             "y_mean": [float(v) for v in self.y_mean_] if joint else float(self.y_mean_),
             "y_std": [float(v) for v in self.y_std_] if joint else float(self.y_std_),
             "block_strides": [int(s) for s in self.model_.block_strides],
+            "widen_factor": float(self.model_.widen_factor),
             "best_epoch": int(self.best_epoch_),
             "n_outputs": int(self.model_.n_outputs),
         }
@@ -496,9 +501,10 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         n_outputs = int(ckpt.get("n_outputs", 1))
         if output is not None and not 0 <= output < n_outputs:
             raise DfrnInputError(f"{path}: output {output} of a network with {n_outputs} output(s)")
-        est = cls(block_strides=tuple(ckpt["block_strides"]), device=device)
+        widen = float(ckpt.get("widen_factor", 1.0))  # checkpoints before the key: 1.0
+        est = cls(block_strides=tuple(ckpt["block_strides"]), device=device, widen_factor=widen)
         est.device_ = resolve_device(device)
-        model = DFRN(block_strides=ckpt["block_strides"], n_outputs=n_outputs)
+        model = DFRN(block_strides=ckpt["block_strides"], n_outputs=n_outputs, widen_factor=widen)
         model.load_state_dict(ckpt["state_dict"])
         mean, sd = np.atleast_1d(ckpt["y_mean"]), np.atleast_1d(ckpt["y_std"])
         est.joint_ = n_outputs > 1 and output is None

@@ -217,7 +217,7 @@ def write_model_packages(
                 "factor": factor,
                 "mode": cfg.final.mode,
                 "network": {"name": "DFRN", "block_strides": list(cfg.model.block_strides),
-                            "in_channels": 1},
+                            "widen_factor": float(cfg.model.widen_factor), "in_channels": 1},
                 "input": {
                     "template": template_name(grid.shape, grid.affine),
                     "shape": list(grid.shape),

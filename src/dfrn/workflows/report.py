@@ -168,7 +168,9 @@ def training_words(cfg: dict[str, Any], factors: list[str]) -> str:
     n_seeds = int(t.get("n_seeds", 1))
     if n_seeds > 1:
         extras.append(f"{n_seeds} seeds per fold, their predictions averaged")
-    return (f"{heads}; block strides {m['block_strides']}) was trained with the "
+    widen = float(m.get("widen_factor", 1.0))
+    width = "" if widen == 1.0 else f"; channels × {widen:g}, as MONAI's widen_factor"
+    return (f"{heads}; block strides {m['block_strides']}{width}) was trained with the "
             f"{loss}, {optimiser}, batch "
             f"size {t['batch_size']}, {_stopping_words(t)}"
             + ("" if not extras else ", with " + ", ".join(extras)) + ".")

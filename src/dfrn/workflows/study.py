@@ -405,7 +405,8 @@ def make_estimator_factory(cfg: StudyConfig, progress: bool,
     settings = {k: v for k, v in asdict(cfg.training).items() if k not in ("seed", "n_seeds")}
 
     def make(seed: int, desc: str) -> DFRNRegressor:
-        return DFRNRegressor(block_strides=tuple(cfg.model.block_strides), seed=seed,
+        return DFRNRegressor(block_strides=tuple(cfg.model.block_strides),
+                             widen_factor=cfg.model.widen_factor, seed=seed,
                              progress=progress, desc=desc, voxel_mm=voxel_mm, **settings)
 
     return make
