@@ -43,9 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
         "shuffled targets; costs N × folds × factors trainings (default 0: no test)",
     )
     p.add_argument(
-        "--executor", choices=["local", "ray"], default=None,
+        "--executor", choices=["local", "ray", "slurm"], default=None,
         help="where tasks run (default: the config's [executor] kind, local); ray needs "
-        "pip install 'dfrn[distributed]' and a results folder all workers see",
+        "pip install 'dfrn[distributed]', slurm pip install 'dfrn[slurm]', and both a "
+        "results folder all nodes see",
     )
     p.add_argument(
         "--strict", action="store_true",
@@ -134,8 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dice-min", type=float, default=0.90, help="QC flag below this Dice")
     p.add_argument("--corr-min", type=float, default=0.40,
                    help="QC flag below this T1 correlation with the template")
-    p.add_argument("--executor", choices=["local", "ray"], default="local",
-                   help="local: --jobs processes here (default); ray: one Ray task per subject")
+    p.add_argument("--executor", choices=["local", "ray", "slurm"], default="local",
+                   help="local: --jobs processes here (default); ray: one Ray task per subject; "
+                   "slurm: one SLURM job per subject (a job array)")
+    p.add_argument("--executor-config", type=Path, default=None, metavar="TOML",
+                   help="take Ray or SLURM settings (partition, mem_gb, timeout_min, …) from "
+                   "this file's [executor] section; a study config will do")
     p.add_argument("--ray-address", default="",
                    help="with --executor ray: empty starts a local Ray; 'auto' or ray://… joins")
     p.add_argument("--template-space", default=None, metavar="NAME",
@@ -251,7 +256,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "prep":
         from dfrn.workflows.prep import prep_executor, run_prep
 
-        runner = prep_executor(args.executor, args.ray_address)
+        runner = prep_executor(args.executor, args.ray_address, args.executor_config)
         try:
             run_prep(
                 args.input, args.out, image_column=args.image_column, session=args.session,

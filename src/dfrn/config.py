@@ -44,7 +44,7 @@ INTENSITY_MODES = ("zscore", "none", "minmax")
 #: Valid ``[training] data`` values: how batches reach the network.
 DATA_MODES = ("auto", "memory", "prefetch", "sync")
 #: Valid ``[executor] kind`` values.
-EXECUTOR_KINDS = ("local", "ray")
+EXECUTOR_KINDS = ("local", "ray", "slurm")
 
 __all__ = [
     "CohortConfig",
@@ -60,6 +60,7 @@ __all__ = [
     "ExecutorConfig",
     "StudyConfig",
     "load_config",
+    "load_executor_config",
     "DEVICE_PATTERN",
     "INTENSITY_MODES",
     "DATA_MODES",
@@ -311,7 +312,8 @@ class ExecutorConfig:
 
     ``kind = "local"`` (default) runs them one after another in this process; ``"ray"``
     runs them as Ray tasks (``pip install 'dfrn[distributed]'``), on this machine or a
-    cluster. With Ray, the results folder must be on storage that every worker sees.
+    cluster; ``"slurm"`` as the jobs of a SLURM job array (``pip install 'dfrn[slurm]'``).
+    With Ray or SLURM, the results folder must be on storage that every node sees.
     """
 
     kind: str = "local"
@@ -325,7 +327,21 @@ class ExecutorConfig:
     gpus_per_task: float = 0.0
     """Ray only: GPUs per task; fractions share a GPU (0.2 puts 5 networks on one)."""
     max_retries: int = 3
-    """Ray only: re-runs of a task whose worker died or hit a transient error."""
+    """Re-runs of a task whose worker (Ray) or job (SLURM) died, was preempted or timed out,
+    or hit a transient error."""
+    cluster: str = "slurm"
+    """SLURM only: ``"slurm"`` submits with sbatch; ``"local"`` runs the same jobs as local
+    processes (submitit's LocalExecutor), to try a config or test without a cluster."""
+    partition: str = ""
+    """SLURM only: the partition (empty: the cluster's default)."""
+    mem_gb: float = 0.0
+    """SLURM only: memory per job in GB (0: the partition's default)."""
+    timeout_min: int = 720
+    """SLURM only: each job's time limit in minutes (a job that hits it is resubmitted)."""
+    array_parallelism: int = 32
+    """SLURM only: jobs of the array that run at once (``--array=…%N``)."""
+    slurm_additional_parameters: dict[str, Any] = field(default_factory=dict)
+    """SLURM only: further sbatch options, e.g. ``{account = "lab", qos = "normal"}``."""
 
 
 @dataclass
@@ -510,6 +526,18 @@ def _build(section: str, cls: type, raw: Any, base: Path) -> Any:
     return cls(**values)
 
 
+def load_executor_config(path: str | Path) -> ExecutorConfig:
+    """The ``[executor]`` section of a TOML file (other sections are ignored), checked."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise DfrnInputError(f"cannot read {path}: {exc}") from None
+    e = _build("executor", ExecutorConfig, raw.get("executor", {}), path.parent)
+    _check_executor(e)
+    return e
+
+
 def config_from_dict(raw: dict[str, Any], base: Path) -> StudyConfig:
     """Build a :class:`StudyConfig` from parsed TOML, resolving paths against ``base``."""
     unknown = sorted(set(raw) - set(SECTIONS))
@@ -537,7 +565,7 @@ COUNT_MINIMUMS: dict[str, dict[str, int]] = {
     "attention": {"top_regions": 1, "bootstrap": 0},
     "factors": {"n_resamples": 0, "n_factors": 1},
     "prep": {"jobs": 1, "seed": 0},
-    "executor": {"num_cpus": 0, "max_retries": 0},
+    "executor": {"num_cpus": 0, "max_retries": 0, "timeout_min": 1, "array_parallelism": 1},
 }
 
 
@@ -602,19 +630,7 @@ def validate(cfg: StudyConfig) -> None:
         raise DfrnInputError(
             f"config [training] data {t.data!r} is not one of {', '.join(DATA_MODES)}"
         )
-    e = cfg.executor
-    if e.kind not in EXECUTOR_KINDS:
-        raise DfrnInputError(
-            f"config [executor] kind {e.kind!r} is not one of {', '.join(EXECUTOR_KINDS)}"
-        )
-    if e.cpus_per_task <= 0 or e.gpus_per_task < 0:
-        raise DfrnInputError(
-            "config [executor] cpus_per_task must be > 0, and gpus_per_task >= 0"
-        )
-    if e.gpus_per_task > 1 and e.gpus_per_task != int(e.gpus_per_task):
-        raise DfrnInputError(
-            f"config [executor] gpus_per_task {e.gpus_per_task:g}: above 1 it must be whole"
-        )
+    _check_executor(cfg.executor)
     if cfg.final.mode not in ("ensemble", "refit"):
         raise DfrnInputError("config [final] mode must be 'ensemble' or 'refit'")
     if cfg.prep is not None:
@@ -638,6 +654,30 @@ def validate(cfg: StudyConfig) -> None:
                 f"config [factors] n_factors must be a number, 'parallel' or 'map', got "
                 f"{f.n_factors!r}"
             )
+
+
+def _check_executor(e: ExecutorConfig) -> None:
+    """``[executor]``: a known kind and cluster, and resources a scheduler can grant."""
+    if e.kind not in EXECUTOR_KINDS:
+        raise DfrnInputError(
+            f"config [executor] kind {e.kind!r} is not one of {', '.join(EXECUTOR_KINDS)}"
+        )
+    _check_choice("executor", "cluster", e.cluster, ("slurm", "local"))
+    if e.cpus_per_task <= 0 or e.gpus_per_task < 0 or e.mem_gb < 0:
+        raise DfrnInputError(
+            "config [executor] cpus_per_task must be > 0, and gpus_per_task and mem_gb >= 0"
+        )
+    if e.gpus_per_task > 1 and e.gpus_per_task != int(e.gpus_per_task):
+        raise DfrnInputError(
+            f"config [executor] gpus_per_task {e.gpus_per_task:g}: above 1 it must be whole"
+        )
+    if e.kind == "slurm":
+        for key in ("cpus_per_task", "gpus_per_task"):
+            value = getattr(e, key)
+            if value != int(value):
+                raise DfrnInputError(
+                    f"config [executor] {key} = {value:g}: SLURM grants whole CPUs and GPUs"
+                )
 
 
 def _check_choice(section: str, key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -26,7 +26,7 @@ def test_storage_probe_refuses_a_worker_that_cannot_see_the_folder(tmp_path: Pat
 
     path, token = write_storage_probe(tmp_path / "cv")
     check_storage_probe(path, token)  # the driver's own view
-    with pytest.raises(DfrnInputError, match="storage that every Ray worker shares"):
+    with pytest.raises(DfrnInputError, match="storage that every worker node shares"):
         check_storage_probe(path, "another-token")
     remove_storage_probe(path, token)
     with pytest.raises(DfrnInputError, match=r"cannot see the results folder .*cv \(no "):

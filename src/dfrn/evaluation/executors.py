@@ -8,6 +8,7 @@ its key; the driver then verifies and reads the folders. So resume, refusal and 
 results hold whatever the executor, and no array travels through Ray's object store.
 
 :class:`LocalExecutor` runs the items one after another in this process (the default).
+:class:`dfrn.evaluation.slurm.SlurmExecutor` runs each as one job of a SLURM job array (submitit).
 :class:`RayExecutor` runs each item as a plain Ray task (``ray.remote`` with ``num_cpus``,
 ``num_gpus``, ``max_retries`` and ``retry_exceptions`` for transient errors only): Ray
 re-runs a task whose worker died. The results folder must be on storage that every worker
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -29,6 +31,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from dfrn.config import ExecutorConfig
 from dfrn.errors import DfrnError, DfrnInputError
 
 __all__ = [
@@ -60,6 +63,11 @@ class Executor(Protocol):
         self, fn: Callable[[Any, Any], str], common: Any, items: Iterable[Any]
     ) -> Iterator[str]: ...
 
+    def attach(self, folder: Path, log: Callable[[str], None] = print) -> None:
+        """Called by the driver holding the results folder's lock, before any task is
+        checked: ``folder`` is where the executor keeps its own files (``logs/<kind>``)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -73,6 +81,9 @@ class LocalExecutor:
     ) -> Iterator[str]:
         for item in items:
             yield fn(common, item)
+
+    def attach(self, folder: Path, log: Callable[[str], None] = print) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -246,6 +257,9 @@ class RayExecutor:
             f"GPU ({_cluster_summary(self._ray)})"
         )
 
+    def attach(self, folder: Path, log: Callable[[str], None] = print) -> None:
+        """Nothing to do: Ray ends a killed driver's tasks itself."""
+
     def close(self) -> None:
         """Shut down the local Ray this executor started (a joined cluster stays up)."""
         if self._started and self._ray.is_initialized():
@@ -300,20 +314,27 @@ def _own_signal_handlers() -> Iterator[None]:
                 signal.signal(sig, handler)
 
 
-def make_executor(
-    kind: str,
-    address: str = "",
-    num_cpus: int = 0,
-    cpus_per_task: float = 1.0,
-    gpus_per_task: float = 0.0,
-    max_retries: int = 3,
-) -> Executor:
-    """The executor for an ``[executor] kind`` (``"local"`` or ``"ray"``)."""
+def make_executor(kind: str, settings: ExecutorConfig | None = None) -> Executor:
+    """The executor for an ``[executor] kind`` (``"local"``, ``"ray"`` or ``"slurm"``).
+
+    ``settings`` (default: :class:`dfrn.config.ExecutorConfig`'s defaults) gives the Ray or
+    SLURM options; ``kind`` wins over ``settings.kind`` (the command line's ``--executor``).
+    """
+    e = settings if settings is not None else ExecutorConfig()
     if kind == "local":
         return LocalExecutor()
     if kind == "ray":
-        return RayExecutor(address, num_cpus, cpus_per_task, gpus_per_task, max_retries)
-    raise DfrnInputError(f"executor {kind!r} is not one of local, ray")
+        return RayExecutor(e.address, e.num_cpus, e.cpus_per_task, e.gpus_per_task,
+                           e.max_retries)
+    if kind == "slurm":
+        from dfrn.evaluation.slurm import SlurmExecutor, SlurmSettings
+
+        return SlurmExecutor(SlurmSettings(
+            e.cluster, e.partition, math.ceil(e.cpus_per_task), math.ceil(e.gpus_per_task),
+            e.mem_gb, e.timeout_min, e.array_parallelism,
+            tuple(sorted(e.slurm_additional_parameters.items())), e.max_retries,
+        ))
+    raise DfrnInputError(f"executor {kind!r} is not one of local, ray, slurm")
 
 
 def write_storage_probe(folder: Path) -> tuple[str, str]:
@@ -344,8 +365,8 @@ def check_storage_probe(path: str, token: str) -> None:
         why = f"no {_PROBE} there" if seen is None else f"its {_PROBE} is another run's"
         raise DfrnInputError(
             f"a worker on host {socket.gethostname()} cannot see the results folder "
-            f"{Path(path).parent} ({why}); with --executor ray the results folder must be on "
-            "storage that every Ray worker shares, at the same path"
+            f"{Path(path).parent} ({why}); with Ray or SLURM the results folder must be on "
+            "storage that every worker node shares, at the same path"
         )
 
 

@@ -41,6 +41,7 @@ the warped T1 with the template inside the brain (alignment).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -56,6 +57,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dfrn.config import ExecutorConfig
 from dfrn.data.templates import Template, resolve_template
 from dfrn.errors import DfrnInputError, PrepFailedError, ResultsFolderError
 from dfrn.evaluation.executors import Executor, make_executor
@@ -540,6 +542,8 @@ def run_prep(
     if kind == "raw":
         require_ants()
     with ResultsLock(out, command="dfrn prep", log=log):
+        if executor is not None and getattr(executor, "folder", "") is None:
+            executor.attach(out / "logs" / executor.name, log)  # not yet attached to a study's
         for stale in out.glob(f".{_TMP_PREFIX}*.tmp"):  # left by a killed run (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
         atomic_write_json(out / "prep.json", {"identity": identity, "dfrn_version": dfrn_version_string(),
@@ -599,14 +603,21 @@ def run_prep(
     return summary
 
 
-def prep_executor(kind: str, address: str = "") -> Executor:
-    """The executor of ``dfrn prep --executor KIND --ray-address ADDRESS``, one CPU per subject.
+def prep_executor(kind: str, address: str = "", settings: Path | None = None) -> Executor:
+    """The executor of ``dfrn prep --executor KIND [--ray-address A] [--executor-config F]``.
 
-    A Ray that cannot start or be joined is a one-line error naming ``--ray-address``, the
-    option of this command (the study's equivalent is ``[executor] address``).
+    ``settings`` is a TOML file whose ``[executor]`` section gives the Ray or SLURM options
+    (default: one CPU per subject). A Ray that cannot start or be joined is a one-line
+    error naming ``--ray-address``, the option of this command (the study's equivalent is
+    ``[executor] address``).
     """
+    from dfrn.config import load_executor_config
+
+    e = load_executor_config(settings) if settings is not None else ExecutorConfig()
+    if address:
+        e = dataclasses.replace(e, address=address)
     try:
-        return make_executor(kind, address, cpus_per_task=1.0)
+        return make_executor(kind, e)
     except DfrnInputError as exc:
         raise DfrnInputError(str(exc).replace("[executor] address", "--ray-address")) from None
 

@@ -208,7 +208,7 @@ def run_study(
 ) -> StudyResult:
     """Run every configured stage, holding the folder's lock; returns the CV results.
 
-    ``executor`` (``"local"`` or ``"ray"``) overrides ``[executor] kind``; the driver
+    ``executor`` (``"local"``, ``"ray"`` or ``"slurm"``) overrides ``[executor] kind``; the driver
     holds the lock, plans and collects, the executor's workers write task folders.
 
     ``notes`` are shown at the top of ``report.html`` (the demo says what it shrank).
@@ -222,15 +222,13 @@ def run_study(
 
         check_permutable(cfg)  # before any training
     e = cfg.executor
-    runner = make_executor(
-        executor or e.kind, e.address, e.num_cpus, e.cpus_per_task, e.gpus_per_task,
-        e.max_retries,
-    )
+    runner = make_executor(executor or e.kind, e)
     if runner.name == "ray" and e.gpus_per_task == 0 and resolve_device("auto").type == "cuda":
         log("note: [executor] gpus_per_task = 0, so Ray gives the tasks no GPU; set it (e.g. "
             "1, or 0.2 for 5 tasks per GPU) to train on this machine's GPUs")
     try:
         with results_lock(out, "dfrn run", log):
+            runner.attach(ResultsFolder(out).logs / runner.name, log)
             return _run_study_locked(
                 cfg, out, progress, log, allow_existing, permutations, notes, runner
             )

@@ -1,0 +1,338 @@
+"""Tasks as SLURM jobs, through submitit: ``[executor] kind = "slurm"``.
+
+Each pending item (a CV task, a network-permutation task, a ``dfrn prep`` subject) becomes
+one element of a SLURM job array (submitit's ``map_array``; ``array_parallelism`` caps how
+many run at once). The driver (``dfrn run``, holding the results folder's lock) waits with a
+progress bar, then reads and verifies the task folders exactly as after Ray or a local run:
+a job returns only its key.
+
+* **Logs.** submitit's pickles and each job's stdout and stderr go to
+  ``RESULTS/logs/slurm/``, with ``jobs.tsv`` listing every submission (item, job ID, attempt,
+  and the PID of the driver that submitted it).
+* **Lost jobs.** A job that ends without a result (preempted, timed out, killed, its node
+  lost) is resubmitted, up to ``max_retries`` times; so is a transient error
+  (:data:`~dfrn.evaluation.executors.TRANSIENT_ERRORS`). A user error
+  (:class:`~dfrn.errors.DfrnError`) stops the run with its one-line message, the job ID and
+  its log; so does a crash (its last line).
+* **Resume.** Jobs a killed driver left running are cancelled by the next driver that takes
+  the folder's lock (:meth:`SlurmExecutor.attach`); it then resubmits only the tasks that
+  have no verified folder.
+* **Without a cluster.** ``cluster = "local"`` runs the same code path through submitit's
+  ``LocalExecutor`` (one local process per job), for tests and trials.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from dfrn.errors import DfrnError, DfrnInputError
+
+__all__ = ["SlurmExecutor", "SLURM_INSTALL_HINT", "SlurmSettings"]
+
+#: What to install for ``kind = "slurm"``.
+SLURM_INSTALL_HINT = "pip install 'dfrn[slurm]'"
+_JOBS = "jobs.tsv"
+
+
+@dataclass(frozen=True)
+class SlurmSettings:
+    """What each job asks SLURM for (``[executor]``; see :class:`dfrn.config.ExecutorConfig`)."""
+
+    cluster: str = "slurm"
+    partition: str = ""
+    cpus_per_task: int = 1
+    gpus_per_task: int = 0
+    mem_gb: float = 0.0
+    timeout_min: int = 720
+    array_parallelism: int = 32
+    additional: tuple[tuple[str, Any], ...] = ()
+    max_retries: int = 3
+
+
+def _in_job(fn: Callable[[Any, Any], str], threads: int, common: Any, item: Any) -> tuple:
+    """Run one item inside a job; a user or transient error comes back as a value, not a crash."""
+    import torch
+
+    from dfrn.evaluation.executors import TRANSIENT_ERRORS
+
+    torch.set_num_threads(max(1, threads))
+    try:
+        return ("ok", fn(common, item))
+    except DfrnError as exc:
+        return ("user", str(exc))
+    except TRANSIENT_ERRORS as exc:
+        return ("transient", f"{type(exc).__name__}: {exc}")
+
+
+def item_label(item: Any) -> str:
+    """A task's name, or a prep job's ``sub-<label>``, for messages and ``jobs.tsv``."""
+    name = getattr(item, "name", None)
+    if isinstance(name, str):
+        return name
+    subject = item.get("subject") if isinstance(item, dict) else None
+    return str(getattr(subject, "stem", item))
+
+
+@dataclass
+class _Submission:
+    item: Any
+    label: str
+    attempt: int
+    job: Any
+
+
+class SlurmExecutor:
+    """Each item as one SLURM job (an element of a job array), through submitit.
+
+    Parameters
+    ----------
+    settings : SlurmSettings
+        Partition, resources per job, time limit, array parallelism, retries.
+
+    Raises
+    ------
+    DfrnInputError
+        When submitit is not installed (naming ``pip install 'dfrn[slurm]'``), or
+        ``cluster = "slurm"`` and SLURM's ``sbatch`` is not on ``PATH``.
+    """
+
+    name = "slurm"
+
+    def __init__(self, settings: SlurmSettings) -> None:
+        try:
+            import submitit
+        except ImportError:
+            raise DfrnInputError(
+                f"[executor] kind = 'slurm' needs submitit, which is not installed: "
+                f"{SLURM_INSTALL_HINT}"
+            ) from None
+        if settings.cluster == "slurm" and shutil.which("sbatch") is None:
+            raise DfrnInputError(
+                "[executor] kind = 'slurm' needs SLURM's sbatch, which is not on PATH: run dfrn "
+                "on a SLURM login node (or in a job), or set [executor] cluster = 'local' to "
+                "run the jobs as local processes"
+            )
+        self._submitit = submitit
+        self.settings = settings
+        #: Seconds between looks at the jobs (submitit caches SLURM's own answers).
+        self.poll_s = 0.2 if settings.cluster == "local" else 5.0
+        self.folder: Path | None = None
+        self._log: Callable[[str], None] = print
+        self._live: list[_Submission] = []
+
+    # -- the results folder ----------------------------------------------------------
+    def attach(self, folder: Path, log: Callable[[str], None] = print) -> None:
+        """Use ``folder`` (``RESULTS/logs/slurm``) for submitit; cancel a killed driver's jobs.
+
+        Call it while holding the results folder's lock: jobs listed in ``jobs.tsv`` that
+        still run belong to a driver that is gone, and their tasks are resubmitted.
+        """
+        self.folder = Path(folder)  # created at the first submission
+        self._log = log
+        table = self._jobs_table()
+        if table.empty:
+            return
+        left = [(str(r.job_id), str(r.item)) for r in table.itertuples() if not self._ended(str(r.job_id))]
+        for job_id, _ in left:
+            self._cancel_id(job_id)
+        if left:
+            log(f"SLURM: cancelled {len(left)} job(s) a killed run left running: "
+                + ", ".join(f"{item} (job {job_id})" for job_id, item in left))
+
+    def _jobs_table(self) -> pd.DataFrame:
+        path = self._folder() / _JOBS
+        if not path.is_file():
+            return pd.DataFrame(columns=["item", "job_id", "attempt", "driver"])
+        return pd.read_csv(path, sep="\t", dtype=str)
+
+    def _folder(self) -> Path:
+        if self.folder is None:
+            raise RuntimeError("SlurmExecutor.attach(folder) must be called before map()")
+        return self.folder
+
+    def _ended(self, job_id: str) -> bool:
+        """Whether a job of an earlier driver is over (its result written, or not running)."""
+        if self.settings.cluster == "local":
+            return not _local_controller_alive(job_id, self._folder())
+        job = self._submitit.SlurmJob(self._folder(), job_id)
+        return job.done(force_check=True)
+
+    def _cancel_id(self, job_id: str) -> None:
+        if self.settings.cluster == "local":
+            _stop_local_controller(job_id, self._folder())
+        else:
+            self._submitit.SlurmJob(self._folder(), job_id).cancel(check=False)
+
+    # -- running ---------------------------------------------------------------------
+    def _executor(self) -> Any:
+        s = self.settings
+        ex = self._submitit.AutoExecutor(folder=self._folder(), cluster=s.cluster)
+        params: dict[str, Any] = {
+            "name": "dfrn", "timeout_min": s.timeout_min, "cpus_per_task": s.cpus_per_task,
+            "slurm_array_parallelism": s.array_parallelism,
+        }
+        if s.gpus_per_task:
+            params["gpus_per_node"] = s.gpus_per_task
+        if s.mem_gb:
+            params["mem_gb"] = s.mem_gb
+        if s.partition:
+            params["slurm_partition"] = s.partition
+        if s.additional:
+            params["slurm_additional_parameters"] = dict(s.additional)
+        ex.update_parameters(**params)
+        return ex
+
+    def map(
+        self, fn: Callable[[Any, Any], str], common: Any, items: Iterable[Any]
+    ) -> Iterator[str]:
+        """Submit the items as a job array; yield keys as jobs finish (completion order).
+
+        Jobs still queued or running when this generator stops early (an error, Ctrl-C,
+        SIGTERM) are cancelled.
+        """
+        ex = self._executor()
+        queue = [(item, 0) for item in items]
+        self._live = []
+        try:
+            while queue or self._live:
+                queue = self._submit_some(ex, fn, common, queue)
+                finished = [s for s in self._live if s.job.done()]
+                if not finished:
+                    time.sleep(self.poll_s)
+                    continue
+                for sub in finished:
+                    self._live.remove(sub)
+                    key = self._outcome(sub, queue)
+                    if key is not None:
+                        yield key
+        finally:
+            self._cancel_live()
+
+    def _submit_some(self, ex: Any, fn: Callable[[Any, Any], str], common: Any,
+                     queue: list[tuple[Any, int]]) -> list[tuple[Any, int]]:
+        """Submit queued items: all at once to SLURM (which throttles the array), else
+        up to ``array_parallelism`` local processes at a time."""
+        room = len(queue)
+        if self.settings.cluster == "local":
+            room = max(0, self.settings.array_parallelism - len(self._live))
+        batch, rest = queue[:room], queue[room:]
+        if not batch:
+            return rest
+        n = len(batch)
+        self._folder().mkdir(parents=True, exist_ok=True)
+        jobs = ex.map_array(_in_job, [fn] * n, [self.settings.cpus_per_task] * n, [common] * n,
+                            [item for item, _ in batch])
+        subs = [_Submission(item, item_label(item), attempt, job)
+                for (item, attempt), job in zip(batch, jobs, strict=True)]
+        self._live.extend(subs)
+        self._record(subs)
+        ids = [str(sub.job.job_id) for sub in subs]
+        self._log(f"SLURM: submitted {n} job(s) ({ids[0]}" + (f" … {ids[-1]}" if n > 1 else "")
+                  + f"; logs in {self._folder()})")
+        return rest
+
+    def _record(self, subs: list[_Submission]) -> None:
+        from dfrn.io import atomic_write_tsv
+
+        rows = pd.DataFrame([{"item": s.label, "job_id": s.job.job_id, "attempt": s.attempt,
+                              "driver": os.getpid()} for s in subs])
+        table = pd.concat([self._jobs_table(), rows.astype(str)], ignore_index=True)
+        atomic_write_tsv(table, self._folder() / _JOBS)
+
+    def _outcome(self, sub: _Submission, queue: list[tuple[Any, int]]) -> str | None:
+        """The key of a job that ended well; else queue a retry, or raise a one-line error."""
+        utils = self._submitit.core.utils
+        where = f"task {sub.label} (SLURM job {sub.job.job_id}, log {sub.job.paths.stderr})"
+        try:
+            kind, value = sub.job.result()
+        except utils.FailedJobError as exc:
+            lines = [ln for ln in str(exc).splitlines() if ln.strip() and not ln.startswith("-")]
+            last = next((ln for ln in reversed(lines) if not ln.startswith(("You can", "or at",
+                                                                              "  - "))), "")
+            raise DfrnError(f"{where} crashed: {last.strip()}") from None
+        except utils.UncompletedJobError:
+            kind, value = "lost", f"ended without a result (state {sub.job.state})"
+        if kind == "ok":
+            return value
+        if kind == "user":
+            raise DfrnInputError(f"{where}: {value}")
+        if sub.attempt >= self.settings.max_retries:
+            raise DfrnError(f"{where} {value}, {sub.attempt + 1} time(s) ([executor] max_retries "
+                            f"= {self.settings.max_retries}); see its log")
+        warnings.warn(f"SLURM: {where} {value}; resubmitting it (retry {sub.attempt + 1} of "
+                      f"{self.settings.max_retries})", UserWarning, stacklevel=2)
+        queue.append((sub.item, sub.attempt + 1))
+        return None
+
+    def _cancel_live(self) -> None:
+        for sub in self._live:
+            try:
+                if self.settings.cluster == "local":
+                    _stop_local_controller(str(sub.job.job_id), self._folder())
+                else:
+                    sub.job.cancel(check=False)
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+        self._live = []
+
+    def close(self) -> None:
+        self._cancel_live()
+
+
+def _local_controller_alive(job_id: str, folder: Path) -> bool:
+    """Whether ``job_id`` (a submitit local job: its controller's PID) still runs for ``folder``."""
+    try:
+        cmd = Path(f"/proc/{int(job_id)}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return False
+    return b"submitit.local._local" in cmd and str(folder).encode() in cmd
+
+
+def _stop_local_controller(job_id: str, folder: Path, wait_s: float = 30.0) -> None:
+    """Cancel a local job: SIGKILL its task process, then wait for its controller to end.
+
+    (submitit's own cancel, SIGINT to the controller, prints a KeyboardInterrupt traceback
+    on the driver's terminal; a controller whose task has ended exits quietly.)
+    """
+    if not _local_controller_alive(job_id, folder):
+        return
+    pid = int(job_id)
+    for child in _children(pid):
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    end = time.monotonic() + wait_s
+    while _local_controller_alive(job_id, folder) and time.monotonic() < end:
+        try:  # reap it when it is this process's child
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.05)
+    if _local_controller_alive(job_id, folder):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid`` (from ``/proc/*/stat``)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(proc.name))
+    return found

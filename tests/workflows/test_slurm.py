@@ -1,0 +1,218 @@
+"""The SLURM executor through submitit's local cluster: parity, a killed driver, a killed job.
+
+``[executor] kind = "slurm"`` with ``cluster = "local"`` runs the exact code path of a SLURM
+run (submitit pickles, job array, result files, cancel, resubmission), with each job a local
+process. No timing asserts: waits poll for a state with a generous deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import study_config
+
+pytest.importorskip("submitit")
+
+DEADLINE = 300.0
+TASKS = ["repeat-0_fold-0_anhedonia", "repeat-0_fold-0_sleep",
+         "repeat-0_fold-1_anhedonia", "repeat-0_fold-1_sleep"]
+
+
+def _config(cohort, **executor):
+    return study_config(cohort, executor={"kind": "slurm", "cluster": "local",
+                                          "cpus_per_task": 1, **executor})
+
+
+def _predictions(out: Path) -> pd.DataFrame:
+    return pd.read_csv(out / "cv/predictions.tsv", sep="\t", dtype={"participant_id": str})
+
+
+def _jobs(out: Path) -> pd.DataFrame:
+    return pd.read_csv(out / "logs/slurm/jobs.tsv", sep="\t", dtype=str)
+
+
+def _assert_same(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    cols = ["participant_id", "repeat", "fold", "factor", "y_true"]
+    pd.testing.assert_frame_equal(a[cols], b[cols])
+    np.testing.assert_allclose(a["y_pred"], b["y_pred"], rtol=0, atol=1e-6)
+
+
+def _assert_tasks_intact(out: Path) -> None:
+    from dfrn.io import verify_manifest
+
+    tasks = out / "cv/tasks"
+    assert sorted(p.name for p in tasks.iterdir()) == TASKS  # no temp, stale or duplicate
+    assert all(verify_manifest(tasks / name) is None for name in TASKS)
+    assert not list((out / "cv").glob(".storage-check*"))
+
+
+@pytest.fixture(scope="module")
+def local_run(tiny_cohort, tmp_path_factory):
+    """The reference: the local executor with 1 torch thread, as each job gets."""
+    import torch
+
+    from dfrn.workflows.run import run_study
+
+    out = tmp_path_factory.mktemp("slurm_local") / "res"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_study(study_config(tiny_cohort), out, progress=False, log=lambda s: None)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _task_processes(folder: Path) -> list[int]:
+    """PIDs of submitit job processes (not their controllers) working for ``folder``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"submitit.core._submit" in cmd and str(folder).encode() in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_slurm_jobs_give_the_local_predictions_and_a_killed_job_is_resubmitted(
+    tiny_cohort, local_run, tmp_path
+) -> None:
+    from dfrn.workflows.run import run_study
+
+    out = tmp_path / "res"
+    logs: list[str] = []
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def killer() -> None:  # SIGKILL the first job process seen, once
+        end = time.monotonic() + DEADLINE
+        while not stop.is_set() and time.monotonic() < end:
+            pids = _task_processes(out / "logs/slurm")
+            if pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        with pytest.warns(UserWarning, match=r"ended without a result .*; resubmitting it"):
+            run_study(_config(tiny_cohort, array_parallelism=2), out, progress=False,
+                      log=logs.append)
+    finally:
+        stop.set()
+        thread.join()
+    assert killed, "no job process was seen"
+    _assert_same(_predictions(out), _predictions(local_run))
+    _assert_tasks_intact(out)
+    jobs = _jobs(out)
+    assert sorted(jobs.loc[jobs["attempt"] == "0", "item"]) == TASKS
+    retried = jobs[jobs["attempt"] == "1"]
+    assert len(retried) == 1  # the killed job's task, once more, with a job of its own
+    assert retried["job_id"].iloc[0] not in set(jobs.loc[jobs["attempt"] == "0", "job_id"])
+    assert any(line.startswith("SLURM: submitted") for line in logs)
+    assert not _task_processes(out / "logs/slurm")  # nothing left running
+
+
+def test_killed_driver_resumes_and_resubmits_only_the_unfinished(tiny_cohort, local_run,
+                                                                 tmp_path) -> None:
+    cfg = tmp_path / "study.toml"
+    cfg.write_text(_config(tiny_cohort, array_parallelism=1).to_toml())
+    out = tmp_path / "res"
+    env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-c", "import sys; from dfrn.cli import main; sys.exit(main())",
+           "run", str(cfg), "--out", str(out), "--no-progress"]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env)
+    try:
+        end = time.monotonic() + DEADLINE
+        while not any((out / "cv/tasks" / t).is_dir() for t in TASKS):
+            if first.poll() is not None:
+                pytest.fail(f"driver ended (rc {first.returncode}) early: {first.communicate()}")
+            assert time.monotonic() < end, "no task finished"
+            time.sleep(0.02)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(timeout=DEADLINE)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert not (out / "cv/predictions.tsv").exists()
+    before = {t: (out / "cv/tasks" / t).stat().st_ino for t in TASKS
+              if (out / "cv/tasks" / t).is_dir()}
+    first_jobs = _jobs(out)
+    assert set(first_jobs["driver"]) == {str(first.pid)} and len(first_jobs) < len(TASKS)
+
+    again = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env)
+    stdout, stderr = again.communicate(timeout=DEADLINE)
+    assert again.returncode == 0, stderr
+    jobs = _jobs(out)
+    resubmitted = set(jobs.loc[jobs["driver"] == str(again.pid), "item"])
+    skipped = int(stdout.split("resuming: ")[1].split(" of ")[0]) if "resuming: " in stdout else 0
+    # only the tasks without a finished folder were submitted again, each once
+    assert not resubmitted & set(before)
+    assert len(resubmitted) == len(TASKS) - skipped == len(jobs[jobs["driver"] == str(again.pid)])
+    assert len(resubmitted) >= 2  # the killed driver had submitted at most two of the four
+    for task, inode in before.items():  # finished tasks were kept, not redone
+        assert (out / "cv/tasks" / task).stat().st_ino == inode
+    _assert_tasks_intact(out)
+    _assert_same(_predictions(out), _predictions(local_run))
+    assert not _task_processes(out / "logs/slurm")
+
+
+def test_a_user_error_in_a_job_is_one_line_naming_the_task_and_its_log(
+    tiny_cohort, tmp_path, monkeypatch, capfd
+) -> None:
+    """A node that cannot see the results folder (the storage probe is not there for it)."""
+    from dfrn.cli import main
+    from dfrn.evaluation import executors
+
+    monkeypatch.setattr(executors, "write_storage_probe",
+                        lambda folder: (str(folder / ".storage-check"), "not-there"))
+    cfg = tmp_path / "study.toml"
+    cfg.write_text(_config(tiny_cohort, array_parallelism=2).to_toml())
+    out = tmp_path / "res"
+    rc = main(["run", str(cfg), "--out", str(out), "--no-progress"])
+    err = capfd.readouterr().err.strip().splitlines()  # the job processes' stderr too
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("dfrn: error: task repeat-0_fold-")
+    assert "(SLURM job " in err[0] and f"log {out}/logs/slurm/" in err[0]
+    assert "cannot see the results folder" in err[0] and "on host " in err[0]
+    log = Path(err[0].split(", log ")[1].split(")")[0])
+    assert log.is_file()
+    assert not _task_processes(out / "logs/slurm")  # the other jobs were cancelled
+
+
+@pytest.mark.parametrize("missing", ["submitit", "sbatch"])
+def test_missing_extra_or_sbatch_is_one_line(tiny_cohort, tmp_path, monkeypatch, capsys,
+                                             missing) -> None:
+    from dfrn.cli import main
+
+    if missing == "submitit":
+        monkeypatch.setitem(sys.modules, "submitit", None)
+    else:
+        monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    cfg = tmp_path / "study.toml"
+    cfg.write_text(study_config(tiny_cohort, executor={"kind": "slurm"}).to_toml())
+    rc = main(["run", str(cfg), "--out", str(tmp_path / "res"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    expected = ("pip install 'dfrn[slurm]'" if missing == "submitit"
+                else "needs SLURM's sbatch, which is not on PATH")
+    assert expected in err[0]
+    assert not (tmp_path / "res").exists()
