@@ -471,14 +471,17 @@ def test_cohort_derivatives_in_a_study_feed_its_cohort(template_4mm, tmp_path) -
     assert {f"gm/{s}" for s in ids} <= set(inputs)
 
 
-def test_prep_subjects_as_ray_tasks_match_local_processes(ixi_prep, shared_data, template_4mm,
-                                                          tmp_path) -> None:
-    """--executor ray: each subject is a Ray task; a corrupt scan fails alone, and the good
-    subject's files are byte-identical to the local processes' (deterministic ANTs). The local
-    run goes into a copy of the prepared cohort, where the good subject is already done."""
+@pytest.mark.parametrize("kind", ["ray", "slurm"])
+def test_prep_subjects_as_executor_tasks_match_local_processes(ixi_prep, shared_data, template_4mm,
+                                                               tmp_path, kind) -> None:
+    """--executor ray or slurm: each subject is a Ray task or a SLURM job (submitit's local
+    cluster); a corrupt scan fails alone, and the good subject's files are byte-identical to
+    the local processes' (deterministic ANTs). The local run goes into a copy of the prepared
+    cohort, where the good subject is already done."""
     pytest.importorskip("ants")
-    pytest.importorskip("ray")
-    from dfrn.evaluation.executors import RayExecutor
+    pytest.importorskip("ray" if kind == "ray" else "submitit")
+    from dfrn.config import ExecutorConfig
+    from dfrn.evaluation.executors import make_executor
     from dfrn.workflows.prep import run_prep
 
     scans = tmp_path / "scans"
@@ -490,7 +493,7 @@ def test_prep_subjects_as_ray_tasks_match_local_processes(ixi_prep, shared_data,
                   "t1": ["scans/a.nii.gz", "scans/b.nii.gz"]}).to_csv(table, sep="\t", index=False)
     kw = {"transform": "syn", "template": template_4mm[0], "template_mask": template_4mm[1],
           "progress": False, "log": lambda m: None, "raise_on_failure": False}
-    runner = RayExecutor(num_cpus=2)
+    runner = make_executor(kind, ExecutorConfig(kind=kind, num_cpus=2, cluster="local"))
     try:
         on_ray = run_prep(table, tmp_path / "ray", executor=runner, **kw)
     finally:
@@ -503,6 +506,9 @@ def test_prep_subjects_as_ray_tasks_match_local_processes(ixi_prep, shared_data,
         assert summary.failed == ["sub-bad"]
         assert "participant sub-bad: cannot read" in summary.qc.set_index("participant_id").at["sub-bad", "note"]
     assert not (tmp_path / "ray" / ".storage-check").exists()
+    if kind == "slurm":  # one job per subject, logged in the prep folder
+        jobs = pd.read_csv(tmp_path / "ray" / "logs" / "slurm" / "jobs.tsv", sep="\t")
+        assert sorted(jobs["item"]) == ["sub-IXI014", "sub-bad"]
     files = sorted((tmp_path / "local" / "sub-IXI014" / "anat").iterdir())
     assert len(files) >= 8
     for f in files:

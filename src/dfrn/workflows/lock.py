@@ -34,13 +34,14 @@ file no longer at the path and retries on the new one.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -73,6 +74,11 @@ class ResultsLock:
     log
         Called with one line when the lock is taken over from a process that died
         without releasing it.
+    name
+        The lock file's name: ``.dfrn.lock`` locks the folder; ``dfrn prep``'s participant
+        level locks one subject of it (``.dfrn-sub-<label>.lock``).
+    what
+        What is locked, for messages (default ``"results folder <folder>"``).
 
     Attributes
     ----------
@@ -92,10 +98,12 @@ class ResultsLock:
     """
 
     def __init__(
-        self, folder: str | Path, command: str = "dfrn", log: Callable[[str], None] = print
+        self, folder: str | Path, command: str = "dfrn", log: Callable[[str], None] = print,
+        name: str = LOCK_NAME, what: str = "",
     ) -> None:
         self.folder = Path(folder)
-        self.path = self.folder / LOCK_NAME
+        self.path = self.folder / name
+        self.what = what or f"results folder {self.folder}"
         self.command = command
         self.log = log
         self.holder: dict[str, Any] | None = None
@@ -179,7 +187,7 @@ class ResultsLock:
         if self.stale_holder is not None:
             old = self.stale_holder
             self.log(
-                f"note: took over the lock of {self.folder} left by PID {old.get('pid')} on "
+                f"note: took over the lock of {self.what.removeprefix('results folder ')} left by PID {old.get('pid')} on "
                 f"{old.get('host', 'an unknown host')} (started {old.get('started', 'at an unknown time')}), "
                 "which is no longer running"
             )
@@ -243,9 +251,46 @@ class ResultsLock:
                 f"{info.get('command', 'dfrn')} since {info.get('started', 'an unknown time')})"
             )
         return (
-            f"results folder {self.folder} is in use by {who}; wait for it to finish, or stop "
-            "that process and rerun"
+            f"{self.what} is in use by {who}; wait for it to finish, or stop that process and "
+            "rerun"
         )
+
+
+@contextlib.contextmanager
+def shared_lock(folder: str | Path) -> Iterator[None]:
+    """Hold ``<folder>/.dfrn.lock`` shared: any number of shared holders at once, but not
+    while a :class:`ResultsLock` holds it (and no :class:`ResultsLock` while they do).
+
+    ``dfrn prep``'s participant-level processes hold it, so that a whole-folder ``dfrn prep``
+    cannot run beside them. The file is neither written nor removed.
+
+    Raises
+    ------
+    ResultsFolderLocked
+        When a :class:`ResultsLock` holds the folder (its holder is named).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    for _ in range(_MAX_TRIES):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _read_info_retrying(fd) if exc.errno in _BUSY else None
+            os.close(fd)
+            if exc.errno not in _BUSY:
+                raise DfrnError(f"cannot lock {path}: {exc.strerror or exc}") from None
+            raise ResultsFolderLocked(ResultsLock(folder)._refusal(holder)) from None
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # an exclusive holder removed the file meanwhile: lock the new one
+    else:  # pragma: no cover
+        raise ResultsFolderLocked(f"results folder {folder} is in use by another process")
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def lock_results(

@@ -41,6 +41,7 @@ the warped T1 with the template inside the brain (alignment).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -49,7 +50,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,7 @@ __all__ = [
     "plan_prep_subjects",
     "run_prep",
     "prep_task",
+    "select_participants",
     "QC_COLUMNS",
     "GM_FRACTION",
 ]
@@ -302,7 +304,8 @@ def _check_out(out: Path, identity: dict[str, Any]) -> None:
     if out.exists() and not out.is_dir():
         raise ResultsFolderError(f"output path {out} exists and is not a folder")
     if out.is_dir():
-        extra = sorted(p.name for p in out.iterdir() if p.name not in (".dfrn.lock",))
+        # lock files and temporary folders of a process that is starting in it too
+        extra = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
         if extra:
             raise ResultsFolderError(
                 f"output folder {out} is not empty and holds no dfrn prep (found "
@@ -488,6 +491,7 @@ def run_prep(
     changed_input: str = "rerun",
     raise_on_failure: bool = True,
     executor: Executor | None = None,
+    participants: Sequence[str] | None = None,
 ) -> PrepSummary:
     """Preprocess a cohort into ``out`` (see the module docstring); resumable.
 
@@ -515,9 +519,13 @@ def run_prep(
         Raise :class:`dfrn.errors.PrepFailedError` naming the failed subjects, after
         ``qc.tsv`` and ``cohort.tsv`` are written.
     executor : Executor, optional
-        A Ray executor (:func:`dfrn.evaluation.executors.make_executor`) runs each subject as
-        a Ray task (``jobs`` is then Ray's business: ``cpus_per_task``); None or a local
-        executor uses ``jobs`` spawned processes on this machine.
+        A Ray or SLURM executor (:func:`dfrn.evaluation.executors.make_executor`) runs each
+        subject as a Ray task or a SLURM job (``jobs`` is then the executor's business); None
+        or a local executor uses ``jobs`` spawned processes on this machine.
+    participants : sequence of str, optional
+        The BIDS-Apps participant level: only these labels (without ``sub-``), each under a
+        lock of its own, so that one process per subject can write into ``out`` at once;
+        ``qc.tsv`` and ``cohort.tsv`` then list every subject whose folder is there.
 
     Returns
     -------
@@ -525,8 +533,6 @@ def run_prep(
         Failed subjects are listed in it and in ``qc.tsv``.
     """
     from dfrn.data.prep import PrepParams, ants_environment, require_ants
-    from dfrn.models.package import dfrn_version as dfrn_version_string
-    from dfrn.workflows.lock import ResultsLock
 
     out = Path(out).resolve()
     if jobs < 1:
@@ -539,43 +545,15 @@ def run_prep(
     identity = _identity(kind, params.transform, params.seed, deterministic, tpl)
     _check_out(out, identity)
     table, subjects = plan_prep_subjects(source, image_column, session, derivatives, tpl.space)
+    chosen = select_participants(subjects, participants, source or derivatives)
     if kind == "raw":
         require_ants()
-    with ResultsLock(out, command="dfrn prep", log=log):
+    with _prep_locks(out, chosen if participants is not None else None, log):
         if executor is not None and getattr(executor, "folder", "") is None:
             executor.attach(out / "logs" / executor.name, log)  # not yet attached to a study's
-        for stale in out.glob(f".{_TMP_PREFIX}*.tmp"):  # left by a killed run (we hold the lock)
-            shutil.rmtree(stale, ignore_errors=True)
-        atomic_write_json(out / "prep.json", {"identity": identity, "dfrn_version": dfrn_version_string(),
-                                              "template": str(tpl.t1), "template_source": tpl.source})
-        atomic_write_json(out / "dataset_description.json", {
-            "Name": "dfrn prep",
-            "BIDSVersion": "1.9.0",
-            "DatasetType": "derivative",
-            "GeneratedBy": [{"Name": "dfrn", "Version": dfrn_version_string(),
-                             "Description": f"dfrn prep ({kind}; transform {params.transform})"}],
-        })
-        atomic_write_text(out / "desc-dseg.tsv", _DSEG_TSV)
-        rows: dict[str, dict[str, Any]] = {}
-        todo: list[PrepSubject] = []
-        digests: dict[str, str] = {}
-        for s in subjects:
-            digests[s.stem] = _source_digest(s)
-            row, why, changed = _finished_row(out, s, digests[s.stem])
-            if row is not None:
-                rows[s.stem] = row
-                continue
-            if changed and changed_input == "refuse":
-                raise ResultsFolderError(
-                    f"participant {s.participant_id}: {why}; restore it or start a new run"
-                )
-            if why:
-                log(why)
-            todo.append(s)
-        skipped = [s.participant_id for s in subjects if s.stem in rows]
-        if skipped:
-            log(f"dfrn prep: {len(skipped)} of {len(subjects)} subject(s) already done; "
-                f"{len(todo)} to do")
+        _remove_stale(out, chosen if participants is not None else None)
+        _write_folder_files(out, identity, tpl, kind, params.transform)
+        rows, todo, digests = _finished_rows(out, chosen, changed_input, log)
         res = _res_entity(tpl.resolution_mm)
         jobs_list = [{
             "subject": s, "out": str(out), "res": res, "template": str(tpl.t1),
@@ -591,9 +569,19 @@ def run_prep(
             finished = _run_pool(jobs_list, jobs, env, progress)
         for row in finished:
             rows[_stem_of(row, subjects)] = row
-        qc = _write_tables(out, table, subjects, rows, dice_min, corr_min, image_column)
+        with _tables_lock(out):  # participant processes of one folder take turns here
+            if participants is not None:  # the other subjects, as their folders say
+                rows = _recorded_rows(out, subjects, exclude=rows) | rows
+            listed = [s for s in subjects if s.stem in rows]
+            qc = _write_tables(out, table, listed, rows, dice_min, corr_min, image_column)
+    skipped = [s.participant_id for s in chosen if s not in todo]
     summary = PrepSummary(out, qc, out / "cohort.tsv",
                           processed=[s.participant_id for s in todo], skipped=skipped)
+    return _report(summary, raise_on_failure, log)
+
+
+def _report(summary: PrepSummary, raise_on_failure: bool, log: Callable[[str], None]) -> PrepSummary:
+    """Log QC flags; raise for failed subjects (when asked); log where the cohort is."""
     if summary.flagged:
         log(f"dfrn prep: {len(summary.flagged)} subject(s) flagged by QC: "
             f"{', '.join(summary.flagged[:5])} (see qc.tsv and the figures)")
@@ -601,6 +589,134 @@ def run_prep(
         raise PrepFailedError(summary.failure_message())
     log(f"dfrn prep: {len(summary.qc) - len(summary.failed)} subject(s) in {summary.cohort_table}")
     return summary
+
+
+def select_participants(subjects: list[PrepSubject], labels: Sequence[str] | None,
+                        source: Any) -> list[PrepSubject]:
+    """The subjects named by BIDS ``labels`` (without ``sub-``; a participant_id also works),
+    in the dataset's order; all of them for None. An unknown label is a one-line error."""
+    if labels is None:
+        return list(subjects)
+    known = {s.label: s for s in subjects} | {s.participant_id: s for s in subjects}
+    wanted = [str(x).removeprefix("sub-") if str(x) not in known else str(x) for x in labels]
+    unknown = [x for x in wanted if x not in known]
+    if unknown:
+        some = ", ".join(s.label for s in subjects[:5]) + (" …" if len(subjects) > 5 else "")
+        raise DfrnInputError(
+            f"participant label {unknown[0]!r} is not in {source} (its labels: {some}); give "
+            "labels without 'sub-'"
+        )
+    picked = {known[x].stem for x in wanted}
+    return [s for s in subjects if s.stem in picked]
+
+
+@contextlib.contextmanager
+def _prep_locks(out: Path, participants: list[PrepSubject] | None,
+                log: Callable[[str], None]) -> Iterator[None]:
+    """The whole folder's lock (``dfrn prep``), or the folder's lock shared plus one lock per
+    subject (the participant level: one process per subject can run at once, e.g. from a
+    job array). A whole-folder run and participant processes exclude each other.
+    """
+    from dfrn.workflows.lock import ResultsLock, shared_lock
+
+    with contextlib.ExitStack() as stack:
+        if participants is None:
+            stack.enter_context(ResultsLock(out, command="dfrn prep", log=log))
+        else:
+            stack.enter_context(shared_lock(out))
+            for s in participants:
+                stack.enter_context(_subject_lock(out, s, log))
+        yield
+
+
+def _subject_lock(out: Path, subject: PrepSubject | str, log: Callable[[str], None]) -> Any:
+    from dfrn.workflows.lock import ResultsLock
+
+    stem = subject if isinstance(subject, str) else subject.stem
+    return ResultsLock(out, command="dfrn prep (participant level)", log=log,
+                       name=f".dfrn-{stem}.lock", what=f"participant {stem} of {out}")
+
+
+@contextlib.contextmanager
+def _tables_lock(out: Path) -> Iterator[None]:
+    """A blocking lock around reading the subjects' folders and writing the tables."""
+    import fcntl
+
+    fd = os.open(out / ".dfrn-tables.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _remove_stale(out: Path, participants: list[PrepSubject] | None) -> None:
+    """Remove temporary folders a killed run left (only the locked subjects' at the
+    participant level: another process may be writing the others')."""
+    if participants is None:
+        stale = list(out.glob(f".{_TMP_PREFIX}*.tmp"))
+    else:
+        stale = [p for s in participants for pattern in (s.stem, "old-" + s.stem)
+                 for p in out.glob(f".{_TMP_PREFIX}{pattern}.*.tmp")]
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _write_folder_files(out: Path, identity: dict[str, Any], tpl: Template, kind: str,
+                        transform: str) -> None:
+    """``prep.json``, ``dataset_description.json`` and ``desc-dseg.tsv`` (the same bytes from
+    every process of the same settings)."""
+    from dfrn.models.package import dfrn_version
+
+    atomic_write_json(out / "prep.json", {"identity": identity, "dfrn_version": dfrn_version(),
+                                          "template": str(tpl.t1), "template_source": tpl.source})
+    atomic_write_json(out / "dataset_description.json", {
+        "Name": "dfrn prep",
+        "BIDSVersion": "1.9.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "dfrn", "Version": dfrn_version(),
+                         "Description": f"dfrn prep ({kind}; transform {transform})"}],
+    })
+    atomic_write_text(out / "desc-dseg.tsv", _DSEG_TSV)
+
+
+def _finished_rows(out: Path, subjects: list[PrepSubject], changed_input: str,
+                   log: Callable[[str], None]
+                   ) -> tuple[dict[str, dict[str, Any]], list[PrepSubject], dict[str, str]]:
+    """QC rows of the subjects already done (verified, same input), the ones to do, and
+    every subject's input digest. A changed input is refused under ``"refuse"``."""
+    rows: dict[str, dict[str, Any]] = {}
+    todo: list[PrepSubject] = []
+    digests: dict[str, str] = {}
+    for s in subjects:
+        digests[s.stem] = _source_digest(s)
+        row, why, changed = _finished_row(out, s, digests[s.stem])
+        if row is not None:
+            rows[s.stem] = row
+            continue
+        if changed and changed_input == "refuse":
+            raise ResultsFolderError(
+                f"participant {s.participant_id}: {why}; restore it or start a new run"
+            )
+        if why:
+            log(why)
+        todo.append(s)
+    if rows:
+        log(f"dfrn prep: {len(rows)} of {len(subjects)} subject(s) already done; "
+            f"{len(todo)} to do")
+    return rows, todo, digests
+
+
+def _recorded_rows(out: Path, subjects: list[PrepSubject],
+                   exclude: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The QC rows that other subjects' folders hold (``qc.json``; not re-verified here:
+    the group level and ``dfrn run`` verify them)."""
+    rows = {}
+    for s in subjects:
+        path = out / s.folder / "qc.json"
+        if s.stem not in exclude and path.is_file():
+            rows[s.stem] = json.loads(path.read_text(encoding="utf-8"))
+    return rows
 
 
 def prep_executor(kind: str, address: str = "", settings: Path | None = None) -> Executor:
