@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from dfrn import __version__
 from dfrn.errors import DfrnError, DfrnInputError
@@ -110,42 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "prediction when a region is ablated; individual, not group importance)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<index>")
 
-    p = sub.add_parser(
-        "prep", parents=[common],
-        help="raw T1 scans → MNI152NLin6Asym 1 mm, brain mask and GM maps (antspyx), or import "
-        "fMRIPrep derivatives",
-    )
-    p.add_argument("input", type=Path, nargs="?", default=None,
-                   help="BIDS root, or TSV/CSV with participant_id and a T1 path column")
-    p.add_argument("--out", type=Path, required=True, help="derivatives folder (new, or a resume)")
-    p.add_argument("--image-column", default="t1", help="T1 path column of a table")
-    p.add_argument("--session", default=None, help="BIDS session label")
-    p.add_argument("--transform", choices=["syn", "affine"], default="syn",
-                   help="affine then SyN (default), or affine only")
-    p.add_argument("--template", default=None, help="template T1 (default: TemplateFlow)")
-    p.add_argument("--template-mask", default=None, help="the template's brain mask")
-    p.add_argument("--jobs", type=positive_int, default=1,
-                   help="subjects at once (one process each; default 1)")
-    p.add_argument("--seed", type=non_negative_int, default=0,
-                   help="ANTs random seed (default 0)")
-    p.add_argument("--no-deterministic", action="store_true",
-                   help="let ANTs use several threads per subject (faster, not repeatable)")
-    p.add_argument("--from-derivatives", type=Path, default=None, metavar="DIR",
-                   help="take template-space images from fMRIPrep/sMRIPrep derivatives")
-    p.add_argument("--dice-min", type=float, default=0.90, help="QC flag below this Dice")
-    p.add_argument("--corr-min", type=float, default=0.40,
-                   help="QC flag below this T1 correlation with the template")
-    p.add_argument("--executor", choices=["local", "ray", "slurm"], default="local",
-                   help="local: --jobs processes here (default); ray: one Ray task per subject; "
-                   "slurm: one SLURM job per subject (a job array)")
-    p.add_argument("--executor-config", type=Path, default=None, metavar="TOML",
-                   help="take Ray or SLURM settings (partition, mem_gb, timeout_min, …) from "
-                   "this file's [executor] section; a study config will do")
-    p.add_argument("--ray-address", default="",
-                   help="with --executor ray: empty starts a local Ray; 'auto' or ray://… joins")
-    p.add_argument("--template-space", default=None, metavar="NAME",
-                   help="BIDS space label of --template (default: from a TemplateFlow file "
-                   "name tpl-NAME_…; required otherwise)")
+    _add_prep(sub, common)
+    _add_bids(sub, common)
 
     p = sub.add_parser("report", parents=[common],
                        help="write RESULTS/report.html (one self-contained page)")
@@ -170,6 +137,80 @@ def build_parser() -> argparse.ArgumentParser:
                            help="region ablation importance out of fold (the 'where is the "
                            "signal' ranking), even if [attention] ablation = false")
     return parser
+
+
+def _prep_settings() -> argparse.ArgumentParser:
+    """The options ``dfrn prep`` and ``dfrn bids`` share: registration, QC, executor."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--transform", choices=["syn", "affine"], default="syn",
+                   help="affine then SyN (default), or affine only")
+    p.add_argument("--template", default=None, help="template T1 (default: TemplateFlow)")
+    p.add_argument("--template-mask", default=None, help="the template's brain mask")
+    p.add_argument("--template-space", default=None, metavar="NAME",
+                   help="BIDS space label of --template (default: from a TemplateFlow file "
+                   "name tpl-NAME_…; required otherwise)")
+    p.add_argument("--jobs", type=positive_int, default=1,
+                   help="subjects at once (one process each; default 1)")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="ANTs random seed (default 0)")
+    p.add_argument("--no-deterministic", action="store_true",
+                   help="let ANTs use several threads per subject (faster, not repeatable)")
+    p.add_argument("--dice-min", type=float, default=0.90, help="QC flag below this Dice")
+    p.add_argument("--corr-min", type=float, default=0.40,
+                   help="QC flag below this T1 correlation with the template")
+    p.add_argument("--executor", choices=["local", "ray", "slurm"], default="local",
+                   help="local: --jobs processes here (default); ray: one Ray task per subject; "
+                   "slurm: one SLURM job per subject (a job array)")
+    p.add_argument("--executor-config", type=Path, default=None, metavar="TOML",
+                   help="take Ray or SLURM settings (partition, mem_gb, timeout_min, …) from "
+                   "this file's [executor] section; a study config will do")
+    p.add_argument("--ray-address", default="",
+                   help="with --executor ray: empty starts a local Ray; 'auto' or ray://… joins")
+    return p
+
+
+def _add_prep(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "prep", parents=[common, _prep_settings()],
+        help="raw T1 scans → MNI152NLin6Asym 1 mm, brain mask and GM maps (antspyx), or import "
+        "fMRIPrep derivatives",
+    )
+    p.add_argument("input", type=Path, nargs="?", default=None,
+                   help="BIDS root, or TSV/CSV with participant_id and a T1 path column")
+    p.add_argument("--out", type=Path, required=True, help="derivatives folder (new, or a resume)")
+    p.add_argument("--image-column", default="t1", help="T1 path column of a table")
+    p.add_argument("--session", default=None, help="BIDS session label")
+    p.add_argument("--from-derivatives", type=Path, default=None, metavar="DIR",
+                   help="take template-space images from fMRIPrep/sMRIPrep derivatives")
+
+
+def _add_bids(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``dfrn bids``, worded as the BIDS-Apps specification words its arguments."""
+    p = sub.add_parser(
+        "bids", parents=[common, _prep_settings()],
+        help="the BIDS-Apps command line: participant level (dfrn prep), group level (the study)",
+        description="dfrn as a BIDS App: the participant level preprocesses each subject into "
+        "BIDS derivatives; the group level runs the study of --config on them.",
+    )
+    p.add_argument("bids_dir", type=Path, help="The directory with the input dataset formatted "
+                   "according to the BIDS standard.")
+    p.add_argument("output_dir", type=Path, help="The directory where the output files should "
+                   "be stored. If you are running group level analysis this folder should be "
+                   "prepopulated with the results of the participant level analysis.")
+    p.add_argument("analysis_level", choices=["participant", "group"],
+                   help="Level of the analysis that will be performed. Multiple participant "
+                   "level analyses can be run independently (in parallel) using the same "
+                   "output_dir.")
+    p.add_argument("--participant-label", "--participant_label", dest="participant_label",
+                   nargs="+", default=None, metavar="LABEL",
+                   help="The label(s) of the participant(s) that should be analyzed. The label "
+                   "corresponds to sub-<participant_label> from the BIDS spec (so it does not "
+                   "include \"sub-\"). If this parameter is not provided all subjects should be "
+                   "analyzed. Multiple participants can be specified with a space separated list.")
+    p.add_argument("--config", type=Path, default=None, metavar="TOML",
+                   help="group level: the study config (targets, covariates, training, …); its "
+                   "cohort is the participant level's cohort.tsv, and the study goes into "
+                   "OUTPUT_DIR/study")
 
 
 def _whole_number(text: str, minimum: int) -> int:
@@ -225,6 +266,39 @@ def _parse_names(pairs: Sequence[str]) -> dict[str, list[str]]:
     return names
 
 
+def _run_prep_or_bids(args: argparse.Namespace, progress: bool) -> None:
+    from dfrn.workflows.prep import prep_executor
+
+    if args.command == "bids" and args.analysis_level == "group" and args.config is None:
+        raise DfrnInputError("dfrn bids … group needs --config STUDY.toml (the study to run)")
+    runner = prep_executor(args.executor, args.ray_address, args.executor_config)
+    settings = {
+        "transform": args.transform, "seed": args.seed,
+        "deterministic": not args.no_deterministic, "template": args.template,
+        "template_mask": args.template_mask, "template_space": args.template_space,
+        "jobs": args.jobs, "dice_min": args.dice_min, "corr_min": args.corr_min,
+    }
+    try:
+        if args.command == "prep":
+            from dfrn.workflows.prep import run_prep
+
+            run_prep(args.input, args.out, image_column=args.image_column, session=args.session,
+                     derivatives=args.from_derivatives, progress=progress, executor=runner,
+                     **settings)
+        elif args.analysis_level == "participant":
+            from dfrn.workflows.bids_app import run_bids_participant
+
+            run_bids_participant(args.bids_dir, args.output_dir, args.participant_label,
+                                 progress=progress, executor=runner, **settings)
+        else:
+            from dfrn.workflows.bids_app import run_bids_group
+
+            run_bids_group(args.bids_dir, args.output_dir, args.config, args.participant_label,
+                           progress=progress, executor=runner, **settings)
+    finally:
+        runner.close()
+
+
 def _run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     if args.command == "run":
@@ -253,21 +327,8 @@ def _run(args: argparse.Namespace) -> int:
                 args.items, args.n_factors, args.out, names=_parse_names(args.name),
                 impute=args.impute, tol=args.tol, n_resamples=args.resamples, seed=args.seed,
             )
-    elif args.command == "prep":
-        from dfrn.workflows.prep import prep_executor, run_prep
-
-        runner = prep_executor(args.executor, args.ray_address, args.executor_config)
-        try:
-            run_prep(
-                args.input, args.out, image_column=args.image_column, session=args.session,
-                derivatives=args.from_derivatives, transform=args.transform, seed=args.seed,
-                deterministic=not args.no_deterministic, template=args.template,
-                template_mask=args.template_mask, template_space=args.template_space,
-                jobs=args.jobs, dice_min=args.dice_min,
-                corr_min=args.corr_min, progress=progress, executor=runner,
-            )
-        finally:
-            runner.close()
+    elif args.command in ("prep", "bids"):
+        _run_prep_or_bids(args, progress)
     elif args.command == "report":
         from dfrn.workflows.report import write_report
 

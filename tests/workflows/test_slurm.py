@@ -23,13 +23,14 @@ from conftest import study_config
 pytest.importorskip("submitit")
 
 DEADLINE = 300.0
-TASKS = ["repeat-0_fold-0_anhedonia", "repeat-0_fold-0_sleep",
-         "repeat-0_fold-1_anhedonia", "repeat-0_fold-1_sleep"]
+TASKS = ["repeat-0_fold-0_sleep", "repeat-0_fold-1_sleep"]
 
 
 def _config(cohort, **executor):
-    return study_config(cohort, executor={"kind": "slurm", "cluster": "local",
-                                          "cpus_per_task": 1, **executor})
+    """One factor, two folds: two jobs (each a process that imports torch)."""
+    return study_config(cohort, cohort={"targets": ["sleep"]},
+                        executor={"kind": "slurm", "cluster": "local", "cpus_per_task": 1,
+                                  **executor})
 
 
 def _predictions(out: Path) -> pd.DataFrame:
@@ -66,7 +67,8 @@ def local_run(tiny_cohort, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run_study(study_config(tiny_cohort), out, progress=False, log=lambda s: None)
+        run_study(study_config(tiny_cohort, cohort={"targets": ["sleep"]}), out, progress=False,
+                  log=lambda s: None)
     finally:
         torch.set_num_threads(threads)
     return out
@@ -130,6 +132,9 @@ def test_slurm_jobs_give_the_local_predictions_and_a_killed_job_is_resubmitted(
 
 def test_killed_driver_resumes_and_resubmits_only_the_unfinished(tiny_cohort, local_run,
                                                                  tmp_path) -> None:
+    """The driver is SIGKILLed once the first task is done and the second job runs (held
+    still with SIGSTOP, so that it cannot finish on its own). The rerun cancels that job and
+    resubmits its task only."""
     cfg = tmp_path / "study.toml"
     cfg.write_text(_config(tiny_cohort, array_parallelism=1).to_toml())
     out = tmp_path / "res"
@@ -138,13 +143,18 @@ def test_killed_driver_resumes_and_resubmits_only_the_unfinished(tiny_cohort, lo
            "run", str(cfg), "--out", str(out), "--no-progress"]
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env=env)
+    held: list[int] = []
     try:
         end = time.monotonic() + DEADLINE
-        while not any((out / "cv/tasks" / t).is_dir() for t in TASKS):
+        while not held:
             if first.poll() is not None:
                 pytest.fail(f"driver ended (rc {first.returncode}) early: {first.communicate()}")
-            assert time.monotonic() < end, "no task finished"
-            time.sleep(0.02)
+            assert time.monotonic() < end, "the second job never ran"
+            jobs = _jobs(out) if (out / "logs/slurm/jobs.tsv").is_file() else pd.DataFrame()
+            if len(jobs) == 2 and (pids := _task_processes(out / "logs/slurm")):
+                os.kill(pids[0], signal.SIGSTOP)
+                held.append(pids[0])
+            time.sleep(0.01)
         os.kill(first.pid, signal.SIGKILL)
         first.wait(timeout=DEADLINE)
     finally:
@@ -152,24 +162,23 @@ def test_killed_driver_resumes_and_resubmits_only_the_unfinished(tiny_cohort, lo
             first.kill()
             first.wait()
     assert not (out / "cv/predictions.tsv").exists()
-    before = {t: (out / "cv/tasks" / t).stat().st_ino for t in TASKS
-              if (out / "cv/tasks" / t).is_dir()}
-    first_jobs = _jobs(out)
-    assert set(first_jobs["driver"]) == {str(first.pid)} and len(first_jobs) < len(TASKS)
+    done = [t for t in TASKS if (out / "cv/tasks" / t).is_dir()]
+    assert len(done) == 1
+    inode = (out / "cv/tasks" / done[0]).stat().st_ino
+    left = [t for t in TASKS if t not in done]
 
     again = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env=env)
     stdout, stderr = again.communicate(timeout=DEADLINE)
     assert again.returncode == 0, stderr
+    first_job = _jobs(out).set_index("item").loc[left[0], "job_id"].iloc[0]
+    assert (f"SLURM: cancelled 1 job(s) a killed run left running: {left[0]} (job "
+            f"{first_job})") in stdout
+    assert not Path(f"/proc/{held[0]}").exists()
+    assert "resuming: 1 of 2 tasks already finished, skipped" in stdout
     jobs = _jobs(out)
-    resubmitted = set(jobs.loc[jobs["driver"] == str(again.pid), "item"])
-    skipped = int(stdout.split("resuming: ")[1].split(" of ")[0]) if "resuming: " in stdout else 0
-    # only the tasks without a finished folder were submitted again, each once
-    assert not resubmitted & set(before)
-    assert len(resubmitted) == len(TASKS) - skipped == len(jobs[jobs["driver"] == str(again.pid)])
-    assert len(resubmitted) >= 2  # the killed driver had submitted at most two of the four
-    for task, inode in before.items():  # finished tasks were kept, not redone
-        assert (out / "cv/tasks" / task).stat().st_ino == inode
+    assert list(jobs.loc[jobs["driver"] == str(again.pid), "item"]) == left  # only that one
+    assert (out / "cv/tasks" / done[0]).stat().st_ino == inode  # the finished task was kept
     _assert_tasks_intact(out)
     _assert_same(_predictions(out), _predictions(local_run))
     assert not _task_processes(out / "logs/slurm")

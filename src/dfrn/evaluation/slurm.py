@@ -137,7 +137,7 @@ class SlurmExecutor:
         Call it while holding the results folder's lock: jobs listed in ``jobs.tsv`` that
         still run belong to a driver that is gone, and their tasks are resubmitted.
         """
-        self.folder = Path(folder)  # created at the first submission
+        self.folder = Path(folder).resolve()  # created at the first submission
         self._log = log
         table = self._jobs_table()
         if table.empty:
