@@ -571,16 +571,17 @@ COUNT_MINIMUMS: dict[str, dict[str, int]] = {
 
 def _check_counts(cfg: StudyConfig) -> None:
     """Every count of :data:`COUNT_MINIMUMS` is at least its minimum (one-line error)."""
-    for section, minimums in COUNT_MINIMUMS.items():
-        sub = getattr(cfg, section)
-        if sub is None:
-            continue
-        for key, minimum in minimums.items():
-            value = getattr(sub, key)
-            if isinstance(value, int) and value < minimum:
-                raise DfrnInputError(
-                    f"config [{section}] {key} must be >= {minimum}, got {value}"
-                )
+    for section in COUNT_MINIMUMS:
+        _check_section_counts(section, getattr(cfg, section))
+
+
+def _check_section_counts(section: str, sub: Any) -> None:
+    if sub is None:
+        return
+    for key, minimum in COUNT_MINIMUMS[section].items():
+        value = getattr(sub, key)
+        if isinstance(value, int) and value < minimum:
+            raise DfrnInputError(f"config [{section}] {key} must be >= {minimum}, got {value}")
 
 
 def _check_unique(section: str, key: str, values: list[str]) -> None:
@@ -663,6 +664,7 @@ def _check_executor(e: ExecutorConfig) -> None:
             f"config [executor] kind {e.kind!r} is not one of {', '.join(EXECUTOR_KINDS)}"
         )
     _check_choice("executor", "cluster", e.cluster, ("slurm", "local"))
+    _check_section_counts("executor", e)
     if e.cpus_per_task <= 0 or e.gpus_per_task < 0 or e.mem_gb < 0:
         raise DfrnInputError(
             "config [executor] cpus_per_task must be > 0, and gpus_per_task and mem_gb >= 0"

@@ -33,3 +33,8 @@ class DiskSpaceError(DfrnError, OSError):
 
 class PrepFailedError(DfrnError):
     """``dfrn prep`` finished, but one or more subjects failed (listed in ``qc.tsv``)."""
+
+
+#: Exceptions a task is retried on, by Ray or SLURM (besides its worker or job dying); user
+#: errors never are.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)

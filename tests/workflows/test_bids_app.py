@@ -72,6 +72,7 @@ def _finish(proc: subprocess.Popen) -> tuple[int, str, list[str]]:
 def test_participants_in_parallel_then_group_ends_in_a_finished_study(
     bids_ds, template_4mm, tmp_path
 ) -> None:
+    from dfrn.errors import DfrnInputError
     from dfrn.io import verify_manifest
 
     out = tmp_path / "out"
@@ -98,7 +99,7 @@ def test_participants_in_parallel_then_group_ends_in_a_finished_study(
                                template=template_4mm))
     assert rc == 2 and len(err) == 1, err
     assert "1 of 3 participant(s) have no finished participant level" in err[0]
-    assert "sub-IXI014" in err[0] and "participant' for them first" in err[0]
+    assert "sub-IXI014 (not preprocessed yet)" in err[0] and "for them first" in err[0]
     assert not (out / "study").exists()
 
     rc, _, err = _finish(_bids(str(bids_ds), str(out), "participant", "--participant_label",
@@ -107,12 +108,26 @@ def test_participants_in_parallel_then_group_ends_in_a_finished_study(
     rc, stdout, err = _finish(_bids(str(bids_ds), str(out), "group", "--config", str(config),
                                     template=template_4mm))
     assert rc == 0, err
-    assert "dfrn prep: 3 of 3 subject(s) already done; 0 to do" in stdout
+    assert "the participant level of" in stdout and "is complete and verified" in stdout
     predictions = pd.read_csv(out / "study" / "cv" / "predictions.tsv", sep="\t")
     assert sorted(predictions["participant_id"]) == [f"sub-{x}" for x in LABELS]
     assert (out / "study" / "report.html").is_file()
     recorded = (out / "study" / "config.toml").read_text()
     assert f'table = "{out / "cohort.tsv"}"' in recorded
+
+    # labels narrow the group; a damaged subject is refused by name, not preprocessed again
+    from dfrn.workflows.prep import verify_prep
+
+    kw = {"template": template_4mm[0], "template_mask": template_4mm[1], "transform": "affine"}
+    table = verify_prep(bids_ds, out, participants=LABELS[:2], **kw)
+    assert table.name == "group_cohort.tsv"
+    assert sorted(pd.read_csv(table, sep="\t")["participant_id"]) == ["sub-IXI012", "sub-IXI013"]
+    victim = next((out / "sub-IXI013" / "anat").glob("*desc-preproc_T1w.nii.gz"))
+    damaged = victim.read_bytes()[:-10]
+    victim.write_bytes(damaged)
+    with pytest.raises(DfrnInputError, match=r"1 of 3 .*sub-IXI013 \(sub-IXI013 failed its check"):
+        verify_prep(bids_ds, out, **kw)
+    assert victim.read_bytes() == damaged and not list(out.glob(".prep-*"))  # not redone
 
 
 def test_an_unknown_label_is_one_line(bids_ds, template_4mm, tmp_path) -> None:
@@ -134,3 +149,21 @@ def test_group_refuses_a_config_that_names_its_own_cohort(tmp_path) -> None:
     config.write_text(STUDY)
     cfg = group_config(config, tmp_path / "out" / "cohort.tsv")
     assert cfg.cohort.table == str(tmp_path / "out" / "cohort.tsv") and cfg.cohort.targets == ["age"]
+
+
+def test_the_participant_level_runs_its_subjects_itself(bids_ds, template_4mm, tmp_path,
+                                                          capsys) -> None:
+    """One job-array element per subject: an executor of its own is refused in one line."""
+    pytest.importorskip("submitit")
+    from dfrn.cli import main
+
+    settings = tmp_path / "ex.toml"
+    settings.write_text('[executor]\nkind = "slurm"\ncluster = "local"\n')
+    rc = main(["bids", str(bids_ds), str(tmp_path / "out"), "participant", "--participant-label",
+               "IXI012", "--executor", "slurm", "--executor-config", str(settings),
+               "--template", str(template_4mm[0]), "--template-mask", str(template_4mm[1]),
+               "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "the participant level preprocesses its subjects in this process" in err[0]
+    assert "use 'dfrn prep --executor slurm'" in err[0]

@@ -89,36 +89,55 @@ def _task_processes(folder: Path) -> list[int]:
     return pids
 
 
-def test_slurm_jobs_give_the_local_predictions_and_a_killed_job_is_resubmitted(
+def _handles_usr2(pid: int) -> bool:
+    """Whether submitit's preemption handler (SIGUSR2) is installed in ``pid`` yet."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = int(next(ln for ln in status.splitlines() if ln.startswith("SigCgt:")).split()[1], 16)
+    return bool(caught >> (signal.SIGUSR2 - 1) & 1)
+
+
+def test_slurm_jobs_give_the_local_predictions_a_preempted_job_is_requeued_and_a_killed_job_resubmitted(
     tiny_cohort, local_run, tmp_path
 ) -> None:
+    """One job gets SIGUSR2, SLURM's time-limit signal (with timeout_min = 1 submitit takes
+    any USR2 for the time limit): submitit requeues it, as the task is checkpointable.
+    Another job's process is SIGKILLed: the driver resubmits its task."""
     from dfrn.workflows.run import run_study
 
     out = tmp_path / "res"
     logs: list[str] = []
+    preempted: list[int] = []
     killed: list[int] = []
     stop = threading.Event()
 
-    def killer() -> None:  # SIGKILL the first job process seen, once
+    def killer() -> None:
         end = time.monotonic() + DEADLINE
-        while not stop.is_set() and time.monotonic() < end:
-            pids = _task_processes(out / "logs/slurm")
-            if pids:
-                os.kill(pids[0], signal.SIGKILL)
-                killed.append(pids[0])
-                return
+        while not stop.is_set() and time.monotonic() < end and not killed:
+            for pid in _task_processes(out / "logs/slurm"):
+                if not preempted and _handles_usr2(pid):
+                    os.kill(pid, signal.SIGUSR2)
+                    preempted.append(pid)
+                elif preempted and pid != preempted[0]:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    return
             time.sleep(0.01)
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     try:
         with pytest.warns(UserWarning, match=r"ended without a result .*; resubmitting it"):
-            run_study(_config(tiny_cohort, array_parallelism=2), out, progress=False,
-                      log=logs.append)
+            run_study(_config(tiny_cohort, array_parallelism=2, timeout_min=1), out,
+                      progress=False, log=logs.append)
     finally:
         stop.set()
         thread.join()
-    assert killed, "no job process was seen"
+    assert preempted and killed, "no job process was seen"
+    logs_text = "".join(p.read_text() for p in (out / "logs/slurm").glob("*_log.*"))
+    assert "this job is timed-out" in logs_text and "Requeued job" in logs_text
     _assert_same(_predictions(out), _predictions(local_run))
     _assert_tasks_intact(out)
     jobs = _jobs(out)
@@ -225,3 +244,21 @@ def test_missing_extra_or_sbatch_is_one_line(tiny_cohort, tmp_path, monkeypatch,
                 else "needs SLURM's sbatch, which is not on PATH")
     assert expected in err[0]
     assert not (tmp_path / "res").exists()
+
+
+def test_why_a_job_ended_is_said_in_one_line() -> None:
+    """Time limit reached too often, out of memory, cancelled: no retry, one line each."""
+    from dfrn.errors import DfrnError, DfrnInputError
+    from dfrn.evaluation.slurm import SlurmSettings, _failure, _lost
+
+    s = SlurmSettings(timeout_min=30, max_retries=2, mem_gb=8.0)
+    trace = "Job not requeued because: timed-out too many times.\nUncompletedJobError"
+    assert _failure(trace, s) == ("reached its time limit ([executor] timeout_min = 30) 3 "
+                                  "time(s); raise timeout_min")
+    assert _failure("Traceback\n  File x\nValueError: bad\n----\nYou can check", s) == (
+        "crashed: ValueError: bad")
+    with pytest.raises(DfrnInputError, match=r"task t ran out of memory; raise \[executor\] mem_gb"):
+        _lost("OUT_OF_MEMORY", "task t", s)
+    with pytest.raises(DfrnError, match="was cancelled outside dfrn"):
+        _lost("CANCELLED by 1000", "task t", s)
+    assert _lost("NODE_FAIL", "task t", s) == "ended without a result (state NODE_FAIL)"

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from dfrn.config import ExecutorConfig
-from dfrn.errors import DfrnError, DfrnInputError
+from dfrn.errors import TRANSIENT_ERRORS, DfrnError, DfrnInputError
 
 __all__ = [
     "Executor",
@@ -48,8 +48,6 @@ __all__ = [
 
 #: What to install for ``--executor ray``.
 RAY_INSTALL_HINT = "pip install 'dfrn[distributed]'"
-#: Exceptions a Ray task is retried on (besides its worker dying); user errors never are.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
 _PROBE = ".storage-check"
 _RAY_TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
 

@@ -9,11 +9,13 @@ a job returns only its key.
 * **Logs.** submitit's pickles and each job's stdout and stderr go to
   ``RESULTS/logs/slurm/``, with ``jobs.tsv`` listing every submission (item, job ID, attempt,
   and the PID of the driver that submitted it).
-* **Lost jobs.** A job that ends without a result (preempted, timed out, killed, its node
-  lost) is resubmitted, up to ``max_retries`` times; so is a transient error
-  (:data:`~dfrn.evaluation.executors.TRANSIENT_ERRORS`). A user error
-  (:class:`~dfrn.errors.DfrnError`) stops the run with its one-line message, the job ID and
-  its log; so does a crash (its last line).
+* **Lost jobs.** A job that reaches its time limit is requeued by submitit (the task is
+  checkpointable: it restarts from scratch), up to ``max_retries`` times; a preempted job
+  is requeued by SLURM. A job that ends without a result otherwise (killed, its node lost)
+  is resubmitted by the driver, up to ``max_retries`` times; so is a transient error
+  (:data:`~dfrn.errors.TRANSIENT_ERRORS`). A user error (:class:`~dfrn.errors.DfrnError`)
+  stops the run with its one-line message, the job ID and its log; so do a crash (its last
+  line), running out of memory (naming ``mem_gb``) and a cancel from outside dfrn.
 * **Resume.** Jobs a killed driver left running are cancelled by the next driver that takes
   the folder's lock (:meth:`SlurmExecutor.attach`); it then resubmits only the tasks that
   have no verified folder.
@@ -23,6 +25,7 @@ a job returns only its key.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -35,6 +38,7 @@ from typing import Any
 
 import pandas as pd
 
+from dfrn import errors
 from dfrn.errors import DfrnError, DfrnInputError
 
 __all__ = ["SlurmExecutor", "SLURM_INSTALL_HINT", "SlurmSettings"]
@@ -42,6 +46,9 @@ __all__ = ["SlurmExecutor", "SLURM_INSTALL_HINT", "SlurmSettings"]
 #: What to install for ``kind = "slurm"``.
 SLURM_INSTALL_HINT = "pip install 'dfrn[slurm]'"
 _JOBS = "jobs.tsv"
+_COLUMNS = ("item", "job_id", "attempt", "driver", "ended")
+#: Elements per submitted array (SLURM's default MaxArraySize is 1001).
+_MAX_ARRAY = 1000
 
 
 @dataclass(frozen=True)
@@ -59,19 +66,33 @@ class SlurmSettings:
     max_retries: int = 3
 
 
-def _in_job(fn: Callable[[Any, Any], str], threads: int, common: Any, item: Any) -> tuple:
-    """Run one item inside a job; a user or transient error comes back as a value, not a crash."""
-    import torch
+class _InJob:
+    """One item inside a job: a user or transient error comes back as a value, not a crash.
 
-    from dfrn.evaluation.executors import TRANSIENT_ERRORS
+    It has submitit's ``checkpoint`` method, so a job that reaches its time limit is
+    requeued by submitit (up to ``max_retries`` times) instead of failing; a task restarts
+    from scratch, which is safe because it is idempotent. A preempted job is requeued by
+    SLURM in any case.
+    """
 
-    torch.set_num_threads(max(1, threads))
-    try:
-        return ("ok", fn(common, item))
-    except DfrnError as exc:
-        return ("user", str(exc))
-    except TRANSIENT_ERRORS as exc:
-        return ("transient", f"{type(exc).__name__}: {exc}")
+    def __call__(self, fn: Callable[[Any, Any], str], threads: int, common: Any,
+                 item: Any) -> tuple[str, str, str]:
+        import torch
+
+        from dfrn.errors import TRANSIENT_ERRORS
+
+        torch.set_num_threads(max(1, threads))
+        try:
+            return ("ok", "", fn(common, item))
+        except DfrnError as exc:
+            return ("user", type(exc).__name__, str(exc))
+        except TRANSIENT_ERRORS as exc:
+            return ("transient", type(exc).__name__, str(exc))
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self, *args, **kwargs)
 
 
 def item_label(item: Any) -> str:
@@ -140,20 +161,28 @@ class SlurmExecutor:
         self.folder = Path(folder).resolve()  # created at the first submission
         self._log = log
         table = self._jobs_table()
-        if table.empty:
-            return
-        left = [(str(r.job_id), str(r.item)) for r in table.itertuples() if not self._ended(str(r.job_id))]
+        open_rows = table[table["ended"] != "1"]
+        left = [(str(r.job_id), str(r.item)) for r in open_rows.itertuples()
+                if not self._ended(str(r.job_id))]
         for job_id, _ in left:
             self._cancel_id(job_id)
         if left:
             log(f"SLURM: cancelled {len(left)} job(s) a killed run left running: "
                 + ", ".join(f"{item} (job {job_id})" for job_id, item in left))
+        if len(open_rows):
+            self._mark_ended(table)
 
     def _jobs_table(self) -> pd.DataFrame:
         path = self._folder() / _JOBS
         if not path.is_file():
-            return pd.DataFrame(columns=["item", "job_id", "attempt", "driver"])
-        return pd.read_csv(path, sep="\t", dtype=str)
+            return pd.DataFrame(columns=list(_COLUMNS))
+        return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+
+    def _mark_ended(self, table: pd.DataFrame) -> None:
+        """Mark every listed job as over (a later driver then leaves them alone)."""
+        from dfrn.io import atomic_write_tsv
+
+        atomic_write_tsv(table.assign(ended="1"), self._folder() / _JOBS)
 
     def _folder(self) -> Path:
         if self.folder is None:
@@ -176,7 +205,11 @@ class SlurmExecutor:
     # -- running ---------------------------------------------------------------------
     def _executor(self) -> Any:
         s = self.settings
-        ex = self._submitit.AutoExecutor(folder=self._folder(), cluster=s.cluster)
+        # a job that reaches its time limit is requeued (max_retries times): see _InJob
+        ex = self._submitit.AutoExecutor(
+            folder=self._folder(), cluster=s.cluster, slurm_max_num_timeout=s.max_retries,
+            local_max_num_timeout=s.max_retries,
+        )
         params: dict[str, Any] = {
             "name": "dfrn", "timeout_min": s.timeout_min, "cpus_per_task": s.cpus_per_task,
             "slurm_array_parallelism": s.array_parallelism,
@@ -195,7 +228,7 @@ class SlurmExecutor:
     def map(
         self, fn: Callable[[Any, Any], str], common: Any, items: Iterable[Any]
     ) -> Iterator[str]:
-        """Submit the items as a job array; yield keys as jobs finish (completion order).
+        """Submit the items as job arrays; yield keys as jobs finish (completion order).
 
         Jobs still queued or running when this generator stops early (an error, Ctrl-C,
         SIGTERM) are cancelled.
@@ -217,21 +250,32 @@ class SlurmExecutor:
                         yield key
         finally:
             self._cancel_live()
+            if (self._folder() / _JOBS).is_file():
+                self._mark_ended(self._jobs_table())
 
     def _submit_some(self, ex: Any, fn: Callable[[Any, Any], str], common: Any,
                      queue: list[tuple[Any, int]]) -> list[tuple[Any, int]]:
-        """Submit queued items: all at once to SLURM (which throttles the array), else
-        up to ``array_parallelism`` local processes at a time."""
-        room = len(queue)
+        """Submit queued items: to SLURM in arrays of at most 1000 (SLURM throttles each
+        with ``array_parallelism``); locally up to ``array_parallelism`` processes at once."""
+        room = min(len(queue), _MAX_ARRAY)
         if self.settings.cluster == "local":
-            room = max(0, self.settings.array_parallelism - len(self._live))
+            room = max(0, min(room, self.settings.array_parallelism - len(self._live)))
         batch, rest = queue[:room], queue[room:]
         if not batch:
             return rest
         n = len(batch)
         self._folder().mkdir(parents=True, exist_ok=True)
-        jobs = ex.map_array(_in_job, [fn] * n, [self.settings.cpus_per_task] * n, [common] * n,
-                            [item for item, _ in batch])
+        try:
+            with _clean_env(self._submitit):
+                jobs = ex.map_array(_InJob(), [fn] * n, [self.settings.cpus_per_task] * n,
+                                    [common] * n, [item for item, _ in batch])
+        except Exception as exc:  # noqa: BLE001 - sbatch's refusals come in several types
+            first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+            raise DfrnInputError(
+                f"SLURM refused the job array: {first.strip()}; check [executor] partition, "
+                "cpus_per_task, gpus_per_task, mem_gb, timeout_min and "
+                "slurm_additional_parameters"
+            ) from None
         subs = [_Submission(item, item_label(item), attempt, job)
                 for (item, attempt), job in zip(batch, jobs, strict=True)]
         self._live.extend(subs)
@@ -245,7 +289,7 @@ class SlurmExecutor:
         from dfrn.io import atomic_write_tsv
 
         rows = pd.DataFrame([{"item": s.label, "job_id": s.job.job_id, "attempt": s.attempt,
-                              "driver": os.getpid()} for s in subs])
+                              "driver": os.getpid(), "ended": "0"} for s in subs])
         table = pd.concat([self._jobs_table(), rows.astype(str)], ignore_index=True)
         atomic_write_tsv(table, self._folder() / _JOBS)
 
@@ -254,18 +298,15 @@ class SlurmExecutor:
         utils = self._submitit.core.utils
         where = f"task {sub.label} (SLURM job {sub.job.job_id}, log {sub.job.paths.stderr})"
         try:
-            kind, value = sub.job.result()
+            kind, cls, value = sub.job.result()
         except utils.FailedJobError as exc:
-            lines = [ln for ln in str(exc).splitlines() if ln.strip() and not ln.startswith("-")]
-            last = next((ln for ln in reversed(lines) if not ln.startswith(("You can", "or at",
-                                                                              "  - "))), "")
-            raise DfrnError(f"{where} crashed: {last.strip()}") from None
+            raise DfrnError(f"{where} {_failure(str(exc), self.settings)}") from None
         except utils.UncompletedJobError:
-            kind, value = "lost", f"ended without a result (state {sub.job.state})"
+            kind, cls, value = "lost", "", _lost(sub.job.state, where, self.settings)
         if kind == "ok":
             return value
         if kind == "user":
-            raise DfrnInputError(f"{where}: {value}")
+            raise getattr(errors, cls, DfrnError)(f"{where}: {value}")
         if sub.attempt >= self.settings.max_retries:
             raise DfrnError(f"{where} {value}, {sub.attempt + 1} time(s) ([executor] max_retries "
                             f"= {self.settings.max_retries}); see its log")
@@ -277,16 +318,48 @@ class SlurmExecutor:
     def _cancel_live(self) -> None:
         for sub in self._live:
             try:
-                if self.settings.cluster == "local":
-                    _stop_local_controller(str(sub.job.job_id), self._folder())
-                else:
-                    sub.job.cancel(check=False)
+                self._cancel_id(str(sub.job.job_id))
             except Exception:  # noqa: BLE001 - best effort on the way out
                 pass
         self._live = []
 
     def close(self) -> None:
         self._cancel_live()
+
+
+def _failure(trace: str, settings: SlurmSettings) -> str:
+    """What a job's error result says, in one line."""
+    if "timed-out too many times" in trace:
+        return (f"reached its time limit ([executor] timeout_min = {settings.timeout_min}) "
+                f"{settings.max_retries + 1} time(s); raise timeout_min")
+    lines = [ln.strip() for ln in trace.splitlines()
+             if ln.strip() and not ln.startswith(("-", "You can", "or at", "  - "))]
+    return f"crashed: {lines[-1] if lines else 'no message'}"
+
+
+def _lost(state: str, where: str, settings: SlurmSettings) -> str:
+    """Why a job ended without a result; a cause a retry cannot cure is raised here."""
+    if "OUT_OF_MEMORY" in state:
+        raise DfrnInputError(f"{where} ran out of memory; raise [executor] mem_gb "
+                             f"(now {settings.mem_gb:g}, 0 is the partition's default)")
+    if state.startswith("CANCELLED"):
+        raise DfrnError(f"{where} was cancelled outside dfrn ({state}); rerun the same "
+                        "command to resume")
+    return f"ended without a result (state {state})"
+
+
+@contextlib.contextmanager
+def _clean_env(submitit: Any) -> Iterator[None]:
+    """Submit without this process's own SLURM job variables (a driver that runs as a job
+    would pass them on and clash with the new job's), but with ``SLURM_CONF``."""
+    conf = os.environ.get("SLURM_CONF")
+    with submitit.helpers.clean_env():
+        if conf is not None:
+            os.environ["SLURM_CONF"] = conf
+        try:
+            yield
+        finally:
+            os.environ.pop("SLURM_CONF", None)  # clean_env puts the saved one back
 
 
 def _local_controller_alive(job_id: str, folder: Path) -> bool:

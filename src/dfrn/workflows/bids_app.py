@@ -5,7 +5,8 @@
   ``sub-<label>/anat/…``, ``qc.tsv``, ``cohort.tsv``). Each subject is locked on its own, so
   one process per subject may run at once into the same ``OUTPUT_DIR`` (a job array).
 * **group** checks that every subject (or every labelled one) has a finished, verified
-  participant level, rebuilds ``cohort.tsv`` from them, and runs the study configured in
+  participant level (it preprocesses nothing), rewrites ``cohort.tsv`` from them (for
+  labels: ``group_cohort.tsv`` of those only), and runs the study configured in
   ``--config`` on it, into ``OUTPUT_DIR/study/``.
 
 See the BIDS-Apps specification (Gorgolewski et al. 2017, PLoS Comput Biol 13: e1005209).
@@ -47,11 +48,12 @@ def run_bids_group(
     labels: Sequence[str] | None = None, progress: bool = True,
     log: Callable[[str], None] = print, **prep: Any,
 ) -> Any:
-    """The group level: verify the participant level, then the study on its ``cohort.tsv``.
+    """The group level: verify the participant level, then the study on its cohort table.
 
-    ``prep`` holds the participant level's settings (the same template and transform, which
-    the derivatives folder's ``prep.json`` must match). The study runs where its config's
-    ``[executor]`` says.
+    ``prep`` holds the participant level's settings (template, transform, seed,
+    deterministic, QC thresholds), which the derivatives' ``prep.json`` must match; nothing
+    is preprocessed here. With ``labels`` the study has those subjects only
+    (``group_cohort.tsv``). The study runs where its config's ``[executor]`` says.
 
     Raises
     ------
@@ -59,41 +61,16 @@ def run_bids_group(
         When a subject has no finished participant level (naming the first ones), or the
         config sets what the group level sets (``[cohort] table``, ``bids``, ``[prep]``).
     """
-    from dfrn.workflows.prep import run_prep
+    from dfrn.workflows.prep import verify_prep
     from dfrn.workflows.run import run_study
 
     bids, out = _bids_root(bids_dir), Path(output_dir).resolve()
-    cfg = group_config(config, out / "cohort.tsv")
-    if not (out / "prep.json").is_file():
-        raise DfrnInputError(
-            f"{out} holds no participant level (no prep.json); run 'dfrn bids {bids} {out} "
-            "participant' first"
-        )
-    _check_participants_done(bids, out, labels, prep)
-    # every subject is done, so this only verifies them and rewrites qc.tsv and cohort.tsv
-    run_prep(bids, out, participants=labels, progress=False, log=log, changed_input="refuse",
-             **prep)
-    return run_study(cfg, out / STUDY_FOLDER, progress=progress, log=log)
-
-
-def _check_participants_done(bids: Path, out: Path, labels: Sequence[str] | None,
-                             prep: dict[str, Any]) -> None:
-    """A one-line error naming the subjects without a finished participant level."""
-    from dfrn.data.templates import resolve_template
-    from dfrn.workflows.prep import plan_prep_subjects, select_participants
-
-    tpl = resolve_template(prep.get("template"), prep.get("template_mask"),
-                           prep.get("template_space"))
-    _, subjects = plan_prep_subjects(bids, space=tpl.space)
-    chosen = select_participants(subjects, labels, bids)
-    missing = [s.stem for s in chosen if not (out / s.folder / "qc.json").is_file()]
-    if missing:
-        listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise DfrnInputError(
-            f"group level: {len(missing)} of {len(chosen)} participant(s) have no finished "
-            f"participant level in {out}: {listed}; run 'dfrn bids {bids} {out} participant' "
-            "for them first"
-        )
+    group_config(config, out / "cohort.tsv")  # its errors before the (longer) verification
+    keys = ("transform", "seed", "deterministic", "template", "template_mask",
+            "template_space", "dice_min", "corr_min")
+    table = verify_prep(bids, out, participants=labels, **{k: prep[k] for k in keys if k in prep})
+    log(f"group level: the participant level of {out} is complete and verified ({table.name})")
+    return run_study(group_config(config, table), out / STUDY_FOLDER, progress=progress, log=log)
 
 
 def group_config(config: str | Path, cohort_table: Path) -> Any:

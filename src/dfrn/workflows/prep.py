@@ -79,6 +79,7 @@ __all__ = [
     "run_prep",
     "prep_task",
     "select_participants",
+    "verify_prep",
     "QC_COLUMNS",
     "GM_FRACTION",
 ]
@@ -305,7 +306,8 @@ def _check_out(out: Path, identity: dict[str, Any]) -> None:
         raise ResultsFolderError(f"output path {out} exists and is not a folder")
     if out.is_dir():
         # lock files and temporary folders of a process that is starting in it too
-        extra = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+        ours = (".dfrn", f".{_TMP_PREFIX}", ".storage-check")
+        extra = sorted(p.name for p in out.iterdir() if not p.name.startswith(ours))
         if extra:
             raise ResultsFolderError(
                 f"output folder {out} is not empty and holds no dfrn prep (found "
@@ -546,13 +548,21 @@ def run_prep(
     _check_out(out, identity)
     table, subjects = plan_prep_subjects(source, image_column, session, derivatives, tpl.space)
     chosen = select_participants(subjects, participants, source or derivatives)
+    if participants is not None and executor is not None and executor.name != "local":
+        raise DfrnInputError(
+            "the participant level preprocesses its subjects in this process (run one job-array "
+            f"element per subject); for one {executor.name} task per subject use 'dfrn prep "
+            f"--executor {executor.name}'"
+        )
     if kind == "raw":
         require_ants()
     with _prep_locks(out, chosen if participants is not None else None, log):
         if executor is not None and getattr(executor, "folder", "") is None:
             executor.attach(out / "logs" / executor.name, log)  # not yet attached to a study's
         _remove_stale(out, chosen if participants is not None else None)
-        _write_folder_files(out, identity, tpl, kind, params.transform)
+        with _tables_lock(out):  # a process with other settings may have started meanwhile
+            _check_out(out, identity)
+            _write_folder_files(out, identity, tpl, kind, params.transform)
         rows, todo, digests = _finished_rows(out, chosen, changed_input, log)
         res = _res_entity(tpl.resolution_mm)
         jobs_list = [{
@@ -571,6 +581,7 @@ def run_prep(
             rows[_stem_of(row, subjects)] = row
         with _tables_lock(out):  # participant processes of one folder take turns here
             if participants is not None:  # the other subjects, as their folders say
+                _record_failures(out, chosen, rows)
                 rows = _recorded_rows(out, subjects, exclude=rows) | rows
             listed = [s for s in subjects if s.stem in rows]
             qc = _write_tables(out, table, listed, rows, dice_min, corr_min, image_column)
@@ -710,13 +721,81 @@ def _finished_rows(out: Path, subjects: list[PrepSubject], changed_input: str,
 def _recorded_rows(out: Path, subjects: list[PrepSubject],
                    exclude: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The QC rows that other subjects' folders hold (``qc.json``; not re-verified here:
-    the group level and ``dfrn run`` verify them)."""
+    the group level and ``dfrn run`` verify them), or their recorded failure."""
     rows = {}
     for s in subjects:
-        path = out / s.folder / "qc.json"
-        if s.stem not in exclude and path.is_file():
-            rows[s.stem] = json.loads(path.read_text(encoding="utf-8"))
+        if s.stem in exclude:
+            continue
+        for path in (out / s.folder / "qc.json", _failure_path(out, s)):
+            if path.is_file():
+                rows[s.stem] = json.loads(path.read_text(encoding="utf-8"))
+                break
     return rows
+
+
+def _failure_path(out: Path, subject: PrepSubject) -> Path:
+    return out / "logs" / "prep-failed" / f"{subject.stem}.json"
+
+
+def _record_failures(out: Path, subjects: list[PrepSubject], rows: dict[str, Any]) -> None:
+    """Keep the participant level's failed rows (other processes rewrite the tables), and
+    forget a failure once the subject succeeded."""
+    for s in subjects:
+        path, row = _failure_path(out, s), rows.get(s.stem, {})
+        if row.get("status") == "failed":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, row)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def verify_prep(
+    source: str | Path, out: str | Path, *, participants: Sequence[str] | None = None,
+    transform: str = "syn", seed: int = 0, deterministic: bool = True,
+    template: str | Path | None = None, template_mask: str | Path | None = None,
+    template_space: str | None = None, dice_min: float = 0.90, corr_min: float = 0.40,
+) -> Path:
+    """The BIDS-Apps group level's check: every chosen subject's folder is intact, made from
+    its current scan with these settings; nothing is preprocessed.
+
+    Writes ``qc.tsv`` and ``cohort.tsv`` of every subject (or, for ``participants``,
+    ``group_qc.tsv`` and ``group_cohort.tsv`` of those) and returns the cohort table's path.
+
+    Raises
+    ------
+    DfrnInputError
+        Naming the subjects that are missing, failed, damaged or made from another scan.
+    """
+    out = Path(out).resolve()
+    if not (out / "prep.json").is_file():
+        raise DfrnInputError(f"{out} holds no participant level (no prep.json); run the "
+                             "participant level first")
+    tpl = resolve_template(template, template_mask, template_space)
+    identity = _identity("raw", transform, seed, deterministic, tpl)
+    table, subjects = plan_prep_subjects(source, space=tpl.space)
+    chosen = select_participants(subjects, participants, source)
+    with _tables_lock(out):
+        _check_out(out, identity)
+        rows, problems = {}, []
+        for s in chosen:
+            row, why, _ = _finished_row(out, s, _source_digest(s))
+            if row is not None:
+                rows[s.stem] = row
+            elif _failure_path(out, s).is_file():
+                note = json.loads(_failure_path(out, s).read_text(encoding="utf-8"))["note"]
+                problems.append(f"{s.stem} (failed: {note})")
+            else:
+                problems.append(f"{s.stem} ({why or 'not preprocessed yet'})")
+        if problems:
+            more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+            raise DfrnInputError(
+                f"group level: {len(problems)} of {len(chosen)} participant(s) have no finished "
+                f"participant level in {out}: {'; '.join(problems[:3])}{more}; run the "
+                "participant level for them first"
+            )
+        prefix = "" if participants is None else "group_"
+        _write_tables(out, table, chosen, rows, dice_min, corr_min, "t1", prefix)
+    return out / f"{prefix}cohort.tsv"
 
 
 def prep_executor(kind: str, address: str = "", settings: Path | None = None) -> Executor:
@@ -815,7 +894,8 @@ def _run_on_executor(executor: Executor, jobs_list: list[dict[str, Any]], env: d
 
 def _write_tables(out: Path, table: pd.DataFrame, subjects: list[PrepSubject],
                   rows: dict[str, dict[str, Any]], dice_min: float, corr_min: float,
-                  image_column: str) -> pd.DataFrame:
+                  image_column: str, prefix: str = "") -> pd.DataFrame:
+    """``qc.tsv`` and ``cohort.tsv`` of ``subjects`` (``prefix``: the group level's own)."""
     qc_rows, cohort_rows = [], []
     for s in subjects:
         row = rows[s.stem]
@@ -827,9 +907,9 @@ def _write_tables(out: Path, table: pd.DataFrame, subjects: list[PrepSubject],
     qc = pd.DataFrame(qc_rows, columns=list(QC_COLUMNS))
     if not any(s.session for s in subjects):
         qc = qc.drop(columns="session")
-    atomic_write_tsv(qc, out / "qc.tsv")
+    atomic_write_tsv(qc, out / f"{prefix}qc.tsv")
     columns = ["participant_id", *(c for c in table.columns if c != image_column), *COHORT_COLUMNS]
-    atomic_write_tsv(pd.DataFrame(cohort_rows, columns=columns), out / "cohort.tsv")
+    atomic_write_tsv(pd.DataFrame(cohort_rows, columns=columns), out / f"{prefix}cohort.tsv")
     return qc
 
 
