@@ -8,6 +8,7 @@ environment marker). No timing asserts: waits poll for a state with a generous d
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -271,7 +272,10 @@ def test_sigterm_to_a_ray_run_is_a_clean_143(tiny_cohort, tmp_path) -> None:
         _kill_marked(marker)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert run.returncode == 143, err
-    lines = err.strip().splitlines()
+    # Ray's C++ core may log one line of its own while it shuts down under the signal (seen
+    # once: "task_manager.cc: Failed to push error to driver"); no Python traceback, though
+    ray_log = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [EWI] \d+ \d+\] \S+\.cc:\d+: ")
+    lines = [ln for ln in err.strip().splitlines() if not ray_log.match(ln)]
     assert lines == ["dfrn: terminated; rerun the same command to resume"], err
     assert not (out / "cv/predictions.tsv").exists()
 

@@ -67,6 +67,7 @@ _EXPORTS: dict[str, str] = {
     "group_config": "bids_app",
     "STUDY_FOLDER": "bids_app",
     "select_participants": "prep",
+    "verify_prep": "prep",
     "run_region_ablation": "ablation",
     "run_study": "run",
     "run_study_prep": "study",
