@@ -312,6 +312,9 @@ class SlurmExecutor:
                             f"= {self.settings.max_retries}); see its log")
         warnings.warn(f"SLURM: {where} {value}; resubmitting it (retry {sub.attempt + 1} of "
                       f"{self.settings.max_retries})", UserWarning, stacklevel=2)
+        # a job SLURM merely suspended counts as done for submitit: cancel it first, so that
+        # no two jobs ever work on one task
+        self._cancel_id(str(sub.job.job_id))
         queue.append((sub.item, sub.attempt + 1))
         return None
 
