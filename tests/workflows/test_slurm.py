@@ -7,7 +7,9 @@ process. No timing asserts: waits poll for a state with a generous deadline.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -262,3 +264,83 @@ def test_why_a_job_ended_is_said_in_one_line() -> None:
     with pytest.raises(DfrnError, match="was cancelled outside dfrn"):
         _lost("CANCELLED by 1000", "task t", s)
     assert _lost("NODE_FAIL", "task t", s) == "ended without a result (state NODE_FAIL)"
+
+
+@pytest.fixture
+def fake_slurm(tmp_path: Path, monkeypatch) -> Path:
+    """``sbatch``, ``srun``, ``sacct`` and ``scancel`` of ``tests/fake_slurm.py`` on PATH."""
+    bin_dir, state = tmp_path / "bin", tmp_path / "slurm-state"
+    bin_dir.mkdir()
+    state.mkdir()
+    script = Path(__file__).resolve().parents[1] / "fake_slurm.py"
+    for command in ("sbatch", "srun", "sacct", "scancel"):
+        path = bin_dir / command
+        path.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{script}" {command} "$@"\n')
+        path.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM_DIR", str(state))
+    return state
+
+
+def test_the_slurm_cluster_path_through_a_stand_in_scheduler(tiny_cohort, local_run, fake_slurm,
+                                                             tmp_path, monkeypatch) -> None:
+    """``cluster = "slurm"``: sbatch gets the [executor] settings as #SBATCH options and no
+    SLURM_* variable of a driver that is itself a job; array elements are ``<job>_<index>``;
+    predictions equal the local executor's."""
+    from dfrn.workflows.run import run_study
+
+    monkeypatch.setenv("SLURM_JOB_ID", "77")  # the driver runs as a job itself
+    monkeypatch.setenv("SLURM_MEM_PER_CPU", "4000")
+    cfg = study_config(tiny_cohort, cohort={"targets": ["sleep"]}, executor={
+        "kind": "slurm", "cluster": "slurm", "partition": "short", "mem_gb": 2, "timeout_min": 30,
+        "cpus_per_task": 1, "array_parallelism": 4,
+        "slurm_additional_parameters": {"account": "lab"}})
+    out = tmp_path / "res"
+    run_study(cfg, out, progress=False, log=lambda s: None)
+    _assert_same(_predictions(out), _predictions(local_run))
+    _assert_tasks_intact(out)
+    jobs = _jobs(out)
+    assert sorted(jobs["item"]) == TASKS
+    assert all(re.fullmatch(r"\d+_[01]", job_id) for job_id in jobs["job_id"])
+    (submitted,) = fake_slurm.glob("*.json")
+    sbatch = json.loads(submitted.read_text())
+    print(sbatch)
+    assert sbatch["inherited"] == []  # submitted outside the driver's own job environment
+    options = sbatch["options"]
+    assert options["partition"] == "short" and options["account"] == "lab"
+    assert options["time"] == "30" and options["array"] == "0-1%2" and options["mem"] == "2GB"
+    assert options["cpus-per-task"] == "1" and options["job-name"] == "dfrn"
+    assert os.environ["SLURM_JOB_ID"] == "77"  # the driver's environment is back
+
+
+def test_a_new_driver_cancels_the_jobs_sacct_says_still_run(fake_slurm, tmp_path) -> None:
+    """``attach`` asks sacct about the jobs.tsv rows not marked ended, scancels those still
+    running (here a sleeping process group), and marks every row ended."""
+    from dfrn.config import ExecutorConfig
+    from dfrn.evaluation.executors import make_executor
+
+    sleeper = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    try:
+        (fake_slurm / "5000_0.state").write_text("RUNNING")
+        (fake_slurm / "5000_0.pgid").write_text(str(sleeper.pid))
+        (fake_slurm / "5000_1.state").write_text("COMPLETED")
+        logs = tmp_path / "logs"
+        logs.mkdir()
+        pd.DataFrame({"item": ["a", "b", "c"], "job_id": ["5000_0", "5000_1", "4000_0"],
+                      "attempt": ["0", "0", "0"], "driver": ["1", "1", "1"],
+                      "ended": ["0", "0", "1"]}).to_csv(logs / "jobs.tsv", sep="\t", index=False)
+        ex = make_executor("slurm", ExecutorConfig(kind="slurm", cluster="slurm"))
+        lines: list[str] = []
+        ex.attach(logs, lines.append)
+        assert lines == ["SLURM: cancelled 1 job(s) a killed run left running: a (job 5000_0)"]
+        assert sleeper.wait(timeout=DEADLINE) == -signal.SIGKILL
+        assert (fake_slurm / "5000_0.state").read_text() == "CANCELLED by 0"
+        table = pd.read_csv(logs / "jobs.tsv", sep="\t", dtype=str)
+        assert set(table["ended"]) == {"1"}
+        lines.clear()
+        ex.attach(logs, lines.append)  # a later driver leaves ended rows alone
+        assert lines == []
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+            sleeper.wait()
