@@ -82,6 +82,20 @@ def study_config(synth, **over):
     return config_from_dict(raw, synth.root)
 
 
+def one_thread_run(cfg, out: Path) -> Path:
+    """``run_study`` with 1 torch thread, as each Ray task or SLURM job gets: the reference
+    the executors' predictions are compared with (the thread count changes float sums)."""
+    from dfrn.workflows.run import run_study
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_study(cfg, out, progress=False, log=lambda s: None)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 def roi_cohort(n: int = 40, p: int = 12, seed: int = 0, signal: float = 1.0):
     """ROI features, targets (a strong one and noise) and covariates for ridge tests."""
     import numpy as np

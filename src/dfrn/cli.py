@@ -32,7 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--no-progress", action="store_true", help="hide progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_run, _add_demo, _add_factors, _add_predict, _add_prep, _add_bids,
+                _add_finished_run_commands):
+        add(sub, common)
+    return parser
 
+
+def _add_run(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``dfrn run``."""
     p = sub.add_parser(
         "run", parents=[common], help="run the pipeline configured in a study TOML file"
     )
@@ -55,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(same as [cohort] strict = true)",
     )
 
+
+def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``dfrn demo``."""
     p = sub.add_parser(
         "demo", parents=[common], help="run the pipeline on a synthetic cohort with planted effects"
     )
@@ -62,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="the paper's protocol at 1 mm (GPU)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed (default 0)")
 
+
+def _add_factors(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``dfrn factors``."""
     p = sub.add_parser(
         "factors", parents=[common], help="symptom factors (PCA + varimax) from rating-scale items"
     )
@@ -92,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tol", type=non_negative_float, default=1e-5,
                    help="varimax tolerance (default 1e-5, R's)")
 
+
+def _add_predict(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``dfrn predict``."""
     p = sub.add_parser(
         "predict", parents=[common],
         help="apply a study's model packages to new scans (grid and leakage checks)",
@@ -111,9 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "prediction when a region is ablated; individual, not group importance)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<index>")
 
-    _add_prep(sub, common)
-    _add_bids(sub, common)
 
+def _add_finished_run_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``dfrn report``, ``baseline`` and ``attention``: commands on a finished run."""
     p = sub.add_parser("report", parents=[common],
                        help="write RESULTS/report.html (one self-contained page)")
     p.add_argument("results", type=Path, help="results folder of 'dfrn run'")
@@ -136,7 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--ablation", action="store_true", default=None,
                            help="region ablation importance out of fold (the 'where is the "
                            "signal' ranking), even if [attention] ablation = false")
-    return parser
 
 
 def _prep_settings() -> argparse.ArgumentParser:

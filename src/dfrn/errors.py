@@ -7,6 +7,8 @@ prints it without a traceback and exits with status 2.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class DfrnError(Exception):
     """Base class of every dfrn error."""
@@ -38,3 +40,9 @@ class PrepFailedError(DfrnError):
 #: Exceptions a task is retried on, by Ray or SLURM (besides its worker or job dying); user
 #: errors never are.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
+
+
+def listed(items: Sequence[object], limit: int = 5, sep: str = ", ") -> str:
+    """The first ``limit`` items joined by ``sep``, then `` and N more``: for one-line errors."""
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return sep.join(str(x) for x in list(items)[:limit]) + more

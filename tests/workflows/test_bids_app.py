@@ -134,6 +134,7 @@ def test_participants_in_parallel_then_group_ends_in_a_finished_study(
     table = verify_prep(bids_ds, out, participants=LABELS[:2], **kw)
     assert table.name == "group_cohort.tsv"
     assert sorted(pd.read_csv(table, sep="\t")["participant_id"]) == ["sub-IXI012", "sub-IXI013"]
+    assert len(pd.read_csv(out / "group_qc.tsv", sep="\t")) == 2  # read beside it by dfrn run
     victim = next((out / "sub-IXI013" / "anat").glob("*desc-preproc_T1w.nii.gz"))
     damaged = victim.read_bytes()[:-10]
     victim.write_bytes(damaged)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import study_config
+from conftest import one_thread_run, study_config
 
 ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
@@ -62,18 +62,7 @@ def _assert_tasks_intact(out: Path) -> None:
 @pytest.fixture(scope="module")
 def local_run(tiny_cohort, tmp_path_factory):
     """The reference, with as many torch threads as a Ray task gets (cpus_per_task = 1)."""
-    import torch
-
-    from dfrn.workflows.run import run_study
-
-    out = tmp_path_factory.mktemp("local") / "res"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_study(_config(tiny_cohort), out, progress=False, log=lambda s: None)
-    finally:
-        torch.set_num_threads(threads)
-    return out
+    return one_thread_run(_config(tiny_cohort), tmp_path_factory.mktemp("local") / "res")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import study_config
+from conftest import one_thread_run, study_config
 
 pytest.importorskip("submitit")
 
@@ -61,19 +61,8 @@ def _assert_tasks_intact(out: Path) -> None:
 @pytest.fixture(scope="module")
 def local_run(tiny_cohort, tmp_path_factory):
     """The reference: the local executor with 1 torch thread, as each job gets."""
-    import torch
-
-    from dfrn.workflows.run import run_study
-
-    out = tmp_path_factory.mktemp("slurm_local") / "res"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_study(study_config(tiny_cohort, cohort={"targets": ["sleep"]}), out, progress=False,
-                  log=lambda s: None)
-    finally:
-        torch.set_num_threads(threads)
-    return out
+    return one_thread_run(study_config(tiny_cohort, cohort={"targets": ["sleep"]}),
+                          tmp_path_factory.mktemp("slurm_local") / "res")
 
 
 def _task_processes(folder: Path) -> list[int]:

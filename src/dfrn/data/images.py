@@ -69,7 +69,7 @@ import nibabel as nib
 import numpy as np
 
 from dfrn.config import INTENSITY_MODES
-from dfrn.errors import DfrnInputError
+from dfrn.errors import DfrnInputError, listed
 from dfrn.io import atomic_write, atomic_write_json, file_digest
 
 __all__ = [
@@ -331,11 +331,10 @@ def check_common_grid(
     ref = groups[0][0]
     if len(groups) > 1:
         bad = [i for _, members in groups[1:] for i in members]
-        listed = ", ".join(f"{labels[i]} ({paths[i]}, shape {specs[i].shape})" for i in bad[:10])
-        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        named = [f"{labels[i]} ({paths[i]}, shape {specs[i].shape})" for i in bad]
         raise DfrnInputError(
             f"{len(bad)} image(s) are not on the common grid (shape {ref.shape}, the affine of "
-            f"the majority): {listed}{more}; register them to the template first"
+            f"the majority): {listed(named, 10)}; register them to the template first"
         )
     return ref
 
@@ -483,11 +482,6 @@ class VolumeSet:
     def affine(self) -> np.ndarray:
         """Affine of the (possibly downsampled) volumes."""
         return downsampled_affine(self.input_grid.affine, self.downsample)
-
-
-def _listed(labels: Sequence[str], limit: int = 10) -> str:
-    more = f" and {len(labels) - limit} more" if len(labels) > limit else ""
-    return ", ".join(labels[:limit]) + more
 
 
 def _is_number(value: Any) -> bool:
@@ -718,7 +712,7 @@ class VolumeCache:
             if binary:
                 warnings.warn(
                     f"{len(binary)} image(s) look binary (at most 2 distinct values inside the "
-                    f"brain region): {_listed(binary, 3)}; intensity='zscore' rescales each "
+                    f"brain region): {listed(binary, 3)}; intensity='zscore' rescales each "
                     'one by its own mean and SD, so set [cohort] intensity = "none" for '
                     "binary maps such as lesion masks",
                     UserWarning,
@@ -729,7 +723,7 @@ class VolumeCache:
             # still sees the other subjects' variation
             warnings.warn(
                 f"{len(constant)} subject(s) have constant network inputs under "
-                f"intensity='none' (e.g. an empty lesion map): {_listed(constant, 3)}",
+                f"intensity='none' (e.g. an empty lesion map): {listed(constant, 3)}",
                 UserWarning,
                 stacklevel=2,
             )
@@ -750,7 +744,7 @@ class VolumeCache:
             )
             raise DfrnInputError(
                 f"{len(constant)} subject(s) have constant or all-zero network inputs after "
-                f"intensity={intensity!r} normalisation: {_listed(constant)}; check the "
+                f"intensity={intensity!r} normalisation: {listed(constant, 10)}; check the "
                 f"images and [cohort] mask/intensity{hint}"
             )
         return VolumeSet(

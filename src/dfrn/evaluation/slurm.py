@@ -39,7 +39,7 @@ from typing import Any
 import pandas as pd
 
 from dfrn import errors
-from dfrn.errors import DfrnError, DfrnInputError
+from dfrn.errors import DfrnError, DfrnInputError, listed
 
 __all__ = ["SlurmExecutor", "SLURM_INSTALL_HINT", "SlurmSettings"]
 
@@ -168,7 +168,7 @@ class SlurmExecutor:
             self._cancel_id(job_id)
         if left:
             log(f"SLURM: cancelled {len(left)} job(s) a killed run left running: "
-                + ", ".join(f"{item} (job {job_id})" for job_id, item in left))
+                + listed([f"{item} (job {job_id})" for job_id, item in left], 10))
         if len(open_rows):
             self._mark_ended(table)
 

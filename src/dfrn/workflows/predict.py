@@ -42,7 +42,7 @@ import pandas as pd
 
 from dfrn.data.cohort import Cohort, load_bids_cohort, load_cohort_table
 from dfrn.data.images import AFFINE_ATOL, VolumeCache, load_volume, read_header
-from dfrn.errors import DfrnInputError, ResultsFolderError
+from dfrn.errors import DfrnInputError, ResultsFolderError, listed
 from dfrn.io import atomic_write_nifti, atomic_write_tsv, file_digest
 from dfrn.models.package import ModelPackage, load_package, scan_content_digest
 from dfrn.models.regressor import resolve_device
@@ -85,17 +85,11 @@ def _check_grid(cohort: Cohort, package: ModelPackage) -> None:
         if spec.shape != shape or not np.allclose(spec.affine, affine, atol=AFFINE_ATOL):
             bad.append(f"participant {pid} ({path}, shape {spec.shape})")
     if bad:
-        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise DfrnInputError(
             f"{len(bad)} scan(s) are not on the grid of model {package.factor} "
-            f"({inp['template']}, shape {shape}): {'; '.join(bad[:5])}{more}; register them "
+            f"({inp['template']}, shape {shape}): {listed(bad, sep='; ')}; register them "
             "to the template first (dfrn prep)"
         )
-
-
-def _listed(items: list[str]) -> str:
-    more = f" and {len(items) - 5} more" if len(items) > 5 else ""
-    return ", ".join(items[:5]) + more
 
 
 def _no_signal(data: np.ndarray, mask: np.ndarray | None) -> bool:
@@ -127,7 +121,7 @@ def _check_content(cohort: Cohort, packages: list[ModelPackage], allow_training:
         if pids and not allow_training:
             raise DfrnInputError(
                 f"{len(pids)} scan(s) were used to train model {package.factor}: participant "
-                f"{_listed(pids)}; their predictions would be in-sample (pass "
+                f"{listed(pids)}; their predictions would be in-sample (pass "
                 "--allow-training-subjects to predict them anyway)"
             )
     for package, names in zip(packages, blank, strict=True):
@@ -135,7 +129,7 @@ def _check_content(cohort: Cohort, packages: list[ModelPackage], allow_training:
             where = "inside the brain mask of" if package.mask_path is not None else "for"
             raise DfrnInputError(
                 f"{len(names)} scan(s) have no signal {where} model {package.factor} (all zero "
-                f"or constant): {_listed(names)}; check that each is the subject's T1 scan, "
+                f"or constant): {listed(names)}; check that each is the subject's T1 scan, "
                 "registered to the template"
             )
 

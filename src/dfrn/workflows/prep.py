@@ -60,7 +60,7 @@ import pandas as pd
 
 from dfrn.config import ExecutorConfig
 from dfrn.data.templates import Template, resolve_template
-from dfrn.errors import DfrnInputError, PrepFailedError, ResultsFolderError
+from dfrn.errors import DfrnInputError, PrepFailedError, ResultsFolderError, listed
 from dfrn.evaluation.executors import Executor, make_executor
 from dfrn.io import (
     atomic_write_json,
@@ -147,10 +147,9 @@ class PrepSummary:
 
     def failure_message(self) -> str:
         rows = self.qc[self.qc["status"] == "failed"]
-        listed = "; ".join(f"{r.note}" for r in rows.head(3).itertuples())
-        more = f" and {len(rows) - 3} more" if len(rows) > 3 else ""
+        notes = [str(r.note) for r in rows.itertuples()]
         return (
-            f"dfrn prep: {len(rows)} of {len(self.qc)} subject(s) failed: {listed}{more} "
+            f"dfrn prep: {len(rows)} of {len(self.qc)} subject(s) failed: {listed(notes, 3, '; ')} "
             f"(see {self.out / 'qc.tsv'}); fix the files and rerun, or remove the subjects"
         )
 
@@ -534,7 +533,7 @@ def run_prep(
     PrepSummary
         Failed subjects are listed in it and in ``qc.tsv``.
     """
-    from dfrn.data.prep import PrepParams, ants_environment, require_ants
+    from dfrn.data.prep import PrepParams, require_ants
 
     out = Path(out).resolve()
     if jobs < 1:
@@ -564,31 +563,35 @@ def run_prep(
             _check_out(out, identity)
             _write_folder_files(out, identity, tpl, kind, params.transform)
         rows, todo, digests = _finished_rows(out, chosen, changed_input, log)
-        res = _res_entity(tpl.resolution_mm)
         jobs_list = [{
-            "subject": s, "out": str(out), "res": res, "template": str(tpl.t1),
-            "template_mask": str(tpl.mask), "space": tpl.space, "transform": params.transform,
-            "seed": params.seed,
-            "source_sha256": digests[s.stem],
+            "subject": s, "out": str(out), "res": _res_entity(tpl.resolution_mm),
+            "template": str(tpl.t1), "template_mask": str(tpl.mask), "space": tpl.space,
+            "transform": params.transform, "seed": params.seed, "source_sha256": digests[s.stem],
         } for s in todo]
-        threads = max(1, (os.cpu_count() or 1) // min(jobs, max(1, len(todo))))
-        env = ants_environment(deterministic, threads)
-        if executor is not None and executor.name != "local":
-            finished = _run_on_executor(executor, jobs_list, env, out, progress)
-        else:
-            finished = _run_pool(jobs_list, jobs, env, progress)
-        for row in finished:
+        for row in _run_subjects(jobs_list, jobs, deterministic, executor, out, progress):
             rows[_stem_of(row, subjects)] = row
         with _tables_lock(out):  # participant processes of one folder take turns here
             if participants is not None:  # the other subjects, as their folders say
                 _record_failures(out, chosen, rows)
                 rows = _recorded_rows(out, subjects, exclude=rows) | rows
-            listed = [s for s in subjects if s.stem in rows]
-            qc = _write_tables(out, table, listed, rows, dice_min, corr_min, image_column)
+            present = [s for s in subjects if s.stem in rows]
+            qc = _write_tables(out, table, present, rows, dice_min, corr_min, image_column)
     skipped = [s.participant_id for s in chosen if s not in todo]
     summary = PrepSummary(out, qc, out / "cohort.tsv",
                           processed=[s.participant_id for s in todo], skipped=skipped)
     return _report(summary, raise_on_failure, log)
+
+
+def _run_subjects(jobs_list: list[dict[str, Any]], jobs: int, deterministic: bool,
+                  executor: Executor | None, out: Path, progress: bool) -> list[dict[str, Any]]:
+    """Preprocess the subjects to do: as executor tasks, else ``jobs`` local processes."""
+    from dfrn.data.prep import ants_environment
+
+    threads = max(1, (os.cpu_count() or 1) // min(jobs, max(1, len(jobs_list))))
+    env = ants_environment(deterministic, threads)
+    if executor is not None and executor.name != "local":
+        return _run_on_executor(executor, jobs_list, env, out, progress)
+    return _run_pool(jobs_list, jobs, env, progress)
 
 
 def _report(summary: PrepSummary, raise_on_failure: bool, log: Callable[[str], None]) -> PrepSummary:
@@ -787,10 +790,9 @@ def verify_prep(
             else:
                 problems.append(f"{s.stem} ({why or 'not preprocessed yet'})")
         if problems:
-            more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
             raise DfrnInputError(
                 f"group level: {len(problems)} of {len(chosen)} participant(s) have no finished "
-                f"participant level in {out}: {'; '.join(problems[:3])}{more}; run the "
+                f"participant level in {out}: {listed(problems, 3, '; ')}; run the "
                 "participant level for them first"
             )
         prefix = "" if participants is None else "group_"

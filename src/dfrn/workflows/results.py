@@ -27,7 +27,7 @@ import pandas as pd
 
 from dfrn.config import StudyConfig
 from dfrn.data.cohort import read_delimited
-from dfrn.errors import DfrnInputError, ResultsFolderError
+from dfrn.errors import DfrnInputError, ResultsFolderError, listed
 from dfrn.io import atomic_write_json, atomic_write_text, file_digest
 
 __all__ = [
@@ -154,10 +154,9 @@ def verify_inputs(out: str | Path, inputs: dict[str, InputFile]) -> None:
         )
     changed = _changed_inputs(recorded, inputs)
     if changed:
-        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
         raise ResultsFolderError(
             f"results folder {out} was made from other input data: {len(changed)} file(s) "
-            f"differ: {'; '.join(changed[:5])}{more}; restore them, or start a new run with "
+            f"differ: {listed(changed, sep='; ')}; restore them, or start a new run with "
             "another --out"
         )
 

@@ -19,7 +19,7 @@ from dfrn.config import StudyConfig
 from dfrn.data.cohort import Cohort, load_bids_cohort, load_cohort_table, read_delimited
 from dfrn.data.covariates import CovariateSelection, select_covariates
 from dfrn.data.images import VolumeCache, VolumeSet
-from dfrn.errors import DfrnInputError
+from dfrn.errors import DfrnInputError, listed
 from dfrn.evaluation.executors import Executor
 from dfrn.evaluation.folds import check_plan_groups, iter_splits, make_fold_plan
 from dfrn.io import file_digest
@@ -107,8 +107,7 @@ def load_study_cohort(cfg: StudyConfig, out: str | Path | None = None) -> Cohort
         warnings.warn(
             f"{len(selection.dropped)} subject(s) left out of the study because a covariate is "
             f"missing ([cohort] missing_covariates = \"drop\"): "
-            f"{', '.join(selection.dropped[:10])}"
-            + (f" and {len(selection.dropped) - 10} more" if len(selection.dropped) > 10 else ""),
+            f"{listed(selection.dropped, 10)}",
             UserWarning, stacklevel=2,
         )
         cohort = cohort.without(selection.dropped)
@@ -137,7 +136,11 @@ def warn_prep_qc(cohort: Cohort) -> None:
                 f"{', '.join(map(str, flagged[:5]))}; check qc.tsv and their QC figures",
                 UserWarning, stacklevel=2,
             )
-    qc_path = cohort.source.parent / "qc.tsv" if cohort.source.is_file() else None
+    # dfrn prep's cohort.tsv sits beside qc.tsv; the BIDS group level's group_cohort.tsv
+    # (labelled subjects only) beside group_qc.tsv
+    name = cohort.source.name
+    qc_name = name[: -len("cohort.tsv")] + "qc.tsv" if name.endswith("cohort.tsv") else "qc.tsv"
+    qc_path = cohort.source.parent / qc_name if cohort.source.is_file() else None
     if qc_path is not None and qc_path.is_file() and "prep_status" in cohort.table.columns:
         qc = read_delimited(qc_path, "prep QC table")
         failed = qc.loc[qc["status"] == "failed", "participant_id"].tolist()
