@@ -127,10 +127,17 @@ def test_confound_settings_give_one_line(tmp_path, section, values, message) -> 
 
 
 def test_new_keys_at_their_defaults_keep_old_run_identities(tmp_path) -> None:
-    """Fingerprints computed by dfrn before [confounds], site, groups and harmonize existed."""
+    """Fingerprints computed by dfrn before [confounds], site, groups and harmonize existed.
+
+    Since ``early_stopping = "auto"`` and ``bn_stats = "recompute"`` became the defaults
+    (they change the numbers), an old run keeps its identity when its config spells out
+    the old rule and statistics; the new defaults are a new identity.
+    """
     from dfrn.config import config_from_dict
 
-    old = {"val_split": "random"}  # the inner split dfrn drew before it was stratified
+    # the inner split dfrn drew before it was stratified, dfrn's stopping rule and BN
+    # statistics before the learning issue
+    old = {"val_split": "random", "early_stopping": "val", "bn_stats": "running"}
     raw = {"cohort": {"table": "t.tsv", "targets": ["a"], "covariates": ["age"]}, "prep": {},
            "training": dict(old)}
     assert config_from_dict(raw, tmp_path).fingerprint() == "641b9abb3518e728"
@@ -143,6 +150,14 @@ def test_new_keys_at_their_defaults_keep_old_run_identities(tmp_path) -> None:
     del raw["model"]
     raw["confounds"] = {"n_permutations": 10}
     assert config_from_dict(raw, tmp_path).fingerprint() != "38bff881f1eb4135"
+    del raw["confounds"]
+    for new in ({"early_stopping": "auto"}, {"bn_stats": "recompute"}):  # the new defaults
+        raw["training"] = {**old, **new}
+        assert config_from_dict(raw, tmp_path).fingerprint() != "38bff881f1eb4135"
+    raw["training"] = dict(old)
+    raw["baseline"] = {"models": ["roi_ridge"]}  # the one baseline model before voxel ridge
+    raw["cohort"]["categorical_covariates"] = []
+    assert config_from_dict(raw, tmp_path).fingerprint() == "38bff881f1eb4135"
     # the stratified split changes the numbers, so it changes the identity where there is one
     raw = {"cohort": {"table": "t.tsv", "targets": ["a"]}}
     assert config_from_dict(raw, tmp_path).fingerprint() != "38bff881f1eb4135"

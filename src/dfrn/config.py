@@ -62,6 +62,7 @@ __all__ = [
     "load_config",
     "load_executor_config",
     "DEVICE_PATTERN",
+    "MAX_BOOTSTRAP",
     "INTENSITY_MODES",
     "DATA_MODES",
     "EXECUTOR_KINDS",
@@ -88,6 +89,10 @@ class CohortConfig:
     ridge baseline's feature residualisation all use it."""
     site: str = ""
     """The site (scanner) column: a categorical covariate, and ComBat's batch."""
+    categorical_covariates: list[str] = field(default_factory=list)
+    """Covariates to code as categories even when they hold numbers (e.g. a numeric scanner
+    code). A covariate column that is numeric except for a few values is refused, naming
+    them, unless it is listed here."""
     missing_covariates: str = "refuse"
     """A subject missing a covariate: ``"refuse"`` (naming it) or ``"drop"`` (leave it out of
     the study; the log lists who)."""
@@ -137,6 +142,9 @@ class TrainingConfig:
     inner validation split of 10% of the training subjects (stratified on the target) with a
     patience of 10 epochs, keeping the weights of the best validation epoch. The recipe
     benchmark (``benchmarks/bench_recipe.py``) found no option reliably better, so these stay.
+
+    Since the learning benchmark (``benchmarks/bench_learning.py``, README "Why these
+    defaults"): ``early_stopping = "auto"`` and ``bn_stats = "recompute"``.
     """
 
     epochs: int = 50
@@ -159,13 +167,27 @@ class TrainingConfig:
     may change results in the last digits)."""
     compile: bool = False
     """Train through ``torch.compile`` (may change results in the last digits)."""
-    early_stopping: str = "val"
-    """``"val"``: keep the epoch with the lowest validation loss, stop after ``patience``
-    epochs without a new lowest (the paper-compatible default). ``"smoothed"``: the same on an
-    exponential moving average of the validation loss, never before ``min_epochs``.
-    ``"none"``: train exactly ``epochs`` epochs on all training subjects (no validation split)."""
+    early_stopping: str = "auto"
+    """``"auto"`` (default): train exactly ``epochs`` epochs on all training subjects when the
+    inner validation split would hold fewer than ``min_val_subjects``; otherwise the
+    ``"smoothed"`` rule, with no epoch kept or counted before the training loss has fallen
+    below ``learning_start`` (training has begun). ``"val"``: keep the epoch with the lowest
+    raw validation loss, stop after ``patience`` epochs without a new lowest (the paper's
+    rule, dfrn's default before). ``"smoothed"``: the same on an exponential moving average
+    of the validation loss, never before ``min_epochs``. ``"none"``: train exactly ``epochs``
+    epochs on all training subjects (no validation split)."""
     min_epochs: int = 10
     """``early_stopping = "smoothed"``: the fewest epochs trained."""
+    min_val_subjects: int = 20
+    """``early_stopping = "auto"``: the smallest validation split that may stop training."""
+    learning_start: float = 0.8
+    """``early_stopping = "auto"``: training has begun once the training loss (mean squared
+    error of the z-scored targets; 1.0 is predicting the mean) is below this."""
+    bn_stats: str = "recompute"
+    """BatchNorm statistics for prediction: ``"recompute"`` (default) averages them over the
+    network's training subjects after training (and before each validation epoch), with
+    no gradient; ``"running"`` keeps PyTorch's running averages of the last batches (dfrn
+    before; they offset the predictions of a network trained with batches of 4)."""
     smoothing: float = 0.8
     """``early_stopping = "smoothed"``: weight of the past in the moving average, in [0, 1)."""
     val_split: str = "stratified"
@@ -224,6 +246,10 @@ class BaselineConfig:
     atlas_labels: str = ""
     n_permutations: int = 1000
     alphas: list[float] = field(default_factory=list)
+    models: list[str] = field(default_factory=lambda: ["roi_ridge", "voxel_ridge"])
+    """The classic models cross-validated on the network's folds: ``"roi_ridge"`` (ridge on
+    atlas-region sums of the GM maps) and ``"voxel_ridge"`` (ridge on exactly the network's
+    inputs, solved in the dual)."""
     harmonize: str = "none"
     """``"combat"``: ComBat on the ROI features inside each fold (fitted on the training
     subjects, keeping the covariates' effects; batch = ``[cohort] site``)."""
@@ -264,7 +290,8 @@ class AttentionConfig:
     """The neutral value of an ablated region: the training subjects' mean input, or
     ``"zero"``."""
     bootstrap: int = 1000
-    """Bootstrap resamples of the subjects for the CI of ``delta_r`` (0: no CI)."""
+    """Bootstrap resamples of the subjects for the CI of ``delta_r`` (0: no CI; at most
+    :data:`MAX_BOOTSTRAP`)."""
 
 
 @dataclass
@@ -369,7 +396,9 @@ class StudyConfig:
         """Hash of every setting that changes results.
 
         Device and worker settings are left out (``[training] device`` and ``data``, the
-        whole ``[executor]`` section), and so is ``[cohort] strict`` (it only refuses). So
+        whole ``[executor]`` section), and so are ``[cohort] strict`` (it only refuses) and
+        ``[baseline] models`` (each model writes its own rows; a missing one is added on
+        resume). So
         are file paths: the files' contents enter a run's identity through their digests
         (``run.json``), so a moved cohort or a moved results folder is still the same run.
         ``channels_last_3d`` and ``compile`` count only when on (they may change the last
@@ -378,6 +407,8 @@ class StudyConfig:
         d = self.to_dict()
         d.pop("executor", None)
         d["cohort"].pop("strict", None)
+        # which classic models run adds or leaves out baseline tables, no number of another
+        d["baseline"].pop("models", None)
         d["training"].pop("device", None)
         if "prep" in d:
             d["prep"].pop("jobs", None)
@@ -453,8 +484,12 @@ LATER_DEFAULTS: dict[tuple[str, str], Any] = {
     ("attention", "bootstrap"): 1000,
     ("model", "heads"): "separate",
     ("model", "widen_factor"): 1.0,
-    ("training", "early_stopping"): "val",
+    ("training", "early_stopping"): "val",  # dfrn's rule before "auto": old runs keep theirs
     ("training", "min_epochs"): 10,
+    ("training", "min_val_subjects"): 20,
+    ("training", "learning_start"): 0.8,
+    ("training", "bn_stats"): "running",  # before "recompute"
+    ("cohort", "categorical_covariates"): [],
     ("training", "smoothing"): 0.8,
     ("training", "augment"): "none",
     ("training", "augment_bias_field"): False,
@@ -558,7 +593,7 @@ def config_from_dict(raw: dict[str, Any], base: Path) -> StudyConfig:
 COUNT_MINIMUMS: dict[str, dict[str, int]] = {
     "cohort": {"downsample": 1},
     "training": {"epochs": 1, "batch_size": 1, "patience": 1, "seed": 0, "min_epochs": 1,
-                 "n_seeds": 1},
+                 "n_seeds": 1, "min_val_subjects": 2},
     "cv": {"n_folds": 2, "n_repeats": 1, "seed": 0},
     "baseline": {"n_permutations": 0},
     "confounds": {"n_permutations": 0},
@@ -569,10 +604,20 @@ COUNT_MINIMUMS: dict[str, dict[str, int]] = {
 }
 
 
+#: The most bootstrap resamples ``[attention] bootstrap`` may ask for (a CI's percentiles
+#: are stable long before; a typo such as 10**9 would otherwise run for days).
+MAX_BOOTSTRAP = 100_000
+
+
 def _check_counts(cfg: StudyConfig) -> None:
     """Every count of :data:`COUNT_MINIMUMS` is at least its minimum (one-line error)."""
     for section in COUNT_MINIMUMS:
         _check_section_counts(section, getattr(cfg, section))
+    if cfg.attention.bootstrap > MAX_BOOTSTRAP:
+        raise DfrnInputError(
+            f"config [attention] bootstrap must be <= {MAX_BOOTSTRAP:,}, got "
+            f"{cfg.attention.bootstrap:,} (1000 to 10,000 resamples give a stable 95% CI)"
+        )
 
 
 def _check_section_counts(section: str, sub: Any) -> None:
@@ -695,12 +740,23 @@ def _check_recipe(cfg: StudyConfig) -> None:
 
     t = cfg.training
     _check_choice("model", "heads", cfg.model.heads, ("separate", "joint"))
-    _check_choice("training", "early_stopping", t.early_stopping, ("val", "smoothed", "none"))
+    _check_choice("training", "early_stopping", t.early_stopping,
+                  ("auto", "val", "smoothed", "none"))
     _check_choice("training", "val_split", t.val_split, ("stratified", "random"))
     _check_choice("training", "augment", t.augment, ("none", "light"))
     _check_choice("training", "lr_schedule", t.lr_schedule, ("constant", "cosine"))
+    _check_choice("training", "bn_stats", t.bn_stats, ("recompute", "running"))
     if not 0 <= t.smoothing < 1:
         raise DfrnInputError(f"config [training] smoothing must be in [0, 1), got {t.smoothing:g}")
+    if t.early_stopping == "smoothed" and t.min_epochs > t.epochs:
+        raise DfrnInputError(
+            f"config [training] min_epochs ({t.min_epochs}) > epochs ({t.epochs}): "
+            "early_stopping = 'smoothed' would keep no epoch; lower min_epochs or raise epochs"
+        )
+    if not 0 < t.learning_start <= 1:
+        raise DfrnInputError(
+            f"config [training] learning_start must be in (0, 1], got {t.learning_start:g}"
+        )
     if t.weight_decay < 0:
         raise DfrnInputError(f"config [training] weight_decay must be >= 0, got {t.weight_decay:g}")
     if t.augment == "none" and (t.augment_bias_field or t.augment_flip):
@@ -741,6 +797,16 @@ def _check_confounds(cfg: StudyConfig) -> None:
         raise DfrnInputError(
             "config [baseline] harmonize = 'combat' needs [cohort] site (ComBat's batch column)"
         )
+    _check_unique("cohort", "categorical_covariates", c.categorical_covariates)
+    loose = [v for v in c.categorical_covariates if v not in c.covariates and v != c.site]
+    if loose:
+        raise DfrnInputError(
+            f"config [cohort] categorical_covariates names {loose[0]!r}, which is not in "
+            "[cohort] covariates"
+        )
+    for model in cfg.baseline.models:
+        _check_choice("baseline", "models", model, ("roi_ridge", "voxel_ridge"))
+    _check_unique("baseline", "models", cfg.baseline.models)
     if c.site and c.site in c.targets:
         raise DfrnInputError(f"config [cohort] site {c.site!r} is also a target")
     overlap = [t for t in c.targets if t in c.covariates]
