@@ -11,6 +11,7 @@ import pytest
 from conftest import NARROW
 
 from dfrn.config import config_from_dict
+from dfrn.workflows.report import training_words
 from dfrn.workflows.run import run_study
 
 FACTORS = ["anhedonia", "sleep"]
@@ -126,8 +127,30 @@ def test_the_report_and_the_log_say_which_recipe_was_used(joint_run, tiny_cohort
     paper = training_words(study_config(tiny_cohort, model={"widen_factor": 1.0}).to_dict(), FACTORS)
     assert "widen_factor" not in paper
     smoothed = training_words(study_config(tiny_cohort, training={
-        "val_fraction": 0.1, "early_stopping": "smoothed"}).to_dict(), FACTORS)
+        "val_fraction": 0.1, "early_stopping": "smoothed", "min_epochs": 1}).to_dict(), FACTORS)
     assert "moving average" in smoothed and "stratified on the target" in smoothed
+
+
+@pytest.mark.parametrize(("training", "sizes", "said", "not_said"), [
+    # the paper's rule on training folds of 10: a split of 1 cannot stop anything (issue 26.4)
+    ({"early_stopping": "val", "val_fraction": 0.1}, [10, 10],
+     "for 5 epochs (no early stopping: a validation split of 0.1 × 10 training subjects "
+     "holds 1, fewer than 2)", "early stopping on"),
+    # the default on 150 training subjects: 15 < 20 validation subjects, so fixed epochs
+    ({"val_fraction": 0.1}, [150, 150], "holds 15, fewer than 20)", "early stopping on"),
+    ({"val_fraction": 0.1}, [250, 250], "early stopping on a moving average", "holds 25"),
+    ({"early_stopping": "val", "val_fraction": 0.1}, [20, 10],
+     "1 of 2 networks trained for 5 epochs without it", "no early stopping"),
+])
+def test_the_methods_say_whether_early_stopping_ran(tiny_cohort, training, sizes, said,
+                                                     not_said) -> None:
+    """Early stopping named in the Methods only where a validation split was held out."""
+    from conftest import study_config
+
+    cfg = study_config(tiny_cohort, training={"epochs": 5, **training})
+    words = training_words(cfg.to_dict(), FACTORS, sizes)
+    assert said in words and not_said not in words
+    assert "BatchNorm statistics averaged" in words  # the default bn_stats = "recompute"
 
 
 def test_every_training_key_reaches_the_regressor(tiny_cohort) -> None:

@@ -233,6 +233,7 @@ def _task_meta(task: Task, est: Any, seed: int, n_train: int, y_test: pd.DataFra
         "repeat": task.repeat, "fold": task.fold, "factor": task.factor, "seed": seed,
         "n_train": n_train, "n_test": len(y_test),
         "best_epoch": int(getattr(est, "best_epoch_", -1)),
+        "epochs_trained": len(getattr(est, "history_", ())),
         "y_mean": np.asarray(est.y_mean_).tolist(), "y_std": np.asarray(est.y_std_).tolist(),
         "test_ids": list(y_test.index),
     }
@@ -242,6 +243,9 @@ def _task_meta(task: Task, est: Any, seed: int, n_train: int, y_test: pd.DataFra
                                         for f in task.factors})
     elif task.seed_index:
         meta["seed_index"] = task.seed_index
+    plan = getattr(est, "stopping_", None)
+    if plan is not None:  # the rule that ran, and why it is not the one asked for
+        meta["stopping"] = {"rule": plan.rule, "n_val": plan.n_val, "reason": plan.reason}
     fits = getattr(targets, "fits", None)
     if fits is not None:  # residualised targets: the fold's covariate fit, for packages
         fold_fits = fits(task.repeat, task.fold, task.train_ids, task.test_ids)

@@ -29,7 +29,6 @@ digits and count in a run's identity when on.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ from sklearn.base import BaseEstimator, RegressorMixin
 from dfrn.config import DEVICE_PATTERN, ModelConfig, TrainingConfig
 from dfrn.errors import DfrnInputError
 from dfrn.models.augment import Augmenter
-from dfrn.models.early_stopping import EarlyStopping
+from dfrn.models.early_stopping import EarlyStopping, StoppingPlan, plan_stopping
 from dfrn.models.feed import BatchFeeder
 from dfrn.models.network import DFRN
 
@@ -204,6 +203,9 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         early_stopping: str = _TRAIN.early_stopping,
         min_epochs: int = _TRAIN.min_epochs,
         smoothing: float = _TRAIN.smoothing,
+        min_val_subjects: int = _TRAIN.min_val_subjects,
+        learning_start: float = _TRAIN.learning_start,
+        bn_stats: str = _TRAIN.bn_stats,
         augment: str = _TRAIN.augment,
         augment_bias_field: bool = _TRAIN.augment_bias_field,
         augment_flip: bool = _TRAIN.augment_flip,
@@ -233,6 +235,9 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         self.early_stopping = early_stopping
         self.min_epochs = min_epochs
         self.smoothing = smoothing
+        self.min_val_subjects = min_val_subjects
+        self.learning_start = learning_start
+        self.bn_stats = bn_stats
         self.augment = augment
         self.augment_bias_field = augment_bias_field
         self.augment_flip = augment_flip
@@ -314,8 +319,10 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         """
         n = len(y2)
         order = rng.permutation(n)
-        n_val = 0 if self.early_stopping == "none" else int(math.floor(n * self.val_fraction))
-        if n_val < 2 or n - n_val < 2:
+        self.stopping_: StoppingPlan = plan_stopping(
+            self.early_stopping, n, self.val_fraction, self.min_val_subjects)
+        n_val = self.stopping_.n_val
+        if self.stopping_.rule == "none":
             return np.arange(n), np.zeros(0, dtype=int)
         if self.val_split == "random":
             val_idx = np.sort(order[:n_val])
@@ -371,8 +378,8 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         seed_everything(self.seed)
         rng = np.random.default_rng(self.seed)
         train_idx, self.val_ids_ = self._split(y2, rng)
-        stopper = EarlyStopping(self.early_stopping if len(self.val_ids_) else "none",
-                                self.patience, self.min_epochs, self.smoothing)
+        stopper = EarlyStopping(self.stopping_.rule, self.patience, self.min_epochs,
+                                self.smoothing, self.learning_start)
         ys = self._scale(y2, train_idx)
         self.model_ = DFRN(block_strides=self.block_strides, n_outputs=y2.shape[1],
                            widen_factor=self.widen_factor)
@@ -422,9 +429,29 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
             total += float(loss.detach())
         return total / max(int(torch.isfinite(loop.ys[loop.train_idx]).sum()), 1)
 
+    def _recompute_bn(self, loop: _Loop) -> None:
+        """BatchNorm statistics averaged over the inner training subjects (no gradient).
+
+        In training mode BatchNorm normalises with each batch's own statistics, and keeps
+        running averages (momentum 0.1) for prediction: after batches of 4 those reflect
+        the last few batches, and shift every prediction of the network. With
+        ``bn_stats = "recompute"`` they are replaced by the cumulative average over the
+        subjects the network trains on (``torch.optim.swa_utils.update_bn``), before each
+        validation epoch and after training; training itself is unchanged.
+        """
+        if self.bn_stats != "recompute":
+            return
+        from torch.optim.swa_utils import update_bn
+
+        autocast, _ = self._autocast()
+        batches = _batches(np.asarray(loop.train_idx), max(self.batch_size, 2))
+        with autocast():
+            update_bn(loop.feeder.batches(batches), self.model_)
+
     def _val_loss(self, loop: _Loop) -> float:
         if not len(self.val_ids_):
             return float("nan")
+        self._recompute_bn(loop)
         pv = self._predict_scaled(loop.volumes, self.val_ids_, loop.feeder, loop.step_model)
         truth = loop.ys[self.val_ids_].numpy()
         present = np.isfinite(truth)
@@ -446,7 +473,7 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
             if loop.schedule is not None:
                 loop.schedule.step()
             val_loss = self._val_loss(loop)
-            step = loop.stopper.update(val_loss)
+            step = loop.stopper.update(val_loss, train_loss)
             history.append({
                 "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                 "val_loss_smoothed": step.smoothed, "lr": lr,
@@ -460,6 +487,8 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
                 break
         if best_state is not None:
             self.model_.load_state_dict(best_state)
+        if best_state is None or not len(self.val_ids_):
+            self._recompute_bn(loop)  # the kept weights' statistics (already set otherwise)
         best = loop.stopper.best_epoch_
         self.best_epoch_ = best if best >= 0 else len(history) - 1
         return history

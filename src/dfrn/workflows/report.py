@@ -25,7 +25,8 @@ from dfrn.interpret.sanity import fails_sanity
 from dfrn.io import atomic_write_text
 from dfrn.workflows.results import ResultsFolder
 
-__all__ = ["write_report", "REFERENCES", "training_words"]
+__all__ = ["write_report", "REFERENCES", "training_words", "image_words",
+           "learning_warnings"]
 
 REFERENCES = [
     "DFRN: deep factor regression of depression symptom factors from structural MRI (the "
@@ -133,23 +134,46 @@ def _sanity(path: Path) -> tuple[str | None, str, bool]:
     return _frame(df), " ".join(verdicts), fails
 
 
-def _stopping_words(t: dict[str, Any]) -> str:
+def _stopping_words(t: dict[str, Any], train_sizes: list[int] | None = None) -> str:
+    """The stopping rule as it ran: ``train_sizes`` (one per network) decide the split."""
+    from dfrn.models.early_stopping import plan_stopping
+
     rule = t.get("early_stopping", "val")
+    fixed = f"for {t['epochs']} epoch{'s' if t['epochs'] != 1 else ''} (no early stopping"
+    sizes = train_sizes or []
+    plans = [plan_stopping(rule, n, t["val_fraction"], t.get("min_val_subjects", 20))
+             for n in sizes]
+    stopped = [p for p in plans if p.rule != "none"]
     if rule == "none" or not t["val_fraction"]:
-        return f"for {t['epochs']} epoch{'s' if t['epochs'] != 1 else ''} (no early stopping)"
+        return fixed + ")"
+    if sizes and not stopped:
+        return f"{fixed}: {plans[0].reason})"
     split = ("stratified on the target" if t.get("val_split", "stratified") == "stratified"
              else "random")
     watched = ("the raw validation loss" if rule == "val" else
                f"a moving average (weight {t.get('smoothing', 0.8):g}) of the 3-epoch median "
                "validation loss")
-    kept = (f"; no epoch before {t.get('min_epochs', 10)} kept" if rule == "smoothed" else "")
-    return (f"for at most {t['epochs']} epochs with early stopping on {watched} of "
-            f"{t['val_fraction']:.0%} of the training subjects ({split}; patience "
+    kept = (f"; no epoch before {t.get('min_epochs', 10)} kept" if rule == "smoothed" else
+            f"; no epoch kept or counted before the training loss fell below "
+            f"{t.get('learning_start', 0.8):g}" if rule == "auto" else "")
+    n_val = (f"{min(p.n_val for p in stopped)}–{max(p.n_val for p in stopped)} subjects, "
+             if stopped else "")
+    text = (f"for at most {t['epochs']} epochs with early stopping on {watched} of "
+            f"{n_val}{t['val_fraction']:.0%} of the training subjects ({split}; patience "
             f"{t['patience']}{kept})")
+    if len(stopped) < len(plans):
+        text += (f"; {len(plans) - len(stopped)} of {len(plans)} networks trained for "
+                 f"{t['epochs']} epochs without it ({next(p for p in plans if p.rule == 'none').reason})")
+    return text
 
 
-def training_words(cfg: dict[str, Any], factors: list[str]) -> str:
-    """The training recipe in one sentence (the report's Methods and the run's log)."""
+def training_words(cfg: dict[str, Any], factors: list[str],
+                   train_sizes: list[int] | None = None) -> str:
+    """The training recipe in one sentence (the report's Methods and the run's log).
+
+    ``train_sizes`` (the training subjects of each network) let the sentence say whether
+    early stopping ran, and on how many validation subjects; without them it names the rule.
+    """
     t, m = cfg["training"], cfg["model"]
     joint = m.get("heads", "separate") == "joint"
     heads = (f"One 3D ResNet-10-style network with one output per symptom factor (joint "
@@ -165,6 +189,9 @@ def training_words(cfg: dict[str, Any], factors: list[str]) -> str:
                       "mm, ±3% scale" + (", bias field" if t.get("augment_bias_field") else "")
                       + (", left-right flips" if t.get("augment_flip") else ", no flips") + ")")
     loss = "sum of the factors' squared errors" if joint else "sum of squared errors"
+    if t.get("bn_stats", "running") == "recompute":
+        extras.append("BatchNorm statistics averaged over each network's training subjects "
+                      "after training (no gradient)")
     n_seeds = int(t.get("n_seeds", 1))
     if n_seeds > 1:
         extras.append(f"{n_seeds} seeds per fold, their predictions averaged")
@@ -172,18 +199,58 @@ def training_words(cfg: dict[str, Any], factors: list[str]) -> str:
     width = "" if widen == 1.0 else f"; channels × {widen:g}, as MONAI's widen_factor"
     return (f"{heads}; block strides {m['block_strides']}{width}) was trained with the "
             f"{loss}, {optimiser}, batch "
-            f"size {t['batch_size']}, {_stopping_words(t)}"
+            f"size {t['batch_size']}, {_stopping_words(t, train_sizes)}"
             + ("" if not extras else ", with " + ", ".join(extras)) + ".")
+
+
+_GENERIC_IMAGE_COLUMNS = ("", "t1", "t1w", "image", "img", "scan", "mri", "nifti")
+
+
+def image_words(n_subjects: int, *, image_column: str = "t1", intensity: str = "zscore",
+                mask: bool = False, downsample: int = 1, bids: bool = False) -> str:
+    """What the network's input images are, in one sentence (the Methods and the run's log).
+
+    ``zscore`` and ``minmax`` are normalised T1-weighted images; ``intensity = "none"`` maps
+    (e.g. binary lesion maps) are named from the image column and used as they are.
+
+    Parameters
+    ----------
+    n_subjects : int
+        Participants in the study.
+    image_column, intensity, mask, downsample, bids
+        The ``[cohort]`` keys (``mask``: whether a brain mask is set; ``bids``: whether the
+        images come from a BIDS root rather than a table's column).
+
+    Returns
+    -------
+    str
+        e.g. "944 participants' lesion maps (image column 'lesion') on a common grid were used
+        as they are (intensity none: no normalisation) and downsampled by 1."
+    """
+    if intensity != "none":
+        return (f"{n_subjects} participants' T1-weighted images on a common grid were "
+                f"normalised ({intensity}{' inside a brain mask' if mask else ''}) and "
+                f"downsampled by {downsample}.")
+    if bids:
+        maps = "maps (the BIDS *_T1w files)"
+    else:
+        stem = re.sub(r"[\s_.-]*(paths?|files?|images?|imgs?|maps?|nii|gz)$", "",
+                      image_column.strip(), flags=re.IGNORECASE)
+        stem = re.sub(r"[\s_.-]+", " ", stem).strip()
+        maps = (f"maps (image column '{image_column}')" if stem.lower() in _GENERIC_IMAGE_COLUMNS
+                else f"{stem} maps (image column '{image_column}')")
+    return (f"{n_subjects} participants' {maps} on a common grid were used as they are "
+            f"(intensity none: no normalisation{'; 0 outside a brain mask' if mask else ''}) "
+            f"and downsampled by {downsample}.")
 
 
 def _methods(cfg: dict[str, Any], n_subjects: int, factors: list[str]) -> str:
     c, cv = cfg["cohort"], cfg["cv"]
     text = (
-        f"{n_subjects} participants' T1-weighted images on a common grid were normalised "
-        f"({c.get('intensity', 'zscore')}"
-        + (" inside a brain mask" if c.get("mask") else "")
-        + f") and downsampled by {c.get('downsample', 1)}. "
-        + training_words(cfg, factors)
+        image_words(n_subjects, image_column=str(c.get("image_column", "t1")),
+                    intensity=str(c.get("intensity", "zscore")), mask=bool(c.get("mask")),
+                    downsample=int(c.get("downsample", 1)), bids=bool(c.get("bids")))
+        + " " + training_words(cfg, factors)
         + f" Performance was estimated by {cv['n_repeats']} × {cv['n_folds']}-fold "
         "subject-level cross-validation (Pearson r of pooled out-of-fold predictions per "
         "repeat). "
@@ -298,6 +365,76 @@ def _regions_title(cfg: dict[str, Any], fails: bool) -> str:
     return title
 
 
+def _training_histories(folder: ResultsFolder) -> pd.DataFrame | None:
+    """Repeat 0's finished CV tasks (seed 0): each epoch's losses and the chosen epoch.
+
+    Reads ``cv/tasks/<task>/history.tsv`` and ``task.json`` of every task folder with a
+    manifest (a finished task); a joint network's curves are labelled "all factors (joint)".
+    None when there is none (e.g. a copied folder without its tasks).
+    """
+    frames = []
+    for task in sorted(folder.tasks.glob("repeat-0_fold-*")) if folder.tasks.is_dir() else []:
+        files = [task / n for n in ("manifest.json", "task.json", "history.tsv")]
+        if not all(f.is_file() for f in files):
+            continue
+        meta = json.loads(files[1].read_text(encoding="utf-8"))
+        if int(meta.get("seed_index", 0)) != 0:
+            continue
+        history = pd.read_csv(files[2], sep="\t")
+        factor = "all factors (joint)" if meta.get("factors") else str(meta["factor"])
+        frames.append(history.reindex(columns=["epoch", "train_loss", "val_loss"]).assign(
+            factor=factor, fold=int(meta["fold"]), chosen_epoch=int(meta.get("best_epoch", -1))))
+    if not frames:
+        return None
+    return pd.concat(frames, ignore_index=True)
+
+
+def learning_warnings(learning: pd.DataFrame) -> list[tuple[str, str]]:
+    """Per factor, its networks' "did not learn" warnings in one line (``cv/learning.tsv``).
+
+    Returns ``(factor, "3 of 10 fold networks did not learn: <the first warning>")`` for
+    each factor with a non-empty ``warning``, in the table's order; other distinct warning
+    texts are counted, not repeated.
+    """
+    rows = learning.assign(warning=learning["warning"].fillna("").astype(str).str.strip())
+    out = []
+    for factor, g in rows.groupby("factor", sort=False):
+        warned = g.loc[g["warning"] != "", "warning"]
+        if warned.empty:
+            continue
+        texts = list(dict.fromkeys(warned))
+        more = len(texts) - 1
+        text = (f"{len(warned)} of {len(g)} fold networks did not learn: {texts[0]}"
+                + (f" (and {more} other warning{'s' if more > 1 else ''}; see cv/learning.tsv)"
+                   if more else ""))
+        out.append((str(factor), text))
+    return out
+
+
+def _learning_context(folder: ResultsFolder, metrics: pd.DataFrame) -> dict[str, Any]:
+    """Table 1's companions: per-fold r, learning warnings and the training-curves figure."""
+    from dfrn.evaluation.metrics import fold_r, fold_r_summary
+    from dfrn.plotting import plot_training_curves
+
+    folds = None
+    if folder.predictions.is_file():
+        summary = fold_r_summary(fold_r(folder.read_predictions()), metrics)
+        folds = _frame(summary, 3)
+    learning_tsv, warned = folder.cv / "learning.tsv", []
+    if learning_tsv.is_file():
+        learning = pd.read_csv(learning_tsv, sep="\t")
+        missing = {"factor", "warning"} - set(learning.columns)
+        if missing:
+            raise DfrnInputError(f"{learning_tsv} lacks the column(s) {', '.join(sorted(missing))}"
+                                 "; rerun 'dfrn run' with the same config and --out")
+        warned = learning_warnings(learning)
+    histories = _training_histories(folder)
+    if histories is not None:
+        plot_training_curves(histories, folder.figure("training_curves"))
+    return {"fold_r": folds, "learning_warnings": warned,
+            "training_curves": _png(folder.figure("training_curves"))}
+
+
 def write_report(out: str | Path, notes: list[str] | None = None) -> Path:
     """Write ``out/report.html`` from whatever the results folder holds; return its path."""
     import tomllib
@@ -384,6 +521,7 @@ def write_report(out: str | Path, notes: list[str] | None = None) -> Path:
         "references": _references(cfg),
         "target_note": _target_note(cfg),
         **_confounds_context(folder, cfg),
+        **_learning_context(folder, metrics),
     }
     loader = jinja2.PackageLoader("dfrn.workflows", "templates")
     environment = jinja2.Environment(loader=loader, autoescape=jinja2.select_autoescape(["j2"]))

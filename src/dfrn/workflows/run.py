@@ -38,6 +38,7 @@ from dfrn.models.regressor import resolve_device
 from dfrn.plotting import format_table, plot_fig2
 from dfrn.targets.providers import TargetProvider
 from dfrn.workflows.confounds import target_words
+from dfrn.workflows.learning import train_sizes, write_learning_table
 from dfrn.workflows.report import training_words
 from dfrn.workflows.results import (
     ResultsFolder,
@@ -162,7 +163,8 @@ def run_cv_stage(
         f"{cfg.cv.n_repeats} × {cfg.cv.n_folds}-fold CV"
     )
     tasks = plan_tasks(plan, factors, cfg.model.heads, cfg.training.n_seeds)
-    log(f"training: {training_words(cfg.to_dict(), factors)} {len(tasks)} networks in all.")
+    log(f"training: {training_words(cfg.to_dict(), factors, train_sizes(tasks, targets))} "
+        f"{len(tasks)} networks in all.")
     predictions = run_cv(
         tasks,
         volumes,
@@ -176,6 +178,7 @@ def run_cv_stage(
         expected=targets,
         executor=executor,
     )
+    write_learning_table(folder, tasks, cfg.training.epochs, log)
     metrics = compute_metrics(predictions)
     t1 = table1(metrics)
     atomic_write_tsv(predictions, folder.predictions)
