@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from dfrn.data.images import ImageLike
 from dfrn.io import atomic_write
 
-__all__ = ["robust_line", "plot_fig2", "plot_loadings", "format_table"]
+__all__ = ["robust_line", "plot_fig2", "plot_training_curves", "plot_loadings", "format_table"]
 
 
 def robust_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -72,9 +72,73 @@ def plot_fig2(predictions: pd.DataFrame, metrics: pd.DataFrame, path: str | Path
     for ax in list(axes.flat)[len(factors) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, loc="upper left")
-    fig.suptitle("Out-of-fold predictions (mean over repeats)")
+    # one 3.2-inch panel is narrower than the title's one line: break it, and let matplotlib
+    # wrap it further (wrap=True keeps it inside the figure for any width)
+    title = "Out-of-fold predictions" + ("\n" if ncol == 1 else " ") + "(mean over repeats)"
+    fig.suptitle(title, wrap=True)
     fig.tight_layout()
     return _save(fig, path, dpi=120)
+
+
+HISTORY_COLUMNS = ("factor", "fold", "epoch", "train_loss", "val_loss", "chosen_epoch")
+
+
+def plot_training_curves(histories: pd.DataFrame, path: str | Path) -> Path:
+    """Training curves: per factor, each fold network's train and validation loss per epoch.
+
+    Train loss is a solid line, validation loss a dashed one in the fold's colour, and the
+    chosen (kept) epoch a dot on the validation curve (on the train curve when the fold
+    held out no validation subjects, whose validation loss is all NaN and not drawn).
+
+    Parameters
+    ----------
+    histories : DataFrame
+        Long table, one row per (factor, fold, epoch): :data:`HISTORY_COLUMNS` (losses per
+        target value of the scaled target; ``chosen_epoch`` repeats the fold's kept epoch).
+    path : str or Path
+        The PNG to write (atomically); usually ``figures/training_curves.png``.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    factors = list(dict.fromkeys(histories["factor"]))
+    ncol = min(len(factors), 3)
+    nrow = int(np.ceil(len(factors) / ncol))
+    fig = Figure(figsize=(4.2 * ncol, 3.4 * nrow + 0.6), layout="constrained")
+    axes = fig.subplots(nrow, ncol, squeeze=False)
+    colours = [f"C{k % 10}" for k in range(10)]
+    for ax, factor in zip(axes.flat, factors, strict=False):
+        for k, (fold, g) in enumerate(histories[histories["factor"] == factor].groupby("fold")):
+            g = g.sort_values("epoch")
+            c = colours[k % len(colours)]
+            ax.plot(g["epoch"], g["train_loss"], color=c, lw=1.2, label=f"fold {fold}")
+            val = g["val_loss"].to_numpy(float)
+            has_val = bool(np.isfinite(val).any())
+            if has_val:
+                ax.plot(g["epoch"], val, color=c, lw=1.2, ls="--")
+            chosen = g[g["epoch"] == g["chosen_epoch"].iloc[0]]
+            if len(chosen):
+                y = chosen["val_loss" if has_val else "train_loss"].iloc[0]
+                ax.plot(chosen["epoch"], [y], "o", color=c, ms=6, mec="black", mew=0.8)
+        ax.set_title(str(factor), fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss (MSE of the scaled target)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(-0.5, histories["epoch"].max() + 0.5)
+    for ax in list(axes.flat)[len(factors):]:
+        ax.axis("off")
+    keys = [Line2D([], [], color="grey", lw=1.2, label="train loss"),
+            Line2D([], [], color="grey", lw=1.2, ls="--", label="validation loss"),
+            Line2D([], [], color="grey", marker="o", ls="", mec="black", label="chosen epoch")]
+    fig.legend(handles=keys, loc="outside lower center", ncol=3, fontsize=8, frameon=False)
+    axes.flat[0].legend(fontsize=7, frameon=False, ncol=2)
+    fig.suptitle("Training curves per fold (repeat 0)", wrap=True)
+    return _save(fig, path, dpi=110)
 
 
 def plot_loadings(loadings: pd.DataFrame, path: str | Path) -> Path:
@@ -110,59 +174,28 @@ def format_table(df: pd.DataFrame, title: str = "") -> str:
     return f"{title}\n{text}" if title else text
 
 
-def plot_fig3(
-    ridge_metrics: pd.DataFrame,
-    dfrn_metrics: pd.DataFrame | None,
-    path: str | Path,
-    covariates_metrics: pd.DataFrame | None = None,
-    covariates_label: str = "Covariates only",
-    target_note: str = "",
-) -> Path:
-    """Figure 3: mean Pearson r per factor, ridge regression next to DFRN, ± sd over repeats.
-
-    With ``covariates_metrics`` the covariates-only model's bar comes first: the r the brain
-    models have to clear.
-
-    Parameters
-    ----------
-    ridge_metrics : DataFrame
-        Metrics of the ridge baseline (:func:`dfrn.evaluation.metrics.compute_metrics`, one
-        row per repeat and factor).
-    dfrn_metrics : DataFrame or None
-        The network's metrics, in the same format; None draws the ridge bars alone.
-    path : str or Path
-        The PNG to write (atomically); usually ``figures/fig3_rr_vs_dfrn.png``.
-    covariates_metrics : DataFrame, optional
-        Metrics of the covariates-only model (same format).
-    covariates_label : str
-        Its legend entry (e.g. "Covariates only (age and sex)").
-    target_note : str
-        Appended to the brain models' legend entries (e.g. " (residualised target)").
-
-    Returns
-    -------
-    Path
-        ``path``.
-    """
-    from matplotlib.figure import Figure
+def _fig3_figure(tables: list[tuple[str, pd.DataFrame, str]]) -> Figure:
+    """Figure 3's bars, one group per factor and one bar per model, the legend below the axes
+    (outside them, so it never covers a bar; wrapped, and in two columns where they fit)."""
+    import textwrap
 
     from dfrn.evaluation.metrics import mean_r
 
-    tables = [] if covariates_metrics is None else [
-        (covariates_label, covariates_metrics, "#e0a030")]
-    tables.append((f"Ridge regression (ROI volumes){target_note}", ridge_metrics, "#8c8c8c"))
-    if dfrn_metrics is not None:
-        tables.append((f"DFRN{target_note}", dfrn_metrics, "#1f77b4"))
     factors = list(
         dict.fromkeys(
             [str(f) for _, m, _ in tables[::-1] for f in m["factor"]]  # DFRN's order first
         )
     )
-    fig = Figure(figsize=(max(4.0, 1.3 * len(factors) + 2.0), 3.6), layout="constrained")
+    labels = [textwrap.fill(label, 40) for label, _, _ in tables]
+    fig_width = max(4.0, 1.3 * len(factors) + 2.0)
+    ncols = min(len(tables), max(1, int(fig_width // 3.2)))  # about 3.2 in per column
+    lines = sum(max(lab.count("\n") + 1 for lab in labels[i:i + ncols])
+                for i in range(0, len(labels), ncols))
+    fig = Figure(figsize=(fig_width, 3.6 + 0.22 * lines), layout="constrained")
     ax = fig.add_subplot()
     width = 0.8 / len(tables)
     xs = np.arange(len(factors))
-    for k, (label, metrics, color) in enumerate(tables):
+    for k, ((_, metrics, color), label) in enumerate(zip(tables, labels, strict=True)):
         summary = mean_r(metrics.assign(factor=metrics["factor"].astype(str))).reindex(factors)
         mean = summary["mean_r"].to_numpy(float)
         sd = summary["sd_r"].to_numpy(float)  # NaN with one repeat: no error bar, not "± 0"
@@ -172,7 +205,59 @@ def plot_fig3(
     ax.set_xticks(xs, factors, rotation=20 if len(factors) > 4 else 0, ha="center")
     ax.set_ylabel("Pearson r (mean ± sd over repeats)")
     ax.set_title("Out-of-fold prediction of symptom factors")
-    ax.legend(frameon=False, fontsize="small", loc="best")
+    fig.legend(loc="outside lower center", ncols=ncols, frameon=False, fontsize="small")
+    return fig
+
+
+def plot_fig3(
+    ridge_metrics: pd.DataFrame | None,
+    dfrn_metrics: pd.DataFrame | None,
+    path: str | Path,
+    covariates_metrics: pd.DataFrame | None = None,
+    covariates_label: str = "Covariates only",
+    target_note: str = "",
+    voxel_ridge_metrics: pd.DataFrame | None = None,
+) -> Path:
+    """Figure 3: mean Pearson r per factor, the ridge baselines next to DFRN, ± sd over repeats.
+
+    With ``covariates_metrics`` the covariates-only model's bar comes first: the r the brain
+    models have to clear. Then the ROI ridge, the voxel ridge and DFRN; the legend sits
+    below the axes.
+
+    Parameters
+    ----------
+    ridge_metrics : DataFrame or None
+        Metrics of the ROI ridge baseline (:func:`dfrn.evaluation.metrics.compute_metrics`,
+        one row per repeat and factor); None when it did not run.
+    dfrn_metrics : DataFrame or None
+        The network's metrics, in the same format; None draws the other bars alone.
+    path : str or Path
+        The PNG to write (atomically); usually ``figures/fig3_rr_vs_dfrn.png``.
+    covariates_metrics : DataFrame, optional
+        Metrics of the covariates-only model (same format).
+    covariates_label : str
+        Its legend entry (e.g. "Covariates only (age and sex)").
+    target_note : str
+        Appended to the brain models' legend entries (e.g. " (residualised target)").
+    voxel_ridge_metrics : DataFrame, optional
+        Metrics of the ridge on the network's input voxels (same format).
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    candidates = [
+        (covariates_label, covariates_metrics, "#e0a030"),
+        (f"Ridge regression (ROI volumes){target_note}", ridge_metrics, "#8c8c8c"),
+        (f"Ridge regression (network input voxels){target_note}", voxel_ridge_metrics,
+         "#6a51a3"),
+        (f"DFRN{target_note}", dfrn_metrics, "#1f77b4"),
+    ]
+    tables = [(label, m, color) for label, m, color in candidates if m is not None]
+    if not tables:
+        raise ValueError("Figure 3 needs the metrics of at least one model")
+    fig = _fig3_figure(tables)
     out = Path(path)
     atomic_write(out, lambda p: fig.savefig(p, dpi=150, format="png"))
     return out

@@ -198,7 +198,8 @@ def test_cli_prints_one_line_error(tmp_path: Path, capsys) -> None:
     assert main(["run", str(cfg), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        "dfrn: error: unknown config key [cohort] 'bogus' (known keys: bids, cache_dir, covariates, derivatives, "
+        "dfrn: error: unknown config key [cohort] 'bogus' (known keys: bids, cache_dir, "
+        "categorical_covariates, covariates, derivatives, "
         "downsample, gm_column, image_column, intensity, mask, missing_covariates, session, site, strict, table, targets)"
     ]
 

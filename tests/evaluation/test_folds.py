@@ -110,3 +110,36 @@ def test_a_stratified_group_split_with_an_empty_fold_falls_back_to_group_kfold(m
     assert sorted(plan["fold"].unique()) == [0, 1, 2]
     labelled = plan.assign(group=groups)
     assert (labelled.groupby("group")["fold"].nunique() == 1).all()
+
+
+def test_a_single_group_says_group_folds_are_impossible() -> None:
+    ids = [f"s{i}" for i in range(10)]
+    with pytest.raises(DfrnInputError) as err:
+        make_fold_plan(ids, 2, 1, groups=["A"] * 10, group_column="site")
+    assert str(err.value) == (
+        "group column 'site' has a single group ('A') for all 10 subjects, so group folds are "
+        "impossible: fix the column, or remove [cv] groups")
+
+
+def test_group_folds_are_scikit_learn_1_6s_shuffled_group_kfold_on_any_version() -> None:
+    """scikit-learn 1.6's ``GroupKFold(shuffle=True)``: one ``RandomState(seed)`` permutation
+    of the sorted groups, split by ``np.array_split``; 1.4 and 1.5 have no ``shuffle``."""
+    import inspect
+
+    import numpy as np
+    from sklearn.model_selection import GroupKFold
+
+    ids, groups = _sites(n=60, n_groups=12)
+    labels = np.asarray(groups)
+    for seed in (0, 5):
+        plan = make_fold_plan(ids, 5, 2, seed=seed, groups=groups)
+        for r in (0, 1):
+            order = np.random.RandomState(seed + r).permutation(np.unique(labels))
+            expect = np.empty(len(ids), int)
+            for f, part in enumerate(np.array_split(order, 5)):
+                expect[np.isin(labels, part)] = f
+            assert plan.loc[plan.repeat == r, "fold"].tolist() == expect.tolist()
+            if "shuffle" in inspect.signature(GroupKFold).parameters:  # scikit-learn >= 1.6
+                ref = GroupKFold(n_splits=5, shuffle=True, random_state=seed + r)
+                for f, (_, test) in enumerate(ref.split(np.zeros(len(ids)), groups=labels)):
+                    assert (expect[test] == f).all()

@@ -78,3 +78,36 @@ def test_readable_tables_keep_tiny_p_values_and_undefined_sds() -> None:
     assert list(got["p_parametric"]) == ["1.7e-19", "< 1e-300"]
     assert list(got["p_permutation"]) == ["0.012", "0.500"]
     assert list(got["sd_r"]) == ["—", "0.05"] and list(got["r"]) == [0.91, 0.1]
+
+
+def test_fold_r_matches_scipy_per_fold_and_sits_beside_pooled_r() -> None:
+    """Issue 27.3: the per-fold r, each fold's test subjects against its own predictions."""
+    from dfrn.evaluation.metrics import fold_r, fold_r_summary
+
+    pred = _predictions()
+    pred.loc[(pred.factor == "anxiety") & (pred.repeat == 1) & (pred.fold == 2), "y_pred"] = 0.5
+    folds = fold_r(pred)
+    assert list(folds.columns) == ["factor", "repeat", "fold", "n", "r"]
+    assert len(folds) == 2 * 3 * 4 and list(folds["factor"][:12]) == ["sleep"] * 12
+    for row in folds.itertuples():
+        g = pred[(pred.factor == row.factor) & (pred.repeat == row.repeat) & (pred.fold == row.fold)]
+        assert row.n == len(g) == 5
+        if (row.factor, row.repeat, row.fold) == ("anxiety", 1, 2):
+            assert np.isnan(row.r)  # constant predictions: undefined, not 0
+        else:
+            assert row.r == pytest.approx(stats.pearsonr(g.y_true, g.y_pred).statistic, abs=1e-12)
+    summary = fold_r_summary(folds, compute_metrics(pred)).set_index("factor")
+    pooled = mean_r(compute_metrics(pred))
+    for f in ("sleep", "anxiety"):
+        r = folds.loc[folds.factor == f, "r"].dropna()
+        assert summary.at[f, "pooled_r"] == pytest.approx(pooled.at[f, "mean_r"], abs=1e-12)
+        assert summary.at[f, "fold_r_mean"] == pytest.approx(r.mean(), abs=1e-12)
+        assert (summary.at[f, "fold_r_min"], summary.at[f, "fold_r_max"]) == (r.min(), r.max())
+    assert summary.at["anxiety", "n_folds"] == 11 and summary.at["sleep", "n_folds"] == 12
+
+
+def test_fold_r_names_a_missing_column() -> None:
+    from dfrn.evaluation.metrics import fold_r
+
+    with pytest.raises(DfrnInputError, match="lacks the column.*fold"):
+        fold_r(_predictions().drop(columns="fold"))

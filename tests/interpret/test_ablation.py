@@ -128,3 +128,75 @@ def test_regions_on_the_input_grid_by_block_majority() -> None:
         regions_on_grid(labels, table, 2, (4, 4, 4), min_voxels=9)
     with pytest.raises(DfrnInputError, match="not on the images' grid"):
         regions_on_grid(labels, table, 2, (5, 4, 4))
+
+
+def _records(n: int, n_repeats: int = 1, n_regions: int = 1, seed: int = 0) -> pd.DataFrame:
+    """Out-of-fold records: ``n`` subjects, noisy predictions, noisier ablated ones."""
+    rng = np.random.default_rng(seed)
+    y = rng.normal(size=n)
+    frames = []
+    for r in range(n_repeats):
+        pred = y + rng.normal(size=n)
+        rec = pd.DataFrame({"participant_id": [f"s{i:03d}" for i in range(n)], "repeat": r,
+                            "factor": "f", "y_true": y, "y_pred": pred})
+        for k in range(1, n_regions + 1):
+            rec[k] = pred + k * rng.normal(size=n)
+        frames.append(rec)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _table(n_regions: int) -> pd.DataFrame:
+    return pd.DataFrame({"index": list(range(1, n_regions + 1)),
+                         "name": [f"R{k}" for k in range(1, n_regions + 1)],
+                         "n_voxels": 5})
+
+
+def test_bootstrap_ci_in_chunks_equals_one_draw_of_every_resample() -> None:
+    """Issue 26.5: the chunked CI is the one of a single (n_boot, n) draw (as before)."""
+    from dfrn.interpret.ablation import _bootstrap_ci, _pearson_rows
+
+    records, n_boot, seed = _records(30, n_repeats=2, n_regions=3), 300, 4
+    wide = [g.set_index("participant_id").sort_index() for _, g in records.groupby("repeat")]
+    y = np.stack([w["y_true"].to_numpy() for w in wide])
+    intact = np.stack([w["y_pred"].to_numpy() for w in wide])
+    ablated = np.stack([w[[1, 2, 3]].to_numpy().T for w in wide], axis=1)  # (K, R, n)
+    # the unchunked computation (dfrn before issue 26)
+    boots = np.random.default_rng(seed).integers(0, 30, size=(n_boot, 30))
+    r_intact = _pearson_rows(y[:, boots], intact[:, boots])
+    d = np.stack([(r_intact - _pearson_rows(y[:, boots], ablated[k][:, boots])).mean(axis=0)
+                  for k in range(3)])
+    expected = np.nanpercentile(d, [2.5, 97.5], axis=1).T
+    for chunk in (60, 37 * 60, 1 << 19):  # 1 resample, 37 at a time, all at once
+        got = _bootstrap_ci(y, intact, ablated, n_boot, np.random.default_rng(seed), chunk)
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-15)
+    table = region_importance(records, _table(3), n_boot=n_boot, seed=seed).sort_values("index")
+    np.testing.assert_allclose(table[["ci_low", "ci_high"]].to_numpy(), expected, rtol=1e-12)
+
+
+def test_a_million_bootstrap_resamples_take_bounded_memory() -> None:
+    """Issue 26.5: memory does not grow with n_boot × n (tracemalloc sees numpy's arrays)."""
+    import tracemalloc
+
+    n, n_boot = 30, 10**6
+    tracemalloc.start()
+    try:
+        table = region_importance(_records(n), _table(1), n_boot=n_boot, seed=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    one_draw = n_boot * n * 8  # the (n_boot, n) int64 index array alone: 229 MiB
+    assert peak < one_draw / 4, f"peak {peak / 2**20:.0f} MiB"
+    assert table.at[0, "ci_low"] < table.at[0, "delta_r"] < table.at[0, "ci_high"]
+
+
+def test_a_typo_in_bootstrap_is_refused_at_config_time(tmp_path) -> None:
+    """Issue 26.5: ``[attention] bootstrap = 1000000000`` is one line, before any work."""
+    from dfrn.config import config_from_dict
+
+    raw = {"cohort": {"table": str(tmp_path / "c.tsv"), "targets": ["a"]},
+           "attention": {"bootstrap": 1_000_000_000}}
+    with pytest.raises(DfrnInputError) as info:
+        config_from_dict(raw, tmp_path)
+    text = str(info.value)
+    assert "\n" not in text and "[attention] bootstrap must be <= 100,000" in text, text
+    assert "1,000,000,000" in text

@@ -168,3 +168,32 @@ def test_rank_regions_input_errors(tmp_path) -> None:
     with pytest.raises(DfrnInputError, match="'name' column"):
         rank_regions(amap, nib.Nifti1Image(np.ones((4, 4, 4), np.int16), ref.affine),
                      pd.DataFrame({"label": ["a"]}), "F")  # fmt: skip
+
+
+def test_an_atlas_in_another_space_is_refused_another_resolution_is_not(tmp_path) -> None:
+    """Issue 26.9: a map is resampled onto an atlas at another resolution of its grid (the
+    template's 1 mm atlas, maps at the cohort's 2 mm), never onto an atlas in another space."""
+    affine = _reference((8, 8, 8)).affine  # the maps: 2 mm
+    affine[:3, :3] *= 2.0
+    data = np.zeros((8, 8, 8), np.float32)
+    data[4:, :4, 4:] = 3.0
+    amap = nib.Nifti1Image(data, affine)
+    fine = affine.copy()  # the atlas: 1 mm, the same field of view
+    fine[:3, :3] /= 2
+    fine[:3, 3] -= affine[:3, :3] @ np.full(3, 0.25)
+    atlas = _octant_atlas((16, 16, 16), (8, 8, 8))
+    nib.save(nib.Nifti1Image(atlas, fine), tmp_path / "atlas_1mm.nii.gz")
+    table = rank_regions(amap, tmp_path / "atlas_1mm.nii.gz", {6: "a", 3: "b"}, "F")
+    assert table["region"].tolist() == ["a", "b"]  # b: only what trilinear blurs into it
+    assert table["mean_attention"][0] > 10 * table["mean_attention"][1]
+    for name, other in (("shifted", affine.copy()), ("flipped", affine @ np.diag([1, -1, 1, 1]))):
+        if name == "shifted":
+            other[:3, 3] += 2.0  # same voxels, one voxel off: another space
+        nib.save(nib.Nifti1Image(atlas[::2, ::2, ::2], other), tmp_path / f"{name}.nii.gz")
+        with pytest.raises(DfrnInputError) as info:
+            rank_regions(amap, tmp_path / f"{name}.nii.gz", {6: "a", 3: "b"}, "F",
+                         atlas_option="--atlas")
+        text = str(info.value)
+        assert "\n" not in text and text.startswith(
+            f"atlas {tmp_path / f'{name}.nii.gz'} is not on the grid of the attention map"), text
+        assert text.count("shape (8, 8, 8), 2×2×2 mm voxels") == 2 and "fix --atlas" in text

@@ -13,7 +13,7 @@ import pytest
 from dfrn.errors import DfrnInputError
 from dfrn.evaluation.folds import make_fold_plan
 from dfrn.evaluation.ridge_cv import cross_validate_ridge
-from dfrn.models.harmonize import ComBatHarmonizer
+from dfrn.models.harmonize import ComBatHarmonizer, check_combat_plan
 
 SHIFT = {"A": 0.0, "B": 2.0, "C": -1.0}
 SCALE = {"A": 1.0, "B": 2.0, "C": 0.5}
@@ -119,3 +119,35 @@ def test_ridge_with_combat_in_the_folds() -> None:
     with pytest.raises(DfrnInputError, match=r"repeat 0 fold \d: site '[ABC]' of 30 test "
                                               "subject\\(s\\) has no training subject"):
         cross_validate_ridge(feats, target, by_site, sites=site)
+
+
+def test_a_plan_with_a_small_site_in_a_training_fold_is_refused_up_front() -> None:
+    """``check_combat_plan`` refuses what the ridge's ComBat would refuse mid-CV: a site with
+    1 training subject, or test subjects whose site has none (counting subjects with a value)."""
+    ids = [f"s{i:02d}" for i in range(12)]
+    sites = pd.Series(["A"] * 5 + ["B"] * 5 + ["C"] * 2, index=ids)
+    fold = [0, 0, 0, 1, 1, 0, 0, 0, 1, 1, 0, 1]  # C: s10 in fold 0, s11 in fold 1
+    plan = pd.DataFrame({"participant_id": ids, "repeat": 0, "fold": fold})
+    with pytest.raises(DfrnInputError) as err:
+        check_combat_plan(plan, sites)
+    assert str(err.value) == (
+        "repeat 0 fold 0: site 'C' has 1 training subject: ComBat ([baseline] harmonize = "
+        '"combat") needs at least 2 per site in every training fold; merge small sites, add '
+        'subjects, or set [baseline] harmonize = "none"')
+    together = plan.assign(fold=[0, 0, 0, 1, 1, 1, 1, 0, 0, 1, 1, 1])  # both C in fold 1
+    with pytest.raises(DfrnInputError, match=r"^repeat 0 fold 1: site 'C' has no training "
+                       r"subject, so ComBat cannot harmonise its 2 test subject\(s\)"):
+        check_combat_plan(together, sites)
+    check_combat_plan(together, sites.replace("C", "A"))  # every site twice in every fold
+    # only subjects with a value count: s01 and s02 lack one, leaving A once in fold 1's training
+    targets = pd.DataFrame({"t": np.arange(12.0)}, index=ids)
+    targets.loc[["s01", "s02"], "t"] = np.nan
+    with pytest.raises(DfrnInputError, match=r"^repeat 0 fold 1: site 'A' has 1 training "
+                                              r"subject with a value of factor 't'"):
+        check_combat_plan(together, sites.replace("C", "A"), targets)
+    # what the ridge itself refuses, mid-CV
+    feats = pd.DataFrame(np.random.default_rng(0).normal(size=(12, 3)),
+                         index=pd.Index(ids, name="participant_id"))
+    with pytest.raises(DfrnInputError, match=r"site 'A' has 1 training subject"):
+        cross_validate_ridge(feats, targets, together, sites=sites.replace("C", "A"),
+                             inner_cv=2)

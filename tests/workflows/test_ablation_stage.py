@@ -82,6 +82,8 @@ def test_ablation_map_is_on_the_images_grid(planted_run) -> None:
 
 
 def test_attention_ablation_resumes_and_redoes_a_damaged_task(planted_run, capsys) -> None:
+    """Also with another map method (issue 26.2): the ablation does not depend on it, so
+    ``--ablation --method gradient`` writes the ranking beside the gradient maps."""
     out, _, _, _ = planted_run
     before = pd.read_csv(out / "attention/region_ablation.tsv", sep="\t")
     tasks = out / "attention/ablation"
@@ -89,8 +91,14 @@ def test_attention_ablation_resumes_and_redoes_a_damaged_task(planted_run, capsy
     mtime = kept.stat().st_mtime_ns
     damaged = tasks / "repeat-0_fold-1_appetite/changes.tsv"
     damaged.write_text(damaged.read_text().replace("\t0.", "\t9.", 1))
-    assert main(["attention", str(out), "--ablation", "--no-progress"]) == 0
-    assert "resuming, 2 of 3 tasks done" in capsys.readouterr().out
+    (out / "attention/appetite_ablation_dseg.nii.gz").unlink()
+    assert main(["attention", str(out), "--ablation", "--method", "gradient",
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "resuming, 2 of 3 tasks done" in printed
+    assert "Where is the signal: region ablation" in printed
+    assert (out / "attention/method-gradient/appetite_fam_abs.nii.gz").is_file()
+    assert (out / "attention/appetite_ablation_dseg.nii.gz").is_file()
     assert kept.stat().st_mtime_ns == mtime
     pd.testing.assert_frame_equal(pd.read_csv(out / "attention/region_ablation.tsv", sep="\t"),
                                   before)
@@ -108,11 +116,14 @@ def test_a_study_without_models_and_an_off_grid_atlas_give_one_line(planted_run,
     affine[:3, 3] += 8.0
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj), affine), moved)
     labels = str(atlases["regions"].with_name("regions_dseg.tsv"))
+    ranked = (copy / "attention/regions.tsv").stat().st_mtime_ns
     assert main(["attention", str(copy), "--ablation", "--atlas", str(moved), "--atlas-labels",
                  labels, "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not on the grid of the images" in err[0], err
-    assert "fix --atlas" in err[0]
+    assert "fix --atlas" in err[0] and str(moved) in err[0]
+    # issue 26.9: refused before the voxel map's region table is resampled onto it
+    assert (copy / "attention/regions.tsv").stat().st_mtime_ns == ranked
     (copy / "cv/tasks/repeat-0_fold-0_appetite/model.pt").unlink()
     assert main(["attention", str(copy), "--ablation", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -227,3 +227,140 @@ def test_network_permutations_with_residualised_targets_are_refused_before_train
     with pytest.raises(DfrnInputError, match="Freedman-Lane p of cv/confounds.tsv"):
         run_study(cfg, tmp_path / "out", progress=False, log=lambda s: None, permutations=3)
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_a_typo_in_a_numeric_covariate_is_refused_unless_declared_categorical(cohort_copy) -> None:
+    """Issue 26 item 1: 'forty' in the age column is refused by name; a numeric scanner code
+    listed in [cohort] categorical_covariates is one-hot coded."""
+    from conftest import study_config
+
+    from dfrn.errors import DfrnInputError
+    from dfrn.workflows.study import load_study_cohort, study_covariates
+
+    table = pd.read_csv(cohort_copy.table, sep="\t")
+    table["age"] = table["age"].astype(object)
+    table.loc[3, "age"] = "forty"
+    table["scanner"] = [1, 2, 3] * 4
+    table.to_csv(cohort_copy.table, sep="\t", index=False)
+    pid = table.loc[3, "participant_id"]
+    cfg = study_config(cohort_copy, cohort={"covariates": ["age", "sex"]})
+    with pytest.raises(DfrnInputError, match=rf"^covariate column 'age' holds numbers except for "
+                       rf"1 value\(s\): subject\(s\) {pid} \('forty'\); correct them, or list 'age'"
+                       r" in \[cohort\] categorical_covariates"):
+        load_study_cohort(cfg)
+    table.loc[3, "age"] = 40
+    table.to_csv(cohort_copy.table, sep="\t", index=False)
+    cfg = study_config(cohort_copy, cohort={"covariates": ["age", "scanner"],
+                                            "categorical_covariates": ["scanner"]})
+    selection = study_covariates(load_study_cohort(cfg), cfg)
+    assert list(selection.design().columns) == ["age", "scanner_2", "scanner_3"]
+
+
+def test_a_covariate_that_copies_a_target_is_warned_about(cohort_copy, tmp_path: Path) -> None:
+    """Issue 26 item 8: the study preflight warns, naming both columns."""
+    import warnings
+
+    from conftest import study_config
+
+    from dfrn.workflows.study import fold_plan_for, load_study_cohort
+
+    table = pd.read_csv(cohort_copy.table, sep="\t")
+    table["sleep_copy"] = table["sleep"].round(4)
+    table.to_csv(cohort_copy.table, sep="\t", index=False)
+    cfg = study_config(cohort_copy, cohort={"covariates": ["age", "sleep_copy"]})
+    cohort = load_study_cohort(cfg)
+    with pytest.warns(UserWarning, match=r"^covariate 'sleep_copy' is a copy of target 'sleep' "
+                      r"\(r = 1.0000 on the 12 subjects with both\)") as record:
+        fold_plan_for(cohort, cfg, tmp_path / "out", cohort.targets)
+    assert len([w for w in record if "a copy of target" in str(w.message)]) == 1
+    cfg = study_config(cohort_copy, cohort={"covariates": ["age", "sex"]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fold_plan_for(cohort, cfg, tmp_path / "out", cohort.targets)
+
+
+def test_one_group_and_a_small_combat_site_are_refused_before_training(
+        cohort_copy, tmp_path: Path) -> None:
+    """Issue 26 items 6 and 7, through dfrn run: [cv] groups on a column with one group, and
+    ComBat with a site that has under 2 subjects in some training fold, are refused with one
+    line before any network is trained."""
+    from conftest import study_config
+
+    from dfrn.data.synth import make_demo_atlases
+    from dfrn.errors import DfrnInputError
+
+    table = pd.read_csv(cohort_copy.table, sep="\t")
+    table["centre"] = "C1"
+    table["scanner"] = ["S0", "S1"] * 5 + ["S2", "S0"]  # S2: one subject
+    table.to_csv(cohort_copy.table, sep="\t", index=False)
+    quiet = {"progress": False, "log": lambda s: None}
+    cfg = study_config(cohort_copy, cv={"groups": "centre"})
+    with pytest.raises(DfrnInputError) as err:
+        run_study(cfg, tmp_path / "one", **quiet)
+    assert str(err.value) == (
+        "group column 'centre' has a single group ('C1') for all 12 subjects, so group folds "
+        "are impossible: fix the column, or remove [cv] groups")
+    assert not (tmp_path / "one/cv/tasks").exists()
+    atlas = make_demo_atlases(cohort_copy, n_parcels=6)["parcellation"]
+    cfg = study_config(cohort_copy, cohort={"site": "scanner"},
+                       baseline={"enabled": True, "atlas": str(atlas), "harmonize": "combat",
+                                 "atlas_labels": str(atlas.with_name("parcellation_dseg.tsv")),
+                                 "n_permutations": 0})
+    with pytest.raises(DfrnInputError, match=r"^repeat 0 fold \d: site 'S2' has (no training "
+                       r"subject with a value of factor 'anhedonia', so ComBat cannot harmonise "
+                       r"its 1 test subject|1 training subject with a value of factor "
+                       r"'anhedonia': ComBat)"):
+        run_study(cfg, tmp_path / "combat", **quiet)
+    assert not (tmp_path / "combat/cv/tasks").exists()  # no network was trained
+
+
+def _no_atlas(monkeypatch) -> list[str]:
+    """No atlas (none configured, none downloadable): the ROI ridge cannot run."""
+    import dfrn.workflows.baseline as baseline
+
+    def none(atlas, labels, log):
+        log("note: no atlas available (offline); region tables are skipped")
+
+    monkeypatch.setattr(baseline, "load_atlas_for", none)
+    return []
+
+
+def test_voxel_ridge_joins_a_finished_run_without_an_atlas(residual_run, monkeypatch) -> None:
+    """``dfrn baseline RESULTS`` on a finished run (residualised targets, no atlas): the ROI
+    ridge is skipped, the voxel ridge trains on the network's own residual targets in its
+    folds, and cv/confounds.tsv judges it beyond the covariates."""
+    from dfrn.workflows.baseline import run_baseline_stage
+
+    out, _, _ = residual_run
+    logs = _no_atlas(monkeypatch)
+    results = run_baseline_stage(out, progress=False, log=logs.append)
+    assert any(line.startswith("ROI ridge skipped: it needs an atlas") for line in logs)
+    assert not (out / "baseline/predictions.tsv").exists()  # no ROI ridge rows
+    assert set(results) >= {"voxel_ridge_predictions", "voxel_ridge_metrics", "summary"}
+    voxel = pd.read_csv(out / "baseline/voxel_ridge_predictions.tsv", sep="\t",
+                        dtype={"participant_id": str})
+    net = pd.read_csv(out / "cv/predictions.tsv", sep="\t", dtype={"participant_id": str})
+    key = ["participant_id", "repeat", "fold", "factor"]
+    both = voxel.merge(net, on=key, suffixes=("_voxel", "_net"), validate="one_to_one")
+    assert len(both) == len(net) == len(voxel)  # the network's folds and subjects
+    np.testing.assert_allclose(both["y_true_voxel"], both["y_true_net"], atol=1e-6)  # residuals
+    assert (out / "baseline/voxel_ridge_metrics.tsv").is_file()
+    assert any("residualised per fold" in line for line in logs)  # no ridge permutation then
+    table = pd.read_csv(out / "cv/confounds.tsv", sep="\t")
+    assert set(table["model"]) == {"dfrn", "voxel_ridge", "covariates"}
+    row = table[table.model == "voxel_ridge"].iloc[0]
+    assert row["r_partial"] > 0.3 and row["p_delta_r2_permutation"] < 0.05, row.to_dict()
+    summary = pd.read_csv(out / "cv/confounds_summary.tsv", sep="\t")
+    verdict = summary.loc[summary.model == "voxel_ridge", "verdict"].iloc[0]
+    assert verdict.startswith("the voxel ridge's predictions add ΔR² = "), verdict
+    assert any("Mean Pearson r over repeats" in line and "voxel_ridge_r" in line
+               for line in logs)
+    # the report says what ran: the voxel ridge (cited), not the ROI ridge of the config
+    from dfrn.workflows.report import write_report
+
+    text = write_report(out).read_text(encoding="utf-8")
+    methods = text.split('id="methods"', 1)[1].split("</p>", 1)[0]
+    assert "A ridge regression on the network&#39;s input voxels (dual form" in methods
+    assert "Schulz et al. 2020" in methods and "atlas-region sums" not in methods
+    assert "Schulz MA" in text and "Nat Commun 11:4238" in text
+    assert "<th>voxel_ridge_r</th>" in text and "<th>ridge_r</th>" not in text

@@ -335,3 +335,44 @@ def test_regions_need_a_package_with_an_atlas(study, tiny_cohort, tmp_path: Path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds no region atlas" in err[0], err
     assert not (tmp_path / "p").exists()
+
+
+def test_a_binary_package_refuses_non_binary_and_nan_maps(study, tiny_cohort, tmp_path: Path,
+                                                          capsys) -> None:
+    """Issue 26.9: a package that reads binary maps as they are (intensity "none", training
+    values 0 and 1) takes an empty map, but names a non-binary map and an all-NaN map."""
+    out, _ = study
+    pkg = tmp_path / "pkg"
+    shutil.copytree(out / "models" / "sleep", pkg)
+    meta = json.loads((pkg / "metadata.json").read_text())
+    meta["input"].update(intensity="none", values=[0.0, 1.0])
+    (pkg / "metadata.json").write_text(json.dumps(meta, indent=2))
+    write_manifest(pkg)
+    ref = nib.load(_first_scan(tiny_cohort))
+    mask = np.asarray(nib.load(tiny_cohort.brain_mask).dataobj) > 0
+    rng = np.random.default_rng(0)
+    maps = {"lesion": (rng.random(ref.shape) > 0.8) & mask, "empty": np.zeros(ref.shape),
+            "prob": rng.random(ref.shape) * mask, "nan": np.full(ref.shape, np.nan)}
+    scans = {}
+    for name, data in maps.items():
+        scans[name] = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(data.astype(np.float32), ref.affine), scans[name])
+    lines = {}
+    for names, bad in ((["lesion", "empty", "prob"], "prob"), (["lesion", "nan"], "nan")):
+        cohort = _cohort_of(tmp_path, {n: scans[n] for n in names})
+        assert main(["predict", str(pkg), "--cohort", str(cohort), "--out",
+                     str(tmp_path / "p"), "--no-progress"]) == 2
+        lines[bad] = line = _one_line_error(capsys)
+        assert f"participant {bad} ({scans[bad]}" in line or f"participant {bad}: {scans[bad]}" \
+            in line, line
+        assert "[cohort]" not in line and "participant lesion" not in line, line
+        assert "participant empty" not in line
+    assert "1 scan(s) are not binary maps inside the brain mask of model sleep" in lines["prob"]
+    assert "binary maps (0 and 1)" in lines["prob"]
+    assert "NaN or inf voxels inside the brain mask" in lines["nan"]
+    cohort = _cohort_of(tmp_path, {n: scans[n] for n in ("lesion", "empty")})
+    assert main(["predict", str(pkg), "--cohort", str(cohort), "--out", str(tmp_path / "p"),
+                 "--no-progress"]) == 0
+    pred = pd.read_csv(tmp_path / "p" / "predictions.tsv", sep="\t")
+    assert sorted(pred["participant_id"]) == ["empty", "lesion"]
+    assert np.isfinite(pred["prediction"]).all()

@@ -190,9 +190,11 @@ def test_one_repeat_sd_is_shown_as_a_dash(report: Path) -> None:
     """Issue 17.21: an sd over one repeat is undefined, not "0.0"."""
     text = report.read_text(encoding="utf-8")
     ridge = re.findall(r"<td>([^<]*)</td>", _section(text, "ridge"))
-    assert ridge.count("—") == 4, ridge  # dfrn_sd and ridge_sd of both factors
+    sds = re.findall(r"<th>(\w+_sd)</th>", _section(text, "ridge"))
+    assert {"dfrn_sd", "ridge_sd"} <= set(sds), sds
+    assert ridge.count("—") == 2 * len(sds), ridge  # every model's sd, both factors
     assert "0.0" not in ridge and "0" not in ridge, ridge
-    table1 = re.findall(r"<td>([^<]*)</td>", _section(text, "table1"))
+    table1 = re.findall(r"<td>([^<]*)</td>", _section(text, "table1").split('id="fold-r"')[0])
     assert all(c.endswith(" ± —") for c in table1[-2:]), table1  # the mean ± sd row
     assert table1[-3] == "mean ± sd", table1
 
@@ -234,7 +236,8 @@ def test_beyond_the_covariates_section_verdicts_and_methods(report: Path) -> Non
     section = _section(text, "confounds")
     summary = pd.read_csv(report.parent / "cv/confounds_summary.tsv", sep="\t")
     judged = summary[summary.model != "covariates"]
-    assert len(judged) == 4  # network and ridge, two factors
+    assert {"dfrn", "ridge"} <= set(judged.model)
+    assert len(judged) == 2 * judged.model.nunique()  # every brain model, two factors
     for row in judged.itertuples():
         assert row.verdict in section.replace("&#39;", "'"), row.verdict
         assert ("add nothing detectable" in row.verdict) == (row.p_delta_r2_permutation >= 0.05)
@@ -306,3 +309,191 @@ def test_figure3_draws_no_error_bar_for_one_repeat(report: Path, monkeypatch, tm
               tmp_path / "fig3.png")
     assert len(drawn) == 2 and all(len(e) == 2 for e in drawn), drawn
     assert all(all(v != v for v in e) for e in drawn), drawn  # NaN: no bar, not a bar of 0
+
+
+LESION_WARNING = "did not learn: the kept epoch is 1 of 50; try early_stopping = 'auto'"
+
+
+@pytest.fixture(scope="module")
+def lesion_report(report: Path, tmp_path_factory) -> Path:
+    """The report rewritten as a lesion study shows it: ``intensity = "none"`` maps from a
+    'lesion' column, and a hand-written ``cv/learning.tsv`` with warnings for one factor."""
+    import pandas as pd
+
+    def lesion(res: Path) -> None:
+        config = res / "config.toml"
+        text = config.read_text(encoding="utf-8")
+        text = text.replace('intensity = "zscore"', 'intensity = "none"').replace(
+            'image_column = "t1"', 'image_column = "lesion"')
+        assert 'intensity = "none"' in text and 'image_column = "lesion"' in text
+        config.write_text(text, encoding="utf-8")
+        rows = [("anhedonia", 0, LESION_WARNING), ("anhedonia", 1, LESION_WARNING + " again"),
+                ("sleep", 0, ""), ("sleep", 1, "")]
+        pd.DataFrame({"factor": [f for f, _, _ in rows], "repeat": 0, "fold": [k for _, k, _ in rows],
+                      "seed": 0, "task": [f"repeat-0_fold-{k}_{f}" for f, k, _ in rows],
+                      "learned": [not w for _, _, w in rows], "warning": [w for _, _, w in rows],
+                      }).to_csv(res / "cv/learning.tsv", sep="\t", index=False)
+
+    tmp = tmp_path_factory.mktemp("lesion")
+    _rewrite(report, tmp, lesion)
+    return tmp / "res" / "report.html"
+
+
+def test_viewer_frames_leave_no_empty_band(lesion_report: Path) -> None:
+    """Issue 26.11: each viewer's frame ended ~50 px below its content (an empty band)."""
+    driver = _browser()
+    try:
+        driver.get(lesion_report.resolve().as_uri())
+        boxes = driver.execute_script("""
+            return [...document.querySelectorAll('iframe.viewer')].map(f => {
+              const d = f.contentDocument, c = d.querySelector('canvas').getBoundingClientRect();
+              return [c.top, c.bottom, f.clientHeight, d.documentElement.scrollHeight];
+            });
+        """)
+    finally:
+        driver.quit()
+    assert len(boxes) == 2
+    for top, bottom, frame, content in boxes:
+        assert content <= frame, boxes  # nothing cut
+        assert frame - bottom <= top + 1, boxes  # the gap below is the body margin above
+
+
+def test_figure2_title_fits_for_one_and_five_factors(monkeypatch, tmp_path: Path) -> None:
+    """Issue 26.12: with one factor the title was wider than the figure and cut at both ends."""
+    import numpy as np
+    import pandas as pd
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from dfrn.evaluation.metrics import compute_metrics
+    from dfrn.plotting import plot_fig2
+
+    saved: list[Figure] = []
+    savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (saved.append(fig),
+                                                                savefig(fig, *a, **k))[1])
+    rng = np.random.default_rng(0)
+    for factors in (["anhedonia"], ["anhedonia", "appetite", "sleep", "suicidality", "anxiety"]):
+        y = rng.standard_normal((12, len(factors)))
+        pred = pd.concat([pd.DataFrame({
+            "participant_id": [f"s{i}" for i in range(12)], "repeat": 0, "fold": np.arange(12) % 2,
+            "factor": f, "y_true": y[:, k], "y_pred": y[:, k] + rng.standard_normal(12)})
+            for k, f in enumerate(factors)], ignore_index=True)
+        plot_fig2(pred, compute_metrics(pred), tmp_path / f"fig2_{len(factors)}.png")
+        fig = saved[-1]
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        fig.draw(renderer)
+        title = fig.get_suptitle()
+        assert "Out-of-fold predictions" in title.replace("\n", " ")
+        texts = [fig._suptitle, *(ax.title for ax in fig.axes if ax.get_title())]
+        for text in texts:
+            box = text.get_window_extent(renderer)
+            assert box.x0 >= 0 and box.x1 <= fig.bbox.x1, (len(factors), text.get_text(), box)
+            assert box.y0 >= 0 and box.y1 <= fig.bbox.y1, (len(factors), text.get_text(), box)
+
+
+def test_methods_name_lesion_maps_for_intensity_none(report: Path, lesion_report: Path) -> None:
+    """Issue 26.14: binary lesion maps were called "T1-weighted images ... normalised (none"."""
+    from dfrn.workflows.report import image_words
+
+    methods = _section(lesion_report.read_text(encoding="utf-8"), "methods")
+    assert ("participants&#39; lesion maps (image column &#39;lesion&#39;) on a common grid were "
+            "used as they are (intensity none: no normalisation; 0 outside a brain mask)") in methods
+    assert "T1-weighted" not in methods and "normalised (none" not in methods
+    t1 = _section(report.read_text(encoding="utf-8"), "methods")
+    assert "T1-weighted images on a common grid were normalised (zscore inside a brain mask)" in t1
+    assert image_words(944, image_column="lesion_path", intensity="none").startswith(
+        "944 participants' lesion maps (image column 'lesion_path') on a common grid were used "
+        "as they are (intensity none: no normalisation)")
+    assert image_words(5, image_column="t1", intensity="none").startswith(
+        "5 participants' maps (image column 't1')")
+    assert image_words(5, intensity="minmax", downsample=2) == (
+        "5 participants' T1-weighted images on a common grid were normalised (minmax) and "
+        "downsampled by 2.")
+
+
+def test_training_curves_per_fold_in_the_report(report: Path) -> None:
+    """Issue 27.3: train and validation loss per fold (repeat 0), the chosen epoch marked."""
+    import json
+
+    from dfrn.workflows.report import _training_histories
+    from dfrn.workflows.results import ResultsFolder
+
+    text = report.read_text(encoding="utf-8")
+    assert 'id="training-curves-img"' in text
+    assert (report.parent / "figures/training_curves.png").stat().st_size > 5_000
+    hist = _training_histories(ResultsFolder(report.parent))
+    assert sorted(set(zip(hist["factor"], hist["fold"], strict=True))) == [
+        ("anhedonia", 0), ("anhedonia", 1), ("sleep", 0), ("sleep", 1)]
+    for (factor, fold), g in hist.groupby(["factor", "fold"]):
+        meta = json.loads((report.parent / f"cv/tasks/repeat-0_fold-{fold}_{factor}/task.json")
+                          .read_text(encoding="utf-8"))
+        assert set(g["chosen_epoch"]) == {meta["best_epoch"]}
+        assert g["val_loss"].isna().all() and g["train_loss"].notna().all()  # val_fraction 0
+
+
+def test_plot_training_curves_draws_each_fold_and_marks_the_chosen_epoch(
+        monkeypatch, tmp_path: Path) -> None:
+    import numpy as np
+    import pandas as pd
+
+    import dfrn.plotting as plotting
+
+    figs: list = []
+    monkeypatch.setattr(plotting, "_save", lambda fig, path, **k: figs.append(fig) or Path(path))
+    epochs = np.arange(6)
+    rows = []
+    for factor in ("anhedonia", "sleep"):
+        for fold, chosen in ((0, 2), (1, 4), (2, 1)):
+            no_val = factor == "sleep" and fold == 2  # no validation split: only train loss
+            rows.append(pd.DataFrame({
+                "factor": factor, "fold": fold, "epoch": epochs, "train_loss": 1.0 - 0.1 * epochs,
+                "val_loss": np.nan if no_val else 1.2 - 0.05 * epochs + 0.01 * fold,
+                "chosen_epoch": chosen}))
+    plotting.plot_training_curves(pd.concat(rows, ignore_index=True), tmp_path / "curves.png")
+    axes = [ax for ax in figs[0].axes if ax.get_title()]
+    assert [ax.get_title() for ax in axes] == ["anhedonia", "sleep"]
+    for ax, n_val in zip(axes, (3, 2), strict=True):
+        lines = [ln for ln in ax.get_lines() if len(ln.get_xdata()) == 6]
+        assert sum(ln.get_linestyle() == "-" for ln in lines) == 3  # train, one per fold
+        assert sum(ln.get_linestyle() == "--" for ln in lines) == n_val
+        dots = sorted((float(ln.get_xdata()[0]), round(float(ln.get_ydata()[0]), 6))
+                      for ln in ax.get_lines() if ln.get_marker() == "o")
+        if ax.get_title() == "anhedonia":
+            assert dots == [(1.0, 1.17), (2.0, 1.1), (4.0, 1.01)]  # on the validation curve
+        else:
+            assert dots == [(1.0, 0.9), (2.0, 1.1), (4.0, 1.01)]  # fold 2: on the train curve
+
+
+def test_table1_shows_fold_r_and_learning_warnings(report: Path, lesion_report: Path,
+                                                   tmp_path: Path) -> None:
+    """Issue 27.3: per-fold r beside pooled r, and each factor's learning warnings in one line."""
+    import pandas as pd
+
+    from dfrn.evaluation.metrics import fold_r, fold_r_summary, readable
+    from dfrn.workflows.report import _learning_context
+    from dfrn.workflows.results import ResultsFolder
+
+    section = _section(report.read_text(encoding="utf-8"), "table1")
+    folder = ResultsFolder(report.parent)
+    summary = fold_r_summary(fold_r(folder.read_predictions()), folder.read_metrics())
+    cells = re.findall(r"<td>([^<]*)</td>", section.split('id="fold-r"', 1)[1])
+    for row in readable(summary, 3).itertuples():
+        i = cells.index(row.factor)
+        assert cells[i + 1:i + 6] == [str(v) for v in (row.pooled_r, row.fold_r_mean,
+                                                         row.fold_r_min, row.fold_r_max,
+                                                         row.n_folds)], cells
+    # a hand-written cv/learning.tsv: anhedonia's two networks did not learn, sleep's did
+    warned = _section(lesion_report.read_text(encoding="utf-8"), "table1")
+    items = re.findall(r"<li>(.*?)</li>", warned.split('id="learning-warnings"', 1)[1])
+    assert items == ["<b>anhedonia</b>: 2 of 2 fold network(s) did not learn (e.g. "
+                     "repeat-0_fold-0_anhedonia: the kept epoch is 1 of 50; try early_stopping = "
+                     "&#39;auto&#39;)"], items
+    # a folder of an older version, without cv/learning.tsv: no warnings, nothing fails
+    old = ResultsFolder(tmp_path / "old")
+    old.cv.mkdir(parents=True)
+    shutil.copy(folder.predictions, old.predictions)
+    context = _learning_context(old, folder.read_metrics())
+    assert context["learning_warnings"] == [] and context["training_curves"] is None
+    assert context["fold_r"] is not None
+    assert len(pd.read_csv(folder.cv / "learning.tsv", sep="\t")) == 4  # the run's own table

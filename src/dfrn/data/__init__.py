@@ -38,6 +38,8 @@ _EXPORTS: dict[str, str] = {
     "check_shared_files": "cohort",
     "check_t1": "prep",
     "covariate_names": "covariates",
+    "check_atlas_grid": "atlas",
+    "covariate_target_copies": "covariates",
     "describe_covariates": "covariates",
     "downsampled_affine": "images",
     "fetch_aal3_atlas": "atlas",

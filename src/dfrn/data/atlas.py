@@ -52,6 +52,7 @@ __all__ = [
     "roi_volumes",
     "roi_mean_intensity",
     "labels_on_grid",
+    "check_atlas_grid",
 ]
 
 STATISTICS: tuple[str, ...] = ("sum", "mean", "volume")
@@ -386,13 +387,40 @@ def _check_atlas_fits_images(
 
 
 def _off_grid(atlas: Atlas, shape: tuple[int, ...], affine: np.ndarray, example: str,
-              atlas_option: str) -> DfrnInputError:
+              atlas_option: str, what: str = "images") -> DfrnInputError:
     return DfrnInputError(
-        f"atlas {atlas.source} is not on the grid of the images, nor a change of resolution "
-        f"of it (atlas: {_grid_text(atlas.img.shape[:3], atlas.img.affine)}; images: "
+        f"atlas {atlas.source} is not on the grid of the {what}, nor a change of resolution "
+        f"of it (atlas: {_grid_text(atlas.img.shape[:3], atlas.img.affine)}; {what}: "
         f"{_grid_text(shape, affine)}{example}): fix {atlas_option} to an atlas on the "
-        "images' template grid"
+        f"template grid of the {what}"
     )
+
+
+def check_atlas_grid(atlas: Atlas, shape: tuple[int, ...], affine: np.ndarray,
+                     atlas_option: str, what: str = "images", example: str = "") -> None:
+    """Refuse an atlas in another space than a grid: neither that grid nor another
+    resolution of it (the same axes and field of view; see the module notes).
+
+    Parameters
+    ----------
+    atlas : Atlas
+    shape, affine
+        The grid of the images (or maps) the atlas will summarise.
+    atlas_option : str
+        The setting that names the atlas (``"--atlas"``, ``"[attention] atlas"``).
+    what : str, default "images"
+        What lies on the grid, for the message.
+    example : str, default ""
+        Appended to the grid's description (e.g. ``", e.g. image sub-01.nii.gz"``).
+
+    Raises
+    ------
+    DfrnInputError
+        One line naming the atlas file, both grids and ``atlas_option``.
+    """
+    shape = tuple(int(n) for n in shape[:3])
+    if not _fits(atlas, shape, affine):
+        raise _off_grid(atlas, shape, affine, example, atlas_option, what)
 
 
 def labels_on_grid(atlas: Atlas, shape: tuple[int, ...], affine: np.ndarray,
@@ -406,8 +434,7 @@ def labels_on_grid(atlas: Atlas, shape: tuple[int, ...], affine: np.ndarray,
         When the atlas is on neither (naming ``atlas_option``, the config key to fix).
     """
     shape = tuple(int(n) for n in shape[:3])
-    if not _fits(atlas, shape, affine):
-        raise _off_grid(atlas, shape, affine, "", atlas_option)
+    check_atlas_grid(atlas, shape, affine, atlas_option)
     index = _label_index(atlas, nib.Nifti1Image(np.zeros(shape, np.uint8), affine), "the images")
     labels = np.zeros(int(np.prod(shape)), dtype=np.int64)
     labels[index.voxels] = atlas.indices[index.codes]

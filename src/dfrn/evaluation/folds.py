@@ -4,8 +4,9 @@ The plan is a table with one row per (participant_id, repeat): the ``fold`` colu
 fold in which that participant is a *test* subject in that repeat.
 
 ``groups`` (``[cv] groups``: site, family, a subject with several sessions) keeps each group
-inside one test fold, through scikit-learn's ``GroupKFold`` (shuffled, one random state per
-repeat) or ``StratifiedGroupKFold``; ``n_folds`` equal to the number of groups is
+inside one test fold, through scikit-learn's shuffled ``GroupKFold`` (one random state per
+repeat; its 1.6 algorithm, built on ``KFold`` so that scikit-learn 1.4 and 1.5 give the same
+plan) or ``StratifiedGroupKFold``; ``n_folds`` equal to the number of groups is
 leave-one-group-out. ``strata`` (``[cv] stratify``) balances a continuous target across
 folds: its values are cut into quantile bins holding at least ``n_folds`` subjects each and
 scikit-learn's ``StratifiedKFold`` splits within them. Without either, the plan is
@@ -21,7 +22,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import (
-    GroupKFold,
+    KFold,
     RepeatedKFold,
     StratifiedGroupKFold,
     StratifiedKFold,
@@ -70,6 +71,11 @@ def _group_labels(groups: Sequence[object], ids: list[str], n_folds: int,
         raise DfrnInputError(f"participant {missing[0]}: group column {column!r} is empty")
     labels = labels.astype(str).to_numpy()
     n_groups = len(set(labels))
+    if n_groups == 1:
+        raise DfrnInputError(
+            f"group column {column!r} has a single group ({labels[0]!r}) for all {len(labels)} "
+            "subjects, so group folds are impossible: fix the column, or remove [cv] groups"
+        )
     if n_groups < n_folds:
         raise DfrnInputError(
             f"group column {column!r} has {n_groups} groups, fewer than cv.n_folds={n_folds}: "
@@ -78,12 +84,45 @@ def _group_labels(groups: Sequence[object], ids: list[str], n_folds: int,
     return labels
 
 
+class _ShuffledGroupKFold:
+    """scikit-learn's ``GroupKFold(shuffle=True)`` (1.6+) on any version: its test folds are
+    ``KFold(shuffle=True)``'s folds of the sorted unique groups (one ``RandomState(seed)``
+    permutation, split in ``n_splits`` near-equal parts), here taken from ``KFold`` itself."""
+
+    def __init__(self, n_splits: int, random_state: int) -> None:
+        self.kfold = KFold(n_splits=n_splits, shuffle=True, random_state=random_state)
+
+    def split(self, x: np.ndarray, y: np.ndarray | None = None,
+              groups: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        labels = np.asarray(groups)
+        unique = np.unique(labels)
+        for _, test_groups in self.kfold.split(np.zeros(len(unique))):
+            test = np.isin(labels, unique[test_groups])
+            yield np.flatnonzero(~test), np.flatnonzero(test)
+
+
 def _splitter(n_folds: int, seed: int, grouped: bool, stratified: bool):
     if grouped and stratified:
         return StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     if grouped:
-        return GroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        return _ShuffledGroupKFold(n_splits=n_folds, random_state=seed)
     return StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+
+
+def _repeat_folds(n_folds: int, seed: int, labels: np.ndarray | None,
+                  bins: np.ndarray | None) -> np.ndarray:
+    """One repeat's test fold per subject, grouped and/or stratified."""
+    n = len(labels) if labels is not None else len(bins)  # type: ignore[arg-type]
+    fold_of = np.full(n, -1, dtype=int)
+    y = bins if bins is not None else np.zeros(n)
+    split = _splitter(n_folds, seed, labels is not None, bins is not None)
+    for f, (_, test) in enumerate(split.split(np.zeros(n), y, labels)):
+        fold_of[test] = f
+    if len(np.unique(fold_of)) < n_folds:  # StratifiedGroupKFold can leave one empty
+        split = _splitter(n_folds, seed, labels is not None, False)
+        for f, (_, test) in enumerate(split.split(np.zeros(n), y, labels)):
+            fold_of[test] = f
+    return fold_of
 
 
 def make_fold_plan(
@@ -140,14 +179,7 @@ def make_fold_plan(
         labels = None if groups is None else _group_labels(groups, ids, n_folds, group_column)
         bins = None if strata is None else strata_bins(strata, n_folds)
         for r in range(n_repeats):
-            split = _splitter(n_folds, seed + r, labels is not None, bins is not None)
-            y = bins if bins is not None else np.zeros(len(ids))
-            for f, (_, test) in enumerate(split.split(np.zeros(len(ids)), y, labels)):
-                fold_of[r, test] = f
-            if len(np.unique(fold_of[r])) < n_folds:  # StratifiedGroupKFold can leave one empty
-                split = _splitter(n_folds, seed + r, labels is not None, False)
-                for f, (_, test) in enumerate(split.split(np.zeros(len(ids)), y, labels)):
-                    fold_of[r, test] = f
+            fold_of[r] = _repeat_folds(n_folds, seed + r, labels, bins)
     rows = [
         (pid, r, int(fold_of[r, i])) for r in range(n_repeats) for i, pid in enumerate(ids)
     ]

@@ -28,6 +28,8 @@ __all__ = [
     "format_sd",
     "readable",
     "mean_r",
+    "fold_r",
+    "fold_r_summary",
 ]
 
 PREDICTION_COLUMNS = ["participant_id", "repeat", "fold", "factor", "y_true", "y_pred"]
@@ -166,3 +168,78 @@ def mean_r(metrics: pd.DataFrame) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows).set_index("factor")
+
+
+FOLD_R_COLUMNS = ["factor", "repeat", "fold", "n", "r"]
+
+
+def fold_r(predictions: pd.DataFrame) -> pd.DataFrame:
+    """Pearson r of each fold's own out-of-fold predictions (its test subjects only).
+
+    Pooled r (:func:`compute_metrics`) correlates all folds' predictions at once, so fold
+    models that are offset from one another pull it below every per-fold r; this table
+    shows that miscalibration.
+
+    Parameters
+    ----------
+    predictions : DataFrame
+        Long predictions table (:data:`PREDICTION_COLUMNS`), one row per (participant,
+        repeat, fold, factor).
+
+    Returns
+    -------
+    DataFrame
+        Columns ``factor, repeat, fold, n, r``, in the factors' first-seen order, then
+        repeat and fold. ``r`` is NaN where it is undefined (under 3 test subjects, or
+        constant truth or predictions), as in :func:`compute_metrics`.
+
+    Raises
+    ------
+    DfrnInputError
+        When a column is missing.
+    """
+    missing = [c for c in PREDICTION_COLUMNS if c not in predictions.columns]
+    if missing:
+        raise DfrnInputError(f"predictions table lacks the column(s) {', '.join(missing)}")
+    order = {f: k for k, f in enumerate(dict.fromkeys(predictions["factor"]))}
+    rows = []
+    for (factor, repeat, fold), g in predictions.groupby(["factor", "repeat", "fold"]):
+        m = _metrics(g["y_true"].to_numpy(float), g["y_pred"].to_numpy(float))
+        rows.append({"factor": factor, "repeat": int(repeat), "fold": int(fold), "n": m["n"],
+                     "r": m["pearson_r"]})
+    out = pd.DataFrame(rows, columns=FOLD_R_COLUMNS)
+    out = out.assign(rank=out["factor"].map(order)).sort_values(["rank", "repeat", "fold"])
+    return out.drop(columns="rank").reset_index(drop=True)
+
+
+def fold_r_summary(folds: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
+    """Per factor: pooled r (mean over repeats) beside the per-fold r (mean, min, max).
+
+    Parameters
+    ----------
+    folds : DataFrame
+        Output of :func:`fold_r`.
+    metrics : DataFrame
+        Output of :func:`compute_metrics` (the pooled r per repeat).
+
+    Returns
+    -------
+    DataFrame
+        One row per factor: ``factor, pooled_r, fold_r_mean, fold_r_min, fold_r_max,
+        n_folds`` (folds with a defined r, over all repeats).
+    """
+    pooled = mean_r(metrics)["mean_r"]
+    rows = []
+    for factor in dict.fromkeys([*pooled.index, *folds["factor"]]):
+        r = folds.loc[folds["factor"] == factor, "r"].to_numpy(float)
+        r = r[np.isfinite(r)]
+        rows.append({
+            "factor": factor,
+            "pooled_r": float(pooled.get(factor, np.nan)),
+            "fold_r_mean": float(r.mean()) if r.size else np.nan,
+            "fold_r_min": float(r.min()) if r.size else np.nan,
+            "fold_r_max": float(r.max()) if r.size else np.nan,
+            "n_folds": int(r.size),
+        })
+    return pd.DataFrame(rows, columns=["factor", "pooled_r", "fold_r_mean", "fold_r_min",
+                                       "fold_r_max", "n_folds"])

@@ -521,7 +521,8 @@ def collect_predictions(
     for t in tasks:
         folder = cv_dir / "tasks" / t.name
         meta = read_task_meta(folder, t)
-        df = read_delimited(folder / "predictions.tsv", f"predictions of task {t.name}", allow_empty=True)
+        df = read_delimited(folder / "predictions.tsv", f"predictions of task {t.name}",
+                            ("participant_id", "factor"), allow_empty=True)
         problems = [p for factor in t.targets
                     for p in _prediction_problems(t, factor, df, meta, expected)]
         keys = df[["repeat", "fold"]].drop_duplicates()

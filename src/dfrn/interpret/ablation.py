@@ -204,6 +204,49 @@ def _pearson_rows(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
         return np.where(den > 1e-12, (yc * pc).sum(-1) / np.where(den > 1e-12, den, 1.0), 0.0)
 
 
+#: Subject draws (repeats × resamples × subjects) held at once by :func:`_bootstrap_ci`.
+_BOOT_CHUNK_ELEMENTS = 1 << 19
+
+
+def _bootstrap_ci(y: np.ndarray, intact: np.ndarray, ablated: np.ndarray, n_boot: int,
+                  rng: np.random.Generator, chunk_elements: int = _BOOT_CHUNK_ELEMENTS
+                  ) -> np.ndarray:
+    """The 95% percentile CI of ``delta_r`` per region over ``n_boot`` subject resamples.
+
+    The resamples are drawn ``chunk`` rows at a time (``rng.integers`` yields the same stream
+    in chunks as in one call, so the CI is that of one ``(n_boot, n)`` draw). Memory is
+    ``repeats × chunk × n`` for the draws plus ``regions × n_boot`` for the deltas, whose
+    percentiles need them all: it no longer grows with ``n_boot × n``.
+
+    Parameters
+    ----------
+    y, intact : ndarray of shape (R, n)
+        True values and intact predictions per repeat.
+    ablated : ndarray of shape (K, R, n)
+        Ablated predictions per region.
+    n_boot : int
+    rng : numpy Generator
+    chunk_elements : int
+        About how many (repeat, resample, subject) draws one chunk holds.
+
+    Returns
+    -------
+    ndarray of shape (K, 2)
+        The 2.5th and 97.5th percentiles.
+    """
+    n_rep, n = y.shape
+    chunk = max(1, chunk_elements // max(1, n_rep * n))
+    d = np.empty((len(ablated), n_boot))  # (K, B)
+    for start in range(0, n_boot, chunk):
+        stop = min(n_boot, start + chunk)
+        boots = rng.integers(0, n, size=(stop - start, n))
+        yb = y[:, boots]  # (R, b, n)
+        r_intact = _pearson_rows(yb, intact[:, boots])  # (R, b)
+        for k, abl in enumerate(ablated):
+            d[k, start:stop] = (r_intact - _pearson_rows(yb, abl[:, boots])).mean(axis=0)
+    return np.nanpercentile(d, [2.5, 97.5], axis=1).T
+
+
 def region_importance(
     records: pd.DataFrame, table: pd.DataFrame, n_boot: int = 1000, seed: int = 0
 ) -> pd.DataFrame:
@@ -217,8 +260,8 @@ def region_importance(
     table : DataFrame
         ``index``, ``name``, ``n_voxels`` of the regions.
     n_boot : int
-        Bootstrap resamples of the subjects (the same subjects in every repeat); 0 skips the
-        CI (NaN).
+        Bootstrap resamples of the subjects (the same subjects in every repeat), drawn in
+        chunks (:func:`_bootstrap_ci`); 0 skips the CI (NaN).
     seed : int
 
     Returns
@@ -239,12 +282,7 @@ def region_importance(
         delta = (_pearson_rows(y, intact)[None] - _pearson_rows(y[None], ablated)).mean(axis=1)
         ci = np.full((len(regions), 2), np.nan)
         if n_boot > 0:
-            boots = rng.integers(0, len(ids), size=(n_boot, len(ids)))
-            yb, ib = y[:, boots], intact[:, boots]  # (R, B, n)
-            r_intact = _pearson_rows(yb, ib)  # (R, B)
-            d = np.stack([(r_intact - _pearson_rows(yb, ablated[k][:, boots])).mean(axis=0)
-                          for k in range(len(regions))])  # (K, B)
-            ci = np.nanpercentile(d, [2.5, 97.5], axis=1).T
+            ci = _bootstrap_ci(y, intact, ablated, n_boot, rng)
         sd = float(np.std(y[0], ddof=1)) or 1.0
         change = np.abs(ablated - intact[None]).mean(axis=(1, 2)) / sd
         t = table.assign(factor=factor, delta_r=delta, ci_low=ci[:, 0], ci_high=ci[:, 1],

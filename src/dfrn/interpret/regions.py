@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from dfrn.data.atlas import Atlas, region_table
+from dfrn.data.atlas import Atlas, check_atlas_grid, region_table
 from dfrn.data.images import ImageLike, as_3d, image_name, load_img
 from dfrn.errors import DfrnInputError
 
@@ -43,10 +43,11 @@ def _label_names(labels: pd.DataFrame | Mapping[int, str] | pd.Series) -> dict[i
 
 
 def _lenient_atlas(
-    atlas_img: ImageLike, labels: pd.DataFrame | Mapping[int, str] | pd.Series
+    atlas_img: ImageLike, labels: pd.DataFrame | Mapping[int, str] | pd.Series,
+    name: str | None = None,
 ) -> Atlas:
     """An :class:`Atlas` of the named labels > 0 that have voxels; other voxels are no region."""
-    name = image_name(atlas_img, "atlas")
+    name = name or image_name(atlas_img, "atlas")
     aimg = load_img(atlas_img, "atlas")
     data = as_3d(np.asarray(aimg.dataobj), f"atlas {name}")
     if not np.allclose(data, np.round(data)):
@@ -63,16 +64,39 @@ def _lenient_atlas(
     return Atlas(img=img, labels=table, source=name)
 
 
+def _on_atlas_grid(abs_map: np.ndarray, map_affine: np.ndarray, atlas: Atlas,
+                   atlas_option: str, map_file: str) -> np.ndarray:
+    """``abs_map`` on the atlas grid: as it is, or resampled (trilinear, so it stays
+    non-negative) from another resolution of that grid; an atlas in another space is refused
+    (:func:`dfrn.data.atlas.check_atlas_grid`)."""
+    from nilearn.image import resample_to_img
+
+    shape, affine = atlas.img.shape[:3], atlas.img.affine
+    if abs_map.shape == shape and np.allclose(map_affine, affine, atol=_AFFINE_TOL):
+        return abs_map
+    check_atlas_grid(atlas, abs_map.shape, map_affine, atlas_option, "attention map",
+                     f", {map_file}" if map_file else "")
+    src = nib.Nifti1Image(abs_map.astype(np.float32), map_affine)
+    tgt = nib.Nifti1Image(np.zeros(shape, np.int16), affine)
+    res = resample_to_img(src, tgt, interpolation="linear", force_resample=True,
+                          copy_header=True)
+    return np.asarray(res.dataobj, dtype=np.float64)
+
+
 def rank_regions(
     map_img: ImageLike,
     atlas_img: ImageLike,
     labels: pd.DataFrame | Mapping[int, str] | pd.Series,
     factor: str,
+    *,
+    atlas_name: str | None = None,
+    atlas_option: str = "the atlas",
 ) -> pd.DataFrame:
     """Rank atlas regions by mean |attention| (highest first).
 
     The absolute map is resampled (trilinear, so it stays non-negative) onto the atlas grid
-    when the grids differ (shape, or affine beyond 1e-3 mm). The per-region mean is
+    when the grids differ only in resolution (the same space: axes and field of view, see
+    :mod:`dfrn.data.atlas`); an atlas in another space is refused. The per-region mean is
     :func:`dfrn.data.atlas.region_table` with ``statistic="mean"`` and
     ``nonfinite="ignore"``: non-finite voxels are left out.
 
@@ -89,6 +113,10 @@ def rank_regions(
         with no (finite) voxel, are skipped.
     factor : str
         Written into the ``factor`` column.
+    atlas_name : str, optional
+        The atlas' file, for messages (by default the file ``atlas_img`` was read from).
+    atlas_option : str, default "the atlas"
+        The setting that names the atlas (``"--atlas"``), for the off-grid message.
 
     Returns
     -------
@@ -99,26 +127,17 @@ def rank_regions(
     Raises
     ------
     DfrnInputError
-        For an unreadable or non-3D map or atlas, a non-integer atlas, or a label table
-        without a ``name`` column.
+        For an unreadable or non-3D map or atlas, a non-integer atlas, a label table
+        without a ``name`` column, or an atlas neither on the map's grid nor on another
+        resolution of it (one line naming the atlas and both grids).
     """
-    from nilearn.image import resample_to_img
-
     mimg = load_img(map_img, "attention map")
     map_name = image_name(map_img, "attention map")
-    atlas = _lenient_atlas(atlas_img, labels)
+    atlas = _lenient_atlas(atlas_img, labels, atlas_name)
     abs_map = np.abs(as_3d(np.asarray(mimg.dataobj, dtype=np.float64), map_name))
-    shape, affine = atlas.img.shape[:3], atlas.img.affine
-    same_grid = abs_map.shape == shape and np.allclose(mimg.affine, affine, atol=_AFFINE_TOL)
-    if not same_grid:
-        src = nib.Nifti1Image(abs_map.astype(np.float32), mimg.affine)
-        tgt = nib.Nifti1Image(np.zeros(shape, np.int16), affine)
-        abs_map = np.asarray(
-            resample_to_img(
-                src, tgt, interpolation="linear", force_resample=True, copy_header=True
-            ).dataobj,
-            dtype=np.float64,
-        )
+    affine = atlas.img.affine
+    abs_map = _on_atlas_grid(abs_map, mimg.affine, atlas, atlas_option,
+                             image_name(map_img, ""))
     columns = ["region", "label", "mean_attention", "n_voxels"]
     if atlas.labels.empty:
         df = pd.DataFrame(columns=columns)

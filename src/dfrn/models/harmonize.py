@@ -17,6 +17,9 @@ was compared and not chosen: on a planted three-site cohort (300 subjects, 100 f
 site scales 1, 2 and 0.5) its harmonised site SDs were 1.30, 1.33 and 1.19, where
 neuroCombat's were 1.31, 1.31 and 1.31, and the two outputs differed by up to 0.49.
 
+:func:`check_combat_plan` refuses, before any training, a fold plan in which some site has
+fewer than 2 training subjects in some split (the fold plan is known up front).
+
 Install with ``pip install 'dfrn[harmonize]'``.
 """
 
@@ -31,7 +34,10 @@ import pandas as pd
 
 from dfrn.errors import DfrnInputError
 
-__all__ = ["ComBatHarmonizer", "require_neurocombat"]
+__all__ = ["ComBatHarmonizer", "require_neurocombat", "check_combat_plan"]
+
+#: ComBat's per-site scale needs at least this many training subjects of each site.
+MIN_SITE_SUBJECTS = 2
 
 
 def require_neurocombat():
@@ -80,9 +86,10 @@ class ComBatHarmonizer:
         neuro_combat = require_neurocombat()
         sites = np.asarray(sites).astype(str)
         levels, counts = np.unique(sites, return_counts=True)
-        if (counts < 2).any():
+        if (counts < MIN_SITE_SUBJECTS).any():
+            small = counts < MIN_SITE_SUBJECTS
             raise DfrnInputError(
-                f"site {str(levels[counts < 2][0])!r} has {counts[counts < 2][0]} training subject(s): "
+                f"site {str(levels[small][0])!r} has {counts[small][0]} training subject(s): "
                 "ComBat needs at least 2 per site; merge small sites or use [cv] groups"
             )
         q = 0 if covariates is None else covariates.shape[1]
@@ -131,3 +138,60 @@ class ComBatHarmonizer:
         k = np.array([self.sites_.index(s) for s in sites])
         z = (z - self.gamma_star_[k]) / np.sqrt(self.delta_star_[k])  # type: ignore[index]
         return z * sd + kept
+
+
+def check_combat_plan(plan: pd.DataFrame, sites: pd.Series,
+                      targets: pd.DataFrame | None = None) -> None:
+    """Refuse a fold plan on which ComBat cannot be learned, before any training.
+
+    ComBat is learned on each split's training subjects that have a value of the factor,
+    and applied to its test subjects with a value: every site of those subjects needs at
+    least :data:`MIN_SITE_SUBJECTS` of them in the training part (a split without test
+    subjects for a factor is skipped, as the ridge skips it).
+
+    Parameters
+    ----------
+    plan : DataFrame
+        The fold plan (``participant_id``, ``repeat``, ``fold``).
+    sites : Series
+        Site labels indexed by participant_id.
+    targets : DataFrame, optional
+        The targets (NaN for a missing value); without them every subject counts.
+
+    Raises
+    ------
+    DfrnInputError
+        One line naming the repeat, the fold, the site (and the factor) and the count.
+    """
+    ids = plan["participant_id"].astype(str)
+    site = ids.map(sites.set_axis(sites.index.astype(str))).astype(str)
+    factors = [None] if targets is None else [str(f) for f in targets.columns]
+    values = None if targets is None else targets.set_axis(targets.index.astype(str))
+    for factor in factors:
+        keep = (np.ones(len(plan), bool) if values is None
+                else ids.map(values[factor].notna()).fillna(False).to_numpy(bool))
+        test = pd.crosstab([plan["repeat"][keep], plan["fold"][keep]], site[keep])
+        for (repeat, fold), row in test.iterrows():
+            train = test.loc[repeat].sum() - row  # the repeat's subjects outside this fold
+            small = train[(train < MIN_SITE_SUBJECTS) & (train + row > 0)]
+            if len(small):
+                _refuse_small_site(repeat, fold, str(small.index[0]), int(small.iloc[0]),
+                                   int(row[small.index[0]]), factor)
+
+
+def _refuse_small_site(repeat: int, fold: int, site: str, n_train: int, n_test: int,
+                       factor: str | None) -> None:
+    of = "" if factor is None else f" with a value of factor {factor!r}"
+    where = f"repeat {repeat} fold {fold}: site {site!r}"
+    if n_train == 0:
+        raise DfrnInputError(
+            f"{where} has no training subject{of}, so ComBat cannot harmonise its {n_test} test "
+            "subject(s) ([baseline] harmonize = \"combat\"); keep every site in every training "
+            "fold ([cv] groups on the site column cannot be combined with ComBat)"
+        )
+    raise DfrnInputError(
+        f"{where} has {n_train} training subject{'' if n_train == 1 else 's'}{of}: ComBat "
+        f"([baseline] harmonize = \"combat\") needs at least {MIN_SITE_SUBJECTS} per site in "
+        "every training fold; merge small sites, add subjects, or set [baseline] harmonize = "
+        '"none"'
+    )

@@ -17,7 +17,10 @@ subjects, folds and repeats (Eq. 4). Outputs, in the results folder:
 
 Another method than the configured one (``dfrn attention --method``) writes into
 ``attention/method-<method>/`` and ``figures/*_<method>.png`` instead, so no map is
-overwritten or mistaken for another method's. Every folder comes from
+overwritten or mistaken for another method's. The region ablation does not depend on the map
+method: it runs (``attention/region_ablation.tsv``) with any ``--method``. An atlas that is
+neither on the images' grid nor another resolution of it (another space) is refused before
+any map is computed. Every folder comes from
 :class:`dfrn.workflows.results.ResultsFolder`; the file names inside them are spelled once,
 in :class:`_AttentionFiles`.
 """
@@ -36,7 +39,7 @@ import torch
 from torch import nn
 
 from dfrn.config import StudyConfig
-from dfrn.data.atlas import Atlas
+from dfrn.data.atlas import Atlas, check_atlas_grid
 from dfrn.data.images import VolumeSet, load_img
 from dfrn.errors import DfrnInputError
 from dfrn.evaluation.executors import Executor
@@ -127,6 +130,22 @@ def load_atlas_for(atlas: str, labels: str, log: Callable[[str], None]) -> Atlas
         return None
 
 
+def _checked_atlas(atlas: str | None, atlas_labels: str | None, cfg: StudyConfig,
+                   ablation: bool | None, volumes: VolumeSet, log: Callable[[str], None]
+                   ) -> tuple[Atlas | None, str]:
+    """The stage's atlas and the option that names it, checked before any map is computed:
+    on the images' grid or another resolution of it (not another space), and present when
+    ``--ablation`` asks for one."""
+    option = "--atlas" if atlas else "[attention] atlas"
+    found = load_atlas_for(atlas or cfg.attention.atlas,
+                           atlas_labels or cfg.attention.atlas_labels, log)
+    if found is None and ablation:
+        raise DfrnInputError("--ablation needs an atlas: --atlas/--atlas-labels or [attention] atlas")
+    if found is not None:
+        check_atlas_grid(found, volumes.input_grid.shape, volumes.input_grid.affine, option)
+    return found, option
+
+
 def _factor_tasks(
     files: _AttentionFiles, networks: list[FactorNetwork], volumes: VolumeSet, device: str
 ) -> list[FoldTask]:
@@ -200,8 +219,8 @@ def run_attention_stage(
     atlas, atlas_labels : str, optional
         Override the configured atlas and its label table.
     ablation : bool, optional
-        Override ``[attention] ablation`` (region ablation importance, with the configured
-        method's run only).
+        Override ``[attention] ablation`` (region ablation importance; it does not depend on
+        ``method`` and runs with any).
     executor : Executor, optional
         Runs the region-ablation tasks (default: in this process).
 
@@ -246,6 +265,7 @@ def run_attention_stage(
     ref_img = nib.Nifti1Image(
         np.zeros(volumes.input_grid.shape, np.uint8), volumes.input_grid.affine
     )
+    atlas_obj, atlas_option = _checked_atlas(atlas, atlas_labels, cfg, ablation, volumes, log)
     # the configured method writes attention/; another one (--method) its own subfolder
     files = _AttentionFiles(folder, method, own=method == a.method)
     maps: dict[str, nib.spatialimages.SpatialImage] = {}
@@ -273,10 +293,10 @@ def run_attention_stage(
         log(format_table(sanity.round(3), f"Sanity check: cascading randomisation ({factors[0]})"))
         results["sanity"] = sanity
 
-    atlas_obj = load_atlas_for(atlas or a.atlas, atlas_labels or a.atlas_labels, log)
     if atlas_obj is not None:
         regions = pd.concat(
-            [rank_regions(img, atlas_obj.img, atlas_obj.labels, f) for f, img in maps.items()],
+            [rank_regions(img, atlas_obj.img, atlas_obj.labels, f, atlas_name=atlas_obj.source,
+                          atlas_option=atlas_option) for f, img in maps.items()],
             ignore_index=True,
         )
         atomic_write_tsv(regions, files.table("regions"))
@@ -310,13 +330,11 @@ def run_attention_stage(
         warnings.simplefilter("ignore")
         plot_fam(maps, template_img, files.figure("fig4_fam"))
 
-    if atlas_obj is not None and files.own and (a.ablation if ablation is None else ablation):
+    if atlas_obj is not None and (a.ablation if ablation is None else ablation):
         from dfrn.workflows.ablation import run_region_ablation
 
         results["ablation"] = run_region_ablation(
-            out, cfg, volumes, factors, plan, atlas_obj,
-            "--atlas" if atlas else "[attention] atlas", device, progress, log, executor,
+            out, cfg, volumes, factors, plan, atlas_obj, atlas_option, device, progress, log,
+            executor,
         )
-    elif ablation and atlas_obj is None:
-        raise DfrnInputError("--ablation needs an atlas: --atlas/--atlas-labels or [attention] atlas")
     return results

@@ -9,7 +9,10 @@ For every package (``MODEL`` itself, or each ``RESULTS/models/<factor>/``):
    leakage check) unless ``allow_training_subjects``;
 3. scans with no signal inside the package's brain mask (all zero or constant) are refused by
    name and file, unless the package reads raw intensities (``intensity = "none"``, where an
-   empty map is an observation);
+   empty map is an observation). A package trained on binary maps (:func:`_binary_values`)
+   refuses a scan with other values inside its mask (an empty map is still binary); NaN or
+   inf voxels inside any package's mask (anywhere, for a package without one) are refused
+   for every package;
 4. scans are normalised and downsampled by :class:`dfrn.data.images.VolumeCache` with the
    package's mask and settings: the code path that made the training inputs;
 5. every network of the package predicts; ``predictions.tsv`` holds participant_id, factor,
@@ -98,31 +101,83 @@ def _no_signal(data: np.ndarray, mask: np.ndarray | None) -> bool:
     return values.size == 0 or bool(values.min() == values.max())
 
 
-def _check_content(cohort: Cohort, packages: list[ModelPackage], allow_training: bool) -> None:
-    """Refuse training scans (by content, unless ``allow_training``) and scans with no signal.
+def _binary_values(package: ModelPackage) -> list[float] | None:
+    """The two values of the binary maps a package was trained on, or None.
 
-    Each scan is decoded once; a mask is loaded once per package that normalises intensities.
+    A package read as it is (``intensity = "none"``) whose metadata records the training
+    scans' distinct values inside the brain mask (``input.values``, at most two, e.g.
+    ``[0, 1]`` for lesion maps) was trained on binary maps; any other package was not.
     """
-    masks = {i: (load_volume(pkg.mask_path, f"brain mask of model {pkg.factor}")[0] > 0
-                 if pkg.mask_path is not None else None)
-             for i, pkg in enumerate(packages) if pkg.metadata["input"]["intensity"] != "none"}
+    inp = package.metadata["input"]
+    values = inp.get("values")
+    if inp["intensity"] != "none" or not values or len(values) > 2:
+        return None
+    return [float(v) for v in values]
+
+
+def _off_values(data: np.ndarray, mask: np.ndarray | None, values: list[float]) -> str:
+    """How a scan departs from a binary package's values inside ``mask`` ("" when it does
+    not): an empty map (all 0) is a binary map."""
+    v = data[mask] if mask is not None else data.ravel()
+    off = ~np.isclose(v[:, None], np.asarray(values)[None], rtol=1e-5, atol=1e-6).any(axis=1)
+    n = int(off.sum())
+    return f"{n} voxel(s) such as {float(v[off][0]):g}" if n else ""
+
+
+def _package_masks(packages: list[ModelPackage]) -> list[np.ndarray | None]:
+    """Each package's brain mask (boolean), loaded once; None for a package without one."""
+    return [load_volume(pkg.mask_path, f"brain mask of model {pkg.factor}")[0] > 0
+            if pkg.mask_path is not None else None for pkg in packages]
+
+
+def _check_content(cohort: Cohort, packages: list[ModelPackage], allow_training: bool) -> None:
+    """Refuse training scans (by content, unless ``allow_training``), scans with no signal
+    (packages that normalise intensities), non-binary scans (packages trained on binary
+    maps) and NaN or inf voxels inside any package's brain mask (anywhere without one).
+
+    Each scan is decoded once; each package's mask is loaded once.
+    """
+    masks = _package_masks(packages)
+    nan_region = None if any(m is None for m in masks) else np.logical_or.reduce(masks)
+    binary = [_binary_values(pkg) for pkg in packages]
     trained = [set(pkg.metadata["training_scans_content_sha256"]) for pkg in packages]
     seen: list[list[str]] = [[] for _ in packages]
     blank: list[list[str]] = [[] for _ in packages]
+    mixed: list[list[str]] = [[] for _ in packages]
     for pid, path in zip(cohort.participant_ids, cohort.images, strict=True):
-        data, affine = load_volume(path, f"participant {pid}")
+        data, affine = load_volume(path, f"participant {pid}", nan_region)
         digest = scan_content_digest(data, affine)
-        for i in range(len(packages)):
+        for i, pkg in enumerate(packages):
             if digest in trained[i]:
                 seen[i].append(pid)
-            if i in masks and _no_signal(data, masks[i]):
+            if pkg.metadata["input"]["intensity"] != "none" and _no_signal(data, masks[i]):
                 blank[i].append(f"participant {pid} ({path})")
+            off = _off_values(data, masks[i], binary[i]) if binary[i] is not None else ""
+            if off:
+                mixed[i].append(f"participant {pid} ({path}: {off})")
+    _refuse_content(packages, seen, blank, mixed, binary, allow_training)
+
+
+def _refuse_content(packages: list[ModelPackage], seen: list[list[str]],
+                    blank: list[list[str]], mixed: list[list[str]],
+                    binary: list[list[float] | None], allow_training: bool) -> None:
+    """The one-line refusals of :func:`_check_content`, one package at a time."""
     for package, pids in zip(packages, seen, strict=True):
         if pids and not allow_training:
             raise DfrnInputError(
                 f"{len(pids)} scan(s) were used to train model {package.factor}: participant "
                 f"{listed(pids)}; their predictions would be in-sample (pass "
                 "--allow-training-subjects to predict them anyway)"
+            )
+    for package, names, values in zip(packages, mixed, binary, strict=True):
+        where = "inside the brain mask of" if package.mask_path is not None else "for"
+        if names and values is not None:
+            words = " and ".join(f"{v:g}" for v in values)
+            raise DfrnInputError(
+                f"{len(names)} scan(s) are not binary maps {where} model {package.factor}, "
+                f"which was trained on binary maps ({words}) used as they are: "
+                f"{listed(names, sep='; ')}; give each subject's binary map with the values "
+                f"{words} (an empty map is fine)"
             )
     for package, names in zip(packages, blank, strict=True):
         if names:

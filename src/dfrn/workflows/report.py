@@ -25,8 +25,7 @@ from dfrn.interpret.sanity import fails_sanity
 from dfrn.io import atomic_write_text
 from dfrn.workflows.results import ResultsFolder
 
-__all__ = ["write_report", "REFERENCES", "training_words", "image_words",
-           "learning_warnings"]
+__all__ = ["write_report", "REFERENCES", "training_words", "image_words"]
 
 REFERENCES = [
     "DFRN: deep factor regression of depression symptom factors from structural MRI (the "
@@ -47,6 +46,9 @@ REFERENCES = [
     "Rolls ET et al. (2020). Automated anatomical labelling atlas 3. NeuroImage 206:116189.",
     "Abraham A et al. (2014). Machine learning for neuroimaging with scikit-learn (nilearn). "
     "Front Neuroinform 8:14.",
+    "Schulz MA, Yeo BTT, Vogelstein JT, et al. (2020). Different scaling of linear models and "
+    "deep learning in UK Biobank brain images versus machine-learning datasets. Nat Commun "
+    "11:4238.",
 ]
 #: Cited in the Methods when the study has covariates.
 CONFOUND_REFERENCES = [
@@ -107,6 +109,8 @@ def _viewer(factor: str, fam: Path, background: Any) -> dict[str, str]:
                         cmap="hot", title=f"|FAM| {factor}", black_bg=True)
         page = view.get_standalone()
     page = _NETWORK_LINK.sub("", page)  # nilearn links its favicon from the web
+    # an inline canvas leaves a descender gap under it: a block one ends at its bottom edge
+    page = page.replace("</head>", "<style>canvas { display: block; }</style></head>", 1)
     # the frame holds the viewer's own size plus the page's margins; the template's onload
     # grows it to the rendered content, so no scroll bar cuts the slices
     return {"factor": factor, "srcdoc": page, "width": str(int(view.width) + _FRAME_MARGIN),
@@ -244,6 +248,65 @@ def image_words(n_subjects: int, *, image_column: str = "t1", intensity: str = "
             f"and downsampled by {downsample}.")
 
 
+def _baseline_methods(cfg: dict[str, Any]) -> str:
+    """The Methods sentences on the ridge baselines that ran (``models_run``, set by
+    :func:`write_report` from the folder), else on those the config enables."""
+    b = cfg.get("baseline", {})
+    models = b.get("models_run")
+    if models is None:  # older configs have no models list: the ROI ridge only
+        models = b.get("models", ["roi_ridge"]) if b.get("enabled", True) else []
+    text = ""
+    if "roi_ridge" in models:
+        column = cfg["cohort"].get("gm_column") or "gm"
+        text += (f"A ridge regression on the atlas-region sums of the '{column}' maps (ml) was "
+                 "evaluated on the same folds, with a permutation test. ")
+    if "voxel_ridge" in models:
+        text += ("A ridge regression on the network's input voxels (dual form; the network's "
+                 "inputs, targets and folds, its penalty chosen by inner cross-validation on "
+                 "each training fold) was evaluated as a linear yardstick (Schulz et al. 2020), "
+                 "with a permutation test. ")
+    return text
+
+
+def _baseline_models_run(folder: ResultsFolder) -> list[str]:
+    """The baseline models whose predictions the folder holds: what the Methods describe
+    (``[baseline] models`` may have grown on a resume, the ROI ridge may have lacked an
+    atlas, or a later ``dfrn baseline`` ran on a run without the stage)."""
+    from dfrn.workflows.baseline import MODEL_KEYS, baseline_files
+
+    return [m for m in MODEL_KEYS if baseline_files(folder.root, m).predictions.is_file()]
+
+
+def _ridge_table(folder: ResultsFolder, metrics: pd.DataFrame) -> str | None:
+    """The ridge-vs-DFRN table: mean and sd of r over repeats per factor, each ridge baseline
+    of the folder (``ridge``: ROI volumes; ``voxel_ridge``: the network's inputs) beside DFRN."""
+    from dfrn.workflows.baseline import MODEL_KEYS, baseline_files
+
+    table = mean_r(metrics)[["mean_r", "sd_r"]].rename(columns={"mean_r": "dfrn_r",
+                                                                "sd_r": "dfrn_sd"})
+    found = False
+    for model, key in MODEL_KEYS.items():
+        path = baseline_files(folder.root, model).metrics
+        if path.is_file():
+            base = mean_r(folder.read_metrics(path))[["mean_r", "sd_r"]]
+            table = table.join(base.rename(columns={"mean_r": f"{key}_r", "sd_r": f"{key}_sd"}))
+            found = True
+    return _frame(table.reset_index()) if found else None
+
+
+def _baseline_permutations(folder: ResultsFolder) -> str | None:
+    """The ridge baselines' permutation tests in one table, a ``model`` column first."""
+    from dfrn.workflows.baseline import MODEL_KEYS, baseline_files
+
+    frames = [pd.read_csv(path, sep="\t").assign(model=key)
+              for model, key in MODEL_KEYS.items()
+              if (path := baseline_files(folder.root, model).permutation).is_file()]
+    if not frames:
+        return None
+    table = pd.concat(frames, ignore_index=True)
+    return _frame(table[["model", *[c for c in table.columns if c != "model"]]], 4)
+
+
 def _methods(cfg: dict[str, Any], n_subjects: int, factors: list[str]) -> str:
     c, cv = cfg["cohort"], cfg["cv"]
     text = (
@@ -261,10 +324,7 @@ def _methods(cfg: dict[str, Any], n_subjects: int, factors: list[str]) -> str:
             f"Symptom factors were derived by principal components with varimax rotation "
             f"({f['n_factors']} factors, fitted on {'all subjects' if f['fit_on'] == 'all' else 'each training fold'}). "
         )
-    if cfg.get("baseline", {}).get("enabled", True):
-        column = c.get("gm_column") or "gm"
-        text += (f"A ridge regression on the atlas-region sums of the '{column}' maps (ml) was "
-                 "evaluated on the same folds, with a permutation test. ")
+    text += _baseline_methods(cfg)
     text += _confound_methods(cfg)
     att = cfg.get("attention", {})
     if att.get("enabled", True) and att.get("ablation", True):
@@ -383,36 +443,16 @@ def _training_histories(folder: ResultsFolder) -> pd.DataFrame | None:
         history = pd.read_csv(files[2], sep="\t")
         factor = "all factors (joint)" if meta.get("factors") else str(meta["factor"])
         frames.append(history.reindex(columns=["epoch", "train_loss", "val_loss"]).assign(
-            factor=factor, fold=int(meta["fold"]), chosen_epoch=int(meta.get("best_epoch", -1))))
+            factor=factor, fold=int(meta["fold"]),
+            chosen_epoch=int(meta.get("chosen_epoch", meta.get("best_epoch", -1)))))
     if not frames:
         return None
     return pd.concat(frames, ignore_index=True)
 
 
-def learning_warnings(learning: pd.DataFrame) -> list[tuple[str, str]]:
-    """Per factor, its networks' "did not learn" warnings in one line (``cv/learning.tsv``).
-
-    Returns ``(factor, "3 of 10 fold networks did not learn: <the first warning>")`` for
-    each factor with a non-empty ``warning``, in the table's order; other distinct warning
-    texts are counted, not repeated.
-    """
-    rows = learning.assign(warning=learning["warning"].fillna("").astype(str).str.strip())
-    out = []
-    for factor, g in rows.groupby("factor", sort=False):
-        warned = g.loc[g["warning"] != "", "warning"]
-        if warned.empty:
-            continue
-        texts = list(dict.fromkeys(warned))
-        more = len(texts) - 1
-        text = (f"{len(warned)} of {len(g)} fold networks did not learn: {texts[0]}"
-                + (f" (and {more} other warning{'s' if more > 1 else ''}; see cv/learning.tsv)"
-                   if more else ""))
-        out.append((str(factor), text))
-    return out
-
-
 def _learning_context(folder: ResultsFolder, metrics: pd.DataFrame) -> dict[str, Any]:
     """Table 1's companions: per-fold r, learning warnings and the training-curves figure."""
+    from dfrn.evaluation.learning import learning_warnings
     from dfrn.evaluation.metrics import fold_r, fold_r_summary
     from dfrn.plotting import plot_training_curves
 
@@ -420,10 +460,10 @@ def _learning_context(folder: ResultsFolder, metrics: pd.DataFrame) -> dict[str,
     if folder.predictions.is_file():
         summary = fold_r_summary(fold_r(folder.read_predictions()), metrics)
         folds = _frame(summary, 3)
-    learning_tsv, warned = folder.cv / "learning.tsv", []
-    if learning_tsv.is_file():
+    learning_tsv, warned = folder.cv / "learning.tsv", {}
+    if learning_tsv.is_file():  # absent in folders of older versions: nothing to show
         learning = pd.read_csv(learning_tsv, sep="\t")
-        missing = {"factor", "warning"} - set(learning.columns)
+        missing = {"factor", "task", "learned", "warning"} - set(learning.columns)
         if missing:
             raise DfrnInputError(f"{learning_tsv} lacks the column(s) {', '.join(sorted(missing))}"
                                  "; rerun 'dfrn run' with the same config and --out")
@@ -431,7 +471,7 @@ def _learning_context(folder: ResultsFolder, metrics: pd.DataFrame) -> dict[str,
     histories = _training_histories(folder)
     if histories is not None:
         plot_training_curves(histories, folder.figure("training_curves"))
-    return {"fold_r": folds, "learning_warnings": warned,
+    return {"fold_r": folds, "learning_warnings": list(warned.items()),
             "training_curves": _png(folder.figure("training_curves"))}
 
 
@@ -456,13 +496,8 @@ def write_report(out: str | Path, notes: list[str] | None = None) -> Path:
     factors = list(dict.fromkeys(metrics["factor"]))
     n_subjects = int(plan["participant_id"].nunique())
 
-    ridge = None
-    if folder.baseline_metrics.is_file():
-        both = mean_r(metrics)[["mean_r", "sd_r"]].rename(columns={"mean_r": "dfrn_r",
-                                                                   "sd_r": "dfrn_sd"})
-        base = mean_r(folder.read_metrics(folder.baseline_metrics))[["mean_r", "sd_r"]]
-        both = both.join(base.rename(columns={"mean_r": "ridge_r", "sd_r": "ridge_sd"}))
-        ridge = _frame(both.reset_index())
+    ridge = _ridge_table(folder, metrics)
+    cfg.setdefault("baseline", {})["models_run"] = _baseline_models_run(folder)
 
     viewers = []
     template = cfg.get("attention", {}).get("template") or "MNI152"
@@ -504,7 +539,7 @@ def write_report(out: str | Path, notes: list[str] | None = None) -> Path:
         "ridge": ridge,
         "fig3": _png(folder.figure("fig3_rr_vs_dfrn")),
         "network_permutation": _table(folder.network_permutation, 4),
-        "baseline_permutation": _table(folder.baseline_permutation, 4),
+        "baseline_permutation": _baseline_permutations(folder),
         "fig4": _png(folder.figure("fig4_fam")),
         "viewers": viewers,
         "regions": regions,

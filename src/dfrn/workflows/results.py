@@ -439,7 +439,8 @@ class ResultsFolder:
                 f"{path} is missing; rerun 'dfrn run' with the same config and --out"
             )
         try:
-            df = read_delimited(path, path.name, allow_empty=True)
+            # a factor may be called "NA" (negative affect) or "null": names are text
+            df = read_delimited(path, path.name, ("participant_id", "factor"), allow_empty=True)
         except DfrnInputError as exc:
             raise ResultsFolderError(f"{path} is unreadable ({exc})") from None
         missing = [c for c in columns if c not in df.columns]

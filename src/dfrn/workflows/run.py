@@ -39,7 +39,7 @@ from dfrn.plotting import format_table, plot_fig2
 from dfrn.targets.providers import TargetProvider
 from dfrn.workflows.confounds import target_words
 from dfrn.workflows.learning import train_sizes, write_learning_table
-from dfrn.workflows.report import training_words
+from dfrn.workflows.report import image_words, training_words
 from dfrn.workflows.results import (
     ResultsFolder,
     check_results_dir,
@@ -157,10 +157,13 @@ def run_cv_stage(
         reference, items = fit_factor_model(cohort, cfg.factors)
         write_factor_outputs(reference, items, out)
         stability_summary = _factor_stability(reference, items, cfg, plan, out, log)
+    c = cfg.cohort
     log(
         f"{len(cohort)} subjects, factors {', '.join(factors)}; network input "
-        f"{'×'.join(map(str, volumes.shape))} (downsample {cfg.cohort.downsample}); "
-        f"{cfg.cv.n_repeats} × {cfg.cv.n_folds}-fold CV"
+        f"{'×'.join(map(str, volumes.shape))} (downsample {c.downsample}); "
+        f"{cfg.cv.n_repeats} × {cfg.cv.n_folds}-fold CV. "
+        + image_words(len(cohort), image_column=c.image_column, intensity=c.intensity,
+                      mask=bool(c.mask), downsample=c.downsample, bids=bool(c.bids))
     )
     tasks = plan_tasks(plan, factors, cfg.model.heads, cfg.training.n_seeds)
     log(f"training: {training_words(cfg.to_dict(), factors, train_sizes(tasks, targets))} "

@@ -17,7 +17,11 @@ import pandas as pd
 
 from dfrn.config import StudyConfig
 from dfrn.data.cohort import Cohort, load_bids_cohort, load_cohort_table, read_delimited
-from dfrn.data.covariates import CovariateSelection, select_covariates
+from dfrn.data.covariates import (
+    CovariateSelection,
+    covariate_target_copies,
+    select_covariates,
+)
 from dfrn.data.images import VolumeCache, VolumeSet
 from dfrn.errors import DfrnInputError, listed
 from dfrn.evaluation.executors import Executor
@@ -121,7 +125,8 @@ def study_covariates(cohort: Cohort, cfg: StudyConfig) -> CovariateSelection | N
     ``[cohort] missing_covariates = "drop"``.
     """
     c = cfg.cohort
-    return select_covariates(cohort.table, c.covariates, c.site, c.missing_covariates)
+    return select_covariates(cohort.table, c.covariates, c.site, c.missing_covariates,
+                             categorical=c.categorical_covariates)
 
 
 def warn_prep_qc(cohort: Cohort) -> None:
@@ -226,7 +231,9 @@ def fold_plan_for(
     """The saved fold plan (validated) on resume, else a new one (not yet written).
 
     ``[cv] groups`` keeps each group of that column in one fold (a saved plan that splits a
-    group is refused); ``[cv] stratify`` balances the first column of ``targets``.
+    group is refused); ``[cv] stratify`` balances the first column of ``targets``. Before
+    any training, the plan is checked for ComBat (``[baseline] harmonize = "combat"``) and a
+    covariate that copies a target is warned about.
     """
     folder = ResultsFolder(out)
     groups = _fold_groups(cohort, cfg)
@@ -245,7 +252,39 @@ def fold_plan_for(
         )
     if groups is not None:
         check_plan_groups(plan, groups, cfg.cv.groups)
+    _check_plan_for_stages(cohort, cfg, plan, targets)
     return plan
+
+
+def _check_plan_for_stages(cohort: Cohort, cfg: StudyConfig, plan: pd.DataFrame,
+                           targets: pd.DataFrame | None = None) -> None:
+    """What the later stages need of the fold plan and the targets, checked before training.
+
+    With ``[baseline] harmonize = "combat"``, every site needs at least 2 training subjects
+    in every split (:func:`dfrn.models.harmonize.check_combat_plan`). A covariate that copies
+    a target (``|r| > 0.999``) is warned about: its partial r would be rounding noise.
+
+    Raises
+    ------
+    DfrnInputError
+        When ComBat could not be learned on some training fold (naming it and the site).
+    """
+    import warnings
+
+    if cfg.baseline.enabled and cfg.baseline.harmonize == "combat" and cfg.cohort.site:
+        from dfrn.models.harmonize import check_combat_plan
+
+        check_combat_plan(plan, cohort.table[cfg.cohort.site], targets)
+    selection = study_covariates(cohort, cfg) if targets is not None else None
+    if selection is None:
+        return
+    for covariate, target, r, n in covariate_target_copies(selection, targets):
+        warnings.warn(
+            f"covariate {covariate!r} is a copy of target {target!r} (r = {r:.4f} on the {n} "
+            "subjects with both): the analysis beyond the covariates would compute its partial "
+            f"r on rounding noise; remove {covariate!r} from [cohort] covariates or {target!r} "
+            "from the targets", UserWarning, stacklevel=2,
+        )
 
 
 def _fold_groups(cohort: Cohort, cfg: StudyConfig) -> pd.Series | None:
