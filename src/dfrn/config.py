@@ -186,8 +186,10 @@ class TrainingConfig:
     bn_stats: str = "recompute"
     """BatchNorm statistics for prediction: ``"recompute"`` (default) averages them over the
     network's training subjects after training (and before each validation epoch), with
-    no gradient; ``"running"`` keeps PyTorch's running averages of the last batches (dfrn
-    before; they offset the predictions of a network trained with batches of 4)."""
+    no gradient, then sets the output bias so that the mean prediction on those subjects is
+    their mean target (the least-squares intercept); ``"running"`` keeps PyTorch's running
+    averages of the last batches (dfrn before; they offset the predictions of a network
+    trained with batches of 4, differently in each fold)."""
     smoothing: float = 0.8
     """``early_stopping = "smoothed"``: weight of the past in the moving average, in [0, 1)."""
     val_split: str = "stratified"

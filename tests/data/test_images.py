@@ -203,6 +203,30 @@ def test_constant_list_is_capped(tmp_path: Path) -> None:
         VolumeCache(tmp_path / "cache").prepare(ids, paths, progress=False, intensity="none")
 
 
+def test_one_empty_map_is_accepted_only_when_allowed(tmp_path: Path) -> None:
+    """Issue 26.9: ``dfrn predict`` on one subject's empty lesion map (intensity "none")
+    passes ``allow_constant``; a training cohort without any variation is still refused."""
+    mask = _save(tmp_path / "mask.nii.gz", _mask() * 1.0)
+    empty = _save(tmp_path / "empty.nii.gz", np.zeros((N, N, N)))
+    cache = VolumeCache(tmp_path / "cache")
+    with pytest.raises(DfrnInputError, match=r"^1 subject\(s\) have constant .*participant e;"):
+        cache.prepare(["e"], [empty], 1, mask, progress=False, intensity="none")
+    with pytest.warns(UserWarning, match=r"empty lesion map\): participant e$"):
+        vs = cache.prepare(["e"], [empty], 1, mask, progress=False, intensity="none",
+                           allow_constant=True)
+    assert not np.asarray(vs[0]).any()
+    with pytest.raises(DfrnInputError, match="intensity='zscore'"):  # only raw values
+        cache.prepare(["e"], [empty], 1, mask, progress=False, allow_constant=True)
+
+
+def test_few_distinct_values_are_sorted_or_none() -> None:
+    assert images.few_distinct_values(_binary(0)) == [0.0, 1.0]
+    assert images.few_distinct_values(np.full(5, 3.0)) == [3.0]
+    assert images.few_distinct_values(np.array([])) == []
+    assert images.few_distinct_values(np.array([1.0, 0.0, 0.5, 1.0])) is None
+    assert images.few_distinct_values(np.array([2.0, 0.5, 1.0]), limit=3) == [0.5, 1.0, 2.0]
+
+
 def test_unmasked_binary_maps_flattened_by_zscore_get_a_hint(tmp_path: Path) -> None:
     ids, paths = _cohort(tmp_path, 3, _binary)  # no mask: the region is the ones only
     cache = VolumeCache(tmp_path / "cache")
@@ -306,3 +330,6 @@ def test_nan_inside_the_mask_is_refused_naming_subject_file_and_count(tmp_path: 
     with pytest.raises(DfrnInputError, match=r"participant s02: .*has 4 NaN or inf voxels; .*"
                        r"\[cohort\] mask"):
         cache.prepare(ids, [paths[0], paths[1], bad], progress=False)
+    with pytest.raises(DfrnInputError, match=r"s02_nan.nii.gz has 4 NaN or inf voxels; set "
+                       r"them to 0$"):  # a caller's own advice (dfrn predict's)
+        images.load_volume(bad, "participant s02", nan_hint="set them to 0")

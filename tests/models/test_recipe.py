@@ -245,3 +245,67 @@ def test_bad_recipe_settings_give_one_line(tmp_path, section, values, message) -
     with pytest.raises(DfrnInputError, match=message) as err:
         config_from_dict(raw, tmp_path)
     assert "\n" not in str(err.value)
+
+
+def _signal_cohort(n: int, size: int = 12, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
+    """Noise volumes whose central cube carries the target (a learnable signal)."""
+    rng = np.random.default_rng(seed)
+    y = rng.standard_normal(n)
+    vols = []
+    for i in range(n):
+        v = 0.5 * rng.standard_normal((size,) * 3).astype(np.float32)
+        v[3:9, 3:9, 3:9] += np.float32(y[i])
+        vols.append(v)
+    return vols, y
+
+
+SIGNAL_VOLS, SIGNAL_Y = _signal_cohort(16)
+
+
+@pytest.mark.parametrize("early_stopping", ["none", "val"])
+def test_mean_training_prediction_is_the_mean_target(early_stopping: str) -> None:
+    """BatchNorm statistics recomputed and the output centred: no offset on the training
+    subjects (the running statistics of batches of 4 shifted each fold's predictions)."""
+    est = DFRNRegressor(epochs=3, early_stopping=early_stopping, val_fraction=0.25,
+                        widen_factor=0.125, seed=0).fit(SIGNAL_VOLS, SIGNAL_Y)
+    train = np.setdiff1d(np.arange(len(SIGNAL_Y)), est.val_ids_)
+    pred = est.predict([SIGNAL_VOLS[i] for i in train])
+    assert abs(pred.mean() - SIGNAL_Y[train].mean()) < 1e-3 * SIGNAL_Y[train].std()
+    old = DFRNRegressor(epochs=3, early_stopping=early_stopping, val_fraction=0.25,
+                        widen_factor=0.125, seed=0, bn_stats="running").fit(SIGNAL_VOLS, SIGNAL_Y)
+    pred_old = old.predict([SIGNAL_VOLS[i] for i in train])
+    assert abs(pred_old.mean() - SIGNAL_Y[train].mean()) > 1e-3 * SIGNAL_Y[train].std()
+
+
+def test_bn_statistics_are_the_training_subjects_average() -> None:
+    """After training, each BatchNorm's running mean is the mean of its batch means over
+    the inner training subjects (update_bn's cumulative average), not the last batches'."""
+    est = DFRNRegressor(epochs=2, early_stopping="none", widen_factor=0.125, seed=1,
+                        batch_size=4).fit(SIGNAL_VOLS[:8], SIGNAL_Y[:8])
+    kept = est.model_.bn1.running_mean.clone()  # before the forward passes below update it
+    seen = []
+    hook = est.model_.bn1.register_forward_hook(
+        lambda m, inp, out: seen.append(inp[0].mean(dim=(0, 2, 3, 4)).detach()))
+    est.model_.train()
+    with torch.no_grad():
+        for b in ([0, 1, 2, 3], [4, 5, 6, 7]):  # the batches update_bn saw, in order
+            est.model_(torch.from_numpy(np.stack([SIGNAL_VOLS[i] for i in b]))[:, None])
+    hook.remove()
+    est.model_.eval()
+    torch.testing.assert_close(kept, torch.stack(seen).mean(0),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_auto_trains_fixed_epochs_on_a_small_split_and_waits_for_learning() -> None:
+    """``auto``: no split under min_val_subjects (every subject trains, ``epochs`` epochs);
+    with a split, no epoch is kept before the training loss falls below learning_start."""
+    small = DFRNRegressor(epochs=2, widen_factor=0.125, seed=0).fit(SIGNAL_VOLS, SIGNAL_Y)
+    assert small.stopping_.rule == "none" and "fewer than 20" in small.stopping_.reason
+    assert len(small.val_ids_) == 0 and len(small.history_) == 2 and small.best_epoch_ == 1
+    stopper = EarlyStopping("auto", patience=2, learning_start=0.8, smoothing=0.0)
+    # a plateau at the mean's loss: a lucky low validation epoch 1 is neither kept nor counted
+    for val, train in [(1.0, 1.0), (0.2, 0.99), (1.0, 0.98), (1.0, 0.97), (0.9, 0.7),
+                       (0.5, 0.5), (0.4, 0.4)]:
+        step = stopper.update(val, train)
+    assert stopper.started_epoch_ == 4 and not step.stop
+    assert stopper.best_epoch_ == 6  # median-filtered: the lows of epochs 5-6 count, not 1

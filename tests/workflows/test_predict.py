@@ -13,9 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import study_config
+from conftest import NARROW, study_config
 
 from dfrn.cli import main
+from dfrn.config import config_from_dict
 from dfrn.data.synth import make_synthetic_cohort
 from dfrn.errors import DfrnInputError
 from dfrn.evaluation.tasks import plan_tasks
@@ -45,6 +46,7 @@ def test_packages_describe_themselves(study) -> None:
         assert meta["mode"] == "ensemble" and len(meta["models"]) == 2  # first repeat's folds
         assert meta["input"]["shape"] == list(res.extra["volumes"].input_grid.shape)
         assert meta["input"]["intensity"] == "zscore" and meta["input"]["mask"] is not None
+        assert "values" not in meta["input"]  # recorded for binary maps read as they are only
         assert len(meta["training_scans_sha256"]) == 12
         r = res.metrics.set_index("factor").at[factor, "pearson_r"]
         assert meta["performance"]["mean_r"] == pytest.approx(r)
@@ -376,3 +378,102 @@ def test_a_binary_package_refuses_non_binary_and_nan_maps(study, tiny_cohort, tm
     pred = pd.read_csv(tmp_path / "p" / "predictions.tsv", sep="\t")
     assert sorted(pred["participant_id"]) == ["empty", "lesion"]
     assert np.isfinite(pred["prediction"]).all()
+
+
+LESION_AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])
+LESION_SIZE = 12
+
+
+def _lesion_cohort(root: Path, n: int = 8, size: int = LESION_SIZE) -> Path:
+    """Binary lesion maps in a spherical brain mask, 4 mm voxels; sub-00's scan has NaN
+    outside the mask (harmless to training, and so to packaging)."""
+    rng = np.random.default_rng(5)
+    zz, yy, xx = np.mgrid[:size, :size, :size]
+    mid = (size - 1) / 2
+    brain = ((zz - mid) ** 2 + (yy - mid) ** 2 + (xx - mid) ** 2) < mid**2
+    nib.save(nib.Nifti1Image(brain.astype(np.uint8), LESION_AFFINE), root / "mask.nii.gz")
+    rows = []
+    for i in range(n):
+        c, radius = rng.uniform(mid - 2, mid + 2, size=3), rng.uniform(1.0, 3.0)
+        lesion = (((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) < radius**2) & brain
+        data = lesion.astype(np.float32)
+        if i == 0:
+            data[0, 0, :3] = np.nan
+        nib.save(nib.Nifti1Image(data, LESION_AFFINE), root / f"sub-{i:02d}.nii.gz")
+        rows.append({"participant_id": f"sub-{i:02d}", "t1": f"sub-{i:02d}.nii.gz",
+                     "load": float(lesion.sum()) / 100 + 0.1 * rng.standard_normal()})
+    pd.DataFrame(rows).to_csv(root / "cohort.tsv", sep="\t", index=False)
+    return root
+
+
+
+@pytest.fixture(scope="module")
+def lesion_study(tmp_path_factory) -> Path:
+    """A finished tiny lesion study (intensity "none", 8 subjects, 12³) with its package."""
+    root = _lesion_cohort(tmp_path_factory.mktemp("lesions"))
+    raw = {"cohort": {"table": str(root / "cohort.tsv"), "targets": ["load"],
+                      "mask": str(root / "mask.nii.gz"), "intensity": "none"},
+           "model": {"widen_factor": NARROW},
+           "training": {"epochs": 1, "val_fraction": 0.0},
+           "cv": {"n_folds": 2, "n_repeats": 1, "seed": 1},
+           "baseline": {"enabled": False}, "attention": {"enabled": False},
+           "final": {"enabled": True}}
+    run_study(config_from_dict(raw, root), root / "res", progress=False, log=lambda s: None)
+    return root
+
+
+def test_a_lesion_run_records_its_binary_values(lesion_study: Path) -> None:
+    """Issue 26.9: the package of an intensity-none study on 0/1 maps records the values
+    that predict checks new scans against (a training scan's NaN outside the mask is 0)."""
+    package = load_package(lesion_study / "res" / "models" / "load")
+    assert package.metadata["input"]["intensity"] == "none"
+    assert package.metadata["input"]["values"] == [0.0, 1.0]
+    assert "binary maps with the values 0 and 1" in (package.folder / "README.md").read_text()
+
+
+def test_a_lesion_package_takes_an_empty_map_and_refuses_a_half(lesion_study: Path,
+                                                                tmp_path: Path, capsys) -> None:
+    """Issue 26.9: one empty map alone is predicted; a 0.5 inside the mask is named in one
+    line; a training scan with NaN outside the mask is still known by its content."""
+    model = lesion_study / "res" / "models" / "load"
+    empty = np.zeros((LESION_SIZE,) * 3, np.float32)
+    scans = {"empty": tmp_path / "empty.nii.gz", "half": tmp_path / "half.nii.gz"}
+    nib.save(nib.Nifti1Image(empty, LESION_AFFINE), scans["empty"])
+    empty[6, 6, 6] = 0.5  # the centre of the brain mask
+    nib.save(nib.Nifti1Image(empty, LESION_AFFINE), scans["half"])
+    assert main(["predict", str(model), "--cohort",
+                 str(_cohort_of(tmp_path, {"empty": scans["empty"]})), "--out",
+                 str(tmp_path / "p"), "--no-progress"]) == 0
+    pred = pd.read_csv(tmp_path / "p" / "predictions.tsv", sep="\t")
+    assert list(pred["participant_id"]) == ["empty"] and np.isfinite(pred["prediction"]).all()
+    capsys.readouterr()
+    for name, scan, expected in (
+            ("half", scans["half"], f"participant half ({scans['half']}: 1 voxel(s) such as 0.5)"),
+            ("sub-00", lesion_study / "sub-00.nii.gz", "were used to train model load")):
+        assert main(["predict", str(model), "--cohort", str(_cohort_of(tmp_path, {name: scan})),
+                     "--out", str(tmp_path / name), "--no-progress"]) == 2
+        line = _one_line_error(capsys)
+        assert expected in line and name in line, line
+
+
+def test_nan_for_a_maskless_package_says_what_the_predict_user_can_do(
+        study, tiny_cohort, tmp_path: Path, capsys) -> None:
+    """Issue 26.9: the package's mask is not the user's to set: no "[cohort] mask" hint."""
+    out, _ = study
+    pkg = tmp_path / "pkg"
+    shutil.copytree(out / "models" / "sleep", pkg)
+    meta = json.loads((pkg / "metadata.json").read_text())
+    meta["input"]["mask"] = None
+    (pkg / "metadata.json").write_text(json.dumps(meta, indent=2))
+    (pkg / "brain_mask.nii.gz").unlink()
+    write_manifest(pkg)
+    ref = nib.load(_first_scan(tiny_cohort))
+    data = np.asarray(ref.dataobj, dtype=np.float32).copy()
+    data[0, 0, 0] = np.nan
+    scan = tmp_path / "holes.nii.gz"
+    nib.save(nib.Nifti1Image(data, ref.affine), scan)
+    assert main(["predict", str(pkg), "--cohort", str(_cohort_of(tmp_path, {"holes": scan})),
+                 "--out", str(tmp_path / "p"), "--no-progress"]) == 2
+    line = _one_line_error(capsys)
+    assert f"participant holes: {scan} has 1 NaN or inf voxels" in line, line
+    assert "model sleep was trained without a brain mask" in line and "[cohort]" not in line

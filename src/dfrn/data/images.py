@@ -50,7 +50,8 @@ entry against its sidecar and rebuilds truncated, replaced or incomplete entries
 NIfTI. It then refuses subjects whose cached volume is constant (``std == 0``, e.g. all zero)
 and warns when binary-looking images are z-scored. Under ``intensity="none"`` a constant
 volume is a real observation (an empty lesion map): it is only warned about, unless every
-subject's volume is constant.
+subject's volume is constant (a training cohort without variation), which is refused unless
+``allow_constant`` (``dfrn predict``, where one subject's empty map is a valid input).
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ __all__ = [
     "normalise",
     "block_downsample",
     "downsampled_affine",
+    "few_distinct_values",
     "VolumeCache",
     "VolumeSet",
     "INTENSITY_MODES",
@@ -256,7 +258,8 @@ def read_header(path: str | Path, what: str = "image") -> GridSpec:
 
 
 def load_volume(
-    path: str | Path, what: str = "image", mask: np.ndarray | None = None
+    path: str | Path, what: str = "image", mask: np.ndarray | None = None, *,
+    nan_hint: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Load a 3D NIfTI as float32 data and its affine, with clear errors for bad files.
 
@@ -270,6 +273,9 @@ def load_volume(
         Boolean brain mask of the image's shape. NaN and inf voxels outside it are set to 0
         (they are outside the region every computation uses); inside it they are refused.
         Without a mask, every NaN or inf voxel is refused.
+    nan_hint : str or None, optional
+        What the user can do about NaN or inf voxels in an image read without a mask, for
+        the message; by default, fix them or set ``[cohort] mask``.
 
     Returns
     -------
@@ -296,10 +302,8 @@ def load_volume(
     if not bad.any():
         return data, spec.affine
     if mask is None:
-        raise DfrnInputError(
-            f"{what}: {path} has {int(bad.sum())} NaN or inf voxels; fix them, or set "
-            "[cohort] mask to a brain mask that leaves them outside"
-        )
+        hint = nan_hint or "fix them, or set [cohort] mask to a brain mask that leaves them outside"
+        raise DfrnInputError(f"{what}: {path} has {int(bad.sum())} NaN or inf voxels; {hint}")
     inside = int((bad & mask).sum())
     if inside:
         raise DfrnInputError(
@@ -358,12 +362,38 @@ def _region(data: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return mask
 
 
+def few_distinct_values(values: np.ndarray, limit: int = 2) -> list[float] | None:
+    """The sorted distinct values of ``values`` when there are at most ``limit``, else None.
+
+    Linear time in ``values.size`` for a small ``limit`` (no sort of the voxels): the test
+    of whether an image looks binary (e.g. a 0/1 lesion map inside its brain mask).
+
+    Parameters
+    ----------
+    values : np.ndarray
+        Any array (e.g. an image's voxels inside its brain mask); NaN is not expected.
+    limit : int, default 2
+        The most distinct values to collect.
+
+    Returns
+    -------
+    list of float or None
+        ``[]`` for an empty array, ``[0.0, 1.0]`` for a binary map, None for more values.
+    """
+    found: list[float] = []
+    rest = np.asarray(values).ravel()
+    while rest.size:
+        if len(found) == limit:
+            return None
+        first = rest[0]
+        found.append(float(first))
+        rest = rest[rest != first]
+    return sorted(found)
+
+
 def _at_most_two_values(values: np.ndarray) -> bool:
     """Whether ``values`` holds at most 2 distinct values (linear time, no sort)."""
-    if values.size == 0:
-        return True
-    rest = values[values != values.flat[0]]
-    return rest.size == 0 or not bool((rest != rest.flat[0]).any())
+    return few_distinct_values(values, 2) is not None
 
 
 def _normalise(data: np.ndarray, region: np.ndarray, intensity: str) -> np.ndarray:
@@ -484,6 +514,62 @@ class VolumeSet:
         return downsampled_affine(self.input_grid.affine, self.downsample)
 
 
+def _check_input_variation(labels: Sequence[str], stats: Sequence[dict[str, Any]],
+                           intensity: str, allow_constant: bool = False) -> None:
+    """Refuse constant network inputs; warn about binary maps under z-scoring.
+
+    Under ``intensity="none"`` constant inputs (an empty lesion map) are only warned about,
+    unless every subject's is, which is refused unless ``allow_constant``.
+
+    Raises
+    ------
+    DfrnInputError
+        One line listing the subjects whose cached volume is constant (``std == 0``).
+    """
+    rows = list(zip(labels, stats, strict=True))
+    constant = [lab for lab, st in rows if st["std"] == 0]
+    if intensity == "zscore":
+        binary = [lab for lab, st in rows if st["n_unique_le_2"] and st["std"] > 0]
+        if binary:
+            warnings.warn(
+                f"{len(binary)} image(s) look binary (at most 2 distinct values inside the "
+                f"brain region): {listed(binary, 3)}; intensity='zscore' rescales each "
+                'one by its own mean and SD, so set [cohort] intensity = "none" for '
+                "binary maps such as lesion masks",
+                UserWarning,
+                stacklevel=3,
+            )
+    if constant and intensity == "none" and (allow_constant or len(constant) < len(rows)):
+        # raw values: an empty map is a real observation (e.g. no lesion); the network
+        # still sees the other subjects' variation
+        warnings.warn(
+            f"{len(constant)} subject(s) have constant network inputs under "
+            f"intensity='none' (e.g. an empty lesion map): {listed(constant, 3)}",
+            UserWarning,
+            stacklevel=3,
+        )
+        constant = []
+    if constant:
+        # binary maps that z-scoring flattened (e.g. 0/1 lesion maps without a mask)
+        flattened = [
+            lab
+            for lab, st in rows
+            if st["std"] == 0 and st["n_unique_le_2"] and st["input_nonzero"] > 0
+        ]
+        hint = (
+            f"; {len(flattened)} of them are non-empty images with at most 2 distinct "
+            f"values that intensity={intensity!r} flattens: set [cohort] intensity = "
+            '"none" for binary maps such as lesion masks'
+            if flattened and intensity != "none"
+            else ""
+        )
+        raise DfrnInputError(
+            f"{len(constant)} subject(s) have constant or all-zero network inputs after "
+            f"intensity={intensity!r} normalisation: {listed(constant, 10)}; check the "
+            f"images and [cohort] mask/intensity{hint}"
+        )
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
 
@@ -599,6 +685,7 @@ class VolumeCache:
         intensity: str = "zscore",
         digests: Sequence[str] | None = None,
         log: Callable[[str], None] = print,
+        allow_constant: bool = False,
     ) -> VolumeSet:
         """Validate, normalise, downsample and cache every image (each decoded at most once).
 
@@ -625,6 +712,10 @@ class VolumeCache:
             them; computed with :func:`dfrn.io.file_digest` otherwise.
         log : callable, default print
             Receives one line per rebuilt entry.
+        allow_constant : bool, default False
+            Under ``intensity="none"``, accept images whose volumes are all constant (only
+            warned about): ``dfrn predict`` on one subject's empty lesion map. A training
+            cohort keeps the default, which refuses a cohort with no variation at all.
 
         Returns
         -------
@@ -636,7 +727,8 @@ class VolumeCache:
         DfrnInputError
             For a bad ``downsample`` or ``intensity``, images off the common grid, an
             unreadable image or mask, and (one error for all of them) subjects whose cached
-            volume is constant (``std == 0``, including all zero).
+            volume is constant (``std == 0``, including all zero); see
+            :func:`_check_input_variation`.
 
         Warns
         -----
@@ -705,48 +797,7 @@ class VolumeCache:
             files.append(target)
             all_stats.append(stats)
 
-        rows = list(zip(labels, all_stats, strict=True))
-        constant = [lab for lab, st in rows if st["std"] == 0]
-        if intensity == "zscore":
-            binary = [lab for lab, st in rows if st["n_unique_le_2"] and st["std"] > 0]
-            if binary:
-                warnings.warn(
-                    f"{len(binary)} image(s) look binary (at most 2 distinct values inside the "
-                    f"brain region): {listed(binary, 3)}; intensity='zscore' rescales each "
-                    'one by its own mean and SD, so set [cohort] intensity = "none" for '
-                    "binary maps such as lesion masks",
-                    UserWarning,
-                    stacklevel=2,
-                )
-        if constant and intensity == "none" and len(constant) < len(rows):
-            # raw values: an empty map is a real observation (e.g. no lesion); the network
-            # still sees the other subjects' variation
-            warnings.warn(
-                f"{len(constant)} subject(s) have constant network inputs under "
-                f"intensity='none' (e.g. an empty lesion map): {listed(constant, 3)}",
-                UserWarning,
-                stacklevel=2,
-            )
-            constant = []
-        if constant:
-            # binary maps that z-scoring flattened (e.g. 0/1 lesion maps without a mask)
-            flattened = [
-                lab
-                for lab, st in rows
-                if st["std"] == 0 and st["n_unique_le_2"] and st["input_nonzero"] > 0
-            ]
-            hint = (
-                f"; {len(flattened)} of them are non-empty images with at most 2 distinct "
-                f"values that intensity={intensity!r} flattens: set [cohort] intensity = "
-                '"none" for binary maps such as lesion masks'
-                if flattened and intensity != "none"
-                else ""
-            )
-            raise DfrnInputError(
-                f"{len(constant)} subject(s) have constant or all-zero network inputs after "
-                f"intensity={intensity!r} normalisation: {listed(constant, 10)}; check the "
-                f"images and [cohort] mask/intensity{hint}"
-            )
+        _check_input_variation(labels, all_stats, intensity, allow_constant)
         return VolumeSet(
             participant_ids=list(participant_ids),
             files=files,

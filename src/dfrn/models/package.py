@@ -6,7 +6,8 @@ A package is a folder ``models/<factor>/`` holding
 * ``metadata.json``: what the networks expect and what they were trained on (modelled on
   MONAI bundle metadata): dfrn, torch and numpy versions; the network's ``block_strides``;
   the input grid (template name, shape, affine, downsample factor), its normalisation
-  (``intensity``, and the brain mask's SHA-256 with the mask itself in the package); the
+  (``intensity``, and the brain mask's SHA-256 with the mask itself in the package; for
+  binary maps read as they are, ``values``, the training scans' values inside the mask); the
   target (name, each network's scaling mean and sd); the preprocessing; the SHA-256 of every
   training scan's file and of its content (:func:`scan_content_digest`, for the leakage
   check); the cross-validated performance; the intended use;
@@ -110,6 +111,8 @@ METADATA_SCHEMA: dict[str, Any] = {
                 "mask": {"oneOf": [{"type": "null"}, {
                     "type": "object", "required": ["file", "sha256"],
                     "properties": {"file": {"type": "string"}, "sha256": _SHA}}]},
+                # optional (packages before it lack it): binary training maps' values
+                "values": {"type": "array", "items": _NUMBER, "minItems": 1, "maxItems": 2},
             },
         },
         "models": {
@@ -363,6 +366,8 @@ def package_readme(meta: dict[str, Any]) -> str:
         f"normalisation `{inp['intensity']}`"
         + (" inside the packaged brain mask" if inp["mask"] else "")
         + f"; downsample {inp['downsample']}",
+        *([f"- binary maps with the values {' and '.join(f'{v:g}' for v in inp['values'])}: "
+           "`dfrn predict` refuses scans with other values"] if inp.get("values") else []),
         "",
         *_adjustment_lines(meta),
         "## Performance (cross-validated)",

@@ -437,7 +437,8 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         the last few batches, and shift every prediction of the network. With
         ``bn_stats = "recompute"`` they are replaced by the cumulative average over the
         subjects the network trains on (``torch.optim.swa_utils.update_bn``), before each
-        validation epoch and after training; training itself is unchanged.
+        validation epoch and after training; training itself is unchanged. After training
+        the output is then centred (:meth:`_centre_output`).
         """
         if self.bn_stats != "recompute":
             return
@@ -447,6 +448,24 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         batches = _batches(np.asarray(loop.train_idx), max(self.batch_size, 2))
         with autocast():
             update_bn(loop.feeder.batches(batches), self.model_)
+
+    def _centre_output(self, loop: _Loop) -> None:
+        """Shift the output bias so the mean training prediction is the mean training target.
+
+        The least-squares intercept on the subjects the network trained on (no other
+        subject is seen): with BatchNorm's statistics recomputed, the remaining offset of
+        a network that is not at its optimum is removed, so the fold networks' predictions
+        are not shifted against each other (``bn_stats = "recompute"`` only).
+        """
+        if self.bn_stats != "recompute":
+            return
+        pred = self._predict_scaled(loop.volumes, loop.train_idx, loop.feeder, loop.step_model)
+        truth = loop.ys[loop.train_idx].numpy()
+        resid = np.where(np.isfinite(truth), pred - np.nan_to_num(truth), np.nan)
+        offset = np.nanmean(resid, axis=0)
+        with torch.no_grad():
+            self.model_.fc.bias -= torch.as_tensor(offset, dtype=self.model_.fc.bias.dtype,
+                                                   device=self.model_.fc.bias.device)
 
     def _val_loss(self, loop: _Loop) -> float:
         if not len(self.val_ids_):
@@ -489,6 +508,7 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
             self.model_.load_state_dict(best_state)
         if best_state is None or not len(self.val_ids_):
             self._recompute_bn(loop)  # the kept weights' statistics (already set otherwise)
+        self._centre_output(loop)
         best = loop.stopper.best_epoch_
         self.best_epoch_ = best if best >= 0 else len(history) - 1
         return history

@@ -12,7 +12,7 @@ import pandas as pd
 
 from dfrn.config import StudyConfig
 from dfrn.data.covariates import CovariateSelection
-from dfrn.data.images import VolumeSet, load_volume
+from dfrn.data.images import VolumeSet, few_distinct_values, load_volume
 from dfrn.evaluation.metrics import mean_r
 from dfrn.evaluation.tasks import FactorNetwork, factor_networks
 from dfrn.io import (
@@ -59,16 +59,34 @@ def _save_weights(est: DFRNRegressor, path: Path) -> str:
     return file_digest(path)
 
 
-def _content_digests(inputs: dict[str, InputFile], participants: pd.Index,
-                     known: dict[str, str], log: Callable[[str], None]) -> list[str]:
-    """The sorted content digests of the participants' scans, decoding each at most once."""
+def _training_scans(inputs: dict[str, InputFile], participants: pd.Index,
+                    known: dict[str, tuple[str, list[float] | None]], mask: np.ndarray | None,
+                    intensity: str, log: Callable[[str], None],
+                    ) -> tuple[list[str], list[float] | None]:
+    """The sorted content digests of the participants' scans, and their values.
+
+    Each scan is decoded at most once (``known`` keeps what was read, across factors), as
+    ``dfrn predict`` decodes it: NaN or inf voxels outside ``mask`` are set to 0, so both
+    compute the same digest. The values are the sorted distinct values of all the scans
+    inside ``mask`` (the whole image without one) when the study reads them as they are
+    (``intensity = "none"``) and there are at most two (binary maps, e.g. ``[0.0, 1.0]``):
+    ``input.values`` of the metadata, which predict checks new scans against. None otherwise.
+    """
     todo = [p for p in participants if p not in known]
     if todo:
         log(f"hashing the content of {len(todo)} training scan(s) for the leakage check")
     for pid in todo:
-        known[pid] = scan_content_digest(*load_volume(inputs[f"t1/{pid}"].path,
-                                                      f"participant {pid}"))
-    return sorted({known[p] for p in participants})
+        data, affine = load_volume(inputs[f"t1/{pid}"].path, f"participant {pid}", mask)
+        few = None
+        if intensity == "none":
+            few = few_distinct_values(data[mask] if mask is not None else data)
+        known[pid] = (scan_content_digest(data, affine), few)
+    digests = sorted({known[p][0] for p in participants})
+    found = [known[p][1] for p in participants]
+    if intensity != "none" or any(f is None for f in found):
+        return digests, None
+    values = sorted({v for f in found for v in f or []})
+    return digests, values if 0 < len(values) <= 2 else None
 
 
 def _refit(cfg: StudyConfig, volumes: VolumeSet, y: pd.Series, epochs: int, seed: int,
@@ -137,6 +155,22 @@ def _region_entry(tmp: Path, grid: Any, baseline: str, volumes: VolumeSet,
             "names": grid.table["name"].astype(str).tolist(), "baseline": baseline}
 
 
+def _input_entry(cfg: StudyConfig, volumes: VolumeSet, mask: dict[str, str] | None,
+                 values: list[float] | None) -> dict[str, Any]:
+    """The metadata's ``input``: grid, downsampling, intensity mode, mask and, for binary
+    maps read as they are, the training values (see :func:`_training_scans`)."""
+    grid = volumes.input_grid
+    entry = {
+        "template": template_name(grid.shape, grid.affine),
+        "shape": list(grid.shape),
+        "affine": np.asarray(grid.affine, dtype=float).round(6).tolist(),
+        "downsample": int(volumes.downsample),
+        "intensity": cfg.cohort.intensity,
+        "mask": mask,
+    }
+    return entry if values is None else {**entry, "values": values}
+
+
 def _package_grid(cfg: StudyConfig, volumes: VolumeSet, log: Callable[[str], None]) -> Any:
     """The attention atlas on the input grid, when region ablation is configured."""
     a = cfg.attention
@@ -182,8 +216,9 @@ def write_model_packages(
     summary = mean_r(metrics)
     first = plan[plan["repeat"] == plan["repeat"].min()]
     mask = cfg.cohort.mask
+    mask_data = None if not mask else load_volume(mask, "brain mask")[0] > 0
     written: dict[str, Path] = {}
-    content: dict[str, str] = {}
+    content: dict[str, tuple[str, list[float] | None]] = {}
     for factor in targets.columns:
         final = folder.model_package(factor)
         if final.is_dir():
@@ -209,7 +244,8 @@ def write_model_packages(
                              lambda p: shutil.copyfile(mask, p))
                 mask_entry = {"file": "brain_mask.nii.gz", "sha256": file_digest(Path(mask))}
             trained_on = targets[factor].dropna().index
-            grid = volumes.input_grid
+            digests, values = _training_scans(inputs, trained_on, content, mask_data,
+                                              cfg.cohort.intensity, log)
             meta = {
                 "schema_version": SCHEMA_VERSION,
                 "dfrn_version": dfrn_version(),
@@ -218,22 +254,14 @@ def write_model_packages(
                 "mode": cfg.final.mode,
                 "network": {"name": "DFRN", "block_strides": list(cfg.model.block_strides),
                             "widen_factor": float(cfg.model.widen_factor), "in_channels": 1},
-                "input": {
-                    "template": template_name(grid.shape, grid.affine),
-                    "shape": list(grid.shape),
-                    "affine": np.asarray(grid.affine, dtype=float).round(6).tolist(),
-                    "downsample": int(volumes.downsample),
-                    "intensity": cfg.cohort.intensity,
-                    "mask": mask_entry,
-                },
+                "input": _input_entry(cfg, volumes, mask_entry, values),
                 "target": {"name": factor, "units": "factor score (the training cohort's scale)",
                            "adjustment": adjustment},
                 "models": models,
                 "regions": regions,
                 "preprocessing": {"kind": "user-registered"},
                 "training_scans_sha256": sorted({inputs[f"t1/{p}"].digest for p in trained_on}),
-                "training_scans_content_sha256": _content_digests(inputs, trained_on, content,
-                                                                  log),
+                "training_scans_content_sha256": digests,
                 "performance": {
                     "mean_r": float(summary.at[factor, "mean_r"]),
                     "sd_r": _finite_or_none(summary.at[factor, "sd_r"]),

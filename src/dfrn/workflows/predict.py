@@ -9,12 +9,13 @@ For every package (``MODEL`` itself, or each ``RESULTS/models/<factor>/``):
    leakage check) unless ``allow_training_subjects``;
 3. scans with no signal inside the package's brain mask (all zero or constant) are refused by
    name and file, unless the package reads raw intensities (``intensity = "none"``, where an
-   empty map is an observation). A package trained on binary maps (:func:`_binary_values`)
-   refuses a scan with other values inside its mask (an empty map is still binary); NaN or
-   inf voxels inside any package's mask (anywhere, for a package without one) are refused
-   for every package;
+   empty map is an observation). A package trained on binary maps (:func:`_binary_values`:
+   ``dfrn run`` records their values) refuses a scan with other values inside its mask (an
+   empty map is still binary); NaN or inf voxels inside any package's mask (anywhere, for a
+   package without one) are refused for every package;
 4. scans are normalised and downsampled by :class:`dfrn.data.images.VolumeCache` with the
-   package's mask and settings: the code path that made the training inputs;
+   package's mask and settings: the code path that made the training inputs (one subject's
+   empty map is valid for an ``intensity = "none"`` package, even alone);
 5. every network of the package predicts; ``predictions.tsv`` holds participant_id, factor,
    prediction (the ensemble mean), ensemble_sd, n_models, adjusted_for and prediction_full.
    A package trained on targets residualised on covariates (``[confounds] target =
@@ -139,13 +140,16 @@ def _check_content(cohort: Cohort, packages: list[ModelPackage], allow_training:
     """
     masks = _package_masks(packages)
     nan_region = None if any(m is None for m in masks) else np.logical_or.reduce(masks)
+    maskless = [pkg.factor for pkg, m in zip(packages, masks, strict=True) if m is None]
+    nan_hint = (f"set them to a number (e.g. 0): model {listed(maskless)} was trained without a "
+                "brain mask, so it reads every voxel") if maskless else None
     binary = [_binary_values(pkg) for pkg in packages]
     trained = [set(pkg.metadata["training_scans_content_sha256"]) for pkg in packages]
     seen: list[list[str]] = [[] for _ in packages]
     blank: list[list[str]] = [[] for _ in packages]
     mixed: list[list[str]] = [[] for _ in packages]
     for pid, path in zip(cohort.participant_ids, cohort.images, strict=True):
-        data, affine = load_volume(path, f"participant {pid}", nan_region)
+        data, affine = load_volume(path, f"participant {pid}", nan_region, nan_hint=nan_hint)
         digest = scan_content_digest(data, affine)
         for i, pkg in enumerate(packages):
             if digest in trained[i]:
@@ -231,6 +235,7 @@ def predict_cohort(
         volumes = VolumeCache(out / "cache").prepare(
             cohort.participant_ids, cohort.images, int(inp["downsample"]), package.mask_path,
             progress=progress, intensity=inp["intensity"], digests=digests, log=log,
+            allow_constant=True,  # scans without signal were refused above, where it matters
         )
         preds = np.stack([est.predict(volumes) for est in package.estimators])
         sd = preds.std(axis=0, ddof=1) if len(preds) > 1 else np.full(preds.shape[1], np.nan)

@@ -272,20 +272,20 @@ def _baseline_models_run(folder: ResultsFolder) -> list[str]:
     """The baseline models whose predictions the folder holds: what the Methods describe
     (``[baseline] models`` may have grown on a resume, the ROI ridge may have lacked an
     atlas, or a later ``dfrn baseline`` ran on a run without the stage)."""
-    from dfrn.workflows.baseline import MODEL_KEYS, baseline_files
+    from dfrn.workflows.confounds import BASELINE_KEYS, baseline_files
 
-    return [m for m in MODEL_KEYS if baseline_files(folder.root, m).predictions.is_file()]
+    return [m for m in BASELINE_KEYS if baseline_files(folder.root, m).predictions.is_file()]
 
 
 def _ridge_table(folder: ResultsFolder, metrics: pd.DataFrame) -> str | None:
     """The ridge-vs-DFRN table: mean and sd of r over repeats per factor, each ridge baseline
     of the folder (``ridge``: ROI volumes; ``voxel_ridge``: the network's inputs) beside DFRN."""
-    from dfrn.workflows.baseline import MODEL_KEYS, baseline_files
+    from dfrn.workflows.confounds import BASELINE_KEYS, baseline_files
 
     table = mean_r(metrics)[["mean_r", "sd_r"]].rename(columns={"mean_r": "dfrn_r",
                                                                 "sd_r": "dfrn_sd"})
     found = False
-    for model, key in MODEL_KEYS.items():
+    for model, key in BASELINE_KEYS.items():
         path = baseline_files(folder.root, model).metrics
         if path.is_file():
             base = mean_r(folder.read_metrics(path))[["mean_r", "sd_r"]]
@@ -296,10 +296,10 @@ def _ridge_table(folder: ResultsFolder, metrics: pd.DataFrame) -> str | None:
 
 def _baseline_permutations(folder: ResultsFolder) -> str | None:
     """The ridge baselines' permutation tests in one table, a ``model`` column first."""
-    from dfrn.workflows.baseline import MODEL_KEYS, baseline_files
+    from dfrn.workflows.confounds import BASELINE_KEYS, baseline_files
 
     frames = [pd.read_csv(path, sep="\t").assign(model=key)
-              for model, key in MODEL_KEYS.items()
+              for model, key in BASELINE_KEYS.items()
               if (path := baseline_files(folder.root, model).permutation).is_file()]
     if not frames:
         return None
@@ -307,13 +307,24 @@ def _baseline_permutations(folder: ResultsFolder) -> str | None:
     return _frame(table[["model", *[c for c in table.columns if c != "model"]]], 4)
 
 
-def _methods(cfg: dict[str, Any], n_subjects: int, factors: list[str]) -> str:
+def _train_sizes(folder: ResultsFolder) -> list[int] | None:
+    """Each finished CV network's training-set size (``task.json``'s ``n_train``)."""
+    sizes = []
+    for meta_file in sorted(folder.tasks.glob("*/task.json")) if folder.tasks.is_dir() else []:
+        n = json.loads(meta_file.read_text(encoding="utf-8")).get("n_train")
+        if n is not None:
+            sizes.append(int(n))
+    return sizes or None
+
+
+def _methods(cfg: dict[str, Any], n_subjects: int, factors: list[str],
+             train_sizes: list[int] | None = None) -> str:
     c, cv = cfg["cohort"], cfg["cv"]
     text = (
         image_words(n_subjects, image_column=str(c.get("image_column", "t1")),
                     intensity=str(c.get("intensity", "zscore")), mask=bool(c.get("mask")),
                     downsample=int(c.get("downsample", 1)), bids=bool(c.get("bids")))
-        + " " + training_words(cfg, factors)
+        + " " + training_words(cfg, factors, train_sizes)
         + f" Performance was estimated by {cv['n_repeats']} × {cv['n_folds']}-fold "
         "subject-level cross-validation (Pearson r of pooled out-of-fold predictions per "
         "repeat). "
@@ -552,7 +563,7 @@ def write_report(out: str | Path, notes: list[str] | None = None) -> Path:
         "fig_loadings": _png(folder.figure("factor_loadings")),
         "prep_text": "No preprocessing ran in dfrn: the images were registered by the user "
                      "(QC tables and mosaics appear here when dfrn prep made the inputs).",
-        "methods": _methods(cfg, n_subjects, factors),
+        "methods": _methods(cfg, n_subjects, factors, _train_sizes(folder)),
         "references": _references(cfg),
         "target_note": _target_note(cfg),
         **_confounds_context(folder, cfg),
