@@ -231,3 +231,59 @@ def test_cross_validate_input_errors() -> None:
     sparse.loc[ids[:14], "noise"] = np.nan
     with pytest.raises(DfrnInputError, match="factor 'noise'.*fewer than the ridge inner_cv"):
         cross_validate_ridge(x, sparse, plan)
+
+
+def _voxel_study(n: int = 30, seed: int = 4):
+    """Flattened volumes with a latent score in a block of voxels, targets and a plan."""
+    from dfrn.evaluation.ridge_cv import GramInputs
+    from dfrn.models.ridge import voxel_gram
+
+    rng = np.random.default_rng(seed)
+    ids = [f"sub-{i:03d}" for i in range(n)]
+    score = rng.normal(size=n)
+    x = 2.0 + rng.normal(size=(n, 300))
+    x[:, :60] += score[:, None]
+    targets = pd.DataFrame({"mood": score + 0.5 * rng.normal(size=n), "noise": rng.normal(size=n)},
+                           index=pd.Index(ids, name="participant_id"))
+    plan = make_fold_plan(ids, n_folds=3, n_repeats=2, seed=0)
+    return x, GramInputs(ids, voxel_gram(list(x))), targets, plan
+
+
+def test_voxel_ridge_cross_validation_is_sklearn_ridgecv_per_split() -> None:
+    """Every split: RidgeCV(alphas, cv=5) on the voxels divided by the training subjects'
+    RMS distance from their mean; the test subjects only predicted."""
+    x, gram, targets, plan = _voxel_study()
+    alphas = DEFAULT_ALPHAS[::4]  # 1e-3 … 1e5, fewer refits of the reference
+    shuffled = gram.subset(gram.ids[::-1])  # any row order: aligned to the plan by id
+    pred = cross_validate_ridge(shuffled, targets, plan, alphas=alphas)
+    assert list(pred.columns) == PREDICTION_COLUMNS and len(pred) == 2 * 2 * 30
+    pos = {p: i for i, p in enumerate(gram.ids)}
+    for (repeat, fold, factor), got in pred.groupby(["repeat", "fold", "factor"]):
+        test = got["participant_id"].tolist()
+        train = plan.loc[(plan["repeat"] == repeat) & (plan["fold"] != fold), "participant_id"]
+        tr, te = [pos[p] for p in train], [pos[p] for p in test]
+        scale = np.sqrt(((x[tr] - x[tr].mean(0)) ** 2).sum() / len(tr))
+        ref = RidgeCV(alphas=np.array(alphas), cv=5)
+        ref.fit(x[tr] / scale, targets.loc[list(train), factor].to_numpy())
+        np.testing.assert_allclose(got["y_pred"], ref.predict(x[te] / scale), atol=1e-6)
+    assert compute_metrics(pred).query("factor == 'mood'")["pearson_r"].min() > 0.6
+    with pytest.raises(DfrnInputError, match="sub-003 of the fold plan has no network input"):
+        cross_validate_ridge(gram.subset([p for p in gram.ids if p != "sub-003"]), targets, plan,
+                             alphas=alphas)
+
+
+def test_voxel_ridge_permutation_test_is_the_generic_test_with_p_on_the_grid() -> None:
+    from dfrn.evaluation.permutation import permutation_test, permutation_test_generic
+
+    _, gram, targets, plan = _voxel_study(n=24, seed=5)
+    fast = permutation_test(gram, targets, plan, n_perm=9, seed=3, progress=False)
+    slow = permutation_test_generic(lambda i, t: cross_validate_ridge(gram, t, plan), targets,
+                                    n_perm=9, seed=3, progress=False)
+    pd.testing.assert_frame_equal(fast, slow, atol=1e-9)
+    assert fast["n_perm"].tolist() == [9, 9]
+    k = fast["p_permutation"].to_numpy() * 10  # p = (1 + #exceeding) / (n_perm + 1)
+    np.testing.assert_allclose(k, np.round(k), atol=1e-9)
+    assert fast.set_index("factor").loc["mood", "p_permutation"] == pytest.approx(1 / 10)
+    metrics = compute_metrics(cross_validate_ridge(gram, targets, plan))
+    np.testing.assert_allclose(fast["r"], metrics.groupby("factor", sort=False)["pearson_r"]
+                               .mean().loc[fast["factor"]], atol=1e-12)

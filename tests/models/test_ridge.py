@@ -127,3 +127,78 @@ def test_encode_covariates() -> None:
         encode_covariates(cov.assign(sex=["F", None, "M"]))
     with pytest.raises(DfrnInputError, match="duplicated participant_id"):
         encode_covariates(cov.assign(participant_id=[1, 1, 2]))
+
+
+# --------------------------------------------------------------------------------------
+# the voxel ridge: the dual (kernel) form
+
+
+def _voxels(n: int = 30, shape: tuple[int, int, int] = (6, 7, 8), seed: int = 0):
+    """Volumes with a large common offset (as z-scored brains have) and a planted signal."""
+    rng = np.random.default_rng(seed)
+    score = rng.normal(size=n)
+    vols = 3.0 + rng.normal(size=(n, *shape))
+    vols[:, :3] += score[:, None, None, None]  # a latent score written into 168 voxels
+    y = score + 0.3 * rng.normal(size=n)
+    return vols, vols.reshape(n, -1), y
+
+
+def test_voxel_ridge_equals_sklearn_primal_ridge() -> None:
+    from sklearn.linear_model import Ridge
+
+    from dfrn.models.ridge import KernelRidgeCV, KernelRidgePath, voxel_gram
+
+    vols, x, y = _voxels()
+    tr, te = np.arange(22), np.arange(22, 30)
+    gram = voxel_gram(list(vols), block_values=500)  # 17 blocks of voxels
+    np.testing.assert_allclose(gram, (x - x.mean(0)) @ (x - x.mean(0)).T, atol=1e-8)
+    alphas = np.array([1e-2, 1.0, 30.0, 1e3])
+    path = KernelRidgePath(gram, tr, te)
+    pred = path.predict_eval(y[tr, None], alphas)
+    for k, a in enumerate(alphas):
+        ref = Ridge(alpha=a).fit(x[tr], y[tr])  # primal, with an unpenalised intercept
+        np.testing.assert_allclose(pred[k, :, 0], ref.predict(x[te]), atol=1e-6)
+        coef, intercept = path.dual_coef(y[tr], a)
+        np.testing.assert_allclose(path.m_eval @ path.q.T @ coef + intercept, ref.predict(x[te]),
+                                   atol=1e-6)
+    # with the inner-CV alpha: RidgeCV on the features divided by the training scale
+    engine = KernelRidgeCV(gram, tr, te, DEFAULT_ALPHAS, 5)
+    centred = x[tr] - x[tr].mean(0)
+    assert engine.scale == pytest.approx((centred**2).sum() / len(tr), rel=1e-12)
+    got, best = engine.predict(y[tr, None])
+    z = x / np.sqrt(engine.scale)
+    ref_cv = RidgeCV(alphas=np.array(DEFAULT_ALPHAS), cv=5).fit(z[tr], y[tr])
+    assert DEFAULT_ALPHAS[best[0]] == ref_cv.alpha_
+    np.testing.assert_allclose(got[:, 0], ref_cv.predict(z[te]), atol=1e-6)
+    assert np.corrcoef(got[:, 0], y[te])[0, 1] > 0.5  # the planted signal is found
+
+
+def test_voxel_ridge_centring_and_fit_use_training_subjects_only() -> None:
+    """A change planted in the test subjects' inputs alone leaves the training side as it
+    was: centring (training means), scale, chosen alpha and the fitted function."""
+    from sklearn.linear_model import Ridge
+
+    from dfrn.models.ridge import KernelRidgeCV, center_gram, voxel_gram
+
+    vols, x, y = _voxels(seed=1)
+    tr, te = np.arange(22), np.arange(22, 30)
+    changed = vols.copy()
+    changed[te] = 10.0 * changed[te] + 7.0  # a wildly different test fold
+    x2 = changed.reshape(len(changed), -1)
+    gram_a, gram_b = voxel_gram(list(vols)), voxel_gram(list(changed))
+    k_fit, k_eval = center_gram(gram_b, tr, te)
+    m = x2[tr].mean(axis=0)  # the training subjects' mean, not everyone's
+    np.testing.assert_allclose(k_fit, (x2[tr] - m) @ (x2[tr] - m).T, atol=1e-6)
+    np.testing.assert_allclose(k_eval, (x2[te] - m) @ (x2[tr] - m).T, atol=1e-6)
+    a = KernelRidgeCV(gram_a, tr, te, DEFAULT_ALPHAS, 5)
+    b = KernelRidgeCV(gram_b, tr, te, DEFAULT_ALPHAS, 5)
+    assert b.scale == pytest.approx(a.scale, rel=1e-10)
+    pred_a, best_a = a.predict(y[tr, None])
+    pred_b, best_b = b.predict(y[tr, None])
+    assert best_a[0] == best_b[0]
+    np.testing.assert_allclose(b.cv_scores(y[tr, None]), a.cv_scores(y[tr, None]), atol=1e-9)
+    # the same training fit, applied to the changed test inputs
+    fit = Ridge(alpha=DEFAULT_ALPHAS[best_a[0]] * a.scale).fit(x[tr], y[tr])
+    np.testing.assert_allclose(pred_a[:, 0], fit.predict(x[te]), atol=1e-6)
+    np.testing.assert_allclose(pred_b[:, 0], fit.predict(x2[te]), atol=1e-6)
+    assert not np.allclose(pred_a, pred_b)  # the test inputs did change

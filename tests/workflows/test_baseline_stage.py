@@ -124,3 +124,89 @@ def test_combat_and_site_reach_the_ridge_stage(cohort_copy, tmp_path) -> None:
                              groups=table["scanner"].tolist())
     with pytest.raises(DfrnInputError, match=r"repeat 0 fold \d: site 'S\d' of 6 test subject"):
         run_baseline_stage(tmp_path / "c", cfg, plan=by_site, **quiet)
+
+
+def test_a_model_missing_from_a_finished_folder_is_added_without_redoing_the_other(
+        cohort_copy, tmp_path: Path) -> None:
+    """[baseline] models grows from the ROI ridge to both: the voxel ridge's tables are
+    added (predictions, metrics, permutation test on the network's folds); the ROI
+    ridge's files are read back, not rewritten."""
+    from dfrn.workflows.baseline import run_baseline_stage
+
+    cfg, plan, _ = _baseline_study(cohort_copy, tmp_path)
+    cfg.baseline.n_permutations, cfg.baseline.models = 19, ["roi_ridge"]
+    out, base = tmp_path / "out", tmp_path / "out" / "baseline"
+    first = run_baseline_stage(out, cfg, plan=plan, progress=False, log=lambda s: None)
+    assert not list(base.glob("voxel_ridge_*"))
+    roi_files = ("predictions.tsv", "metrics.tsv", "permutation.tsv")
+    written = {name: (base / name).stat().st_mtime_ns for name in roi_files}
+
+    cfg.baseline.models = ["roi_ridge", "voxel_ridge"]
+    logs: list[str] = []
+    second = run_baseline_stage(out, cfg, plan=plan, progress=False, log=logs.append)
+    assert {name: (base / name).stat().st_mtime_ns for name in roi_files} == written
+    assert "Ridge baseline (ROI volumes): read back from baseline/predictions.tsv" in logs
+    pd.testing.assert_frame_equal(second["predictions"], first["predictions"], atol=1e-12)
+    key = ["participant_id", "repeat", "fold", "factor"]
+    voxel = pd.read_csv(base / "voxel_ridge_predictions.tsv", sep="\t")
+    roi = pd.read_csv(base / "predictions.tsv", sep="\t")
+    assert voxel[key].values.tolist() == roi[key].values.tolist()  # same folds and subjects
+    np.testing.assert_allclose(voxel["y_true"], roi["y_true"], atol=1e-12)
+    assert not np.allclose(voxel["y_pred"], roi["y_pred"])  # another model
+    assert list(pd.read_csv(base / "voxel_ridge_metrics.tsv", sep="\t")["factor"].unique()) == [
+        "anhedonia", "sleep"]
+    perm = pd.read_csv(base / "voxel_ridge_permutation.tsv", sep="\t")
+    assert list(perm.columns) == PERMUTATION_COLUMNS and set(perm["n_perm"]) == {19}
+    k = perm["p_permutation"].to_numpy() * 20
+    np.testing.assert_allclose(k, np.round(k), atol=1e-9)
+    pd.testing.assert_frame_equal(second["voxel_ridge_permutation"], perm, atol=1e-12)
+    assert list(second["summary"].columns) == ["ridge_r", "voxel_ridge_r"]
+    assert any(line.startswith("Voxel ridge (network inputs): permutation test (19 perm")
+               for line in logs)
+    assert (out / "figures" / "fig3_rr_vs_dfrn.png").is_file()
+
+
+def test_figure3_legend_covers_no_bar_and_stays_inside_the_figure(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """Issue 26.13: the legend was drawn over the bars. With the four bars of a study with
+    covariates (one factor, or five with rotated names), every bar's box is clear of the
+    legend's, and the legend lies inside the saved figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    figures: list[Figure] = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig",
+                        lambda self, *a, **k: (figures.append(self), save(self, *a, **k))[1])
+
+    def metrics(factors: list[str], r: float) -> pd.DataFrame:
+        rows = [{"repeat": rep, "factor": f, "n": 40, "pearson_r": r + 0.02 * rep,
+                 "p_value": 1e-3} for rep in range(2) for f in factors]
+        return pd.DataFrame(rows)
+
+    for factors in (["anhedonia"], ["anhedonia", "appetite", "sleep", "suicidality", "anxiety"]):
+        path = plot_fig3(metrics(factors, 0.85), metrics(factors, 0.9),
+                         tmp_path / f"fig3_{len(factors)}.png", metrics(factors, 0.8),
+                         "Covariates only (age, sex and site)", " (residualised target)",
+                         voxel_ridge_metrics=metrics(factors, 0.88))
+        fig = figures[-1]
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        legends = fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+        assert len(legends) == 1
+        box = legends[0].get_window_extent(renderer)
+        bars = [p.get_window_extent(renderer) for p in fig.axes[0].patches]
+        assert len(bars) == 4 * len(factors)
+        assert not [b for b in bars if box.overlaps(b)], (box, bars)
+        inside = fig.bbox
+        assert inside.x0 <= box.x0 and box.x1 <= inside.x1, (box, inside)
+        assert inside.y0 <= box.y0 and box.y1 <= inside.y1, (box, inside)
+        texts = [t.get_text().replace("\n", " ") for t in legends[0].get_texts()]
+        assert texts == ["Covariates only (age, sex and site)",
+                         "Ridge regression (ROI volumes) (residualised target)",
+                         "Ridge regression (network input voxels) (residualised target)",
+                         "DFRN (residualised target)"]
+        with Image.open(path) as png:  # the saved figure is this one, uncropped
+            assert png.size == tuple(round(v * 150) for v in fig.get_size_inches())

@@ -12,6 +12,13 @@ provider whose answer does not depend on the fold. A subject whose target is mis
 The helpers below (:func:`align_ridge_inputs`, :func:`align_targets`, :func:`split_rows`,
 :func:`prepare_split_engine`) are shared with the fast ridge permutation test of
 :mod:`dfrn.evaluation.permutation`.
+
+The same loop, the same helpers and the same permutation test run the **voxel ridge**:
+given :class:`GramInputs` (the linear Gram matrix of the network's inputs, see
+:func:`dfrn.models.ridge.voxel_gram`) instead of an ROI table, each split is solved in the
+dual by :class:`dfrn.models.ridge.KernelRidgeCV` (features centred on the training
+subjects, penalty chosen by inner CV on them); it takes no covariates (the study's
+residualised targets, from the target provider, are how it adjusts).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from dfrn.evaluation.folds import iter_splits
 from dfrn.evaluation.metrics import PREDICTION_COLUMNS
 from dfrn.models.ridge import (
     DEFAULT_ALPHAS,
+    KernelRidgeCV,
     MultiTargetRidgeCV,
     RidgeBaseline,
     apply_preprocess,
@@ -51,8 +59,60 @@ __all__ = [
 ModelKey = tuple[int, int, str]
 
 
+class _SubjectRows:
+    """Row positions of participants in ``ids`` (shared by the two kinds of inputs)."""
+
+    ids: list[str]
+
+    @cached_property
+    def _positions(self) -> dict[str, int]:
+        return {p: i for i, p in enumerate(self.ids)}
+
+    def rows(self, labels: Sequence[str]) -> np.ndarray:
+        """Row positions of participant ``labels`` (strings) in :attr:`ids`."""
+        pos = self._positions
+        missing = [p for p in labels if p not in pos]
+        if missing:
+            raise DfrnInputError(f"subject {missing[0]} is not in the fold plan")
+        return np.array([pos[p] for p in labels], dtype=int)
+
+
 @dataclass(frozen=True)
-class RidgeInputs:
+class GramInputs(_SubjectRows):
+    """The voxel ridge's inputs: the subjects' linear Gram matrix over the network's voxels.
+
+    Attributes
+    ----------
+    ids : list of str
+        The subjects, in row order of ``gram``.
+    gram : ndarray of shape (n, n)
+        :func:`dfrn.models.ridge.voxel_gram` of their network inputs.
+    """
+
+    ids: list[str]
+    gram: np.ndarray
+
+    def subset(self, ids: Sequence[str]) -> GramInputs:
+        """The inputs of subjects ``ids``, in that order.
+
+        Raises
+        ------
+        DfrnInputError
+            When a subject has no network input here.
+        """
+        pos = self._positions
+        missing = [p for p in ids if p not in pos]
+        if missing:
+            raise DfrnInputError(
+                f"subject {missing[0]} of the fold plan has no network input "
+                f"({len(missing)} subject(s) missing)"
+            )
+        idx = np.array([pos[p] for p in ids], dtype=int)
+        return GramInputs(list(ids), self.gram[np.ix_(idx, idx)])
+
+
+@dataclass(frozen=True)
+class RidgeInputs(_SubjectRows):
     """The plan's subjects with their features and covariates as arrays.
 
     Attributes
@@ -96,18 +156,6 @@ class RidgeInputs:
         except DfrnInputError as exc:
             raise DfrnInputError(f"{where}: {exc}" if where else str(exc)) from None
 
-    @cached_property
-    def _positions(self) -> dict[str, int]:
-        return {p: i for i, p in enumerate(self.ids)}
-
-    def rows(self, labels: Sequence[str]) -> np.ndarray:
-        """Row positions of participant ``labels`` (strings) in :attr:`ids`."""
-        pos = self._positions
-        missing = [p for p in labels if p not in pos]
-        if missing:
-            raise DfrnInputError(f"subject {missing[0]} is not in the fold plan")
-        return np.array([pos[p] for p in labels], dtype=int)
-
 
 def _first_bad(df: pd.DataFrame, bad: np.ndarray) -> tuple[str, str]:
     i, j = np.argwhere(bad)[0]
@@ -140,18 +188,19 @@ def _float_targets(targs: pd.DataFrame, what: str) -> pd.DataFrame:
 
 
 def align_ridge_inputs(
-    features: pd.DataFrame,
+    features: pd.DataFrame | GramInputs,
     plan: pd.DataFrame,
     covariates: pd.DataFrame | None = None,
     sites: pd.Series | None = None,
     preserve: pd.DataFrame | None = None,
-) -> RidgeInputs:
+) -> RidgeInputs | GramInputs:
     """Features and covariates of the plan's subjects, checked and in plan order.
 
     Parameters
     ----------
-    features : DataFrame
-        ROI features, indexed by ``participant_id`` (or holding it as a column).
+    features : DataFrame or GramInputs
+        ROI features, indexed by ``participant_id`` (or holding it as a column); or the
+        voxel ridge's Gram matrix (then without covariates or sites).
     plan : DataFrame
         The fold plan (``participant_id``, ``repeat``, ``fold``).
     covariates : DataFrame, optional
@@ -163,7 +212,7 @@ def align_ridge_inputs(
 
     Returns
     -------
-    RidgeInputs
+    RidgeInputs or GramInputs
 
     Raises
     ------
@@ -172,6 +221,10 @@ def align_ridge_inputs(
         missing or infinite (naming the column and subject).
     """
     ids = _plan_ids(plan)
+    if isinstance(features, GramInputs):
+        if covariates is not None or sites is not None:
+            raise ValueError("the voxel ridge takes no covariates or sites (residualise y)")
+        return features.subset(ids)
     feats = index_by_participant(features, "ROI feature table")
     _require(ids, feats, "ROI features")
     cov = None
@@ -187,16 +240,22 @@ def align_ridge_inputs(
         pid, col = _first_bad(feats, ~np.isfinite(x))
         raise DfrnInputError(f"ROI feature '{col}' is missing or infinite for subject {pid}")
     c = None if cov is None else cov.loc[ids].to_numpy(dtype=float)
-    s = k = None
-    if sites is not None:
-        by_id = sites.set_axis(sites.index.astype(str))
-        _require(ids, by_id.to_frame(), "site")
-        s = by_id.loc[ids].astype(str).to_numpy()
-        if preserve is not None:
-            keep = index_by_participant(preserve, "ComBat covariates")
-            _require(ids, keep, "ComBat covariates")
-            k = keep.loc[ids].to_numpy(dtype=float)
-    return RidgeInputs(ids, x, c, s, k)
+    return RidgeInputs(ids, x, c, *_combat_inputs(ids, sites, preserve))
+
+
+def _combat_inputs(ids: list[str], sites: pd.Series | None, preserve: pd.DataFrame | None
+                   ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """ComBat's site labels and kept covariates of subjects ``ids`` (None without sites)."""
+    if sites is None:
+        return None, None
+    by_id = sites.set_axis(sites.index.astype(str))
+    _require(ids, by_id.to_frame(), "site")
+    k = None
+    if preserve is not None:
+        keep = index_by_participant(preserve, "ComBat covariates")
+        _require(ids, keep, "ComBat covariates")
+        k = keep.loc[ids].to_numpy(dtype=float)
+    return by_id.loc[ids].astype(str).to_numpy(), k
 
 
 def align_targets(targets: pd.DataFrame, ids: list[str]) -> pd.DataFrame:
@@ -249,7 +308,7 @@ def split_rows(
 
 
 def prepare_split_engine(
-    inputs: RidgeInputs,
+    inputs: RidgeInputs | GramInputs,
     tr: np.ndarray,
     te: np.ndarray,
     alphas: Sequence[float],
@@ -259,12 +318,14 @@ def prepare_split_engine(
     """The target-independent part of :class:`RidgeBaseline` for one split, with test rows.
 
     ComBat (when ``inputs`` has sites), covariate regression and scaling are fitted on rows
-    ``tr`` and applied to ``tr`` and ``te``; the returned engine then solves any number of target columns on ``tr`` and
-    predicts ``te`` (the same numbers as fitting ``RidgeBaseline`` per column).
+    ``tr`` and applied to ``tr`` and ``te``; the returned engine then solves any number of
+    target columns on ``tr`` and predicts ``te`` (the same numbers as fitting
+    ``RidgeBaseline`` per column). For :class:`GramInputs` it is the voxel ridge's
+    :class:`dfrn.models.ridge.KernelRidgeCV` (centring and scale fitted on ``tr``).
 
     Parameters
     ----------
-    inputs : RidgeInputs
+    inputs : RidgeInputs or GramInputs
     tr, te : ndarray of int
         Training and test rows.
     alphas : sequence of float
@@ -274,6 +335,8 @@ def prepare_split_engine(
     -------
     MultiTargetRidgeCV
     """
+    if isinstance(inputs, GramInputs):
+        return KernelRidgeCV(inputs.gram, tr, te, alphas, inner_cv)
     c = inputs.covariates
     c_tr = None if c is None else c[tr]
     c_te = None if c is None else c[te]
@@ -302,7 +365,7 @@ def _fold_targets(
 
 @overload
 def cross_validate_ridge(
-    features: pd.DataFrame,
+    features: pd.DataFrame | GramInputs,
     targets: pd.DataFrame | TargetProvider,
     plan: pd.DataFrame,
     covariates: pd.DataFrame | None = ...,
@@ -317,7 +380,7 @@ def cross_validate_ridge(
 
 @overload
 def cross_validate_ridge(
-    features: pd.DataFrame,
+    features: pd.DataFrame | GramInputs,
     targets: pd.DataFrame | TargetProvider,
     plan: pd.DataFrame,
     covariates: pd.DataFrame | None = ...,
@@ -331,7 +394,7 @@ def cross_validate_ridge(
 
 
 def cross_validate_ridge(
-    features: pd.DataFrame,
+    features: pd.DataFrame | GramInputs,
     targets: pd.DataFrame | TargetProvider,
     plan: pd.DataFrame,
     covariates: pd.DataFrame | None = None,
@@ -346,8 +409,9 @@ def cross_validate_ridge(
 
     Parameters
     ----------
-    features : DataFrame
-        ROI features, indexed by ``participant_id`` (or holding it as a column).
+    features : DataFrame or GramInputs
+        ROI features, indexed by ``participant_id`` (or holding it as a column); or the
+        voxel ridge's Gram matrix (no covariates, sites or ``return_models`` then).
     targets : DataFrame or TargetProvider
         Either the targets fixed before cross-validation (one column per factor, NaN for a
         missing value; a :class:`dfrn.targets.providers.StaticTargets` is unwrapped to its
@@ -359,53 +423,69 @@ def cross_validate_ridge(
         Raw covariates of the plan's subjects, encoded with
         :func:`dfrn.models.ridge.encode_covariates` and regressed out of the features inside
         each training fold.
-    sites : Series, optional
-        Site labels (indexed by participant_id): the features are ComBat-harmonised inside
+    sites, preserve : Series, DataFrame, optional
+        Site labels and the encoded covariates ComBat keeps: the features are harmonised in
         each split, learned on its training subjects (:class:`RidgeInputs`).
-    preserve : DataFrame, optional
-        Encoded covariates whose effects ComBat keeps.
     alphas : sequence of float, default DEFAULT_ALPHAS
         Candidate penalties.
     inner_cv : int, default 5
         Inner folds for choosing the penalty.
     return_models : bool, default False
-        Also return the fitted models, keyed by ``(repeat, fold, factor)``.
+        Also return the fitted ROI models, keyed by ``(repeat, fold, factor)``.
 
     Returns
     -------
     DataFrame or (DataFrame, dict)
-        The predictions, with :data:`dfrn.evaluation.metrics.PREDICTION_COLUMNS`: one row
-        per (repeat, test subject with a value, factor), in (repeat, fold, factor) order;
-        and, with ``return_models``, the models. Deterministic. BLAS runs single-threaded
-        inside (the matrices are small; threads only add overhead on a busy machine).
+        The predictions (:data:`dfrn.evaluation.metrics.PREDICTION_COLUMNS`), one row per
+        (repeat, test subject with a value, factor), in (repeat, fold, factor) order, and
+        with ``return_models`` the models. Deterministic; BLAS single-threaded inside.
 
     Raises
     ------
     DfrnInputError
-        For a subject lacking features, targets or covariates, a non-numeric, missing or
-        infinite value, a provider answering with subjects outside the split, or a split
-        with fewer training subjects than ``inner_cv`` for a factor.
+        For a subject lacking features, targets or covariates, a bad value, a provider
+        answering with subjects outside the split, or too few training subjects.
     """
+    if return_models and isinstance(features, GramInputs):
+        raise ValueError("return_models is for the ROI ridge; the voxel ridge keeps no models")
     inputs = align_ridge_inputs(features, plan, covariates, sites, preserve)
-    if isinstance(targets, StaticTargets):
-        targets = targets.targets
-    if isinstance(targets, pd.DataFrame):
-        provider: TargetProvider = StaticTargets(align_targets(targets, inputs.ids))
-    else:
-        provider = targets
+    provider = _as_provider(targets, inputs.ids)
     with threadpool_limits(limits=1, user_api="blas"):  # small matrices: threads only cost
         return _cross_validate(inputs, provider, plan, alphas, inner_cv, return_models)
 
 
+def _as_provider(targets: pd.DataFrame | TargetProvider, ids: list[str]) -> TargetProvider:
+    """A fixed table (or ``StaticTargets``) as a provider of the plan's subjects; else as is."""
+    if isinstance(targets, StaticTargets):
+        targets = targets.targets
+    if isinstance(targets, pd.DataFrame):
+        return StaticTargets(align_targets(targets, ids))
+    return targets
+
+
+def _fit_predict(
+    inputs: RidgeInputs | GramInputs, tr: np.ndarray, te: np.ndarray, y_tr: np.ndarray,
+    alphas: Sequence[float], inner_cv: int, where: str,
+) -> tuple[np.ndarray, RidgeBaseline | None]:
+    """One split of one factor: fit on rows ``tr``, predict rows ``te`` (and the ROI model)."""
+    if isinstance(inputs, GramInputs):
+        pred, _ = KernelRidgeCV(inputs.gram, tr, te, alphas, inner_cv).predict(y_tr[:, None])
+        return pred[:, 0], None
+    c = inputs.covariates
+    x_tr, x_te = inputs.split_features(tr, te, where)
+    model = RidgeBaseline(alphas=alphas, inner_cv=inner_cv)
+    model.fit(x_tr, y_tr, None if c is None else c[tr])
+    return model.predict(x_te, None if c is None else c[te]), model
+
+
 def _cross_validate(
-    inputs: RidgeInputs,
+    inputs: RidgeInputs | GramInputs,
     provider: TargetProvider,
     plan: pd.DataFrame,
     alphas: Sequence[float],
     inner_cv: int,
     return_models: bool,
 ) -> pd.DataFrame | tuple[pd.DataFrame, dict[ModelKey, RidgeBaseline]]:
-    c = inputs.covariates
     frames: list[pd.DataFrame] = []
     models: dict[ModelKey, RidgeBaseline] = {}
     for repeat, fold, train, test in iter_splits(plan):
@@ -429,11 +509,9 @@ def _cross_validate(
                     f"subjects with a value, fewer than the ridge inner_cv={inner_cv}"
                 )
             tr, te = inputs.rows(list(ytr.index)), inputs.rows(list(yte.index))
-            x_tr, x_te = inputs.split_features(tr, te, f"repeat {repeat} fold {fold}")
-            model = RidgeBaseline(alphas=alphas, inner_cv=inner_cv)
-            model.fit(x_tr, ytr.to_numpy(), None if c is None else c[tr])
-            pred = model.predict(x_te, None if c is None else c[te])
-            if return_models:
+            pred, model = _fit_predict(inputs, tr, te, ytr.to_numpy(), alphas, inner_cv,
+                                       f"repeat {repeat} fold {fold}")
+            if return_models and model is not None:
                 models[(repeat, fold, str(factor))] = model
             frames.append(
                 pd.DataFrame(

@@ -20,6 +20,14 @@
 
 The cross-validation of this estimator on the study's fold plan is
 :func:`dfrn.evaluation.ridge_cv.cross_validate_ridge`.
+
+**The voxel ridge** (``[baseline] models = ["voxel_ridge"]``) is ridge on the network's own
+inputs, where voxels far outnumber subjects, so it is solved in the dual: from the linear
+Gram matrix ``K = X Xᵀ`` of the subjects (:func:`voxel_gram`, built blockwise over voxels),
+centred with the training subjects' mean (:func:`center_gram`), one eigendecomposition per
+(inner) training set gives every alpha and every target column at once
+(:class:`KernelRidgePath`, :class:`KernelRidgeCV`). Its predictions are those of
+scikit-learn's primal ``Ridge(alpha)`` (with intercept, unpenalised) on the same voxels.
 """
 
 from __future__ import annotations
@@ -127,6 +135,19 @@ def _r2_columns(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
     return r2
 
 
+def _check_cv_args(alphas: Sequence[float], inner_cv: int, n: int) -> np.ndarray:
+    """The penalties as an array; one-line errors for an empty list or a bad ``inner_cv``."""
+    arr = np.asarray(alphas, dtype=float)
+    if arr.ndim != 1 or len(arr) == 0:
+        raise DfrnInputError("ridge alphas must be a non-empty list of penalties")
+    if inner_cv < 2 or n < inner_cv:
+        raise DfrnInputError(
+            f"ridge inner CV needs 2 <= inner_cv <= training subjects, got inner_cv={inner_cv} "
+            f"with {n} training subjects"
+        )
+    return arr
+
+
 class MultiTargetRidgeCV:
     """Inner-CV alpha selection and refit on one (scaled) training set, for any targets.
 
@@ -157,15 +178,7 @@ class MultiTargetRidgeCV:
         alphas: Sequence[float],
         inner_cv: int,
     ) -> None:
-        self.alphas = np.asarray(alphas, dtype=float)
-        if self.alphas.ndim != 1 or len(self.alphas) == 0:
-            raise DfrnInputError("ridge alphas must be a non-empty list of penalties")
-        n = len(z_train)
-        if inner_cv < 2 or n < inner_cv:
-            raise DfrnInputError(
-                f"ridge inner CV needs 2 <= inner_cv <= training subjects, got inner_cv={inner_cv} "
-                f"with {n} training subjects"
-            )
+        self.alphas = _check_cv_args(alphas, inner_cv, len(z_train))
         self.inner = [
             (tr, va, RidgePath(z_train[tr], z_train[va]))
             for tr, va in KFold(n_splits=inner_cv).split(z_train)
@@ -205,6 +218,206 @@ class MultiTargetRidgeCV:
         pred_all = self.full.predict_eval(y, self.alphas)  # (A, n_eval, B)
         pred = np.take_along_axis(pred_all, best[None, None, :], axis=0)[0]
         return pred, best
+
+
+# --------------------------------------------------------------------------------------
+# the voxel ridge: the same ridge, solved in the dual from the subjects' Gram matrix
+
+#: Values held in memory at once while :func:`voxel_gram` reads a block of voxels
+#: (float64: 64 MiB).
+GRAM_BLOCK_VALUES = 2**23
+
+
+def voxel_gram(volumes: Sequence[np.ndarray], block_values: int = GRAM_BLOCK_VALUES) -> np.ndarray:
+    """The subjects' linear Gram matrix over all voxels, read in blocks of voxels.
+
+    Each volume is flattened; every voxel is shifted by its mean over ``volumes`` before the
+    products are summed. That shift uses no target and changes nothing downstream: centring
+    with any subset's mean (:func:`center_gram`) undoes a common shift exactly; it only
+    keeps the float64 sums small. Voxels constant across subjects (outside the mask) add 0.
+
+    Parameters
+    ----------
+    volumes : sequence of ndarray
+        One array per subject, all of one shape (memory maps are read block by block).
+    block_values : int, default GRAM_BLOCK_VALUES
+        Subjects × voxels read at once.
+
+    Returns
+    -------
+    ndarray of shape (n, n), float64
+        ``K[i, j] = ⟨x_i - x̄, x_j - x̄⟩``.
+    """
+    flat = [np.asarray(v).reshape(-1) for v in volumes]
+    n = len(flat)
+    if n == 0:
+        raise DfrnInputError("the voxel ridge needs at least one volume")
+    sizes = {f.size for f in flat}
+    if len(sizes) != 1:
+        raise DfrnInputError(f"the voxel ridge's volumes differ in size: {sorted(sizes)}")
+    n_vox = sizes.pop()
+    step = max(1, block_values // n)
+    gram = np.zeros((n, n))
+    for start in range(0, n_vox, step):
+        block = np.stack([f[start:start + step] for f in flat]).astype(np.float64)
+        block -= block.mean(axis=0)
+        gram += block @ block.T
+    return gram
+
+
+def center_gram(
+    gram: np.ndarray, fit_rows: np.ndarray, eval_rows: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Gram blocks of features centred with the mean of the ``fit_rows`` subjects only.
+
+    ``Kc[i, j] = ⟨x_i - m, x_j - m⟩`` with ``m`` the mean feature vector of ``fit_rows``:
+    ``K[i, j] - mean_t K[i, t] - mean_t K[t, j] + mean_{t, t'} K[t, t']`` (``t`` in
+    ``fit_rows``), so no other subject's features enter the centring.
+
+    Parameters
+    ----------
+    gram : ndarray of shape (n, n)
+        Linear Gram matrix of all subjects (:func:`voxel_gram`).
+    fit_rows : ndarray of int
+        The training subjects.
+    eval_rows : ndarray of int, optional
+        Subjects to predict.
+
+    Returns
+    -------
+    k_fit : ndarray of shape (len(fit_rows), len(fit_rows))
+    k_eval : ndarray of shape (len(eval_rows), len(fit_rows)) or None
+    """
+    k_ft = gram[np.ix_(fit_rows, fit_rows)]
+    col_mean = k_ft.mean(axis=0)  # ⟨x_t, m⟩ for each training subject t
+    grand = float(col_mean.mean())  # ⟨m, m⟩
+    k_fit = k_ft - col_mean[:, None] - col_mean[None, :] + grand
+    if eval_rows is None:
+        return k_fit, None
+    k_et = gram[np.ix_(eval_rows, fit_rows)]
+    k_eval = k_et - k_et.mean(axis=1, keepdims=True) - col_mean[None, :] + grand
+    return k_fit, k_eval
+
+
+class KernelRidgePath:
+    """:class:`RidgePath` in the dual: ridge with intercept from a linear Gram matrix.
+
+    With the training kernel centred on the training mean, ``Kc = Q diag(λ) Qᵀ``, the
+    predictions for penalty ``a`` are ``Kc_eval Q diag(1 / (λ + a)) Qᵀ (y - ȳ) + ȳ``: those of
+    ``Ridge(alpha=a)`` on the features themselves. Only ``Qᵀ y`` depends on the target, so a
+    permutation costs one matrix product.
+
+    Parameters
+    ----------
+    gram : ndarray of shape (n, n)
+        Linear Gram matrix of all subjects.
+    fit_rows : ndarray of int
+        The subjects the ridge is fitted on.
+    eval_rows : ndarray of int, optional
+        Subjects to predict with :meth:`predict_eval`.
+    """
+
+    def __init__(
+        self, gram: np.ndarray, fit_rows: np.ndarray, eval_rows: np.ndarray | None = None
+    ) -> None:
+        k_fit, k_eval = center_gram(gram, np.asarray(fit_rows), eval_rows)
+        lam, self.q = np.linalg.eigh(k_fit)
+        self.lam = np.clip(lam, 0.0, None)  # rounding below 0 on the null space
+        self.m_eval = None if k_eval is None else k_eval @ self.q
+
+    def _shrink(self, alphas: np.ndarray) -> np.ndarray:
+        den = self.lam + np.asarray(alphas, dtype=float)[:, None]  # (A, n_fit)
+        return np.divide(1.0, den, out=np.zeros_like(den), where=den > 0)
+
+    def predict_eval(self, y: np.ndarray, alphas: np.ndarray) -> np.ndarray:
+        """Predictions on ``eval_rows`` for every alpha and target column.
+
+        Parameters
+        ----------
+        y : ndarray of shape (n_fit, B)
+        alphas : ndarray of shape (A,)
+
+        Returns
+        -------
+        ndarray of shape (A, n_eval, B)
+        """
+        if self.m_eval is None:
+            raise RuntimeError("KernelRidgePath was built without eval_rows")
+        y_mean = y.mean(axis=0)
+        qty = self.q.T @ (y - y_mean)  # (n_fit, B)
+        return (self.m_eval[None, :, :] * self._shrink(alphas)[:, None, :]) @ qty + y_mean
+
+    def dual_coef(self, y: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
+        """Dual coefficients ``c`` and intercept ``ȳ``: ``ŷ = Kc_eval @ c + ȳ``.
+
+        Parameters
+        ----------
+        y : ndarray of shape (n_fit,)
+        alpha : float
+
+        Returns
+        -------
+        coef : ndarray of shape (n_fit,)
+        intercept : float
+        """
+        y_mean = float(y.mean())
+        shrink = self._shrink(np.array([alpha]))[0]
+        return self.q @ (shrink * (self.q.T @ (y - y_mean))), y_mean
+
+
+class KernelRidgeCV(MultiTargetRidgeCV):
+    """:class:`MultiTargetRidgeCV` for features given by their Gram matrix: the voxel ridge.
+
+    The features are divided by one number fitted on the training subjects,
+    ``sqrt(trace(Kc) / n_train)`` (the root mean squared distance of a training subject
+    from their mean). The scaled training kernel's eigenvalues then sum to ``n_train`` (mean
+    1) at any intensity scale and any number of voxels, so the same ``alphas`` span the same
+    range, from almost no shrinkage to predicting the mean, at 8 mm and at 1 mm. Then the
+    penalty is chosen by inner ``KFold`` CV exactly as for the ROI ridge, which is
+    scikit-learn's ``RidgeCV(alphas, cv=inner_cv)`` on the features divided by that number
+    (checked by the tests), and ridge is refitted on all training subjects.
+
+    Parameters
+    ----------
+    gram : ndarray of shape (n, n)
+        Linear Gram matrix of all subjects (:func:`voxel_gram`).
+    train : ndarray of int
+        Training rows of ``gram``.
+    test : ndarray of int, optional
+        Rows to predict.
+    alphas : sequence of float
+        Candidate penalties, relative to the training kernel's mean eigenvalue.
+    inner_cv : int
+        Unshuffled inner ``KFold`` folds.
+
+    Attributes
+    ----------
+    scale : float
+        ``trace(Kc) / n_train``: the penalty ``a`` on the raw features is ``a * scale``.
+
+    Raises
+    ------
+    DfrnInputError
+        For bad ``alphas``/``inner_cv``, or training inputs that are all identical.
+    """
+
+    def __init__(self, gram: np.ndarray, train: np.ndarray, test: np.ndarray | None,
+                 alphas: Sequence[float], inner_cv: int) -> None:
+        train = np.asarray(train)
+        self.alphas = _check_cv_args(alphas, inner_cv, len(train))
+        k_fit, _ = center_gram(gram, train)
+        self.scale = float(np.trace(k_fit)) / len(train)
+        if not self.scale > 0:
+            raise DfrnInputError(
+                f"the voxel ridge's {len(train)} training subjects have identical network "
+                "inputs; check the images and [cohort] mask/intensity"
+            )
+        scaled = gram / self.scale
+        self.inner = [
+            (tr, va, KernelRidgePath(scaled, train[tr], train[va]))
+            for tr, va in KFold(n_splits=inner_cv).split(train)
+        ]
+        self.full = KernelRidgePath(scaled, train, test)
 
 
 # --------------------------------------------------------------------------------------

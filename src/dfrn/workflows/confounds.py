@@ -8,7 +8,8 @@ out-of-fold predictions by what they add beyond the covariates
 
 * ``cv/covariates_predictions.tsv`` and ``cv/covariates_metrics.tsv``;
 * ``cv/confounds.tsv``: repeat, factor, model, n, r, r_partial, p_partial, delta_r2,
-  p_delta_r2_permutation;
+  p_delta_r2_permutation; model is ``dfrn`` (the network), ``ridge`` (the ROI ridge),
+  ``voxel_ridge`` (the ridge on the network's inputs) or ``covariates``;
 * ``cv/confounds_summary.tsv``: the same over repeats, with a plain-words verdict per row.
 
 The analysis is always on the raw target: with ``[confounds] target = "residualize"`` the
@@ -19,6 +20,7 @@ against each fold's raw target.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -40,8 +42,42 @@ from dfrn.workflows.results import ResultsFolder
 
 __all__ = ["run_covariates_model", "run_confounds_stage", "MODEL_WORDS", "target_words"]
 
-#: How each model is named in the verdicts.
-MODEL_WORDS = {"dfrn": "the network", "ridge": "the ridge baseline", "covariates": "the covariates"}
+#: How each model is named in the verdicts ("ridge" is the ROI ridge, named so before the
+#: voxel ridge).
+MODEL_WORDS = {"dfrn": "the network", "ridge": "the ROI ridge",
+               "voxel_ridge": "the voxel ridge", "covariates": "the covariates"}
+
+
+#: Each model of ``[baseline] models`` under its name in ``cv/confounds.tsv`` and in the
+#: summary tables' columns (``<name>_r``); the ROI ridge keeps "ridge", its name before the
+#: voxel ridge.
+BASELINE_KEYS = {"roi_ridge": "ridge", "voxel_ridge": "voxel_ridge"}
+
+
+@dataclass(frozen=True)
+class BaselineFiles:
+    """Where one baseline model's tables are."""
+
+    predictions: Path
+    metrics: Path
+    permutation: Path
+
+
+def baseline_files(out: str | Path, model: str = "roi_ridge") -> BaselineFiles:
+    """The files of baseline ``model`` (``"roi_ridge"`` or ``"voxel_ridge"``) in ``out``.
+
+    The baseline stage writes them; this stage and the report read them. The ROI ridge keeps
+    the names it had before the voxel ridge (``baseline/predictions.tsv`` ...), so older
+    readers still find it; the voxel ridge's are ``baseline/voxel_ridge_*.tsv``.
+    """
+    folder = ResultsFolder(Path(out))
+    if model == "roi_ridge":
+        return BaselineFiles(folder.baseline_predictions, folder.baseline_metrics,
+                             folder.baseline_permutation)
+    if model not in BASELINE_KEYS:
+        raise ValueError(f"unknown baseline model {model!r}")
+    return BaselineFiles(*(folder.baseline / f"{model}_{name}.tsv"
+                           for name in ("predictions", "metrics", "permutation")))
 
 
 def target_words(cfg: StudyConfig, selection: CovariateSelection | None) -> str:
@@ -55,8 +91,10 @@ def target_words(cfg: StudyConfig, selection: CovariateSelection | None) -> str:
 def _model_predictions(folder: ResultsFolder, cov_pred: pd.DataFrame, residualized: bool,
                        raw: TargetProvider, plan: pd.DataFrame) -> dict[str, pd.DataFrame]:
     models = {"dfrn": folder.read_predictions()}
-    if folder.baseline_predictions.is_file():
-        models["ridge"] = folder.read_predictions(folder.baseline_predictions)
+    for model, key in BASELINE_KEYS.items():  # the ROI ridge as "ridge", the voxel ridge
+        path = baseline_files(folder.root, model).predictions
+        if path.is_file():
+            models[key] = folder.read_predictions(path)
     if residualized:
         models = {k: raw_target_predictions(v, raw, plan) for k, v in models.items()}
     models["covariates"] = cov_pred
