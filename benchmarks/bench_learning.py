@@ -74,6 +74,7 @@ def _cohort(name: str, root: Path, n: int) -> Cohort:
     kw = ({"displacement": 2.0} if name == "shape" else {"effect": 0.06})
     if not (folder / "participants.tsv").exists():
         make_synthetic_cohort(folder, n_subjects=n, voxel_size=4.0, seed=5, age_effect=0.05,
+                              radius=14.0,
                               **kw)
     table = pd.read_csv(folder / "participants.tsv", sep="\t")
     mask = block_downsample(nib.load(folder / "brain_mask.nii.gz").get_fdata(), 2) > 0.5
@@ -213,7 +214,7 @@ def main() -> None:
     ap.add_argument("--widen", type=float, default=0.25)
     ap.add_argument("--subjects", type=int, default=90)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--cohorts", nargs="*", default=["shape", "gm", "distributed"])
+    ap.add_argument("--cohorts", nargs="*", default=["gm", "distributed", "shape"])
     ap.add_argument("--root", type=Path, default=Path("/tmp/dfrn-bench-learning"))
     ap.add_argument("--out", type=Path, default=None, help="rows TSV; an existing one resumes")
     args = ap.parse_args()

@@ -134,7 +134,7 @@ def _add_finished_run_commands(sub: Any, common: argparse.ArgumentParser) -> Non
                        help="write RESULTS/report.html (one self-contained page)")
     p.add_argument("results", type=Path, help="results folder of 'dfrn run'")
 
-    for name, what in (("baseline", "ridge baseline on atlas ROI volumes"),
+    for name, what in (("baseline", "ridge baselines: atlas ROI volumes and the network's input voxels"),
                        ("attention", "factor attention maps")):
         p = sub.add_parser(name, parents=[common], help=f"{what} for a finished run")
         p.add_argument("results", type=Path, help="results folder of 'dfrn run'")

@@ -31,7 +31,8 @@ def test_baseline_tables_and_figure_are_written_where_the_folder_says(tmp_path: 
 
     roi_path = write_roi_features(x, tmp_path)
     assert roi_path == folder.roi_features == tmp_path / "baseline" / "roi_features.tsv"
-    back = pd.read_csv(roi_path, sep="\t", dtype={"participant_id": str})
+    back = pd.read_csv(roi_path, sep="\t", dtype={"participant_id": str},
+                       float_precision="round_trip")
     assert back.columns[0] == "participant_id" and back.shape == (30, 7)
     np.testing.assert_array_equal(back.set_index("participant_id").to_numpy(), x.to_numpy())
 
@@ -41,7 +42,8 @@ def test_baseline_tables_and_figure_are_written_where_the_folder_says(tmp_path: 
     assert len(pd.read_csv(pred_path, sep="\t")) == len(pred)
     assert list(pd.read_csv(metrics_path, sep="\t")["factor"].unique()) == ["strong", "noise"]
     # full precision: the numbers read back are the numbers computed
-    np.testing.assert_array_equal(pd.read_csv(pred_path, sep="\t")["y_pred"], pred["y_pred"])
+    np.testing.assert_array_equal(
+        pd.read_csv(pred_path, sep="\t", float_precision="round_trip")["y_pred"], pred["y_pred"])
 
     perm = permutation_test(x, targets, plan, n_perm=9, seed=0, progress=False)
     path = write_permutation_table(perm, tmp_path)

@@ -39,6 +39,7 @@ _EXPORTS: dict[str, str] = {
     "check_t1": "prep",
     "covariate_names": "covariates",
     "check_atlas_grid": "atlas",
+    "few_distinct_values": "images",
     "covariate_target_copies": "covariates",
     "describe_covariates": "covariates",
     "downsampled_affine": "images",

@@ -26,6 +26,7 @@ _EXPORTS: dict[str, str] = {
     "SlurmSettings": "slurm",
     "TRANSIENT_ERRORS": "executors",
     "Task": "tasks",
+    "GramInputs": "ridge_cv",
     "fold_r": "metrics",
     "fold_r_summary": "metrics",
     "LearningCheck": "learning",

@@ -49,6 +49,7 @@ from dfrn.targets.providers import StaticTargets, TargetProvider
 
 __all__ = [
     "RidgeInputs",
+    "GramInputs",
     "align_ridge_inputs",
     "align_targets",
     "split_rows",

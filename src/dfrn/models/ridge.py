@@ -45,6 +45,11 @@ from dfrn.errors import DfrnInputError
 
 __all__ = [
     "DEFAULT_ALPHAS",
+    "voxel_gram",
+    "center_gram",
+    "KernelRidgePath",
+    "KernelRidgeCV",
+    "GRAM_BLOCK_VALUES",
     "RidgeBaseline",
     "RidgePath",
     "MultiTargetRidgeCV",

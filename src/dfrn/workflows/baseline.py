@@ -59,6 +59,7 @@ __all__ = [
     "write_roi_features",
     "write_baseline_outputs",
     "write_permutation_table",
+    "MODEL_TITLES",
 ]
 
 _FIG3 = "fig3_rr_vs_dfrn"  # Figure 3's name in figures/

@@ -40,7 +40,8 @@ from dfrn.plotting import format_table
 from dfrn.targets.providers import TargetProvider
 from dfrn.workflows.results import ResultsFolder
 
-__all__ = ["run_covariates_model", "run_confounds_stage", "MODEL_WORDS", "target_words"]
+__all__ = ["run_covariates_model", "run_confounds_stage", "MODEL_WORDS", "target_words",
+           "BASELINE_KEYS", "BaselineFiles", "baseline_files"]
 
 #: How each model is named in the verdicts ("ridge" is the ROI ridge, named so before the
 #: voxel ridge).

@@ -277,7 +277,7 @@ def _run_study_locked(
 
         result.extra["baseline"] = run_baseline_stage(
             out, cfg, result.cohort, result.targets, result.extra["provider"], result.plan,
-            progress=progress, log=log,
+            progress=progress, log=log, volumes=result.extra["volumes"],
         )
     if cfg.attention.enabled:
         from dfrn.workflows.attention import run_attention_stage
