@@ -164,3 +164,35 @@ def test_new_keys_at_their_defaults_keep_old_run_identities(tmp_path) -> None:
     raw["training"] = {"val_fraction": 0.0}  # no split: the same numbers as before
     assert config_from_dict(raw, tmp_path).fingerprint() == config_from_dict(
         {**raw, "training": {"val_fraction": 0.0, "val_split": "random"}}, tmp_path).fingerprint()
+
+
+@pytest.mark.parametrize(("training", "message"), [
+    ({"early_stopping": "smoothed", "min_epochs": 30, "epochs": 20},
+     r"min_epochs \(30\) > epochs \(20\): early_stopping = 'smoothed' would keep no epoch"),
+    ({"early_stopping": "soon"}, "early_stopping must be 'auto' or 'val'"),
+    ({"bn_stats": "batch"}, "bn_stats must be 'recompute' or 'running'"),
+    ({"learning_start": 0.0}, r"learning_start must be in \(0, 1\]"),
+    ({"min_val_subjects": 1}, "min_val_subjects must be >= 2"),
+])
+def test_training_settings_that_cannot_work_are_refused_at_config_time(
+        tmp_path, training, message) -> None:
+    """Issue 26.3: min_epochs above epochs trained ``epochs`` and recorded an epoch the
+    rule never keeps; now it is one line before anything runs."""
+    from dfrn.config import config_from_dict
+
+    raw = {"cohort": {"table": "t.tsv", "targets": ["a"]}, "training": training}
+    with pytest.raises(DfrnInputError, match=message):
+        config_from_dict(raw, tmp_path)
+    # the default min_epochs (10) above a short run is fine: only "smoothed" uses it
+    config_from_dict({"cohort": {"table": "t.tsv", "targets": ["a"]},
+                      "training": {"epochs": 5}}, tmp_path)
+
+
+def test_a_bootstrap_typo_is_refused_before_any_work(tmp_path) -> None:
+    from dfrn.config import MAX_BOOTSTRAP, config_from_dict
+
+    raw = {"cohort": {"table": "t.tsv", "targets": ["a"]}, "attention": {"bootstrap": 10**9}}
+    with pytest.raises(DfrnInputError, match=r"bootstrap must be <= 100,000, got 1,000,000,000"):
+        config_from_dict(raw, tmp_path)
+    raw["attention"]["bootstrap"] = MAX_BOOTSTRAP
+    assert config_from_dict(raw, tmp_path).attention.bootstrap == MAX_BOOTSTRAP

@@ -1,8 +1,9 @@
 """Did a network learn? Plain-words checks of each trained network's history.
 
 A network whose kept epoch comes in the first 10% of its epochs, or whose training loss at
-the kept epoch is still above 80% of its first epoch's, has not learned anything from the
-images: its out-of-fold r then says nothing about the brain, and "nothing detectable"
+the kept epoch is still above 80% of its first epoch's (or of the loss of predicting the
+mean, 1.0 for z-scored targets, when that is lower: an untrained network's first epoch is
+inflated by its random offset), has not learned anything from the images: its out-of-fold r then says nothing about the brain, and "nothing detectable"
 would be the tool's fault, not the cohort's. :func:`check_learning` says so for one
 network, :func:`learning_table` for every CV task, and :func:`learning_warnings` sums it up
 per factor for the log and the report.
@@ -43,7 +44,8 @@ class LearningCheck:
     """Empty when the network learned; otherwise what went wrong and what to try."""
 
 
-def check_learning(train_loss: Sequence[float], best_epoch: int, epochs: int) -> LearningCheck:
+def check_learning(train_loss: Sequence[float], best_epoch: int, epochs: int,
+                   mean_loss: float | None = None) -> LearningCheck:
     """Whether a network's history shows that it learned.
 
     Parameters
@@ -54,25 +56,30 @@ def check_learning(train_loss: Sequence[float], best_epoch: int, epochs: int) ->
         The kept epoch (0-based).
     epochs : int
         The epochs allowed (``[training] epochs``).
+    mean_loss : float, optional
+        The training loss of predicting the mean (1.0 for z-scored targets); the reference
+        is the lower of it and the first epoch's loss.
 
     Returns
     -------
     LearningCheck
         Not learned when the kept epoch is in the first :data:`EARLY_FRACTION` of
-        ``epochs``, or its training loss is at least :data:`FALL_FRACTION` of the first
-        epoch's (NaN losses count as not learned).
+        ``epochs``, or its training loss is at least :data:`FALL_FRACTION` of the
+        reference (NaN losses count as not learned).
     """
     losses = np.asarray(train_loss, dtype=float)
     if not len(losses):
         return LearningCheck(False, "no epoch was trained; " + _ADVICE)
     kept = min(max(int(best_epoch), 0), len(losses) - 1)
     first, at_kept = float(losses[0]), float(losses[kept])
+    if mean_loss is not None:
+        first = min(first, float(mean_loss))
     problems = []
     if kept < EARLY_FRACTION * epochs:
         problems.append(f"the kept epoch is {kept + 1} of {epochs}")
     if not at_kept < FALL_FRACTION * first or math.isnan(at_kept):
         problems.append(f"its training loss fell only from {first:.3g} to {at_kept:.3g} "
-                        f"(not below {FALL_FRACTION:.0%} of the first epoch's)")
+                        f"(not below {FALL_FRACTION:.0%} of the first epoch's or the mean's)")
     if not problems:
         return LearningCheck(True, "")
     return LearningCheck(False, "did not learn: " + " and ".join(problems) + "; " + _ADVICE)

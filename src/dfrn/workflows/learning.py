@@ -21,8 +21,13 @@ from dfrn.workflows.results import ResultsFolder
 __all__ = ["write_learning_table", "learning_rows", "train_sizes"]
 
 
-def learning_rows(tasks: Sequence[Task], tasks_dir: Path, epochs: int) -> pd.DataFrame:
-    """One row per (task, factor) with the learning verdict (:data:`LEARNING_COLUMNS`)."""
+def learning_rows(tasks: Sequence[Task], tasks_dir: Path, epochs: int,
+                  mean_loss: float | None = 1.0) -> pd.DataFrame:
+    """One row per (task, factor) with the learning verdict (:data:`LEARNING_COLUMNS`).
+
+    ``mean_loss`` is the training loss of predicting the mean: 1.0 for z-scored targets
+    (the default scaling), None when the targets are not scaled.
+    """
     rows = []
     for task in tasks:
         folder = tasks_dir / task.name
@@ -30,7 +35,7 @@ def learning_rows(tasks: Sequence[Task], tasks_dir: Path, epochs: int) -> pd.Dat
         history = pd.read_csv(folder / "history.tsv", sep="\t")
         losses = history["train_loss"].to_numpy(float)
         best = int(meta.get("best_epoch", len(losses) - 1))
-        verdict = check_learning(losses, best, epochs)
+        verdict = check_learning(losses, best, epochs, mean_loss)
         stopping = meta.get("stopping", {})
         for factor in task.targets:
             rows.append({
@@ -47,9 +52,9 @@ def learning_rows(tasks: Sequence[Task], tasks_dir: Path, epochs: int) -> pd.Dat
 
 
 def write_learning_table(folder: ResultsFolder, tasks: Sequence[Task], epochs: int,
-                         log: Callable[[str], None]) -> pd.DataFrame:
+                         log: Callable[[str], None], zscored: bool = True) -> pd.DataFrame:
     """Write ``cv/learning.tsv`` and log a warning per factor whose networks did not learn."""
-    table = learning_rows(tasks, folder.tasks, epochs)
+    table = learning_rows(tasks, folder.tasks, epochs, 1.0 if zscored else None)
     atomic_write_tsv(table, folder.cv / "learning.tsv")
     for factor, text in learning_warnings(table).items():
         log(f"warning: {factor}: {text}")

@@ -181,7 +181,8 @@ def run_cv_stage(
         expected=targets,
         executor=executor,
     )
-    write_learning_table(folder, tasks, cfg.training.epochs, log)
+    write_learning_table(folder, tasks, cfg.training.epochs, log,
+                         cfg.training.target_scaling == "zscore")
     metrics = compute_metrics(predictions)
     t1 = table1(metrics)
     atomic_write_tsv(predictions, folder.predictions)
