@@ -173,6 +173,7 @@ def test_new_keys_at_their_defaults_keep_old_run_identities(tmp_path) -> None:
     ({"bn_stats": "batch"}, "bn_stats must be 'recompute' or 'running'"),
     ({"learning_start": 0.0}, r"learning_start must be in \(0, 1\]"),
     ({"min_val_subjects": 1}, "min_val_subjects must be >= 2"),
+    ({"target_scaling": "none"}, "early_stopping = 'auto' judges the training loss of z-scored"),
 ])
 def test_training_settings_that_cannot_work_are_refused_at_config_time(
         tmp_path, training, message) -> None:
@@ -196,3 +197,30 @@ def test_a_bootstrap_typo_is_refused_before_any_work(tmp_path) -> None:
         config_from_dict(raw, tmp_path)
     raw["attention"]["bootstrap"] = MAX_BOOTSTRAP
     assert config_from_dict(raw, tmp_path).attention.bootstrap == MAX_BOOTSTRAP
+
+
+def test_a_folder_made_before_new_defaults_resumes_with_its_saved_config(tmp_path) -> None:
+    """A results folder's config.toml lacks the keys added since: they take the values the
+    run was made with (bn_stats = "running"), so the saved config keeps the run's identity;
+    the same file outside a results folder gets today's defaults."""
+    import tomllib
+
+    import tomli_w
+
+    from dfrn.config import config_from_dict, load_config
+
+    old = {"cohort": {"table": "t.tsv", "targets": ["a"]},
+           "training": {"early_stopping": "val", "bn_stats": "running"}}
+    made_then = config_from_dict(old, tmp_path)
+    saved = tomllib.loads(made_then.to_toml())
+    for section, key in (("training", "bn_stats"), ("training", "min_val_subjects"),
+                         ("training", "learning_start"), ("cohort", "categorical_covariates")):
+        del saved[section][key]  # the keys dfrn did not have when the folder was made
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "config.toml").write_text(tomli_w.dumps(saved), encoding="utf-8")
+    assert load_config(folder / "config.toml").training.bn_stats == "recompute"  # no run.json
+    (folder / "run.json").write_text("{}", encoding="utf-8")
+    resumed = load_config(folder / "config.toml")
+    assert resumed.training.bn_stats == "running"
+    assert resumed.fingerprint() == made_then.fingerprint()

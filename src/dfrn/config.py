@@ -755,6 +755,12 @@ def _check_recipe(cfg: StudyConfig) -> None:
             f"config [training] min_epochs ({t.min_epochs}) > epochs ({t.epochs}): "
             "early_stopping = 'smoothed' would keep no epoch; lower min_epochs or raise epochs"
         )
+    if t.early_stopping == "auto" and t.target_scaling != "zscore":
+        raise DfrnInputError(
+            "config [training] early_stopping = 'auto' judges the training loss of z-scored "
+            "targets (learning_start); with target_scaling = 'none' use 'val', 'smoothed' or "
+            "'none'"
+        )
     if not 0 < t.learning_start <= 1:
         raise DfrnInputError(
             f"config [training] learning_start must be in (0, 1], got {t.learning_start:g}"
@@ -816,8 +822,26 @@ def _check_confounds(cfg: StudyConfig) -> None:
         raise DfrnInputError(f"config [cohort] covariates lists the target {overlap[0]!r}")
 
 
+def _fill_saved(raw: dict[str, Any]) -> dict[str, Any]:
+    """A results folder's saved config with the keys it predates set as they ran then.
+
+    ``config.toml`` spells out every key of its time, so a key of :data:`LATER_DEFAULTS`
+    that it lacks did not exist when the run was made: the run used that key's old value
+    (e.g. ``bn_stats = "running"``), not today's default.
+    """
+    for (section, key), old in LATER_DEFAULTS.items():
+        if isinstance(raw.get(section), dict) and key not in raw[section]:
+            raw[section][key] = old
+    return raw
+
+
 def load_config(path: str | Path) -> StudyConfig:
-    """Read and validate a study TOML file."""
+    """Read and validate a study TOML file.
+
+    A results folder's own ``config.toml`` (beside its ``run.json``) is read as the run was
+    made: keys added to dfrn since then take their old values (:func:`_fill_saved`), so a
+    folder made before a default changed still resumes with its saved config.
+    """
     path = Path(path)
     if not path.is_file():
         raise DfrnInputError(f"config file not found: {path}")
@@ -825,4 +849,6 @@ def load_config(path: str | Path) -> StudyConfig:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise DfrnInputError(f"config {path} is not valid TOML: {exc}") from None
+    if path.name == "config.toml" and (path.parent / "run.json").is_file():
+        raw = _fill_saved(raw)
     return config_from_dict(raw, path.resolve().parent)

@@ -74,6 +74,14 @@ COMBAT_REFERENCES = [
 ]
 
 
+def _read_tsv(path: Path) -> pd.DataFrame:
+    """One of dfrn's tables, names read as text (a factor may be called "NA" or "null")."""
+    from dfrn.data.cohort import read_delimited
+
+    return read_delimited(path, path.name, ("participant_id", "factor", "task", "model"),
+                          allow_empty=True)
+
+
 def _png(path: Path) -> str | None:
     return base64.b64encode(path.read_bytes()).decode("ascii") if path.is_file() else None
 
@@ -81,7 +89,7 @@ def _png(path: Path) -> str | None:
 def _table(path: Path, round_to: int | None = 3, max_rows: int | None = None) -> str | None:
     if not path.is_file():
         return None
-    df = pd.read_csv(path, sep="\t")
+    df = _read_tsv(path)
     if max_rows is not None:
         df = df.head(max_rows)
     return _frame(df, round_to)
@@ -120,7 +128,7 @@ def _viewer(factor: str, fam: Path, background: Any) -> dict[str, str]:
 def _sanity(path: Path) -> tuple[str | None, str, bool]:
     if not path.is_file():
         return None, "", False
-    df = pd.read_csv(path, sep="\t")
+    df = _read_tsv(path)
     verdicts = []
     fails = False
     for method, g in df.groupby("method", sort=False):
@@ -152,6 +160,10 @@ def _stopping_words(t: dict[str, Any], train_sizes: list[int] | None = None) -> 
         return fixed + ")"
     if sizes and not stopped:
         return f"{fixed}: {plans[0].reason})"
+    if rule == "auto" and not sizes:  # the networks' sizes are unknown: the condition
+        return (f"for {t['epochs']} epochs, or with early stopping where the inner "
+                f"validation split ({t['val_fraction']:.0%} of the training subjects) held "
+                f"at least {t.get('min_val_subjects', 20)} subjects")
     split = ("stratified on the target" if t.get("val_split", "stratified") == "stratified"
              else "random")
     watched = ("the raw validation loss" if rule == "val" else
@@ -195,7 +207,8 @@ def training_words(cfg: dict[str, Any], factors: list[str],
     loss = "sum of the factors' squared errors" if joint else "sum of squared errors"
     if t.get("bn_stats", "running") == "recompute":
         extras.append("BatchNorm statistics averaged over each network's training subjects "
-                      "after training (no gradient)")
+                      "after training (no gradient) and the output intercept refitted on "
+                      "them (least squares)")
     n_seeds = int(t.get("n_seeds", 1))
     if n_seeds > 1:
         extras.append(f"{n_seeds} seeds per fold, their predictions averaged")
@@ -298,7 +311,7 @@ def _baseline_permutations(folder: ResultsFolder) -> str | None:
     """The ridge baselines' permutation tests in one table, a ``model`` column first."""
     from dfrn.workflows.confounds import BASELINE_KEYS, baseline_files
 
-    frames = [pd.read_csv(path, sep="\t").assign(model=key)
+    frames = [_read_tsv(path).assign(model=key)
               for model, key in BASELINE_KEYS.items()
               if (path := baseline_files(folder.root, model).permutation).is_file()]
     if not frames:
@@ -394,7 +407,7 @@ def _confounds_context(folder: ResultsFolder, cfg: dict[str, Any]) -> dict[str, 
     names = _covariate_names(cfg)
     if not names or not folder.confounds_summary.is_file():
         return {"confounds": None, "confound_verdicts": [], "covariate_words": ""}
-    summary = pd.read_csv(folder.confounds_summary, sep="	")
+    summary = _read_tsv(folder.confounds_summary)
     verdicts = [(r.factor, r.verdict) for r in summary.itertuples() if r.model != "covariates"]
     table = summary.drop(columns=["verdict"])
     return {"confounds": _frame(table, 3), "confound_verdicts": verdicts,
@@ -451,7 +464,7 @@ def _training_histories(folder: ResultsFolder) -> pd.DataFrame | None:
         meta = json.loads(files[1].read_text(encoding="utf-8"))
         if int(meta.get("seed_index", 0)) != 0:
             continue
-        history = pd.read_csv(files[2], sep="\t")
+        history = _read_tsv(files[2])
         factor = "all factors (joint)" if meta.get("factors") else str(meta["factor"])
         frames.append(history.reindex(columns=["epoch", "train_loss", "val_loss"]).assign(
             factor=factor, fold=int(meta["fold"]),
@@ -473,7 +486,7 @@ def _learning_context(folder: ResultsFolder, metrics: pd.DataFrame) -> dict[str,
         folds = _frame(summary, 3)
     learning_tsv, warned = folder.cv / "learning.tsv", {}
     if learning_tsv.is_file():  # absent in folders of older versions: nothing to show
-        learning = pd.read_csv(learning_tsv, sep="\t")
+        learning = _read_tsv(learning_tsv)
         missing = {"factor", "task", "learned", "warning"} - set(learning.columns)
         if missing:
             raise DfrnInputError(f"{learning_tsv} lacks the column(s) {', '.join(sorted(missing))}"
@@ -522,11 +535,11 @@ def write_report(out: str | Path, notes: list[str] | None = None) -> Path:
     sanity, verdict, fails = _sanity(folder.attention_table("sanity"))
     regions = None
     if folder.attention_table("regions").is_file():
-        reg = pd.read_csv(folder.attention_table("regions"), sep="\t")
+        reg = _read_tsv(folder.attention_table("regions"))
         regions = _frame(reg[reg["rank"] <= 5], 4)
     ablation = None
     if folder.region_ablation.is_file():
-        abl = pd.read_csv(folder.region_ablation, sep="\t")
+        abl = _read_tsv(folder.region_ablation)
         ablation = _frame(abl[abl["rank"] <= 5][["factor", "rank", "region", "delta_r", "ci_low",
                                                  "ci_high", "mean_abs_change"]], 3)
     stability = _table(folder.factors / "stability_summary.tsv")

@@ -271,7 +271,9 @@ def _check_plan_for_stages(cohort: Cohort, cfg: StudyConfig, plan: pd.DataFrame,
     """
     import warnings
 
-    if cfg.baseline.enabled and cfg.baseline.harmonize == "combat" and cfg.cohort.site:
+    b = cfg.baseline
+    roi_ridge_runs = b.enabled and "roi_ridge" in b.models and bool(b.atlas)
+    if roi_ridge_runs and b.harmonize == "combat" and cfg.cohort.site:  # ComBat's only user
         from dfrn.models.harmonize import check_combat_plan
 
         check_combat_plan(plan, cohort.table[cfg.cohort.site], targets)
