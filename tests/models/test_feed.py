@@ -69,9 +69,17 @@ def test_the_cohort_is_read_once_per_process(cohort: VolumeSet) -> None:
 
 
 def test_channels_last_3d_runs_and_agrees(cohort: VolumeSet) -> None:
-    """Same weights: the forward pass agrees to 1e-5. Trained: it runs, and agrees loosely
-    (different kernels; training amplifies their last-digit differences, which is why the
-    option counts in a run's identity)."""
+    """Same weights: the forward pass agrees to 1e-5. Trained: it runs, and agrees (different
+    kernels; training amplifies their last-digit differences, which is why the option counts
+    in a run's identity).
+
+    The amplification is Adam's: a parameter whose gradient is rounding noise still steps by
+    ±lr, so the two trainings part by up to ~60 × lr in prediction, how far depending on the
+    host's instruction set and thread count (0.003 to 0.06 at the default lr 1e-3). At lr 1e-5
+    they part by at most 3e-4 on every instruction set and thread count tried, while the epoch
+    moves the predictions by 0.04 and another seed by 0.1 or more: atol 5e-3 still tells the
+    same training from a missing update or another seed.
+    """
     from dfrn.models.network import DFRN
 
     torch.manual_seed(0)
@@ -86,8 +94,9 @@ def test_channels_last_3d_runs_and_agrees(cohort: VolumeSet) -> None:
 
     view = _Subset(cohort, range(10))
     y = np.linspace(0, 1, 10)
-    ref = DFRNRegressor(epochs=1, seed=1, val_fraction=0.0).fit(view, y)
-    est = DFRNRegressor(epochs=1, seed=1, val_fraction=0.0, channels_last_3d=True).fit(view, y)
+    ref = DFRNRegressor(epochs=1, seed=1, val_fraction=0.0, lr=1e-5).fit(view, y)
+    est = DFRNRegressor(epochs=1, seed=1, val_fraction=0.0, lr=1e-5,
+                        channels_last_3d=True).fit(view, y)
     assert est.model_.conv1.weight.is_contiguous(memory_format=torch.channels_last_3d)
     test = _Subset(cohort, range(10, 14))
-    np.testing.assert_allclose(est.predict(test), ref.predict(test), rtol=0, atol=1e-2)
+    np.testing.assert_allclose(est.predict(test), ref.predict(test), rtol=0, atol=5e-3)

@@ -68,6 +68,14 @@ def residual_run(cohort_table: Path):
 
 
 def test_confounded_null_is_called_nothing_detectable(null_run) -> None:
+    """What the network adds beyond age and sex is a null draw, and the host's rounding
+    redraws it: trained on other instruction sets and thread counts, its partial r went from
+    -0.23 to 0.10 and its p from 0.12 to 0.98. p is uniform under the null, so one host in 20
+    gets p < 0.05 and the rule's other verdict. On any host: p is not 1/1001 (the least p of
+    1,000 permutations: a 1-in-1,000 null draw, and what a test blind to the covariates gives
+    for r = 0.7 on 48 subjects), ΔR² = (1 - R²_cov)·r_partial² stays below 0.1 (a null partial
+    r beyond 0.56, 3.7 sd on 48 subjects), and the verdict follows p. The test's calibration
+    (5% false positives) is tests/evaluation/test_confounds.py's."""
     out, res, logs = null_run
     r = float(res.metrics["pearson_r"].iloc[0])
     assert r > 0.4, r  # the network reads age from the atrophy: Table 1 alone would say "works"
@@ -75,15 +83,15 @@ def test_confounded_null_is_called_nothing_detectable(null_run) -> None:
     assert list(table.columns) == CONFOUND_COLUMNS
     net = table[table.model == "dfrn"].iloc[0]
     assert net["r"] == pytest.approx(r, abs=1e-6)  # raw target: the same r as Table 1
-    assert net["p_delta_r2_permutation"] > 0.05, net.to_dict()
-    assert abs(net["delta_r2"]) < 0.05
+    assert net["p_delta_r2_permutation"] > 1.5 / 1001, net.to_dict()  # 2/1001 or more
+    assert abs(net["delta_r2"]) < 0.1, net.to_dict()
     cov = table[table.model == "covariates"].iloc[0]
     assert cov["r"] > 0.5 and np.isnan(cov["delta_r2"])  # the bar, not judged against itself
     summary = pd.read_csv(out / "cv/confounds_summary.tsv", sep="\t")
-    verdict = summary.loc[summary.model == "dfrn", "verdict"].iloc[0]
-    assert "add nothing detectable beyond age and sex" in verdict
-    assert any(line.startswith("  age_only: the network's predictions add nothing detectable")
-               for line in logs)
+    row = summary[summary.model == "dfrn"].iloc[0]
+    called_null = "add nothing detectable beyond age and sex" in row["verdict"]
+    assert called_null == (row["p_delta_r2_permutation"] >= 0.05), row.to_dict()
+    assert f"  age_only: {row['verdict']}" in logs
     assert any("Table 1" in line and "raw targets" in line for line in logs)
 
 
