@@ -140,11 +140,11 @@ class TrainingConfig:
     training fold's mean and sd (predictions are mapped back); no weight decay; no
     augmentation (left-right flips would destroy lateralised effects); early stopping on an
     inner validation split of 10% of the training subjects (stratified on the target) with a
-    patience of 10 epochs, keeping the weights of the best validation epoch. The recipe
-    benchmark (``benchmarks/bench_recipe.py``) found no option reliably better, so these stay.
-
-    Since the learning benchmark (``benchmarks/bench_learning.py``, README "Why these
-    defaults"): ``early_stopping = "auto"`` and ``bn_stats = "recompute"``.
+    patience of 10 epochs, keeping the weights of the best validation epoch (the recipe
+    benchmark, ``benchmarks/bench_recipe.py``, found no option reliably better). Since the
+    learning benchmark (``benchmarks/bench_learning.py``, README "Why these defaults"):
+    ``early_stopping = "auto"`` (fixed epochs under 20 validation subjects) and
+    ``bn_stats = "recompute"``.
     """
 
     epochs: int = 50
