@@ -31,7 +31,7 @@ from dfrn.data.cohort import Cohort
 from dfrn.data.covariates import CovariateSelection
 from dfrn.data.images import check_common_grid
 from dfrn.evaluation.executors import Executor, make_executor
-from dfrn.evaluation.metrics import compute_metrics, table1
+from dfrn.evaluation.metrics import compute_metrics, fold_r, fold_r_summary, table1
 from dfrn.evaluation.tasks import plan_tasks, run_cv
 from dfrn.io import atomic_write_tsv
 from dfrn.models.regressor import resolve_device
@@ -191,6 +191,9 @@ def run_cv_stage(
     plot_fig2(predictions, metrics, folder.figure("fig2_scatter"))
     log(format_table(t1, "Table 1 — Pearson r (p) of out-of-fold predictions, per repeat; "
                          + target_words(cfg, selection)))
+    log(format_table(fold_r_summary(fold_r(predictions), metrics).round(3),
+                     "Pooled r beside the r of each fold's own test subjects (a pooled r far "
+                     "below the folds' says the fold networks are offset from one another)"))
     if stability_summary is not None:
         log(format_table(
             stability_summary[["factor", "median_congruence", "min_congruence", "band"]].round(3),
