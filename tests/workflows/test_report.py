@@ -497,3 +497,17 @@ def test_table1_shows_fold_r_and_learning_warnings(report: Path, lesion_report: 
     assert context["learning_warnings"] == [] and context["training_curves"] is None
     assert context["fold_r"] is not None
     assert len(pd.read_csv(folder.cv / "learning.tsv", sep="\t")) == 4  # the run's own table
+
+
+def test_methods_claim_a_permutation_test_only_where_one_ran() -> None:
+    """With residualised targets the ridges get no permutation test (Freedman–Lane covers
+    them): the Methods must not say they had one."""
+    from dfrn.workflows.report import _baseline_methods
+
+    cfg = {"cohort": {}, "baseline": {"models_run": ["roi_ridge", "voxel_ridge"],
+                                      "models_permuted": ["roi_ridge"]}}
+    text = _baseline_methods(cfg)
+    roi, voxel = text.split("A ridge regression")[1:]
+    assert "with a permutation test" in roi and "permutation" not in voxel
+    cfg["baseline"]["models_permuted"] = []
+    assert "permutation" not in _baseline_methods(cfg)

@@ -268,16 +268,21 @@ def _baseline_methods(cfg: dict[str, Any]) -> str:
     models = b.get("models_run")
     if models is None:  # older configs have no models list: the ROI ridge only
         models = b.get("models", ["roi_ridge"]) if b.get("enabled", True) else []
+    permuted = b.get("models_permuted", models)
     text = ""
+
+    def tested(model: str) -> str:
+        return ", with a permutation test. " if model in permuted else ". "
+
     if "roi_ridge" in models:
         column = cfg["cohort"].get("gm_column") or "gm"
         text += (f"A ridge regression on the atlas-region sums of the '{column}' maps (ml) was "
-                 "evaluated on the same folds, with a permutation test. ")
+                 "evaluated on the same folds" + tested("roi_ridge"))
     if "voxel_ridge" in models:
         text += ("A ridge regression on the network's input voxels (dual form; the network's "
                  "inputs, targets and folds, its penalty chosen by inner cross-validation on "
-                 "each training fold) was evaluated as a linear yardstick (Schulz et al. 2020), "
-                 "with a permutation test. ")
+                 "each training fold) was evaluated as a linear yardstick (Schulz et al. 2020)"
+                 + tested("voxel_ridge"))
     return text
 
 
@@ -288,6 +293,14 @@ def _baseline_models_run(folder: ResultsFolder) -> list[str]:
     from dfrn.workflows.confounds import BASELINE_KEYS, baseline_files
 
     return [m for m in BASELINE_KEYS if baseline_files(folder.root, m).predictions.is_file()]
+
+
+def _baseline_models_permuted(folder: ResultsFolder) -> list[str]:
+    """The baseline models whose permutation test ran (none with residualised targets or
+    ``n_permutations = 0``): only those are said to have one."""
+    from dfrn.workflows.confounds import BASELINE_KEYS, baseline_files
+
+    return [m for m in BASELINE_KEYS if baseline_files(folder.root, m).permutation.is_file()]
 
 
 def _ridge_table(folder: ResultsFolder, metrics: pd.DataFrame) -> str | None:
@@ -522,6 +535,7 @@ def write_report(out: str | Path, notes: list[str] | None = None) -> Path:
 
     ridge = _ridge_table(folder, metrics)
     cfg.setdefault("baseline", {})["models_run"] = _baseline_models_run(folder)
+    cfg["baseline"]["models_permuted"] = _baseline_models_permuted(folder)
 
     viewers = []
     template = cfg.get("attention", {}).get("template") or "MNI152"
