@@ -61,7 +61,8 @@ NARROW = 0.125
 
 
 def study_config(synth, **over):
-    """A fast study config on a synthetic cohort: 2 factors, 2 folds, 1 epoch, no stages."""
+    """A fast study config on a synthetic cohort: 2 factors, 2 folds, 1 epoch, no stages,
+    PyTorch's running BatchNorm statistics."""
     from dfrn.config import config_from_dict
 
     raw = {
@@ -71,7 +72,10 @@ def study_config(synth, **over):
             "mask": str(synth.brain_mask),
         },
         "model": {"widen_factor": NARROW},
-        "training": {"epochs": 1, "val_fraction": 0.0},
+        # running BatchNorm statistics: no extra passes over the training subjects after
+        # each 1-epoch fit (the suite's time); the default "recompute" is tested where it
+        # matters (tests/models/test_recipe.py, tests/workflows/test_learning_stage.py)
+        "training": {"epochs": 1, "val_fraction": 0.0, "bn_stats": "running"},
         "cv": {"n_folds": 2, "n_repeats": 1, "seed": 1},
         "baseline": {"enabled": False},
         "attention": {"enabled": False},

@@ -147,7 +147,7 @@ def test_the_methods_say_whether_early_stopping_ran(tiny_cohort, training, sizes
     """Early stopping named in the Methods only where a validation split was held out."""
     from conftest import study_config
 
-    cfg = study_config(tiny_cohort, training={"epochs": 5, **training})
+    cfg = study_config(tiny_cohort, training={"epochs": 5, "bn_stats": "recompute", **training})
     words = training_words(cfg.to_dict(), FACTORS, sizes)
     assert said in words and not_said not in words
     assert "BatchNorm statistics averaged" in words  # the default bn_stats = "recompute"
@@ -158,7 +158,7 @@ def test_every_training_key_reaches_the_regressor(tiny_cohort) -> None:
 
     from dfrn.workflows.study import make_estimator_factory
 
-    cfg = study_config(tiny_cohort, training={"early_stopping": "smoothed", "min_epochs": 3,
+    cfg = study_config(tiny_cohort, training={"early_stopping": "smoothed", "min_epochs": 1,
                                               "augment": "light", "lr_schedule": "cosine",
                                               "weight_decay": 0.5, "val_split": "random"})
     params = make_estimator_factory(cfg, False, voxel_mm=8.0)(7, "x").get_params()

@@ -344,10 +344,15 @@ def test_viewer_frames_leave_no_empty_band(lesion_report: Path) -> None:
     driver = _browser()
     try:
         driver.get(lesion_report.resolve().as_uri())
+        # the lowest visible element (the canvas, or the opacity slider where the viewer
+        # lays it out below the canvas) against the frame's bottom
         boxes = driver.execute_script("""
             return [...document.querySelectorAll('iframe.viewer')].map(f => {
               const d = f.contentDocument, c = d.querySelector('canvas').getBoundingClientRect();
-              return [c.top, c.bottom, f.clientHeight, d.documentElement.scrollHeight];
+              const seen = [...d.body.querySelectorAll('*')].map(e => e.getBoundingClientRect())
+                .filter(r => r.height > 0 && r.width > 0);
+              const bottom = Math.max(...seen.map(r => r.bottom));
+              return [c.top, bottom, f.clientHeight, d.documentElement.scrollHeight];
             });
         """)
     finally:
