@@ -67,6 +67,9 @@ def test_the_defaults_find_a_subtle_effect_beyond_age_and_not_its_null_twin(
     assert new.loc["nulltwin", "p_delta_r2_permutation"] > 1.5 / 201
     assert abs(new.loc["nulltwin", "r_partial"]) < 0.4
     text = "\n".join(log)
+    # the log's summary names what the images are (issue 26.14)
+    assert "72 participants' T1-weighted images on a common grid were normalised (zscore " \
+           "inside a brain mask)" in text
     assert "for 20 epochs (no early stopping: a validation split of 0.1 × 48 training " \
            "subjects holds 4, fewer than 20)" in text
     learning = pd.read_csv(subtle_cohort / "new" / "cv" / "learning.tsv", sep="\t")
