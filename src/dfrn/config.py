@@ -681,6 +681,11 @@ def validate(cfg: StudyConfig) -> None:
     _check_executor(cfg.executor)
     if cfg.final.mode not in ("ensemble", "refit"):
         raise DfrnInputError("config [final] mode must be 'ensemble' or 'refit'")
+    _check_prep_and_factors(cfg)
+
+
+def _check_prep_and_factors(cfg: StudyConfig) -> None:
+    """The optional ``[prep]`` and ``[factors]`` sections' choices and ranges."""
     if cfg.prep is not None:
         p = cfg.prep
         if p.transform not in ("syn", "affine"):

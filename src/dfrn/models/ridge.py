@@ -67,6 +67,16 @@ DEFAULT_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.logspace(-3, 5, 1
 # numerical core: ridge for many alphas and many target columns at once
 
 
+def _path_predictions(m_eval: np.ndarray, shrink: np.ndarray, basis: np.ndarray,
+                      y: np.ndarray) -> np.ndarray:
+    """``(A, n_eval, B)`` predictions of a ridge path in an orthonormal ``basis`` of the
+    fit rows (the primal SVD's ``U`` or the Gram matrix's eigenvectors): the centred targets
+    projected on it, shrunk per penalty, mapped to the eval rows, plus the targets' mean."""
+    y_mean = y.mean(axis=0)
+    projected = basis.T @ (y - y_mean)  # (k, B)
+    return (m_eval[None, :, :] * shrink[:, None, :]) @ projected + y_mean
+
+
 class RidgePath:
     """Ridge (with intercept) on a fixed design for all alphas and many targets at once.
 
@@ -106,9 +116,7 @@ class RidgePath:
         """
         if self.m_eval is None:
             raise RuntimeError("RidgePath was built without x_eval")
-        y_mean = y.mean(axis=0)
-        uty = self.u.T @ (y - y_mean)  # (k, B)
-        return (self.m_eval[None, :, :] * self._shrink(alphas)[:, None, :]) @ uty + y_mean
+        return _path_predictions(self.m_eval, self._shrink(alphas), self.u, y)
 
     def coef(self, y: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
         """Coefficients and intercept for one target vector and one penalty.
@@ -348,9 +356,7 @@ class KernelRidgePath:
         """
         if self.m_eval is None:
             raise RuntimeError("KernelRidgePath was built without eval_rows")
-        y_mean = y.mean(axis=0)
-        qty = self.q.T @ (y - y_mean)  # (n_fit, B)
-        return (self.m_eval[None, :, :] * self._shrink(alphas)[:, None, :]) @ qty + y_mean
+        return _path_predictions(self.m_eval, self._shrink(alphas), self.q, y)
 
     def dual_coef(self, y: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
         """Dual coefficients ``c`` and intercept ``ȳ``: ``ŷ = Kc_eval @ c + ȳ``.

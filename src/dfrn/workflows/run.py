@@ -183,17 +183,7 @@ def run_cv_stage(
     )
     write_learning_table(folder, tasks, cfg.training.epochs, log,
                          cfg.training.target_scaling == "zscore")
-    metrics = compute_metrics(predictions)
-    t1 = table1(metrics)
-    atomic_write_tsv(predictions, folder.predictions)
-    atomic_write_tsv(metrics, folder.metrics)
-    atomic_write_tsv(t1, folder.table1)
-    plot_fig2(predictions, metrics, folder.figure("fig2_scatter"))
-    log(format_table(t1, "Table 1 — Pearson r (p) of out-of-fold predictions, per repeat; "
-                         + target_words(cfg, selection)))
-    log(format_table(fold_r_summary(fold_r(predictions), metrics).round(3),
-                     "Pooled r beside the r of each fold's own test subjects (a pooled r far "
-                     "below the folds' says the fold networks are offset from one another)"))
+    metrics, t1 = _write_cv_tables(folder, predictions, log, target_words(cfg, selection))
     if stability_summary is not None:
         log(format_table(
             stability_summary[["factor", "median_congruence", "min_congruence", "band"]].round(3),
@@ -204,6 +194,25 @@ def run_cv_stage(
     result.extra.update(volumes=volumes, provider=provider, inputs=inputs,
                         raw_provider=st.raw_provider, covariates=selection)
     return result
+
+
+def _write_cv_tables(folder: ResultsFolder, predictions: pd.DataFrame,
+                     log: Callable[[str], None],
+                     targets_said: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Write the CV's predictions, metrics, Table 1 and Figure 2; log Table 1 and the
+    pooled r beside each fold's own r. Returns ``(metrics, table1)``."""
+    metrics = compute_metrics(predictions)
+    t1 = table1(metrics)
+    atomic_write_tsv(predictions, folder.predictions)
+    atomic_write_tsv(metrics, folder.metrics)
+    atomic_write_tsv(t1, folder.table1)
+    plot_fig2(predictions, metrics, folder.figure("fig2_scatter"))
+    log(format_table(t1, "Table 1 — Pearson r (p) of out-of-fold predictions, per repeat; "
+                         + targets_said))
+    log(format_table(fold_r_summary(fold_r(predictions), metrics).round(3),
+                     "Pooled r beside the r of each fold's own test subjects (a pooled r far "
+                     "below the folds' says the fold networks are offset from one another)"))
+    return metrics, t1
 
 
 def run_study(
