@@ -18,7 +18,8 @@ Each (cohort, seed, fold) trains two networks: one with the 10% inner validation
 (6 subjects) and one on every training subject. Per epoch the first records its validation
 loss and test predictions under both BatchNorm statistics (PyTorch's running averages, and
 recomputed over the training subjects with the output centred); the rules are then replayed
-on the same trajectory, so they differ only in the epoch they keep:
+on the same trajectory, so they differ only in the epoch they keep (and ``voxel_ridge``,
+dfrn's voxel-wise ridge, on the same inputs, folds and residualised targets):
 
 - ``val`` (the paper's rule, dfrn's default before), ``smoothed`` (min_epochs 10), both with
   patience 10 and the running or the recomputed statistics;
@@ -56,6 +57,7 @@ from dfrn.data.images import block_downsample, normalise
 from dfrn.data.synth import FACTORS, make_synthetic_cohort
 from dfrn.models.early_stopping import EarlyStopping
 from dfrn.models.regressor import DFRNRegressor
+from dfrn.models.ridge import DEFAULT_ALPHAS, KernelRidgeCV, voxel_gram
 
 RULES = ("val+running", "smoothed+running", "val+recompute", "smoothed+recompute",
          "fold-mean+recompute", "fixed+running", "fixed+recompute")
@@ -172,11 +174,8 @@ def _score(c: Cohort, folds: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
 
 
 def _run_seed(c: Cohort, seed: int, epochs: int, widen: float) -> list[dict]:
-    folds, split, fixed, seconds = [], [], [], []
-    for train, test in KFold(3, shuffle=True, random_state=seed).split(c.target):
-        fit = LinearRegression().fit(c.covariates[train], c.target[train])
-        y_res = c.target - fit.predict(c.covariates)  # covariates out, fitted on training
-        folds.append((train, test, y_res))
+    folds, split, fixed, seconds = _folds(c, seed), [], [], []
+    for train, test, y_res in folds:
         trace, s1 = _train(c, train, test, y_res, seed, epochs, widen, split=True)
         last, s2 = _train(c, train, test, y_res, seed, epochs, widen, split=False)
         split.append(trace)
@@ -197,6 +196,27 @@ def _run_seed(c: Cohort, seed: int, epochs: int, widen: float) -> list[dict]:
                      "kept_epoch": float(np.mean(epochs_kept)) + 1,
                      "seconds_per_fold": float(np.mean(seconds)) / 2})
     return rows
+
+
+def _folds(c: Cohort, seed: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The seed's 3 folds, each with the target residualised on its training subjects."""
+    folds = []
+    for train, test in KFold(3, shuffle=True, random_state=seed).split(c.target):
+        fit = LinearRegression().fit(c.covariates[train], c.target[train])
+        folds.append((train, test, c.target - fit.predict(c.covariates)))
+    return folds
+
+
+def _voxel_ridge_row(c: Cohort, seed: int) -> dict:
+    """dfrn's voxel ridge (``[baseline] models = ["voxel_ridge"]``: dual form, inner 5-fold
+    alpha) on exactly the networks' inputs, folds and residualised targets."""
+    gram, preds, t0 = voxel_gram(c.volumes), [], time.perf_counter()
+    folds = _folds(c, seed)
+    for train, test, y_res in folds:
+        pred, _ = KernelRidgeCV(gram, train, test, DEFAULT_ALPHAS, 5).predict(y_res[train][:, None])
+        preds.append(pred[:, 0])
+    return {"cohort": c.name, "seed": seed, "rule": "voxel_ridge", **_score(c, folds, preds),
+            "kept_epoch": float("nan"), "seconds_per_fold": (time.perf_counter() - t0) / 3}
 
 
 def _paired(df: pd.DataFrame, base: str = "val+running") -> None:
@@ -221,14 +241,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = pd.read_csv(args.out, sep="\t").to_dict("records") if args.out and \
         args.out.is_file() else []
-    done = {(r["cohort"], int(r["seed"])) for r in rows}
+    done = {(r["cohort"], int(r["seed"]), r["rule"]) for r in rows}
     for name in args.cohorts:
         c = _cohort(name, args.root, args.subjects)
         for seed in range(args.seeds):
-            if (name, seed) in done:
+            if (name, seed, "voxel_ridge") not in done:  # cheap: added to resumed seeds too
+                rows.append(_voxel_ridge_row(c, seed))
+            if (name, seed, RULES[0]) in done:
                 continue
             rows += _run_seed(c, seed, args.epochs, args.widen)
-            print(pd.DataFrame(rows[-len(RULES):]).round(3).to_string(index=False), flush=True)
+            print(pd.DataFrame(rows[-len(RULES) - 1:]).round(3).to_string(index=False), flush=True)
             if args.out:
                 pd.DataFrame(rows).to_csv(args.out, sep="\t", index=False)
     df = pd.DataFrame(rows)

@@ -155,6 +155,42 @@ def template_4mm(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return mni_template(shared_data, tmp_path_factory.mktemp("template_4mm"), 4)
 
 
+def _resample_ixi(src: Path, dst: Path) -> None:
+    """One IXI scan from 2 mm to 4 mm voxels over the same field of view."""
+    import nibabel as nib
+    import numpy as np
+    from nilearn.image import resample_img
+
+    img = nib.load(src)
+    affine = img.affine.copy()
+    affine[:3, :3] *= 2
+    shape = tuple(-(-n // 2) for n in img.shape[:3])
+    small = resample_img(img, target_affine=affine, target_shape=shape,
+                         interpolation="continuous", force_resample=True, copy_header=True)
+    nib.save(nib.Nifti1Image(small.get_fdata(dtype=np.float32), affine), dst)
+
+
+#: The IXI scans the prep and BIDS tests run
+IXI3 = ["sub-IXI012", "sub-IXI013", "sub-IXI014"]
+
+
+@pytest.fixture(scope="session")
+def ixi_4mm(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared IXI folder for :data:`IXI3` (participants.tsv, ``<id>_T1w.nii.gz``) with
+    each real scan resampled from 2 mm to 4 mm voxels: an eighth of the voxels to correct,
+    segment and register (a quarter of the time per subject), and the QC properties the
+    tests assert hold on it. The 2 mm scans run in ``benchmarks/bench_prep_ixi10.py``."""
+    import pandas as pd
+
+    folder = tmp_path_factory.mktemp("ixi_4mm")
+    table = pd.read_csv(shared_data / "ixi" / "participants.tsv", sep="\t", dtype=str)
+    table[table.participant_id.isin(IXI3)].to_csv(folder / "participants.tsv", sep="\t",
+                                                  index=False)
+    for pid in IXI3:
+        _resample_ixi(shared_data / "ixi" / f"{pid}_T1w.nii.gz", folder / f"{pid}_T1w.nii.gz")
+    return folder
+
+
 def confound_cohort(root: Path, n: int = 48, size: int = 16, seed: int = 0) -> Path:
     """Images in which age shrinks the whole brain (a broad atrophy) and a local score
     darkens one blob; targets ``age_only`` (age plus noise: nothing beyond the covariates)

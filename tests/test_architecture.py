@@ -6,6 +6,7 @@ Layer order (a module may import from its own layer group or a lower rank only):
     workflows
     plotting
     evaluation, interpret
+    executors
     models, targets
     data
     io, config
@@ -13,7 +14,9 @@ Layer order (a module may import from its own layer group or a lower rank only):
 
 Modules of the same rank but different groups (``models`` and ``targets``; ``evaluation``
 and ``interpret``; ``io`` and ``config``) must not import each other. Every import counts,
-including those inside functions.
+including those inside functions. ``executors`` (where units of work run: this process, Ray,
+SLURM) sits below ``evaluation``, whose CV loop takes an executor, and above the models and
+targets; only it imports Ray or submitit.
 """
 
 from __future__ import annotations
@@ -33,13 +36,14 @@ RANK = {
     "data": 2,
     "models": 3,
     "targets": 3,
-    "evaluation": 4,
-    "interpret": 4,
-    "plotting": 5,
-    "workflows": 6,
-    "cli": 7,
-    "__init__": 8,
-    "__main__": 8,
+    "executors": 4,
+    "evaluation": 5,
+    "interpret": 5,
+    "plotting": 6,
+    "workflows": 7,
+    "cli": 8,
+    "__init__": 9,
+    "__main__": 9,
 }
 
 
@@ -103,6 +107,28 @@ def test_imports_run_one_way(module: str) -> None:
     assert not bad, f"{module} (layer {group}) imports upward or sideways: {', '.join(bad)}"
 
 
+def _third_party(path: Path) -> set[str]:
+    """Top-level names of the non-dfrn packages a module imports (inside functions too)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found - {"dfrn"}
+
+
+def test_only_the_executors_layer_imports_ray_or_submitit() -> None:
+    """The cluster libraries stay in ``dfrn.executors``: the CV loops, permutations and
+    workflows reach them through an executor only."""
+    bad = sorted(f"{m} imports {lib}" for m, p in MODULES.items() if _group(m) != "executors"
+                 for lib in _third_party(p) & {"ray", "submitit"})
+    assert not bad, bad
+    executors = [m for m in MODULES if _group(m) == "executors"]
+    assert any("ray" in _third_party(MODULES[m]) for m in executors)  # the check sees them
+    assert any("submitit" in _third_party(MODULES[m]) for m in executors)
+
+
 def test_no_import_cycle() -> None:
     state: dict[str, int] = {}
     stack: list[str] = []
@@ -139,8 +165,8 @@ def test_private_helpers_stay_in_their_subpackage() -> None:
     assert not bad, "private names imported across subpackages: " + "; ".join(bad)
 
 
-@pytest.mark.parametrize("package", ["data", "targets", "models", "evaluation", "interpret",
-                                     "workflows"])
+@pytest.mark.parametrize("package", ["data", "targets", "models", "executors", "evaluation",
+                                     "interpret", "workflows"])
 def test_subpackages_re_export_their_public_names(package: str) -> None:
     import importlib
 

@@ -9,7 +9,7 @@ from conftest import study_config
 
 
 def test_local_executor_runs_in_order() -> None:
-    from dfrn.evaluation.executors import LocalExecutor
+    from dfrn.executors import LocalExecutor
 
     seen = []
     keys = list(LocalExecutor().map(lambda c, i: seen.append((c, i)) or f"k{i}", "c", [2, 0, 1]))
@@ -18,7 +18,7 @@ def test_local_executor_runs_in_order() -> None:
 
 def test_storage_probe_refuses_a_worker_that_cannot_see_the_folder(tmp_path: Path) -> None:
     from dfrn.errors import DfrnInputError
-    from dfrn.evaluation.executors import (
+    from dfrn.executors import (
         check_storage_probe,
         remove_storage_probe,
         write_storage_probe,

@@ -1,7 +1,7 @@
 """dfrn prep end to end: real IXI scans on a 4 mm template, derivatives input, resume and
 failure, and raw scans → dfrn prep → dfrn run with the ridge baseline on modulated GM.
 
-One prepared cohort (3 IXI scans through the dfrn prep command, SyN) is shared by every test
+One prepared cohort (3 IXI scans at 4 mm through the dfrn prep command, SyN) is shared by every test
 that only reads one; tests that change a prep folder work on a copy. The 10-scan run at 2 mm
 with the same QC assertions is ``benchmarks/bench_prep_ixi10.py``.
 """
@@ -21,12 +21,12 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import IXI3
 
 from dfrn.io import verify_manifest
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 SPACE = "space-MNI152NLin6Asym_res-4"
-IXI3 = ["sub-IXI012", "sub-IXI013", "sub-IXI014"]
 
 
 def _dfrn(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None
@@ -37,12 +37,12 @@ def _dfrn(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None
                           env=env, cwd=cwd, timeout=1500)
 
 
-def _ixi_table(shared: Path, folder: Path, ids: list[str] | None = None) -> Path:
+def _ixi_table(ixi_dir: Path, folder: Path, ids: list[str] | None = None) -> Path:
     """The IXI participants table with a t1 column of paths relative to the table's folder."""
-    ixi = pd.read_csv(shared / "ixi" / "participants.tsv", sep="\t", dtype=str)
+    ixi = pd.read_csv(ixi_dir / "participants.tsv", sep="\t", dtype=str)
     if ids is not None:
         ixi = ixi[ixi.participant_id.isin(ids)]
-    ixi["t1"] = [os.path.relpath(shared / "ixi" / f"{p}_T1w.nii.gz", folder)
+    ixi["t1"] = [os.path.relpath(ixi_dir / f"{p}_T1w.nii.gz", folder)
                  for p in ixi.participant_id]
     table = folder / "participants.tsv"
     ixi.to_csv(table, sep="\t", index=False)
@@ -54,12 +54,12 @@ def _tpl_args(tpl: tuple[Path, Path]) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def ixi_prep(shared_data: Path, template_4mm, tmp_path_factory):
+def ixi_prep(ixi_4mm: Path, template_4mm, tmp_path_factory):
     """3 raw IXI scans through the dfrn prep command (SyN, 4 mm template, 2 jobs), with
     $TMPDIR pointing at an empty folder of its own."""
     pytest.importorskip("ants")
     folder = tmp_path_factory.mktemp("ixi_prep")
-    table = _ixi_table(shared_data, folder, IXI3)
+    table = _ixi_table(ixi_4mm, folder, IXI3)
     out = folder / "prep"
     tmpdir = folder / "tmpdir"
     tmpdir.mkdir()
@@ -105,7 +105,7 @@ def test_gm_is_the_middle_intensity_class(ixi_prep) -> None:
 
 
 def test_outputs_are_bids_derivatives_with_the_right_affines(ixi_prep, template_4mm,
-                                                             shared_data) -> None:
+                                                             ixi_4mm) -> None:
     out, table, _, _ = ixi_prep
     desc = json.loads((out / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "derivative"
@@ -127,7 +127,7 @@ def test_outputs_are_bids_derivatives_with_the_right_affines(ixi_prep, template_
         png = sub / "figures" / f"{pid}_space-MNI152NLin6Asym_desc-qc_T1w.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         # native outputs: RAS, and the same world box as the raw scan
-        raw = nib.load(shared_data / "ixi" / f"{pid}_T1w.nii.gz")
+        raw = nib.load(ixi_4mm / f"{pid}_T1w.nii.gz")
         native = nib.load(anat / f"{pid}_desc-preproc_T1w.nii.gz")
         assert nib.aff2axcodes(native.affine) == ("R", "A", "S")
         from dfrn.data.templates import same_world_grid
@@ -137,7 +137,7 @@ def test_outputs_are_bids_derivatives_with_the_right_affines(ixi_prep, template_
     assert cohort["gm"].str.endswith("label-GM_desc-modulated_probseg.nii.gz").all()
 
 
-def test_cohort_tsv_keeps_the_table_and_documents_the_new_columns(ixi_prep, shared_data) -> None:
+def test_cohort_tsv_keeps_the_table_and_documents_the_new_columns(ixi_prep, ixi_4mm) -> None:
     """cohort.tsv: the table's own columns with their values as they were, then source_t1 (the
     raw scan, absolute) and the outputs; t1 is the preprocessed T1 (what dfrn run trains on),
     as the README says."""
@@ -149,18 +149,18 @@ def test_cohort_tsv_keeps_the_table_and_documents_the_new_columns(ixi_prep, shar
     pd.testing.assert_frame_equal(cohort[["participant_id", "ixi_id", "age", "sex"]],
                                   given[["participant_id", "ixi_id", "age", "sex"]])
     for row in cohort.itertuples():
-        assert row.source_t1 == str((shared_data / "ixi" / f"{row.participant_id}_T1w.nii.gz").resolve())
+        assert row.source_t1 == str((ixi_4mm / f"{row.participant_id}_T1w.nii.gz").resolve())
         assert row.t1 == f"{row.participant_id}/anat/{row.participant_id}_{SPACE}_desc-preproc_T1w.nii.gz"
         assert (out / row.t1).is_file() and (out / row.mask).is_file()
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert "`source_t1`" in readme and "`gm_unmodulated`" in readme
 
 
-def test_a_table_column_named_like_an_output_is_refused(shared_data, template_4mm,
+def test_a_table_column_named_like_an_output_is_refused(ixi_4mm, template_4mm,
                                                         tmp_path) -> None:
     """A column of the participants table that cohort.tsv would overwrite is refused, naming it
     (the image column itself becomes source_t1)."""
-    table = _ixi_table(shared_data, tmp_path, IXI3)
+    table = _ixi_table(ixi_4mm, tmp_path, IXI3)
     df = pd.read_csv(table, sep="\t", dtype=str).rename(columns={"t1": "scan"})
     df["scan"] = [str((table.parent / p).resolve()) for p in df["scan"]]
     df["gm"] = "0.5"
@@ -174,7 +174,7 @@ def test_a_table_column_named_like_an_output_is_refused(shared_data, template_4m
 
 
 @pytest.fixture(scope="session")
-def ixi_redo(ixi_prep, shared_data, template_4mm, tmp_path_factory):
+def ixi_redo(ixi_prep, ixi_4mm, template_4mm, tmp_path_factory):
     """A copy of the prepared cohort without sub-IXI013, whose scan is now truncated: dfrn prep
     (same settings) fails on it alone; then, with the scan restored, it redoes only it.
 
@@ -190,7 +190,7 @@ def ixi_redo(ixi_prep, shared_data, template_4mm, tmp_path_factory):
     scans = root / "scans"
     scans.mkdir()
     for pid in IXI3:
-        shutil.copy(shared_data / "ixi" / f"{pid}_T1w.nii.gz", scans / f"{pid}_T1w.nii.gz")
+        shutil.copy(ixi_4mm / f"{pid}_T1w.nii.gz", scans / f"{pid}_T1w.nii.gz")
     bad = scans / "sub-IXI013_T1w.nii.gz"
     bad.write_bytes(bad.read_bytes()[:5000])  # a truncated download
     table = root / "t.tsv"
@@ -213,7 +213,7 @@ def ixi_redo(ixi_prep, shared_data, template_4mm, tmp_path_factory):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warn_prep_qc(load_cohort_table(out / "cohort.tsv", ["score"]))
-    shutil.copy(shared_data / "ixi" / "sub-IXI013_T1w.nii.gz", bad)  # fixed
+    shutil.copy(ixi_4mm / "sub-IXI013_T1w.nii.gz", bad)  # fixed
     redone = _dfrn(*args)
     return {"out": out, "failed": failed, "redone": redone, "between": between,
             "leftovers": leftovers, "done": done, "warnings": [str(w.message) for w in caught]}
@@ -472,7 +472,7 @@ def test_cohort_derivatives_in_a_study_feed_its_cohort(template_4mm, tmp_path) -
 
 
 @pytest.mark.parametrize("kind", ["ray", "slurm"])
-def test_prep_subjects_as_executor_tasks_match_local_processes(ixi_prep, shared_data, template_4mm,
+def test_prep_subjects_as_executor_tasks_match_local_processes(ixi_prep, ixi_4mm, template_4mm,
                                                                tmp_path, kind) -> None:
     """--executor ray or slurm: each subject is a Ray task or a SLURM job (submitit's local
     cluster); a corrupt scan fails alone, and the good subject's files are byte-identical to
@@ -482,12 +482,12 @@ def test_prep_subjects_as_executor_tasks_match_local_processes(ixi_prep, shared_
     pytest.importorskip("ants")
     pytest.importorskip("ray" if kind == "ray" else "submitit")
     from dfrn.config import ExecutorConfig
-    from dfrn.evaluation.executors import make_executor
+    from dfrn.executors import make_executor
     from dfrn.workflows.prep import run_prep
 
     scans = tmp_path / "scans"
     scans.mkdir()
-    shutil.copy(shared_data / "ixi" / "sub-IXI014_T1w.nii.gz", scans / "a.nii.gz")
+    shutil.copy(ixi_4mm / "sub-IXI014_T1w.nii.gz", scans / "a.nii.gz")
     (scans / "b.nii.gz").write_bytes(b"not a scan")
     table = tmp_path / "t.tsv"
     pd.DataFrame({"participant_id": ["sub-IXI014", "sub-bad"],

@@ -28,14 +28,15 @@ ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
 DEADLINE = 300.0
-EPOCHS = 4
+EPOCHS = 12
 TASKS = ["repeat-0_fold-0_anhedonia", "repeat-0_fold-0_sleep",
          "repeat-0_fold-1_anhedonia", "repeat-0_fold-1_sleep"]
 
 
 def _config(cohort, **executor):
-    # the paper's width: a task lasts seconds, long enough to kill a worker mid-training
-    return study_config(cohort, training={"epochs": EPOCHS}, model={"widen_factor": 1.0},
+    # half the paper's width, 12 epochs: a task lasts about 1.3 s (0.1 s an epoch, one
+    # thread), long enough to kill a worker half a CPU second into it
+    return study_config(cohort, training={"epochs": EPOCHS}, model={"widen_factor": 0.5},
                         executor={"num_cpus": 2, **executor})
 
 
@@ -221,7 +222,7 @@ def test_a_request_no_node_can_hold_fails_fast_with_one_line(tiny_cohort, tmp_pa
 
 def test_a_waiting_task_is_logged(monkeypatch) -> None:
     """A wait with no finished task is logged with what is asked and what is free."""
-    from dfrn.evaluation.executors import RayExecutor
+    from dfrn.executors import RayExecutor
 
     monkeypatch.setattr(RayExecutor, "pending_log_s", 0.2)
     runner = RayExecutor(num_cpus=1, cpus_per_task=1)

@@ -199,7 +199,7 @@ def test_a_user_error_in_a_job_is_one_line_naming_the_task_and_its_log(
 ) -> None:
     """A node that cannot see the results folder (the storage probe is not there for it)."""
     from dfrn.cli import main
-    from dfrn.evaluation import executors
+    from dfrn.executors import base as executors
 
     monkeypatch.setattr(executors, "write_storage_probe",
                         lambda folder: (str(folder / ".storage-check"), "not-there"))
@@ -240,7 +240,7 @@ def test_missing_extra_or_sbatch_is_one_line(tiny_cohort, tmp_path, monkeypatch,
 def test_why_a_job_ended_is_said_in_one_line() -> None:
     """Time limit reached too often, out of memory, cancelled: no retry, one line each."""
     from dfrn.errors import DfrnError, DfrnInputError
-    from dfrn.evaluation.slurm import SlurmSettings, _failure, _lost
+    from dfrn.executors.slurm import SlurmSettings, _failure, _lost
 
     s = SlurmSettings(timeout_min=30, max_retries=2, mem_gb=8.0)
     trace = "Job not requeued because: timed-out too many times.\nUncompletedJobError"
@@ -306,7 +306,7 @@ def test_a_new_driver_cancels_the_jobs_sacct_says_still_run(fake_slurm, tmp_path
     """``attach`` asks sacct about the jobs.tsv rows not marked ended, scancels those still
     running (here a sleeping process group), and marks every row ended."""
     from dfrn.config import ExecutorConfig
-    from dfrn.evaluation.executors import make_executor
+    from dfrn.executors import make_executor
 
     sleeper = subprocess.Popen(["sleep", "600"], start_new_session=True)
     try:

@@ -1,5 +1,7 @@
 """Evaluation layer: fold plans, CV tasks, metrics, the ridge CV loop, permutation tests.
 
+Where the tasks run (this process, Ray, SLURM) is the :mod:`dfrn.executors` layer.
+
 Public names are re-exported here and imported on first use, so importing one
 module of the layer does not import the others.
 """
@@ -11,20 +13,12 @@ from dfrn._exports import lazy_exports
 _EXPORTS: dict[str, str] = {
     "ALPHA": "confounds",
     "CONFOUND_COLUMNS": "confounds",
-    "Executor": "executors",
     "FOLD_COLUMNS": "folds",
     "IncrementalValue": "confounds",
-    "LocalExecutor": "executors",
     "METRIC_COLUMNS": "metrics",
     "PERMUTATION_COLUMNS": "permutation",
     "PREDICTION_COLUMNS": "metrics",
-    "RAY_INSTALL_HINT": "executors",
-    "RayExecutor": "executors",
     "RidgeInputs": "ridge_cv",
-    "SLURM_INSTALL_HINT": "slurm",
-    "SlurmExecutor": "slurm",
-    "SlurmSettings": "slurm",
-    "TRANSIENT_ERRORS": "executors",
     "Task": "tasks",
     "GramInputs": "ridge_cv",
     "fold_r": "metrics",
@@ -39,7 +33,6 @@ _EXPORTS: dict[str, str] = {
     "align_ridge_inputs": "ridge_cv",
     "align_targets": "ridge_cv",
     "check_plan_groups": "folds",
-    "check_storage_probe": "executors",
     "collect_predictions": "tasks",
     "compute_metrics": "metrics",
     "confound_table": "confounds",
@@ -50,7 +43,6 @@ _EXPORTS: dict[str, str] = {
     "format_sd": "metrics",
     "incremental_value": "confounds",
     "iter_splits": "folds",
-    "make_executor": "executors",
     "make_fold_plan": "folds",
     "mean_r": "metrics",
     "permutation_indices": "permutation",
@@ -65,7 +57,6 @@ _EXPORTS: dict[str, str] = {
     "raw_target_predictions": "confounds",
     "read_task_meta": "tasks",
     "readable": "metrics",
-    "remove_storage_probe": "executors",
     "run_cv": "tasks",
     "run_task": "tasks",
     "run_task_job": "tasks",
@@ -77,7 +68,6 @@ _EXPORTS: dict[str, str] = {
     "validate_fold_plan": "folds",
     "verdict": "confounds",
     "verify_task": "tasks",
-    "write_storage_probe": "executors",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -15,7 +15,7 @@ counts as finished only when its folder passes that check; a folder that fails (
 edited file) is re-run, and the log says so. Pooling then fails, naming the task and the
 subjects, if any planned (repeat, fold, factor, subject) has no prediction.
 
-Tasks run through an executor (:mod:`dfrn.evaluation.executors`): in this process, or as
+Tasks run through an executor (:mod:`dfrn.executors`): in this process, or as
 Ray tasks. Each runs :func:`run_task_job` on a :class:`TaskJob` (paths of the cached
 volumes, the targets, the estimator's settings, the tasks folder) and writes only its own
 folder; a retried task whose folder is already in place and intact counts as done, and two
@@ -53,7 +53,7 @@ from dfrn.io import (
 from dfrn.targets.providers import TargetProvider
 
 if TYPE_CHECKING:
-    from dfrn.evaluation.executors import Executor
+    from dfrn.executors import Executor
 
 __all__ = [
     "Task",
@@ -412,7 +412,7 @@ def run_task_job(job: TaskJob, task: Task) -> str:
     (a retry after the first run renamed it) is kept as it is.
     """
     if job.probe is not None:
-        from dfrn.evaluation.executors import check_storage_probe
+        from dfrn.executors import check_storage_probe
 
         check_storage_probe(*job.probe)
     index_of = getattr(job.volumes, "index_of", None)
@@ -443,12 +443,12 @@ def run_cv(
     Leftover temporary folders from an interrupted run are removed first. ``expected``
     (targets indexed by participant_id, NaN where a subject has no value) is passed to
     :func:`collect_predictions`. ``executor`` (default: a
-    :class:`dfrn.evaluation.executors.LocalExecutor`, in order, in this process) runs the
+    :class:`dfrn.executors.LocalExecutor`, in order, in this process) runs the
     unfinished tasks; the predictions are then read from the task folders whatever ran them.
     """
     from tqdm.auto import tqdm
 
-    from dfrn.evaluation.executors import (
+    from dfrn.executors import (
         LocalExecutor,
         remove_storage_probe,
         write_storage_probe,

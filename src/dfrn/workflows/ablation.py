@@ -30,8 +30,8 @@ import pandas as pd
 from dfrn.config import StudyConfig
 from dfrn.data.atlas import Atlas, labels_on_grid
 from dfrn.data.images import VolumeSet
-from dfrn.evaluation.executors import Executor, LocalExecutor
 from dfrn.evaluation.tasks import FactorNetwork, factor_networks, network_factors
+from dfrn.executors import Executor, LocalExecutor
 from dfrn.interpret.ablation import (
     RegionGrid,
     ablation_changes,

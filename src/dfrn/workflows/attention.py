@@ -42,8 +42,8 @@ from dfrn.config import StudyConfig
 from dfrn.data.atlas import Atlas, check_atlas_grid
 from dfrn.data.images import VolumeSet, load_img
 from dfrn.errors import DfrnInputError
-from dfrn.evaluation.executors import Executor
 from dfrn.evaluation.tasks import FactorNetwork, factor_networks, network_factors
+from dfrn.executors import Executor
 from dfrn.interpret.maps import (
     FoldTask,
     factor_attention_map,

@@ -21,10 +21,10 @@ import pandas as pd
 
 from dfrn.config import StudyConfig
 from dfrn.errors import DfrnInputError
-from dfrn.evaluation.executors import Executor
 from dfrn.evaluation.metrics import readable
 from dfrn.evaluation.permutation import permutation_test_generic
 from dfrn.evaluation.tasks import plan_tasks, run_cv
+from dfrn.executors import Executor
 from dfrn.io import atomic_write_tsv
 from dfrn.plotting import format_table
 from dfrn.targets.providers import StaticTargets

@@ -61,7 +61,7 @@ import pandas as pd
 from dfrn.config import ExecutorConfig
 from dfrn.data.templates import Template, resolve_template
 from dfrn.errors import DfrnInputError, PrepFailedError, ResultsFolderError, listed
-from dfrn.evaluation.executors import Executor, make_executor
+from dfrn.executors import Executor, make_executor
 from dfrn.io import (
     atomic_write_json,
     atomic_write_text,
@@ -520,7 +520,7 @@ def run_prep(
         Raise :class:`dfrn.errors.PrepFailedError` naming the failed subjects, after
         ``qc.tsv`` and ``cohort.tsv`` are written.
     executor : Executor, optional
-        A Ray or SLURM executor (:func:`dfrn.evaluation.executors.make_executor`) runs each
+        A Ray or SLURM executor (:func:`dfrn.executors.make_executor`) runs each
         subject as a Ray task or a SLURM job (``jobs`` is then the executor's business); None
         or a local executor uses ``jobs`` spawned processes on this machine.
     participants : sequence of str, optional
@@ -866,7 +866,7 @@ def _run_pool(jobs_list: list[dict[str, Any]], jobs: int, env: dict[str, str],
 def prep_task(common: dict[str, Any], job: dict[str, Any]) -> str:
     """One subject as an executor task: check the shared storage, set ANTs' environment,
     preprocess; return the QC row as JSON (a few numbers; the images stay in the folder)."""
-    from dfrn.evaluation.executors import check_storage_probe
+    from dfrn.executors import check_storage_probe
 
     check_storage_probe(*common["probe"])
     os.environ.update(common["env"])
@@ -877,7 +877,7 @@ def _run_on_executor(executor: Executor, jobs_list: list[dict[str, Any]], env: d
                      out: Path, progress: bool) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
-    from dfrn.evaluation.executors import remove_storage_probe, write_storage_probe
+    from dfrn.executors import remove_storage_probe, write_storage_probe
 
     if not jobs_list:
         return []

@@ -30,9 +30,9 @@ from dfrn.config import StudyConfig
 from dfrn.data.cohort import Cohort
 from dfrn.data.covariates import CovariateSelection
 from dfrn.data.images import check_common_grid
-from dfrn.evaluation.executors import Executor, make_executor
 from dfrn.evaluation.metrics import compute_metrics, fold_r, fold_r_summary, table1
 from dfrn.evaluation.tasks import plan_tasks, run_cv
+from dfrn.executors import Executor, make_executor
 from dfrn.io import atomic_write_tsv
 from dfrn.models.regressor import resolve_device
 from dfrn.plotting import format_table, plot_fig2

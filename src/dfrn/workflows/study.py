@@ -24,8 +24,8 @@ from dfrn.data.covariates import (
 )
 from dfrn.data.images import VolumeCache, VolumeSet
 from dfrn.errors import DfrnInputError, listed
-from dfrn.evaluation.executors import Executor
 from dfrn.evaluation.folds import check_plan_groups, iter_splits, make_fold_plan
+from dfrn.executors import Executor
 from dfrn.io import file_digest
 from dfrn.models.regressor import DFRNRegressor
 from dfrn.targets.providers import StaticTargets, TargetProvider
