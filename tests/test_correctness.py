@@ -55,7 +55,7 @@ def test_each_prediction_belongs_to_its_subject(cohort15, tmp_path: Path) -> Non
     pred = pd.read_csv(out / "cv/predictions.tsv", sep="\t", dtype={"participant_id": str})
     for factor, g in pred.groupby("factor"):
         assert sorted(g["participant_id"]) == sorted(res.cohort.participant_ids), factor
-    volumes = res.extra["volumes"]
+    volumes = res.study.volumes
     checked = 0
     for task in plan_tasks(res.plan, ["anhedonia", "sleep"]):
         assert len(task.test_ids) == 5

@@ -152,7 +152,7 @@ def test_predict_regions_gives_individual_sensitivity(planted_run, tmp_path: Pat
     # parity: the first subject's sensitivity, from the package's networks by hand
     package = load_package(out / "models/appetite")
     labels, regions, baselines = package.regions()
-    volumes = res.extra["volumes"]
+    volumes = res.study.volumes
     pid = volumes.participant_ids[0]
     x = torch.from_numpy(np.asarray(volumes[0], np.float32)[None, None])
     by_hand = np.mean([ablation_changes(est.model_, x, RegionGrid(labels, regions), base)[:, 0]

@@ -44,7 +44,7 @@ def test_packages_describe_themselves(study) -> None:
         folder = out / "models" / factor
         meta = json.loads((folder / "metadata.json").read_text())
         assert meta["mode"] == "ensemble" and len(meta["models"]) == 2  # first repeat's folds
-        assert meta["input"]["shape"] == list(res.extra["volumes"].input_grid.shape)
+        assert meta["input"]["shape"] == list(res.study.volumes.input_grid.shape)
         assert meta["input"]["intensity"] == "zscore" and meta["input"]["mask"] is not None
         assert "values" not in meta["input"]  # recorded for binary maps read as they are only
         assert len(meta["training_scans_sha256"]) == 12
@@ -74,7 +74,7 @@ def test_round_trip_equals_the_cv_models(study, tiny_cohort, tmp_path: Path, cap
     # an unadjusted package: the full prediction is the prediction, adjusted for nothing
     np.testing.assert_array_equal(pred["prediction_full"], pred["prediction"])
     assert pred["adjusted_for"].isna().all()
-    volumes = res.extra["volumes"]
+    volumes = res.study.volumes
     for factor in ("anhedonia", "sleep"):
         models = [DFRNRegressor.load(out / "cv/tasks" / t.name / "model.pt")
                   for t in plan_tasks(res.plan, [factor])]

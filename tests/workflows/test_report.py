@@ -40,7 +40,7 @@ def report(tiny_cohort, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("report") / "res"
     res = run_study(cfg, out, progress=False, log=lambda s: None, permutations=1,
                     notes=("a note for the reader",))
-    assert res.extra["report"] == out / "report.html"
+    assert res.report == out / "report.html"
     return out / "report.html"
 
 

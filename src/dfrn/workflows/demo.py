@@ -126,27 +126,8 @@ def run_demo(
         log(
             f"dfrn demo (CPU-sized). Shrunk from the paper's protocol ({PAPER}) to: {s.describe()}."
         )
-    table = synth_dir / "participants.tsv"
-    if read_run_info(out) is None and not table.is_file():
-        if out.exists() and any(p.name != "synth" for p in out.iterdir()):
-            from dfrn.errors import ResultsFolderError
-
-            raise ResultsFolderError(
-                f"results folder {out} is not empty and holds no dfrn run; choose another --out"
-            )
-        log(f"writing the synthetic cohort to {synth_dir} ...")
-        synth = make_synthetic_cohort(
-            synth_dir,
-            n_subjects=s.n_subjects,
-            voxel_size=s.voxel_size,
-            effect=s.effect,
-            radius=s.radius,
-            seed=seed,
-            progress=progress,
-            age_effect=s.age_effect,
-            age_only=AGE_ONLY,
-        )
-        make_demo_atlases(synth, seed=seed, n_region_parcels=30)
+    if read_run_info(out) is None and not (synth_dir / "participants.tsv").is_file():
+        _write_synthetic_cohort(out, synth_dir, s, seed, progress, log)
     log(
         "atlases (built offline): the baseline uses 60 k-means parcels of the brain mask "
         "(synth/parcellation_dseg), which do not follow the planted regions; attention maps and "
@@ -167,5 +148,29 @@ def run_demo(
         "covariates' says so)"
     )
     log(f"demo finished in {time.perf_counter() - t0:.0f} s; results in {out}")
-    log(f"open the report: {result.extra['report']}")
+    log(f"open the report: {result.report}")
     return result
+
+
+def _write_synthetic_cohort(out: Path, synth_dir: Path, s: DemoSettings, seed: int,
+                            progress: bool, log: Callable[[str], None]) -> None:
+    """The planted cohort and its atlases, into ``synth_dir`` of a new results folder."""
+    if out.exists() and any(p.name != "synth" for p in out.iterdir()):
+        from dfrn.errors import ResultsFolderError
+
+        raise ResultsFolderError(
+            f"results folder {out} is not empty and holds no dfrn run; choose another --out"
+        )
+    log(f"writing the synthetic cohort to {synth_dir} ...")
+    synth = make_synthetic_cohort(
+        synth_dir,
+        n_subjects=s.n_subjects,
+        voxel_size=s.voxel_size,
+        effect=s.effect,
+        radius=s.radius,
+        seed=seed,
+        progress=progress,
+        age_effect=s.age_effect,
+        age_only=AGE_ONLY,
+    )
+    make_demo_atlases(synth, seed=seed, n_region_parcels=30)

@@ -14,9 +14,6 @@ it stopped. The table goes to ``cv/permutation.tsv``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-
 import pandas as pd
 
 from dfrn.config import StudyConfig
@@ -24,11 +21,11 @@ from dfrn.errors import DfrnInputError
 from dfrn.evaluation.metrics import readable
 from dfrn.evaluation.permutation import permutation_test_generic
 from dfrn.evaluation.tasks import plan_tasks, run_cv
-from dfrn.executors import Executor
 from dfrn.io import atomic_write_tsv
 from dfrn.plotting import format_table
 from dfrn.targets.providers import StaticTargets
 from dfrn.workflows.results import ResultsFolder
+from dfrn.workflows.study import Study, StudyResult, make_estimator_factory, network_voxel_mm
 
 __all__ = ["check_permutable", "network_permutation_test"]
 
@@ -54,32 +51,15 @@ def check_permutable(cfg: StudyConfig) -> None:
         )
 
 
-def network_permutation_test(
-    out: Path,
-    cfg: StudyConfig,
-    result,
-    n_perm: int,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-    executor: Executor | None = None,
-) -> pd.DataFrame:
-    """Run ``n_perm`` permutations of the network CV (first repeat) and write the table.
+def network_permutation_test(study: Study, result: StudyResult) -> pd.DataFrame:
+    """Run ``study.permutations`` permutations of the network CV (first repeat); write the table.
 
     Parameters
     ----------
-    out : Path
-        The results folder.
-    cfg : StudyConfig
-        The study's config.
+    study : Study
+        The study (its config, targets, plan, volumes, provider and executor).
     result : StudyResult
-        The finished main run (its plan, targets, predictions and ``extra`` volumes and
-        provider).
-    n_perm : int
-        Number of permutations.
-    progress : bool, default True
-    log : callable, default print
-    executor : Executor, optional
-        Runs each permutation's tasks (default: in this process).
+        The stages so far; its CV predictions are the observed ones.
 
     Returns
     -------
@@ -91,21 +71,19 @@ def network_permutation_test(
     DfrnInputError
         When the targets are fitted per fold (``[factors] fit_on = "train"``).
     """
-    from dfrn.workflows.study import make_estimator_factory, network_voxel_mm
-
+    cfg, n_perm, log, volumes = study.cfg, study.permutations, study.log, study.volumes
     check_permutable(cfg)
-    if not isinstance(result.extra["provider"], StaticTargets):
+    if not isinstance(study.provider, StaticTargets):
         raise DfrnInputError("--permutations needs targets fixed before CV")
-    plan = result.plan[result.plan["repeat"] == result.plan["repeat"].min()]
-    factors = list(result.targets.columns)
+    plan = study.plan[study.plan["repeat"] == study.plan["repeat"].min()]
+    factors = study.factors
     tasks = plan_tasks(plan, factors, cfg.model.heads, cfg.training.n_seeds)
-    volumes = result.extra["volumes"]
     make = make_estimator_factory(cfg, progress=False, voxel_mm=network_voxel_mm(volumes))
     log(
         f"network permutation test: {n_perm} permutations × {len(tasks)} trainings "
         f"(first repeat, {plan['fold'].nunique()} folds × {len(factors)} factors)"
     )
-    folder = ResultsFolder(Path(out))
+    folder = ResultsFolder(study.out)
 
     def cv_predict(index: int | None, targets: pd.DataFrame) -> pd.DataFrame:
         if index is None:  # the observed predictions are passed below: never asked for
@@ -113,12 +91,13 @@ def network_permutation_test(
         return run_cv(
             tasks, volumes, volumes.index_of, StaticTargets(targets), make,
             cfg.training.seed, folder.permutation_cv(index), progress=False,
-            log=log, expected=targets, executor=executor,
+            log=log, expected=targets, executor=study.executor,
         )
 
     observed = result.predictions[result.predictions["repeat"] == plan["repeat"].iloc[0]]
     table = permutation_test_generic(
-        cv_predict, result.targets, n_perm, seed=cfg.cv.seed, observed=observed, progress=progress
+        cv_predict, study.targets, n_perm, seed=cfg.cv.seed, observed=observed,
+        progress=study.progress,
     )
     atomic_write_tsv(table, folder.network_permutation)
     log(format_table(readable(table, 4), f"DFRN permutation test ({n_perm} permutations)"))

@@ -9,19 +9,20 @@ Stages, in order (each resumable):
 2. only then write the run's identity (``run.json``, ``config.toml``, environment), the fold
    plan ``cv/folds.tsv`` (made once from ``[cv] seed``, re-read on resume) and ``factors/``;
 3. train and evaluate one network per (repeat, fold, factor), skipping verified tasks, through
-   the configured executor (``[executor]``: in this process, or as Ray tasks);
+   the configured executor (``[executor]``: in this process, as Ray tasks or SLURM jobs);
 4. write ``cv/predictions.tsv``, ``cv/metrics.tsv``, ``cv/table1.tsv`` and Figure 2.
 
-The whole run holds the results folder's lock (:mod:`dfrn.workflows.lock`), so a second process on the
-same folder is refused with the holder's PID and host.
-
-Later stages (baseline, attention) read the same results folder.
+Stages 1–2 build the :class:`~dfrn.workflows.study.Study` once (:func:`build_study`); then
+every stage of :data:`dfrn.workflows.stages.STAGES` that the config enables runs on it, from
+the CV (3–4) to the report. The whole run holds the results folder's lock
+(:mod:`dfrn.workflows.lock`), so a second process on the same folder is refused with the
+holder's PID and host.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -30,30 +31,26 @@ from dfrn.config import StudyConfig
 from dfrn.data.cohort import Cohort
 from dfrn.data.covariates import CovariateSelection
 from dfrn.data.images import check_common_grid
-from dfrn.evaluation.metrics import compute_metrics, fold_r, fold_r_summary, table1
-from dfrn.evaluation.tasks import plan_tasks, run_cv
 from dfrn.executors import Executor, make_executor
 from dfrn.io import atomic_write_tsv
 from dfrn.models.regressor import resolve_device
-from dfrn.plotting import format_table, plot_fig2
 from dfrn.targets.providers import TargetProvider
-from dfrn.workflows.confounds import target_words
-from dfrn.workflows.learning import train_sizes, write_learning_table
-from dfrn.workflows.report import image_words, training_words
 from dfrn.workflows.results import (
+    InputFile,
     ResultsFolder,
     check_results_dir,
     read_run_info,
     record_resume,
     write_run_identity,
 )
+from dfrn.workflows.stages import run_stages
 from dfrn.workflows.study import (
+    Study,
+    StudyResult,
     check_targets,
     collect_inputs,
     fold_plan_for,
     load_study_cohort,
-    make_estimator_factory,
-    network_voxel_mm,
     prepare_volumes,
     results_lock,
     run_study_prep,
@@ -63,7 +60,7 @@ from dfrn.workflows.study import (
     uses_prep,
 )
 
-__all__ = ["StudyResult", "run_study", "run_cv_stage"]
+__all__ = ["run_study", "build_study"]
 
 
 def _factor_stability(reference, items, cfg: StudyConfig, plan, out: Path, log) -> pd.DataFrame:
@@ -79,19 +76,6 @@ def _factor_stability(reference, items, cfg: StudyConfig, plan, out: Path, log) 
     else:
         stability = split_half_stability(frame, reference, f.n_resamples, cfg.cv.seed, f.align)
     return write_stability(stability, out, log)
-
-
-@dataclass
-class StudyResult:
-    out: Path
-    resumed: bool
-    cohort: Cohort
-    targets: pd.DataFrame
-    plan: pd.DataFrame
-    predictions: pd.DataFrame
-    metrics: pd.DataFrame
-    table1: pd.DataFrame
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -114,19 +98,11 @@ def _study_targets(cohort: Cohort, cfg: StudyConfig, out: Path,
     return _Targets(targets, raw, plan, selection, study_provider(raw, selection, cfg, log))
 
 
-def run_cv_stage(
-    cfg: StudyConfig,
-    out: Path,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-    allow_existing: tuple[str, ...] = (),
-    executor: Executor | None = None,
-) -> StudyResult:
-    """Stages 1–4 (see the module docstring). The caller holds the folder's lock.
-
-    ``executor`` runs the CV tasks (default: in this process).
-    """
-    out = Path(out)
+def _load_checked_cohort(cfg: StudyConfig, out: Path, progress: bool,
+                         log: Callable[[str], None], allow_existing: tuple[str, ...],
+                         executor: Executor) -> tuple[Cohort, dict[str, InputFile], bool]:
+    """Stage 1's first half: the prep stage when configured, the cohort on one grid, every
+    input file's digest and the results folder's check. Returns (cohort, inputs, resumed)."""
     resolve_device(cfg.training.device)  # before any caching: cuda on a CPU machine is refused
     if uses_prep(cfg):
         check_results_dir(out, cfg, None, (*allow_existing, "prep"))
@@ -136,12 +112,14 @@ def run_cv_stage(
     cohort = load_study_cohort(cfg, out)
     check_common_grid(cohort.images, [f"participant {p}" for p in cohort.participant_ids])
     inputs = collect_inputs(cfg, cohort, progress)
-    resumed = check_results_dir(out, cfg, inputs, allow_existing)
-    st = _study_targets(cohort, cfg, out, log)
-    targets, plan, provider, selection = st.targets, st.plan, st.provider, st.covariates
-    factors = list(targets.columns)
-    volumes = prepare_volumes(cohort, cfg, out, progress, inputs, log)
-    # every input check has passed: only now does the folder become a run
+    return cohort, inputs, check_results_dir(out, cfg, inputs, allow_existing)
+
+
+def _write_identity(cfg: StudyConfig, out: Path, cohort: Cohort, inputs: dict[str, InputFile],
+                    resumed: bool, plan: pd.DataFrame,
+                    log: Callable[[str], None]) -> pd.DataFrame | None:
+    """Stage 2: the run's identity, the fold plan and ``factors/`` (with their stability,
+    returned for the log after Table 1)."""
     if resumed:
         record_resume(out)
     else:
@@ -149,70 +127,38 @@ def run_cv_stage(
     folder = ResultsFolder(out)
     if not folder.folds.is_file():
         atomic_write_tsv(plan, folder.folds)
-    stability_summary = None
-    if cfg.factors is not None:
-        from dfrn.targets.providers import fit_factor_model
-        from dfrn.workflows.factors import write_factor_outputs
+    if cfg.factors is None:
+        return None
+    from dfrn.targets.providers import fit_factor_model
+    from dfrn.workflows.factors import write_factor_outputs
 
-        reference, items = fit_factor_model(cohort, cfg.factors)
-        write_factor_outputs(reference, items, out)
-        stability_summary = _factor_stability(reference, items, cfg, plan, out, log)
-    c = cfg.cohort
-    log(
-        f"{len(cohort)} subjects, factors {', '.join(factors)}; network input "
-        f"{'×'.join(map(str, volumes.shape))} (downsample {c.downsample}); "
-        f"{cfg.cv.n_repeats} × {cfg.cv.n_folds}-fold CV. "
-        + image_words(len(cohort), image_column=c.image_column, intensity=c.intensity,
-                      mask=bool(c.mask), downsample=c.downsample, bids=bool(c.bids))
-    )
-    tasks = plan_tasks(plan, factors, cfg.model.heads, cfg.training.n_seeds)
-    log(f"training: {training_words(cfg.to_dict(), factors, train_sizes(tasks, targets))} "
-        f"{len(tasks)} networks in all.")
-    predictions = run_cv(
-        tasks,
-        volumes,
-        volumes.index_of,
-        provider,
-        make_estimator_factory(cfg, progress, network_voxel_mm(volumes)),
-        cfg.training.seed,
-        folder.cv,
-        progress=progress,
-        log=log,
-        expected=targets,
-        executor=executor,
-    )
-    write_learning_table(folder, tasks, cfg.training.epochs, log,
-                         cfg.training.target_scaling == "zscore")
-    metrics, t1 = _write_cv_tables(folder, predictions, log, target_words(cfg, selection))
-    if stability_summary is not None:
-        log(format_table(
-            stability_summary[["factor", "median_congruence", "min_congruence", "band"]].round(3),
-            "Stability of the factors behind Table 1 (factors/stability.tsv): Tucker's congruence "
-            "with the full fit; 'not the same factor' below 0.85",
-        ))
-    result = StudyResult(out, resumed, cohort, targets, plan, predictions, metrics, t1)
-    result.extra.update(volumes=volumes, provider=provider, inputs=inputs,
-                        raw_provider=st.raw_provider, covariates=selection)
-    return result
+    reference, items = fit_factor_model(cohort, cfg.factors)
+    write_factor_outputs(reference, items, out)
+    return _factor_stability(reference, items, cfg, plan, out, log)
 
 
-def _write_cv_tables(folder: ResultsFolder, predictions: pd.DataFrame,
-                     log: Callable[[str], None],
-                     targets_said: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Write the CV's predictions, metrics, Table 1 and Figure 2; log Table 1 and the
-    pooled r beside each fold's own r. Returns ``(metrics, table1)``."""
-    metrics = compute_metrics(predictions)
-    t1 = table1(metrics)
-    atomic_write_tsv(predictions, folder.predictions)
-    atomic_write_tsv(metrics, folder.metrics)
-    atomic_write_tsv(t1, folder.table1)
-    plot_fig2(predictions, metrics, folder.figure("fig2_scatter"))
-    log(format_table(t1, "Table 1 — Pearson r (p) of out-of-fold predictions, per repeat; "
-                         + targets_said))
-    log(format_table(fold_r_summary(fold_r(predictions), metrics).round(3),
-                     "Pooled r beside the r of each fold's own test subjects (a pooled r far "
-                     "below the folds' says the fold networks are offset from one another)"))
-    return metrics, t1
+def build_study(
+    cfg: StudyConfig,
+    out: Path,
+    executor: Executor,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    allow_existing: tuple[str, ...] = (),
+    permutations: int = 0,
+    notes: tuple[str, ...] = (),
+) -> Study:
+    """Stages 1–2 (see the module docstring): every check, then the run's identity; the
+    :class:`Study` every stage reads. The caller holds the folder's lock."""
+    out = Path(out)
+    cohort, inputs, resumed = _load_checked_cohort(cfg, out, progress, log, allow_existing,
+                                                   executor)
+    st = _study_targets(cohort, cfg, out, log)
+    volumes = prepare_volumes(cohort, cfg, out, progress, inputs, log)
+    # every input check has passed: only now does the folder become a run
+    stability = _write_identity(cfg, out, cohort, inputs, resumed, st.plan, log)
+    return Study(cfg, out, cohort, st.targets, st.raw_provider, st.provider, st.covariates,
+                 st.plan, volumes, inputs, executor, log, progress, resumed, permutations,
+                 tuple(notes), stability)
 
 
 def run_study(
@@ -225,7 +171,7 @@ def run_study(
     notes: tuple[str, ...] = (),
     executor: str | None = None,
 ) -> StudyResult:
-    """Run every configured stage, holding the folder's lock; returns the CV results.
+    """Run every configured stage, holding the folder's lock; returns each stage's result.
 
     ``executor`` (``"local"``, ``"ray"`` or ``"slurm"``) overrides ``[executor] kind``; the driver
     holds the lock, plans and collects, the executor's workers write task folders.
@@ -248,65 +194,8 @@ def run_study(
     try:
         with results_lock(out, "dfrn run", log):
             runner.attach(ResultsFolder(out).logs / runner.name, log)
-            return _run_study_locked(
-                cfg, out, progress, log, allow_existing, permutations, notes, runner
-            )
+            study = build_study(cfg, out, runner, progress, log, allow_existing, permutations,
+                                notes)
+            return run_stages(study)
     finally:
         runner.close()
-
-
-def _run_study_locked(
-    cfg: StudyConfig,
-    out: Path,
-    progress: bool,
-    log: Callable[[str], None],
-    allow_existing: tuple[str, ...],
-    permutations: int,
-    notes: tuple[str, ...] = (),
-    executor: Executor | None = None,
-) -> StudyResult:
-    result = run_cv_stage(cfg, out, progress, log, allow_existing, executor)
-    if result.extra["covariates"] is not None:  # before the baseline: Figure 3 shows its bar
-        from dfrn.workflows.confounds import run_covariates_model
-
-        run_covariates_model(out, result.extra["covariates"], result.extra["raw_provider"],
-                             result.plan)
-    if permutations > 0:
-        from dfrn.workflows.network_permutation import network_permutation_test
-
-        result.extra["network_permutation"] = network_permutation_test(
-            out, cfg, result, permutations, progress=progress, log=log, executor=executor
-        )
-    if cfg.final.enabled:
-        from dfrn.workflows.packages import write_model_packages
-
-        result.extra["packages"] = write_model_packages(
-            out, cfg, result.extra["volumes"], result.targets, result.plan, result.metrics,
-            result.extra["inputs"], progress=progress, log=log,
-            covariates=result.extra["covariates"],
-        )
-    if cfg.baseline.enabled:
-        from dfrn.workflows.baseline import run_baseline_stage
-
-        result.extra["baseline"] = run_baseline_stage(
-            out, cfg, result.cohort, result.targets, result.extra["provider"], result.plan,
-            progress=progress, log=log, volumes=result.extra["volumes"],
-        )
-    if cfg.attention.enabled:
-        from dfrn.workflows.attention import run_attention_stage
-
-        result.extra["attention"] = run_attention_stage(
-            out, cfg, result.extra["volumes"], list(result.targets.columns), result.plan,
-            progress=progress, log=log, executor=executor,
-        )
-    if result.extra["covariates"] is not None:
-        from dfrn.workflows.confounds import run_confounds_stage
-
-        result.extra["confounds"] = run_confounds_stage(
-            out, cfg, result.extra["covariates"], result.extra["raw_provider"], result.plan, log,
-        )
-    from dfrn.workflows.report import write_report
-
-    result.extra["report"] = write_report(out, notes=list(notes))
-    log(f"report: {result.extra['report']}")
-    return result

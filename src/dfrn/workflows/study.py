@@ -1,8 +1,10 @@
 """The study context shared by the stages: cohort, input files, targets, volumes, lock.
 
-``dfrn run`` (:mod:`dfrn.workflows.run`) and the later stages (``dfrn baseline``,
-``dfrn attention``, the network permutation test) all load a study through these functions,
-so each check (input digests, targets, the fold plan, the folder's lock) exists once.
+:class:`Study` is one study as every stage reads it, built once per run
+(:func:`dfrn.workflows.run.build_study`); :class:`StudyResult` collects what each stage
+returned, in typed fields. ``dfrn run`` and the later commands (``dfrn baseline``,
+``dfrn attention``) load a study through these functions, so each check (input digests,
+targets, the fold plan, the folder's lock) exists once.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ from dfrn.workflows.results import (
 )
 
 __all__ = [
+    "Study",
+    "StudyResult",
+    "CVResult",
     "uses_prep",
     "cohort_table_path",
     "load_study_cohort",
@@ -56,6 +61,132 @@ __all__ = [
     "FinishedStudy",
     "open_finished_study",
 ]
+
+
+@dataclass(frozen=True)
+class Study:
+    """One study as every stage reads it: built once, after every input check has passed.
+
+    Attributes
+    ----------
+    cfg : StudyConfig
+    out : Path
+        The results folder.
+    cohort : Cohort
+    targets : DataFrame
+        The checked targets of the whole cohort (factor scores or the table's columns).
+    raw_provider : TargetProvider
+        Each split's raw targets (factors refitted per training fold when asked).
+    provider : TargetProvider
+        What the models train on: ``raw_provider``, or its fold residuals on the covariates.
+    covariates : CovariateSelection or None
+        The ``[confounds] covariates``, coded.
+    plan : DataFrame
+        The fold plan (``cv/folds.tsv``).
+    volumes : VolumeSet
+        The cached network inputs.
+    inputs : dict of str to InputFile
+        Every input file and its digest (the run's identity).
+    executor : Executor
+        Runs the units of work of every stage.
+    log : callable
+    progress : bool
+    resumed : bool
+        Whether the folder held this run already.
+    permutations : int
+        Network permutations asked for (``dfrn run --permutations``).
+    notes : tuple of str
+        Shown at the top of the report.
+    stability : DataFrame or None
+        The factors' stability summary, logged after Table 1.
+    """
+
+    cfg: StudyConfig
+    out: Path
+    cohort: Cohort
+    targets: pd.DataFrame
+    raw_provider: TargetProvider
+    provider: TargetProvider
+    covariates: CovariateSelection | None
+    plan: pd.DataFrame
+    volumes: VolumeSet
+    inputs: dict[str, InputFile]
+    executor: Executor
+    log: Callable[[str], None] = print
+    progress: bool = True
+    resumed: bool = False
+    permutations: int = 0
+    notes: tuple[str, ...] = ()
+    stability: pd.DataFrame | None = None
+
+    @property
+    def factors(self) -> list[str]:
+        """The targets' names, in order."""
+        return list(self.targets.columns)
+
+
+@dataclass(frozen=True)
+class CVResult:
+    """The CV stage's pooled out-of-fold predictions, their metrics and Table 1."""
+
+    predictions: pd.DataFrame
+    metrics: pd.DataFrame
+    table1: pd.DataFrame
+
+
+@dataclass
+class StudyResult:
+    """What the stages of one run returned, one typed field each (None: the stage did not run).
+
+    The field names are the stage names of :data:`dfrn.workflows.stages.STAGES`.
+    """
+
+    study: Study
+    cv: CVResult | None = None
+    covariates_model: pd.DataFrame | None = None
+    network_permutation: pd.DataFrame | None = None
+    packages: dict[str, Path] | None = None
+    baseline: dict[str, pd.DataFrame] | None = None
+    attention: dict[str, pd.DataFrame] | None = None
+    confounds: pd.DataFrame | None = None
+    report: Path | None = None
+
+    @property
+    def out(self) -> Path:
+        return self.study.out
+
+    @property
+    def resumed(self) -> bool:
+        return self.study.resumed
+
+    @property
+    def cohort(self) -> Cohort:
+        return self.study.cohort
+
+    @property
+    def targets(self) -> pd.DataFrame:
+        return self.study.targets
+
+    @property
+    def plan(self) -> pd.DataFrame:
+        return self.study.plan
+
+    @property
+    def predictions(self) -> pd.DataFrame:
+        return self._cv().predictions
+
+    @property
+    def metrics(self) -> pd.DataFrame:
+        return self._cv().metrics
+
+    @property
+    def table1(self) -> pd.DataFrame:
+        return self._cv().table1
+
+    def _cv(self) -> CVResult:
+        if self.cv is None:
+            raise RuntimeError("the CV stage has not run")
+        return self.cv
 
 
 def uses_prep(cfg: StudyConfig) -> bool:
