@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -125,6 +126,17 @@ def _rng_devices(device: torch.device) -> list[int]:
     return []
 
 
+@dataclass(frozen=True)
+class _Options:
+    """The method-specific settings of :func:`attribution`."""
+
+    n_steps: int
+    internal_batch_size: int | None
+    nt_samples: int
+    noise_level: float
+    seed: int | Sequence[int]
+
+
 def attribution(
     model: nn.Module,
     x: torch.Tensor,
@@ -178,67 +190,103 @@ def attribution(
         For an unknown method, a batch that is not 5D, or a model output that is not one
         scalar per subject.
     """
+    _check_method_and_batch(method, x)
+    opts = _Options(n_steps, internal_batch_size, nt_samples, noise_level, seed)
+    inp = x.detach().to(**_model_tensor_kwargs(model)).clone().requires_grad_(True)
+    wrapped = _ColumnOutput(model)
+    with _eval_mode(model), _quiet_captum():
+        out = _ATTRIBUTE[method](wrapped, inp, opts)
+    return out.detach()
+
+
+def _check_method_and_batch(method: str, x: torch.Tensor) -> None:
+    """Refuse an unknown method or a batch that is not 5D."""
     if method not in METHODS:
         raise DfrnInputError(f"unknown attribution method {method!r}; choose one of {METHODS}")
     if x.ndim != 5:
         raise DfrnInputError(
             f"attribution expects a batch of shape (N, C, D, H, W), got {tuple(x.shape)}"
         )
-    kw = _model_tensor_kwargs(model)
-    inp = x.detach().to(**kw).clone().requires_grad_(True)
-    wrapped = _ColumnOutput(model)
-    with _eval_mode(model), warnings.catch_warnings():
+
+
+@contextlib.contextmanager
+def _quiet_captum() -> Iterator[None]:
+    """Silence captum's warnings about ReLU hooks and inputs that did not require gradients."""
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*hooks on ReLU.*")
         warnings.filterwarnings("ignore", message=".*did not already require gradients.*")
-        if method == "guided_backprop":
-            gbp = _CountingGuidedBackprop(wrapped)
-            out = gbp.attribute(inp, target=0)
-            total = wrapped.relu_nodes
-            if gbp.fired == 0 or gbp.fired < total:
-                raise AttributionError(
-                    f"guided backprop hooked {gbp.fired} of the model's {total} ReLU operations; "
-                    "every ReLU must be its own nn.ReLU module (not F.relu / torch.relu), "
-                    "otherwise the map silently degrades towards the plain gradient"
+        yield
+
+
+def _guided_backprop(wrapped: _ColumnOutput, inp: torch.Tensor, opts: _Options) -> torch.Tensor:
+    """captum ``GuidedBackprop``, refused when some ReLU operation was not hooked."""
+    gbp = _CountingGuidedBackprop(wrapped)
+    out = gbp.attribute(inp, target=0)
+    total = wrapped.relu_nodes
+    if gbp.fired == 0 or gbp.fired < total:
+        raise AttributionError(
+            f"guided backprop hooked {gbp.fired} of the model's {total} ReLU operations; "
+            "every ReLU must be its own nn.ReLU module (not F.relu / torch.relu), "
+            "otherwise the map silently degrades towards the plain gradient"
+        )
+    return out
+
+
+def _gradient(wrapped: _ColumnOutput, inp: torch.Tensor, opts: _Options) -> torch.Tensor:
+    """The signed input gradient (captum ``Saliency(abs=False)``)."""
+    return Saliency(wrapped).attribute(inp, target=0, abs=False)
+
+
+def _integrated_gradients(
+    wrapped: _ColumnOutput, inp: torch.Tensor, opts: _Options
+) -> torch.Tensor:
+    """captum ``IntegratedGradients`` from a zero baseline."""
+    return IntegratedGradients(wrapped).attribute(
+        inp,
+        baselines=torch.zeros_like(inp),
+        target=0,
+        n_steps=opts.n_steps,
+        internal_batch_size=opts.internal_batch_size,
+    )
+
+
+def _smoothgrad_seeds(seed: int | Sequence[int], n: int) -> list[int]:
+    """One seed per sample: ``seed + j`` for one integer, else the given seeds."""
+    seeds = [int(seed) + j for j in range(n)] if isinstance(seed, int) else [int(s) for s in seed]
+    if len(seeds) != n:
+        raise DfrnInputError(f"smoothgrad got {len(seeds)} seeds for a batch of {n}")
+    return seeds
+
+
+def _smoothgrad(wrapped: _ColumnOutput, inp: torch.Tensor, opts: _Options) -> torch.Tensor:
+    """captum ``NoiseTunnel`` over the signed gradient, each sample with its own seed."""
+    seeds = _smoothgrad_seeds(opts.seed, inp.shape[0])
+    tunnel = NoiseTunnel(Saliency(wrapped))
+    parts = []
+    for j in range(inp.shape[0]):
+        xj = inp[j : j + 1].detach().clone().requires_grad_(True)
+        sd = float(opts.noise_level * (xj.detach().max() - xj.detach().min()))
+        with torch.random.fork_rng(devices=_rng_devices(xj.device)):
+            torch.manual_seed(seeds[j])
+            parts.append(
+                tunnel.attribute(
+                    xj,
+                    nt_type="smoothgrad",
+                    nt_samples=opts.nt_samples,
+                    stdevs=sd if sd > 0 else 1e-6,
+                    target=0,
+                    abs=False,
                 )
-        elif method == "gradient":
-            out = Saliency(wrapped).attribute(inp, target=0, abs=False)
-        elif method == "integrated_gradients":
-            out = IntegratedGradients(wrapped).attribute(
-                inp,
-                baselines=torch.zeros_like(inp),
-                target=0,
-                n_steps=n_steps,
-                internal_batch_size=internal_batch_size,
             )
-        else:  # smoothgrad
-            seeds = (
-                [int(seed) + j for j in range(inp.shape[0])]
-                if isinstance(seed, int)
-                else [int(s) for s in seed]
-            )
-            if len(seeds) != inp.shape[0]:
-                raise DfrnInputError(
-                    f"smoothgrad got {len(seeds)} seeds for a batch of {inp.shape[0]}"
-                )
-            tunnel = NoiseTunnel(Saliency(wrapped))
-            parts = []
-            for j in range(inp.shape[0]):
-                xj = inp[j : j + 1].detach().clone().requires_grad_(True)
-                sd = float(noise_level * (xj.detach().max() - xj.detach().min()))
-                with torch.random.fork_rng(devices=_rng_devices(xj.device)):
-                    torch.manual_seed(seeds[j])
-                    parts.append(
-                        tunnel.attribute(
-                            xj,
-                            nt_type="smoothgrad",
-                            nt_samples=nt_samples,
-                            stdevs=sd if sd > 0 else 1e-6,
-                            target=0,
-                            abs=False,
-                        )
-                    )
-            out = torch.cat(parts)
-    return out.detach()
+    return torch.cat(parts)
+
+
+_ATTRIBUTE: dict[str, Callable[[_ColumnOutput, torch.Tensor, _Options], torch.Tensor]] = {
+    "guided_backprop": _guided_backprop,
+    "gradient": _gradient,
+    "integrated_gradients": _integrated_gradients,
+    "smoothgrad": _smoothgrad,
+}
 
 
 def count_hooked_relus(model: nn.Module, x: torch.Tensor | None = None) -> int:

@@ -218,20 +218,37 @@ def iter_subject_maps(
     get, n_volumes = _volume_getter(volumes)
     ts, subjects, _ = _resolve(tasks, mode, n_volumes)
     for ti, task in enumerate(ts):
-        model = task.model if isinstance(task.model, nn.Module) else task.model()
-        if device is not None:
-            model = model.to(device)
+        model = _load_model(task, device)
         idx = np.unique(np.asarray(task.test_indices, dtype=int)) if mode == "oof" else subjects
         for start in range(0, idx.size, batch_size):
             b = idx[start : start + batch_size]
-            batch, squeeze = _load_batch(get, b)
-            kw = dict(method_kwargs)
-            if method == "smoothgrad":
-                kw["seed"] = [seed + int(i) for i in b]
-            a = attribution(model, torch.from_numpy(batch), method, **kw)
-            maps = a.float().cpu().numpy()
-            yield ti, b, (maps[:, 0] if squeeze else maps)
+            yield ti, b, _batch_maps(model, get, b, method, seed, method_kwargs)
         del model
+
+
+def _load_model(task: FoldTask, device: str | torch.device | None) -> nn.Module:
+    """The task's model (called when given as a loader), moved to ``device`` when given."""
+    model = task.model if isinstance(task.model, nn.Module) else task.model()
+    if device is not None:
+        model = model.to(device)
+    return model
+
+
+def _batch_maps(
+    model: nn.Module,
+    get: Callable[[int], np.ndarray],
+    subjects: np.ndarray,
+    method: str,
+    seed: int,
+    method_kwargs: dict[str, Any],
+) -> np.ndarray:
+    """Signed float32 maps ``(B, *volume_shape)`` of one batch of subjects by one model."""
+    batch, squeeze = _load_batch(get, subjects)
+    kw = dict(method_kwargs)
+    if method == "smoothgrad":
+        kw["seed"] = [seed + int(i) for i in subjects]
+    maps = attribution(model, torch.from_numpy(batch), method, **kw).float().cpu().numpy()
+    return maps[:, 0] if squeeze else maps
 
 
 def factor_attention_map(
@@ -286,20 +303,24 @@ def factor_attention_map(
     """
     get, n_volumes = _volume_getter(volumes)
     _, subjects, counts = _resolve(tasks, mode, n_volumes)
-    n_subjects = int(subjects.size)
+    batches = iter_subject_maps(
+        tasks, get, method, mode=mode, batch_size=batch_size, device=device, seed=seed, **method_kwargs
+    )
+    signed, absolute, n_maps = _eq4_average(batches, counts, int(subjects.size))
+    return AttentionMaps(signed, absolute, int(subjects.size), n_maps, method, mode)
+
+
+def _eq4_average(
+    batches: Iterator[tuple[int, np.ndarray, np.ndarray]], counts: dict[int, int], n_subjects: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Eq. 4: weighted means of the signed and absolute maps (float32), and the map count.
+
+    Subject *i* has weight ``1 / n_subjects``, shared by its ``counts[i]`` models.
+    """
     signed: np.ndarray | None = None
     absolute: np.ndarray | None = None
     n_maps = 0
-    for _, idx, maps in iter_subject_maps(
-        tasks,
-        get,
-        method,
-        mode=mode,
-        batch_size=batch_size,
-        device=device,
-        seed=seed,
-        **method_kwargs,
-    ):
+    for _, idx, maps in batches:
         if signed is None:
             signed = np.zeros(maps.shape[1:], dtype=np.float64)
             absolute = np.zeros(maps.shape[1:], dtype=np.float64)
@@ -314,14 +335,7 @@ def factor_attention_map(
             absolute += w * np.abs(m)
             n_maps += 1
     assert signed is not None and absolute is not None
-    return AttentionMaps(
-        signed=signed.astype(np.float32),
-        absolute=absolute.astype(np.float32),
-        n_subjects=n_subjects,
-        n_maps=n_maps,
-        method=method,
-        mode=mode,
-    )
+    return signed.astype(np.float32), absolute.astype(np.float32), n_maps
 
 
 # --------------------------------------------------------------------------------------
@@ -369,6 +383,17 @@ def to_template_space(
     """
     ref = load_img(reference_img, "reference image")
     ref_shape = tuple(int(s) for s in ref.shape[:3])
+    up, f = _checked_map(map_array, ref_shape, downsample, order)
+    if f > 1:
+        for axis, size in enumerate(ref_shape):
+            up = _upsample_axis(up, axis, f, size, order)
+    return _float32_image_like(up, ref)
+
+
+def _checked_map(
+    map_array: np.ndarray, ref_shape: tuple[int, ...], downsample: int, order: int
+) -> tuple[np.ndarray, int]:
+    """The map as a 3D float32 array and the integer factor, checked against the reference."""
     data = np.asarray(map_array, dtype=np.float32)
     if data.ndim == 4 and data.shape[0] == 1:
         data = data[0]
@@ -385,11 +410,12 @@ def to_template_space(
         )
     if order not in (0, 1):
         raise DfrnInputError(f"order must be 0 (block repeat) or 1 (trilinear), got {order}")
-    up = data
-    if f > 1:
-        for axis, size in enumerate(ref_shape):
-            up = _upsample_axis(up, axis, f, size, order)
-    img = nib.Nifti1Image(np.ascontiguousarray(up, dtype=np.float32), np.asarray(ref.affine))
+    return data, f
+
+
+def _float32_image_like(data: np.ndarray, ref: nib.spatialimages.SpatialImage) -> nib.Nifti1Image:
+    """``data`` as a float32 NIfTI with the reference's affine (and NIfTI space codes, units)."""
+    img = nib.Nifti1Image(np.ascontiguousarray(data, dtype=np.float32), np.asarray(ref.affine))
     hdr = getattr(ref, "header", None)
     if isinstance(hdr, nib.Nifti1Header):  # keep the reference's space codes (e.g. 4 = MNI)
         qcode, scode = int(hdr["qform_code"]), int(hdr["sform_code"])
@@ -457,19 +483,9 @@ def localisation_scores(
     """
     from sklearn.metrics import roc_auc_score
 
-    a = np.abs(np.asarray(abs_map, dtype=np.float64))
-    t = np.asarray(truth_mask).astype(bool)
-    if a.shape != t.shape:
-        raise DfrnInputError(f"map shape {a.shape} differs from truth mask shape {t.shape}")
-    keep = np.isfinite(a)
-    if brain_mask is not None:
-        b = np.asarray(brain_mask).astype(bool)
-        if b.shape != a.shape:
-            raise DfrnInputError(f"brain mask shape {b.shape} differs from map shape {a.shape}")
-        keep &= b
+    scores, truth = _scored_voxels(abs_map, truth_mask, brain_mask)
     if not 0 < top_fraction <= 1:
         raise DfrnInputError(f"top_fraction must be in (0, 1], got {top_fraction}")
-    scores, truth = a[keep], t[keep]
     n_truth = int(truth.sum())
     if n_truth == 0 or n_truth == truth.size:
         raise DfrnInputError(
@@ -484,3 +500,20 @@ def localisation_scores(
         "n_voxels": int(truth.size),
         "n_truth": n_truth,
     }
+
+
+def _scored_voxels(
+    abs_map: np.ndarray, truth_mask: np.ndarray, brain_mask: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """|map| and truth at the finite voxels (within the brain mask, when given)."""
+    a = np.abs(np.asarray(abs_map, dtype=np.float64))
+    t = np.asarray(truth_mask).astype(bool)
+    if a.shape != t.shape:
+        raise DfrnInputError(f"map shape {a.shape} differs from truth mask shape {t.shape}")
+    keep = np.isfinite(a)
+    if brain_mask is not None:
+        b = np.asarray(brain_mask).astype(bool)
+        if b.shape != a.shape:
+            raise DfrnInputError(f"brain mask shape {b.shape} differs from map shape {a.shape}")
+        keep &= b
+    return a[keep], t[keep]

@@ -135,18 +135,24 @@ def rank_regions(
     map_name = image_name(map_img, "attention map")
     atlas = _lenient_atlas(atlas_img, labels, atlas_name)
     abs_map = np.abs(as_3d(np.asarray(mimg.dataobj, dtype=np.float64), map_name))
-    affine = atlas.img.affine
     abs_map = _on_atlas_grid(abs_map, mimg.affine, atlas, atlas_option,
                              image_name(map_img, ""))
+    df = _ranked_regions(abs_map, atlas, map_name)
+    df.insert(0, "factor", factor)
+    return df.reset_index(drop=True)
+
+
+def _ranked_regions(abs_map: np.ndarray, atlas: Atlas, map_name: str) -> pd.DataFrame:
+    """Mean ``abs_map`` of each named region with voxels, ranked (highest first, ties by label)."""
     columns = ["region", "label", "mean_attention", "n_voxels"]
     if atlas.labels.empty:
         df = pd.DataFrame(columns=columns)
     else:
         table = region_table(
-            nib.Nifti1Image(abs_map, affine), atlas, "mean", nonfinite="ignore", name=map_name
+            nib.Nifti1Image(abs_map, atlas.img.affine), atlas, "mean", nonfinite="ignore",
+            name=map_name,
         )
         df = table.loc[table["n_voxels"] > 0].rename(columns={"mean": "mean_attention"})[columns]
     df = df.sort_values(["mean_attention", "label"], ascending=[False, True], kind="stable")
     df.insert(0, "rank", np.arange(1, len(df) + 1))
-    df.insert(0, "factor", factor)
-    return df.reset_index(drop=True)
+    return df

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -205,6 +206,19 @@ def cascading_randomization(
         lacks, or a mask of another shape.
     """
     methods = [method] if isinstance(method, str) else list(method)
+    mask = _checked_inputs(model, x, cascade, mask)
+    test = _Cascade(model, x, seed, cascade, mask, method_kwargs)
+    rows = [row for meth in methods for row in test.rows(meth)]
+    return pd.DataFrame(rows, columns=["method", "step", "spearman", "ssim"])
+
+
+def _checked_inputs(
+    model: nn.Module,
+    x: torch.Tensor,
+    cascade: Sequence[tuple[str, Sequence[str]]],
+    mask: np.ndarray | None,
+) -> np.ndarray | None:
+    """Refuse a batch that is not ``(N, 1, D, H, W)``, unknown modules or a mismatched mask."""
     if x.ndim != 5 or x.shape[1] != 1:
         raise DfrnInputError(f"x must be (N, 1, D, H, W), got {tuple(x.shape)}")
     names = dict(model.named_modules())
@@ -220,19 +234,37 @@ def cascading_randomization(
             raise DfrnInputError(
                 f"mask shape {mask.shape} differs from volume {tuple(x.shape[2:])}"
             )
-    rows: list[dict[str, object]] = []
-    for meth in methods:
-        ref = attribution(model, x, meth, **method_kwargs).float().cpu().numpy()[:, 0]
-        rows.append({"method": meth, "step": TRAINED_STEP, "spearman": 1.0, "ssim": 1.0})
-        work = copy.deepcopy(model)
+    return mask
+
+
+@dataclass(frozen=True)
+class _Cascade:
+    """One cascading test: the trained model, its input and the stages to randomise."""
+
+    model: nn.Module
+    x: torch.Tensor
+    seed: int
+    steps: Sequence[tuple[str, Sequence[str]]]
+    mask: np.ndarray | None
+    method_kwargs: dict[str, object]
+
+    def _map(self, model: nn.Module, method: str) -> np.ndarray:
+        """``method``'s map of ``x`` by ``model``, ``(N, D, H, W)``."""
+        return attribution(model, self.x, method, **self.method_kwargs).float().cpu().numpy()[:, 0]
+
+    def rows(self, method: str) -> list[dict[str, object]]:
+        """The trained row, then one row per step, randomising a deep copy cumulatively."""
+        ref = self._map(self.model, method)
+        rows: list[dict[str, object]] = [
+            {"method": method, "step": TRAINED_STEP, "spearman": 1.0, "ssim": 1.0}
+        ]
+        work = copy.deepcopy(self.model)
         work_modules = dict(work.named_modules())
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            for label, mods in cascade:
+            torch.manual_seed(self.seed)
+            for label, mods in self.steps:
                 for name in mods:
                     _randomise(work_modules[name])
-                cur = attribution(work, x, meth, **method_kwargs).float().cpu().numpy()[:, 0]
-                rho, ss = _compare(ref, cur, mask)
-                rows.append({"method": meth, "step": label, "spearman": rho, "ssim": ss})
-        del work
-    return pd.DataFrame(rows, columns=["method", "step", "spearman", "ssim"])
+                rho, ss = _compare(ref, self._map(work, method), self.mask)
+                rows.append({"method": method, "step": label, "spearman": rho, "ssim": ss})
+        return rows

@@ -215,12 +215,10 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         voxel_mm: float = 1.0,
         widen_factor: float = _MODEL.widen_factor,
     ) -> None:
-        self.block_strides = block_strides
-        self.widen_factor = widen_factor
+        self.block_strides, self.widen_factor = block_strides, widen_factor
         self.epochs = epochs
         self.batch_size = batch_size
-        self.lr = lr
-        self.weight_decay = weight_decay
+        self.lr, self.weight_decay = lr, weight_decay
         self.target_scaling = target_scaling
         self.val_fraction = val_fraction
         self.patience = patience
@@ -228,10 +226,8 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         self.device = device
         self.amp = amp
         self.data = data
-        self.channels_last_3d = channels_last_3d
-        self.compile = compile
-        self.progress = progress
-        self.desc = desc
+        self.channels_last_3d, self.compile = channels_last_3d, compile
+        self.progress, self.desc = progress, desc
         self.early_stopping = early_stopping
         self.min_epochs = min_epochs
         self.smoothing = smoothing
@@ -239,8 +235,7 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         self.learning_start = learning_start
         self.bn_stats = bn_stats
         self.augment = augment
-        self.augment_bias_field = augment_bias_field
-        self.augment_flip = augment_flip
+        self.augment_bias_field, self.augment_flip = augment_bias_field, augment_flip
         self.lr_schedule = lr_schedule
         self.val_split = val_split
         self.schedule_epochs = schedule_epochs

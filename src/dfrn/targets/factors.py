@@ -340,6 +340,64 @@ def factor_congruence(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------------------
+# Fitting steps
+# --------------------------------------------------------------------------------------------
+
+
+def _check_participants(n: int, p: int) -> None:
+    """Refuse fewer than 2 participants; warn when there are fewer participants than items."""
+    if n < 2:
+        raise DfrnInputError(f"at least 2 participants are needed to fit factors, got {n}")
+    if n < p:
+        warnings.warn(
+            f"fewer participants ({n}) than items ({p}): the item correlation matrix is "
+            "singular and the factors are unreliable",
+            FewParticipantsWarning,
+            stacklevel=3,
+        )
+
+
+def _item_moments(x: np.ndarray, items: pd.Index) -> tuple[np.ndarray, np.ndarray]:
+    """Item means and sample SDs (``ddof=1``); refuses an item with one value for everyone."""
+    means = x.mean(axis=0)
+    stds = x.std(axis=0, ddof=1)
+    constant = np.flatnonzero(~(stds > 1e-12 * np.maximum(1.0, np.abs(means))))
+    if len(constant):
+        item = items[constant[0]]
+        raise DfrnInputError(
+            f"item {item!r} has the same value ({x[0, constant[0]]:g}) for every participant"
+        )
+    return means, stds
+
+
+def _correlation_eigen(z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (descending) and eigenvectors of the items' correlation matrix.
+
+    Refuses ``k`` components when the matrix has rank below ``k``.
+    """
+    corr = (z.T @ z) / (z.shape[0] - 1)
+    corr = (corr + corr.T) / 2
+    evals, evecs = np.linalg.eigh(corr)
+    evals, evecs = evals[::-1], evecs[:, ::-1]
+    if evals[k - 1] <= 1e-10 * max(evals[0], 1.0):
+        rank = int(np.sum(evals > 1e-10 * max(evals[0], 1.0)))
+        raise DfrnInputError(
+            f"n_factors={k} is more than the rank ({rank}) of the item correlation matrix"
+        )
+    return evals, evecs
+
+
+def _order_and_sign(rotated: np.ndarray, rot: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic factors: by variance after rotation (descending), largest loading > 0."""
+    variance = np.sum(rotated**2, axis=0)
+    order = np.argsort(-variance, kind="stable")
+    rotated, rot = rotated[:, order], rot[:, order]
+    peak = rotated[np.argmax(np.abs(rotated), axis=0), np.arange(rotated.shape[1])]
+    signs = np.where(peak < 0, -1.0, 1.0)
+    return rotated * signs, rot * signs
+
+
+# --------------------------------------------------------------------------------------------
 # The estimator
 # --------------------------------------------------------------------------------------------
 
@@ -440,64 +498,16 @@ class SymptomFactors(TransformerMixin, BaseEstimator):
         n, p = frame.shape
         self._check_params(p)
         k = int(self.n_factors)
-        if self.impute == "median":
-            medians = frame.median(axis=0, skipna=True)
-            empty = medians.index[medians.isna()]
-            if len(empty):
-                raise DfrnInputError(f"item {empty[0]!r} has no values to take a median from")
-            frame = frame.fillna(medians)
-            self.item_medians_ = medians
+        frame = self._impute_for_fit(frame)
         check_complete(frame)
-        if n < 2:
-            raise DfrnInputError(f"at least 2 participants are needed to fit factors, got {n}")
-        if n < p:
-            warnings.warn(
-                f"fewer participants ({n}) than items ({p}): the item correlation matrix is "
-                "singular and the factors are unreliable",
-                FewParticipantsWarning,
-                stacklevel=2,
-            )
+        _check_participants(n, p)
         x = frame.to_numpy()
-        means = x.mean(axis=0)
-        stds = x.std(axis=0, ddof=1)
-        constant = np.flatnonzero(~(stds > 1e-12 * np.maximum(1.0, np.abs(means))))
-        if len(constant):
-            item = frame.columns[constant[0]]
-            raise DfrnInputError(
-                f"item {item!r} has the same value ({x[0, constant[0]]:g}) for every participant"
-            )
+        means, stds = _item_moments(x, frame.columns)
         z = (x - means) / stds
-        corr = (z.T @ z) / (n - 1)
-        corr = (corr + corr.T) / 2
-        evals, evecs = np.linalg.eigh(corr)
-        evals, evecs = evals[::-1], evecs[:, ::-1]
+        evals, evecs = _correlation_eigen(z, k)
         top = evals[:k]
-        if top[-1] <= 1e-10 * max(evals[0], 1.0):
-            rank = int(np.sum(evals > 1e-10 * max(evals[0], 1.0)))
-            raise DfrnInputError(
-                f"n_factors={k} is more than the rank ({rank}) of the item correlation matrix"
-            )
         unrotated = evecs[:, :k] * np.sqrt(top)
-
-        if self.rotation == "varimax":
-            res = varimax(unrotated, self.normalize, float(self.tol), int(self.max_iter))
-            if not res.converged:
-                warnings.warn(
-                    f"varimax did not converge in {self.max_iter} iterations (tol={self.tol})",
-                    ConvergenceWarning,
-                    stacklevel=2,
-                )
-            rotated, rot, self.n_iter_ = res.loadings, res.rotation, res.n_iter
-        else:
-            rotated, rot, self.n_iter_ = unrotated.copy(), np.eye(k), 0
-
-        # deterministic order (variance after rotation, descending) and signs
-        variance = np.sum(rotated**2, axis=0)
-        order = np.argsort(-variance, kind="stable")
-        rotated, rot = rotated[:, order], rot[:, order]
-        peak = rotated[np.argmax(np.abs(rotated), axis=0), np.arange(k)]
-        signs = np.where(peak < 0, -1.0, 1.0)
-        rotated, rot = rotated * signs, rot * signs
+        rotated, rot = _order_and_sign(*self._rotate(unrotated, k))
         # regression-method weights R^-1 @ L; since R^-1 V_k = V_k / lambda_k this equals
         # V_k diag(lambda_k^-1/2) @ rot exactly, and stays defined when R is singular.
         weights = (evecs[:, :k] / np.sqrt(top)) @ rot
@@ -515,6 +525,32 @@ class SymptomFactors(TransformerMixin, BaseEstimator):
         self._set_names(names, rotated, weights, unrotated)
         self.scores_ = pd.DataFrame(z @ weights, index=frame.index, columns=self.factor_names_)
         return self
+
+    def _impute_for_fit(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """With ``impute="median"``: fill missing cells with (and keep) the item medians."""
+        if self.impute == "median":
+            medians = frame.median(axis=0, skipna=True)
+            empty = medians.index[medians.isna()]
+            if len(empty):
+                raise DfrnInputError(f"item {empty[0]!r} has no values to take a median from")
+            frame = frame.fillna(medians)
+            self.item_medians_ = medians
+        return frame
+
+    def _rotate(self, unrotated: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rotated loadings and rotation (varimax, or none); sets ``n_iter_``."""
+        if self.rotation == "varimax":
+            res = varimax(unrotated, self.normalize, float(self.tol), int(self.max_iter))
+            if not res.converged:
+                warnings.warn(
+                    f"varimax did not converge in {self.max_iter} iterations (tol={self.tol})",
+                    ConvergenceWarning,
+                    stacklevel=3,
+                )
+            rotated, rot, self.n_iter_ = res.loadings, res.rotation, res.n_iter
+        else:
+            rotated, rot, self.n_iter_ = unrotated.copy(), np.eye(k), 0
+        return rotated, rot
 
     def _set_names(
         self, names: list[str], rotated: np.ndarray, weights: np.ndarray, unrotated: np.ndarray
@@ -616,6 +652,35 @@ def align_factors(
     reference's factor names are taken over. The copy records the absolute congruence of each
     factor with its reference factor in ``congruence_``. ``model`` itself is not changed.
     """
+    _check_alignable(model, reference, method)
+    ref_items = list(reference.feature_names_in_)
+    k = len(model.factor_names_)
+    names = list(reference.factor_names_)
+    order = list(model.feature_names_in_)
+    unrotated = model.unrotated_loadings_.loc[order].to_numpy()
+    out = copy.deepcopy(model)
+    if method == "hungarian":
+        change = _hungarian_change(model, reference, ref_items)
+    else:
+        change = _procrustes_change(model, reference, ref_items)
+    rotation = model.rotation_ @ change
+    rotated = unrotated @ rotation
+    weights = (unrotated / model.eigenvalues_[:k]) @ rotation  # = V_k diag(l^-1/2) @ rotation
+    out.rotation_ = rotation
+    out._set_names(names, rotated, weights, unrotated)
+    if hasattr(model, "scores_"):
+        out.scores_ = pd.DataFrame(
+            model.scores_.to_numpy() @ change,
+            index=model.scores_.index,
+            columns=pd.Index(names),
+        )
+    phi_new = factor_congruence(out.loadings_.loc[ref_items], reference.loadings_).to_numpy()
+    out.congruence_ = pd.Series(np.abs(np.diag(phi_new)), index=pd.Index(names))
+    return out
+
+
+def _check_alignable(model: SymptomFactors, reference: SymptomFactors, method: str) -> None:
+    """Both fitted, a known method, the same items and the same number of factors."""
     check_is_fitted(model, "loadings_")
     check_is_fitted(reference, "loadings_")
     if method not in ("hungarian", "procrustes"):
@@ -633,40 +698,31 @@ def align_factors(
         raise DfrnInputError(
             f"the fold fit has {k} factors but the reference fit has {len(reference.factor_names_)}"
         )
-    names = list(reference.factor_names_)
-    order = list(model.feature_names_in_)
-    unrotated = model.unrotated_loadings_.loc[order].to_numpy()
-    out = copy.deepcopy(model)
 
-    if method == "hungarian":
-        phi = factor_congruence(reference.loadings_, model.loadings_.loc[ref_items]).to_numpy()
-        rows, cols = linear_sum_assignment(np.abs(phi), maximize=True)
-        perm = np.empty(k, dtype=int)
-        perm[rows] = cols  # reference factor j <- model factor perm[j]
-        signs = np.where(phi[np.arange(k), perm] < 0, -1.0, 1.0)
-        change = np.eye(k)[:, perm] * signs  # old factors -> aligned factors
-    else:
-        target = reference.loadings_.loc[ref_items].to_numpy()
-        change_full, _ = orthogonal_procrustes(
-            model.unrotated_loadings_.loc[ref_items].to_numpy(), target
-        )
-        # express it relative to the model's current rotation: new = old @ change
-        change = model.rotation_.T @ change_full
 
-    rotation = model.rotation_ @ change
-    rotated = unrotated @ rotation
-    weights = (unrotated / model.eigenvalues_[:k]) @ rotation  # = V_k diag(l^-1/2) @ rotation
-    out.rotation_ = rotation
-    out._set_names(names, rotated, weights, unrotated)
-    if hasattr(model, "scores_"):
-        out.scores_ = pd.DataFrame(
-            model.scores_.to_numpy() @ change,
-            index=model.scores_.index,
-            columns=pd.Index(names),
-        )
-    phi_new = factor_congruence(out.loadings_.loc[ref_items], reference.loadings_).to_numpy()
-    out.congruence_ = pd.Series(np.abs(np.diag(phi_new)), index=pd.Index(names))
-    return out
+def _hungarian_change(
+    model: SymptomFactors, reference: SymptomFactors, ref_items: list[str]
+) -> np.ndarray:
+    """Permutation and sign flips (old factors -> aligned) maximising |Tucker congruence|."""
+    k = len(model.factor_names_)
+    phi = factor_congruence(reference.loadings_, model.loadings_.loc[ref_items]).to_numpy()
+    rows, cols = linear_sum_assignment(np.abs(phi), maximize=True)
+    perm = np.empty(k, dtype=int)
+    perm[rows] = cols  # reference factor j <- model factor perm[j]
+    signs = np.where(phi[np.arange(k), perm] < 0, -1.0, 1.0)
+    return np.eye(k)[:, perm] * signs  # old factors -> aligned factors
+
+
+def _procrustes_change(
+    model: SymptomFactors, reference: SymptomFactors, ref_items: list[str]
+) -> np.ndarray:
+    """Change of the model's rotation that brings its unrotated loadings closest to the reference."""
+    target = reference.loadings_.loc[ref_items].to_numpy()
+    change_full, _ = orthogonal_procrustes(
+        model.unrotated_loadings_.loc[ref_items].to_numpy(), target
+    )
+    # express it relative to the model's current rotation: new = old @ change
+    return model.rotation_.T @ change_full
 
 
 def fold_factor_scores(
