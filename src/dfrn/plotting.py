@@ -310,24 +310,42 @@ def plot_fam(
     DfrnInputError
         For no maps, or an unreadable or non-3D map or template.
     """
-    from matplotlib.figure import Figure
-    from nilearn import plotting
-
     from dfrn.data.images import load_img
     from dfrn.errors import DfrnInputError
 
     if not maps:
         raise DfrnInputError("plot_fam needs at least one factor map")
     template = load_img(template_img, "template")
+    fig = _fam_figure(maps, template, threshold_percentile, display_mode, n_cuts)
+    out = Path(path)
+    atomic_write(
+        out, lambda p: fig.savefig(p, dpi=dpi, facecolor=fig.get_facecolor(), format="png")
+    )
+    return out
+
+
+def _fam_scale(data: np.ndarray, threshold_percentile: float) -> tuple[float, float, bool]:
+    """Threshold and maximum of an attention map's non-zero |values|, and whether it is signed."""
+    vals = np.abs(data[np.isfinite(data) & (data != 0)])
+    thr = float(np.percentile(vals, threshold_percentile)) if vals.size else 0.0
+    vmax = float(vals.max()) if vals.size else 1.0
+    signed = bool(np.nanmin(data) < 0) if data.size else False
+    return thr, vmax, signed
+
+
+def _fam_figure(maps: Mapping[str, ImageLike], template: ImageLike, threshold_percentile: float,
+                display_mode: str, n_cuts: int) -> Figure:
+    """Figure 4 itself: one row per factor, its map over ``template`` (see :func:`plot_fam`)."""
+    from nilearn import plotting
+
+    from dfrn.data.images import load_img
+
     n = len(maps)
     fig = Figure(figsize=(14, 2.6 * n), facecolor="black")
     for row, (factor, img) in enumerate(maps.items()):
         im = load_img(img, f"attention map of {factor}")
-        data = np.asarray(im.dataobj, dtype=np.float64)
-        vals = np.abs(data[np.isfinite(data) & (data != 0)])
-        thr = float(np.percentile(vals, threshold_percentile)) if vals.size else 0.0
-        vmax = float(vals.max()) if vals.size else 1.0
-        signed = bool(np.nanmin(data) < 0) if data.size else False
+        thr, vmax, signed = _fam_scale(np.asarray(im.dataobj, dtype=np.float64),
+                                       threshold_percentile)
         ax = fig.add_axes((0.0, 1.0 - (row + 1) / n, 1.0, 1.0 / n))
         plotting.plot_stat_map(
             im,
@@ -346,11 +364,7 @@ def plot_fam(
             draw_cross=False,
             black_bg=True,
         )
-    out = Path(path)
-    atomic_write(
-        out, lambda p: fig.savefig(p, dpi=dpi, facecolor=fig.get_facecolor(), format="png")
-    )
-    return out
+    return fig
 
 
 def plot_sanity(df: pd.DataFrame, path: str | Path, *, dpi: int = 150) -> Path:

@@ -269,8 +269,6 @@ def synthetic_parcellation(mask_img: ImageLike, n_regions: int, seed: int = 0) -
         For an unreadable or non-3D mask, ``n_regions < 1``, fewer mask voxels than
         parcels, or a degenerate k-means that leaves a parcel empty.
     """
-    from sklearn.cluster import KMeans
-
     img = load_img(mask_img, "brain mask")
     name = image_name(mask_img, "brain mask")
     data = as_3d(np.asanyarray(img.dataobj), name)
@@ -281,16 +279,10 @@ def synthetic_parcellation(mask_img: ImageLike, n_regions: int, seed: int = 0) -
         raise DfrnInputError(
             f"brain mask {name} has {len(ijk)} voxels, fewer than n_regions={n_regions}"
         )
-    xyz = nib.affines.apply_affine(img.affine, ijk)
-    rng = np.random.default_rng(seed)
-    fit_rows = rng.choice(len(xyz), size=min(len(xyz), 10_000), replace=False)
-    km = KMeans(n_clusters=n_regions, n_init=1, random_state=seed).fit(xyz[fit_rows])
-    assign = km.predict(xyz)
-    order = np.lexsort(np.round(km.cluster_centers_, 6).T[::-1])  # sort by x, then y, z
-    rank = np.empty(n_regions, dtype=np.int64)
-    rank[order] = np.arange(1, n_regions + 1)
     labels_data = np.zeros(data.shape, dtype=np.int32)
-    labels_data[tuple(ijk.T)] = rank[assign]
+    labels_data[tuple(ijk.T)] = _kmeans_parcels(
+        nib.affines.apply_affine(img.affine, ijk), n_regions, seed
+    )
     atlas_img = nib.Nifti1Image(labels_data, img.affine)
     atlas_img.header.set_xyzt_units("mm")
     labels = pd.DataFrame(
@@ -306,6 +298,21 @@ def synthetic_parcellation(mask_img: ImageLike, n_regions: int, seed: int = 0) -
             "lower n_regions"
         )
     return _build_atlas(atlas_img, labels, f"synthetic parcellation of {name}")
+
+
+def _kmeans_parcels(xyz: np.ndarray, n_regions: int, seed: int) -> np.ndarray:
+    """Parcel (1..n, numbered by centroid: x, then y, z) of each point of ``xyz``, by k-means
+    fitted on at most 10,000 of them."""
+    from sklearn.cluster import KMeans
+
+    rng = np.random.default_rng(seed)
+    fit_rows = rng.choice(len(xyz), size=min(len(xyz), 10_000), replace=False)
+    km = KMeans(n_clusters=n_regions, n_init=1, random_state=seed).fit(xyz[fit_rows])
+    assign = km.predict(xyz)
+    order = np.lexsort(np.round(km.cluster_centers_, 6).T[::-1])  # sort by x, then y, z
+    rank = np.empty(n_regions, dtype=np.int64)
+    rank[order] = np.arange(1, n_regions + 1)
+    return rank[assign]
 
 
 # --------------------------------------------------------------------------------------
@@ -546,9 +553,17 @@ def region_table(
         raise DfrnInputError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
     name = name or image_name(img, "image")
     image = load_img(img, "image")
-    index = _label_index(atlas, image, name)
+    index = _label_index(atlas, image, name)  # called here: its warning names our caller
     data = as_3d(np.asanyarray(image.dataobj), name)
-    values = data.ravel()[index.voxels].astype(np.float64)
+    sums, counts = _region_sums(data.ravel()[index.voxels].astype(np.float64), index, nonfinite)
+    stat = _region_statistic(sums, counts, statistic, image.affine)
+    return pd.DataFrame({"region": atlas.names, "label": atlas.indices, statistic: stat,
+                         "n_voxels": counts.astype(np.int64)})
+
+
+def _region_sums(values: np.ndarray, index: _LabelIndex,
+                 nonfinite: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-region sum and voxel count of ``values`` (the labelled voxels, in ``index`` order)."""
     if nonfinite == "zero":
         values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
         codes, counts = index.codes, index.counts
@@ -556,22 +571,18 @@ def region_table(
         finite = np.isfinite(values)
         codes, values = index.codes[finite], values[finite]
         counts = np.bincount(codes, minlength=index.n_regions)
-    sums = np.bincount(codes, weights=values, minlength=index.n_regions)
+    return np.bincount(codes, weights=values, minlength=index.n_regions), counts
+
+
+def _region_statistic(sums: np.ndarray, counts: np.ndarray, statistic: str,
+                      affine: np.ndarray) -> np.ndarray:
+    """``statistic`` of each region from its sum and voxel count (see :func:`region_table`)."""
     if statistic == "volume":
-        stat = sums * _voxel_volume_mm3(image.affine) / 1000.0
-    elif statistic == "mean":
+        return sums * _voxel_volume_mm3(affine) / 1000.0
+    if statistic == "mean":
         with np.errstate(invalid="ignore", divide="ignore"):
-            stat = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-    else:
-        stat = sums
-    return pd.DataFrame(
-        {
-            "region": atlas.names,
-            "label": atlas.indices,
-            statistic: stat,
-            "n_voxels": counts.astype(np.int64),
-        }
-    )
+            return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    return sums
 
 
 def _subject_table(

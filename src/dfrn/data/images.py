@@ -574,6 +574,67 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
 
 
+def _check_prepare_args(participant_ids: Sequence[str], paths: Sequence[Path], downsample: int,
+                        intensity: str, digests: Sequence[str] | None) -> list[str]:
+    """Check :meth:`VolumeCache.prepare`'s arguments; return one label per image."""
+    if downsample < 1:
+        raise DfrnInputError(f"cohort.downsample must be a positive integer, got {downsample}")
+    _check_intensity(intensity)
+    if digests is not None and len(digests) != len(paths):
+        raise ValueError(f"digests has {len(digests)} entries for {len(paths)} paths")
+    labels = [f"participant {p}" for p in participant_ids]
+    if len(labels) != len(paths):
+        raise ValueError(f"{len(labels)} participant ids for {len(paths)} paths")
+    return labels
+
+
+@dataclass(frozen=True, eq=False)
+class _CacheParams:
+    """What a cache entry depends on besides its image: downsampling, mask and intensity."""
+
+    downsample: int
+    intensity: str
+    shape: tuple[int, int, int]
+    """Shape of every cached (downsampled) volume."""
+    mask: np.ndarray | None = None
+    mask_digest: str | None = None
+
+    @classmethod
+    def from_mask(cls, mask_path: Path | None, grid: GridSpec, downsample: int,
+                  intensity: str) -> _CacheParams:
+        """Read the brain mask, when given, after checking that it lies on ``grid``."""
+        mask = None
+        mask_digest = None
+        if mask_path is not None:
+            mask_spec = read_header(mask_path, "brain mask")
+            if not mask_spec.matches(grid):
+                raise DfrnInputError(
+                    f"brain mask {mask_path} is not on the images' grid (shape {grid.shape})"
+                )
+            mask = load_volume(mask_path, "brain mask")[0] > 0
+            mask_digest = file_digest(Path(mask_path))
+        shape: tuple[int, int, int] = tuple(-(-s // downsample) for s in grid.shape)  # type: ignore[assignment]
+        return cls(downsample, intensity, shape, mask, mask_digest)
+
+    def key(self) -> dict[str, Any]:
+        """The parameters in the cache key."""
+        return {
+            "downsample": int(self.downsample),
+            "mask": self.mask_digest,
+            "norm": "brain-region",
+            "intensity": self.intensity,
+        }
+
+    def sidecar(self, digest: str) -> dict[str, Any]:
+        """The parameters recorded in the sidecar of the entry of the image ``digest``."""
+        return {
+            "input_sha256": digest,
+            "intensity": self.intensity,
+            "downsample": int(self.downsample),
+            "mask_sha256": self.mask_digest,
+        }
+
+
 class VolumeCache:
     """On-disk cache of preprocessed volumes (float16 ``.npy``), keyed by content and parameters.
 
@@ -676,22 +737,15 @@ class VolumeCache:
         return stats
 
     def prepare(
-        self,
-        participant_ids: Sequence[str],
-        paths: Sequence[Path],
-        downsample: int = 1,
-        mask_path: Path | None = None,
-        progress: bool = True,
-        intensity: str = "zscore",
-        digests: Sequence[str] | None = None,
-        log: Callable[[str], None] = print,
+        self, participant_ids: Sequence[str], paths: Sequence[Path], downsample: int = 1,
+        mask_path: Path | None = None, progress: bool = True, intensity: str = "zscore",
+        digests: Sequence[str] | None = None, log: Callable[[str], None] = print,
         allow_constant: bool = False,
     ) -> VolumeSet:
         """Validate, normalise, downsample and cache every image (each decoded at most once).
 
-        Existing entries are verified against their sidecar (SHA-256 of the ``.npy``,
-        loadable, right shape); a corrupt or incomplete entry is rebuilt from its NIfTI and
-        reported through ``log``.
+        Existing entries are checked against their sidecar (SHA-256 of the ``.npy``, loadable,
+        right shape); a corrupt or incomplete one is rebuilt from its NIfTI and logged.
 
         Parameters
         ----------
@@ -708,8 +762,7 @@ class VolumeCache:
         intensity : {"zscore", "none", "minmax"}, default "zscore"
             Intensity normalisation (see the module docstring); part of the cache key.
         digests : sequence of str or None, optional
-            SHA-256 hex digests of ``paths`` in the same order, when the caller already has
-            them; computed with :func:`dfrn.io.file_digest` otherwise.
+            SHA-256 hex digests of ``paths`` (in order) if known; else :func:`dfrn.io.file_digest`.
         log : callable, default print
             Receives one line per rebuilt entry.
         allow_constant : bool, default False
@@ -725,45 +778,33 @@ class VolumeCache:
         Raises
         ------
         DfrnInputError
-            For a bad ``downsample`` or ``intensity``, images off the common grid, an
-            unreadable image or mask, and (one error for all of them) subjects whose cached
-            volume is constant (``std == 0``, including all zero); see
-            :func:`_check_input_variation`.
+            For a bad ``downsample`` or ``intensity``, images off the common grid, an unreadable
+            image or mask, and (one error for all of them) subjects whose cached volume is
+            constant (``std == 0``, including all zero); see :func:`_check_input_variation`.
 
         Warns
         -----
         UserWarning
-            Once, when ``intensity == "zscore"`` and some images look binary (at most 2
-            distinct values in their region).
+            Once, when ``intensity="zscore"`` and images have at most 2 values in their region.
         """
+        labels = _check_prepare_args(participant_ids, paths, downsample, intensity, digests)
+        grid = check_common_grid(list(paths), labels)
+        params = _CacheParams.from_mask(mask_path, grid, downsample, intensity)
+        files, stats = self._cache_all(participant_ids, paths, labels, digests, params, log,
+                                       progress)
+        _check_input_variation(labels, stats, intensity, allow_constant)
+        return VolumeSet(participant_ids=list(participant_ids), files=files, shape=params.shape,
+                         input_grid=grid, downsample=int(downsample), stats=stats,
+                         intensity=intensity)
+
+    def _cache_all(
+        self, participant_ids: Sequence[str], paths: Sequence[Path], labels: Sequence[str],
+        digests: Sequence[str] | None, params: _CacheParams, log: Callable[[str], None],
+        progress: bool,
+    ) -> tuple[list[Path], list[dict[str, Any]]]:
+        """The verified (or rebuilt) entry of every image, in order, with a progress bar."""
         from tqdm.auto import tqdm
 
-        if downsample < 1:
-            raise DfrnInputError(f"cohort.downsample must be a positive integer, got {downsample}")
-        _check_intensity(intensity)
-        if digests is not None and len(digests) != len(paths):
-            raise ValueError(f"digests has {len(digests)} entries for {len(paths)} paths")
-        labels = [f"participant {p}" for p in participant_ids]
-        if len(labels) != len(paths):
-            raise ValueError(f"{len(labels)} participant ids for {len(paths)} paths")
-        grid = check_common_grid(list(paths), labels)
-        mask = None
-        mask_digest = None
-        if mask_path is not None:
-            mask_spec = read_header(mask_path, "brain mask")
-            if not mask_spec.matches(grid):
-                raise DfrnInputError(
-                    f"brain mask {mask_path} is not on the images' grid (shape {grid.shape})"
-                )
-            mask = load_volume(mask_path, "brain mask")[0] > 0
-            mask_digest = file_digest(Path(mask_path))
-        params = {
-            "downsample": int(downsample),
-            "mask": mask_digest,
-            "norm": "brain-region",
-            "intensity": intensity,
-        }
-        shape: tuple[int, int, int] = tuple(-(-s // downsample) for s in grid.shape)  # type: ignore[assignment]
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         files: list[Path] = []
         all_stats: list[dict[str, Any]] = []
@@ -777,33 +818,26 @@ class VolumeCache:
         ):
             path = Path(path)
             digest = digests[i] if digests is not None else file_digest(path)
-            target = self.cache_dir / f"{self._key(digest, params)}.npy"
-            stats: dict[str, Any] | None = None
-            if target.exists():
-                stats, reason = self._verify(target, target.with_suffix(".json"), shape)
-                if stats is None:
-                    log(
-                        f"cache entry for participant {pid} was corrupt or incomplete "
-                        f"({reason}); rebuilt from {path}"
-                    )
-            if stats is None:
-                extra = {
-                    "input_sha256": digest,
-                    "intensity": intensity,
-                    "downsample": int(downsample),
-                    "mask_sha256": mask_digest,
-                }
-                stats = self._build(target, path, label, mask, downsample, intensity, extra)
+            target, stats = self._cached_or_built(path, digest, label, pid, params, log)
             files.append(target)
             all_stats.append(stats)
+        return files, all_stats
 
-        _check_input_variation(labels, all_stats, intensity, allow_constant)
-        return VolumeSet(
-            participant_ids=list(participant_ids),
-            files=files,
-            shape=shape,
-            input_grid=grid,
-            downsample=int(downsample),
-            stats=all_stats,
-            intensity=intensity,
-        )
+    def _cached_or_built(
+        self, path: Path, digest: str, label: str, pid: str, params: _CacheParams,
+        log: Callable[[str], None],
+    ) -> tuple[Path, dict[str, Any]]:
+        """One image's entry and stats: verified when present, else (re)built and reported."""
+        target = self.cache_dir / f"{self._key(digest, params.key())}.npy"
+        stats: dict[str, Any] | None = None
+        if target.exists():
+            stats, reason = self._verify(target, target.with_suffix(".json"), params.shape)
+            if stats is None:
+                log(
+                    f"cache entry for participant {pid} was corrupt or incomplete "
+                    f"({reason}); rebuilt from {path}"
+                )
+        if stats is None:
+            stats = self._build(target, path, label, params.mask, params.downsample,
+                                params.intensity, params.sidecar(digest))
+        return target, stats

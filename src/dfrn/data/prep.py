@@ -339,15 +339,73 @@ def _preprocess(ants: Any, t1: str | Path, template_t1: str | Path, template_mas
     start = time.perf_counter()
     native = check_t1(t1, label)
     tpl_nib = nib.load(template_t1)
+    img, aff_n = _read_ras(ants, native, workdir)
+    tpl = ants.image_read(str(template_t1)).astype("float32")
+    tpl_mask = ants.image_read(str(template_mask)).astype("float32")
+
+    n4 = _checked_call(ants.n4_bias_field_correction, image=img)
+    reg = _register(ants, tpl, n4, params, workdir)
+    mask_native = _checked_call(
+        ants.apply_transforms, fixed=n4, moving=tpl_mask, transformlist=reg.inverse,
+        whichtoinvert=[p.endswith(".mat") for p in reg.inverse], interpolator="nearestNeighbor",
+    )
+    if float(mask_native.numpy().sum()) == 0:
+        raise DfrnInputError(f"{label}: registration failed (the brain mask maps outside the image)")
+    tissues = _segment_tissues(ants, n4, mask_native)
+    warped = _warp_to_template(ants, tpl, n4, tissues.gm_native, mask_native, reg, workdir)
+
+    aff_t = tpl_nib.affine
+    out = PrepResult(
+        t1_template=_to_nifti(ants, warped.t1, aff_t, np.float32),
+        mask_template=_to_nifti(ants, warped.mask, aff_t, np.uint8),
+        gm_template=nib.Nifti1Image(warped.gm, aff_t),
+        gm_modulated=nib.Nifti1Image(warped.modulated, aff_t),
+        t1_native=_to_nifti(ants, n4, aff_n, np.float32),
+        mask_native=_to_nifti(ants, mask_native, aff_n, np.uint8),
+        dseg_native=nib.Nifti1Image(tissues.dseg, aff_n),
+        transforms=reg.transform_files(),
+    )
+    qc = registration_qc(out.mask_template.get_fdata(), np.asarray(tpl_mask.numpy()),
+                         out.t1_template.get_fdata(), np.asarray(tpl.numpy()))
+    out.metrics = _prep_metrics(qc, tissues, warped, start)
+    return out
+
+
+def _read_ras(ants: Any, native: nib.Nifti1Image, workdir: Path) -> tuple[Any, np.ndarray]:
+    """``native`` reoriented to RAS, as a float32 ANTs image, and its affine."""
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         native_path = Path(tmp) / "native.nii.gz"
         ras = nib.as_closest_canonical(native)
         nib.save(ras, native_path)
         img = ants.image_read(str(native_path)).astype("float32")
-    tpl = ants.image_read(str(template_t1)).astype("float32")
-    tpl_mask = ants.image_read(str(template_mask)).astype("float32")
+    return img, ras.affine
 
-    n4 = _checked_call(ants.n4_bias_field_correction, image=img)
+
+@dataclass(frozen=True)
+class _Registration:
+    """The transform files of a registration to the template."""
+
+    forward: list[str]
+    """Native → template (``transformlist`` of :func:`ants.apply_transforms`)."""
+    inverse: list[str]
+    """Template → native."""
+
+    def transform_files(self) -> dict[str, Path]:
+        """``affine``, and for SyN ``warp`` and ``inverse_warp``, by their ANTs file names."""
+        files: dict[str, Path] = {}
+        for p in self.forward + self.inverse:
+            name = Path(p).name
+            if name.endswith("GenericAffine.mat"):
+                files["affine"] = Path(p)
+            elif name.endswith("InverseWarp.nii.gz"):
+                files["inverse_warp"] = Path(p)
+            elif name.endswith("Warp.nii.gz"):
+                files["warp"] = Path(p)
+        return files
+
+
+def _register(ants: Any, tpl: Any, n4: Any, params: PrepParams, workdir: Path) -> _Registration:
+    """Register the bias-corrected T1 to the template (transform and seed of ``params``)."""
     reg = _checked_call(
         ants.registration,
         fixed=tpl,
@@ -357,15 +415,25 @@ def _preprocess(ants: Any, t1: str | Path, template_t1: str | Path, template_mas
         verbose=False,
         **_seed_registration(ants, params.ants_seed),
     )
-    fwd, inv = list(reg["fwdtransforms"]), list(reg["invtransforms"])
-    which_inv = [p.endswith(".mat") for p in inv]
-    mask_native = _checked_call(
-        ants.apply_transforms, fixed=n4, moving=tpl_mask, transformlist=inv,
-        whichtoinvert=which_inv, interpolator="nearestNeighbor",
-    )
-    if float(mask_native.numpy().sum()) == 0:
-        raise DfrnInputError(f"{label}: registration failed (the brain mask maps outside the image)")
+    return _Registration(list(reg["fwdtransforms"]), list(reg["invtransforms"]))
 
+
+@dataclass(frozen=True, eq=False)
+class _Tissues:
+    """The native-space segmentation and the numbers taken from it."""
+
+    dseg: np.ndarray
+    """1 = CSF, 2 = GM, 3 = WM (ordered by mean T1 intensity)."""
+    gm_native: Any
+    """GM probability (ANTs image)."""
+    class_means: dict[str, float]
+    """Mean bias-corrected T1 intensity per class."""
+    gm_ml: float
+    brain_ml: float
+
+
+def _segment_tissues(ants: Any, n4: Any, mask_native: Any) -> _Tissues:
+    """Three-class k-means inside the mask, on intensities clipped at its 98th percentile."""
     # bright fat and vessels inside the carried-back mask would otherwise take a class of
     # their own (on IXI034 GM fell to 269 ml): cluster intensities clipped at the mask's 98th
     # percentile
@@ -387,7 +455,29 @@ def _preprocess(ants: Any, t1: str | Path, template_t1: str | Path, template_mas
     native_voxel_ml = float(np.prod(n4.spacing)) / 1000.0
     gm_ml = float(gm_native.numpy().sum()) * native_voxel_ml
     brain_ml = float(inside.sum()) * native_voxel_ml
+    return _Tissues(dseg, gm_native, class_means, gm_ml, brain_ml)
 
+
+@dataclass(frozen=True, eq=False)
+class _TemplateImages:
+    """The subject's images warped to the template."""
+
+    t1: Any
+    """Bias-corrected T1 (ANTs image)."""
+    mask: Any
+    """Brain mask (ANTs image)."""
+    gm: np.ndarray
+    """GM probability, clipped to [0, 1]."""
+    modulated: np.ndarray
+    """``gm`` × the Jacobian determinant of the template → native transform."""
+    voxel_ml: float
+    """The template's voxel volume."""
+
+
+def _warp_to_template(ants: Any, tpl: Any, n4: Any, gm_native: Any, mask_native: Any,
+                      reg: _Registration, workdir: Path) -> _TemplateImages:
+    """Warp T1, GM and mask to the template; modulate GM by the transform's Jacobian."""
+    fwd = reg.forward
     t1_tpl = _checked_call(ants.apply_transforms, fixed=tpl, moving=n4, transformlist=fwd,
                            interpolator="linear")
     gm_tpl = _checked_call(ants.apply_transforms, fixed=tpl, moving=gm_native, transformlist=fwd,
@@ -403,40 +493,23 @@ def _preprocess(ants: Any, t1: str | Path, template_t1: str | Path, template_mas
     jac_np = jac.numpy().astype(np.float32)
     modulated = (gm_t * jac_np).astype(np.float32)
     tpl_voxel_ml = float(np.prod(tpl.spacing)) / 1000.0
+    return _TemplateImages(t1_tpl, mask_tpl, gm_t, modulated, tpl_voxel_ml)
 
-    aff_t = tpl_nib.affine
-    aff_n = ras.affine
-    out = PrepResult(
-        t1_template=_to_nifti(ants, t1_tpl, aff_t, np.float32),
-        mask_template=_to_nifti(ants, mask_tpl, aff_t, np.uint8),
-        gm_template=nib.Nifti1Image(gm_t, aff_t),
-        gm_modulated=nib.Nifti1Image(modulated, aff_t),
-        t1_native=_to_nifti(ants, n4, aff_n, np.float32),
-        mask_native=_to_nifti(ants, mask_native, aff_n, np.uint8),
-        dseg_native=nib.Nifti1Image(dseg, aff_n),
-        transforms={},
-    )
-    for p in fwd + inv:
-        name = Path(p).name
-        if name.endswith("GenericAffine.mat"):
-            out.transforms["affine"] = Path(p)
-        elif name.endswith("InverseWarp.nii.gz"):
-            out.transforms["inverse_warp"] = Path(p)
-        elif name.endswith("Warp.nii.gz"):
-            out.transforms["warp"] = Path(p)
-    qc = registration_qc(out.mask_template.get_fdata(), np.asarray(tpl_mask.numpy()),
-                         out.t1_template.get_fdata(), np.asarray(tpl.numpy()))
-    out.metrics = {
+
+def _prep_metrics(qc: dict[str, float], tissues: _Tissues, warped: _TemplateImages,
+                  start: float) -> dict[str, float]:
+    """The QC metrics of one subject: registration QC, volumes, class means and runtime."""
+    gm_ml, brain_ml = tissues.gm_ml, tissues.brain_ml
+    return {
         **qc,
         "gm_ml": gm_ml,
         "gm_fraction": gm_ml / brain_ml if brain_ml else float("nan"),
-        "gm_modulated_ml": float(modulated.sum()) * tpl_voxel_ml,
-        "t1_mean_csf": class_means["CSF"],
-        "t1_mean_gm": class_means["GM"],
-        "t1_mean_wm": class_means["WM"],
+        "gm_modulated_ml": float(warped.modulated.sum()) * warped.voxel_ml,
+        "t1_mean_csf": tissues.class_means["CSF"],
+        "t1_mean_gm": tissues.class_means["GM"],
+        "t1_mean_wm": tissues.class_means["WM"],
         "runtime_s": time.perf_counter() - start,
     }
-    return out
 
 
 def set_ants_threads(deterministic: bool, threads: int) -> None:

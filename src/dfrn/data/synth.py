@@ -226,93 +226,165 @@ def make_synthetic_cohort(
         tissue towards its centre (subtle local atrophy; intensities are only resampled).
         ``effect`` is then not used.
     """
-    from tqdm.auto import tqdm
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    t1 = load_template(voxel_size, "t1")
-    gm = load_template(voxel_size, "gm")
-    mask_img = load_template(voxel_size, "mask")
-    affine = t1.affine
-    t1_data = t1.get_fdata(dtype=np.float32)
-    gm_data = gm.get_fdata(dtype=np.float32)
-    brain = mask_img.get_fdata(dtype=np.float32) > 0
-    masks = region_masks(voxel_size, radius)
-    sigma = max(2.0 / voxel_size, 0.5)
-    soft = {f: ndimage.gaussian_filter(m.astype(np.float32), sigma) for f, m in masks.items()}
+    tpl = _Template.load(voxel_size, radius)
+    truth_paths, mask_path, template_path = _write_template_files(out, tpl, age_only)
+    draws = _Draws.sample(rng, seed, n_subjects, age_only)
+    model = _SubjectModel(
+        effect=effect, age_effect=age_effect, displacement=displacement, voxel_size=voxel_size,
+        size_sd=size_sd, bias_strength=bias_strength, noise_sd=noise_sd, ageing=age_effect * tpl.gm,
+        fields=_displacement_fields(tpl.t1.shape, tpl.affine, radius) if displacement else None,
+    )
+    table = pd.DataFrame(_write_subjects(out, tpl, model, draws, rng, progress))
+    table_path = out / "participants.tsv"
+    atomic_write_tsv(table, table_path)
+    return SynthCohort(root=out, table=table_path, participants=table, truth_masks=truth_paths,
+                       brain_mask=mask_path, template=template_path, voxel_size=voxel_size)
 
+
+@dataclass(frozen=True, eq=False)
+class _Template:
+    """The template images a synthetic cohort is made from, on the FSL grid."""
+
+    affine: np.ndarray
+    t1: np.ndarray
+    gm: np.ndarray
+    brain: np.ndarray
+    masks: dict[str, np.ndarray]
+    """Per factor, the binary mask of its planted region."""
+    soft: dict[str, np.ndarray]
+    """The same masks, smoothed (the planted effect's smooth edge)."""
+
+    @classmethod
+    def load(cls, voxel_size: float, radius: float) -> _Template:
+        """nilearn's templates at ``voxel_size`` mm, and the regions of ``radius`` mm."""
+        t1 = load_template(voxel_size, "t1")
+        gm = load_template(voxel_size, "gm")
+        mask_img = load_template(voxel_size, "mask")
+        t1_data = t1.get_fdata(dtype=np.float32)
+        gm_data = gm.get_fdata(dtype=np.float32)
+        brain = mask_img.get_fdata(dtype=np.float32) > 0
+        masks = region_masks(voxel_size, radius)
+        sigma = max(2.0 / voxel_size, 0.5)
+        soft = {f: ndimage.gaussian_filter(m.astype(np.float32), sigma) for f, m in masks.items()}
+        return cls(t1.affine, t1_data, gm_data, brain, masks, soft)
+
+
+def _write_template_files(out: Path, tpl: _Template,
+                          age_only: str | None) -> tuple[dict[str, Path], Path, Path]:
+    """Write the ground-truth masks, the brain mask and the template T1; return their paths."""
     truth_paths = {}
-    for f, m in masks.items():
+    for f, m in tpl.masks.items():
         if f == age_only:  # no planted region: no ground truth
             continue
         p = out / f"truth_{f}.nii.gz"
-        atomic_write_nifti(nib.Nifti1Image((m & brain).astype(np.uint8), affine), p)
+        atomic_write_nifti(nib.Nifti1Image((m & tpl.brain).astype(np.uint8), tpl.affine), p)
         truth_paths[f] = p
     mask_path = out / "brain_mask.nii.gz"
-    atomic_write_nifti(nib.Nifti1Image(brain.astype(np.uint8), affine), mask_path)
+    atomic_write_nifti(nib.Nifti1Image(tpl.brain.astype(np.uint8), tpl.affine), mask_path)
     template_path = out / "template_T1w.nii.gz"
-    atomic_write_nifti(nib.Nifti1Image(t1_data, affine), template_path)
+    atomic_write_nifti(nib.Nifti1Image(tpl.t1, tpl.affine), template_path)
+    return truth_paths, mask_path, template_path
 
-    scores = rng.standard_normal((n_subjects, len(FACTORS)))
-    ages = rng.uniform(20, 70, n_subjects).round(1)
-    sexes = rng.choice(["F", "M"], n_subjects)
-    z_age = (ages - 45.0) / (50.0 / math.sqrt(12.0))  # uniform(20, 70): mean 45, sd 14.4
-    planted = np.ones(len(FACTORS))
-    if age_only is not None:
-        k = FACTORS.index(age_only)  # a separate stream: the other subjects' draws are unchanged
-        noise = np.random.default_rng([seed, 1]).standard_normal(n_subjects)
-        scores[:, k] = 0.8 * z_age + 0.6 * noise
-        planted[k] = 0.0
-    ageing = age_effect * gm_data
-    fields = _displacement_fields(t1_data.shape, affine, radius) if displacement else None
+
+@dataclass(frozen=True, eq=False)
+class _Draws:
+    """The cohort-level random draws: factor scores, ages and sexes."""
+
+    scores: np.ndarray
+    """(n_subjects, n_factors) factor scores."""
+    ages: np.ndarray
+    sexes: np.ndarray
+    z_age: np.ndarray
+    """Standardised ages."""
+    planted: np.ndarray
+    """Per factor, 1 when it plants a region, 0 for the age-only factor."""
+
+    @classmethod
+    def sample(cls, rng: np.random.Generator, seed: int, n_subjects: int,
+               age_only: str | None) -> _Draws:
+        """Draw scores, ages and sexes from ``rng``; an age-only factor from its own stream."""
+        scores = rng.standard_normal((n_subjects, len(FACTORS)))
+        ages = rng.uniform(20, 70, n_subjects).round(1)
+        sexes = rng.choice(["F", "M"], n_subjects)
+        z_age = (ages - 45.0) / (50.0 / math.sqrt(12.0))  # uniform(20, 70): mean 45, sd 14.4
+        planted = np.ones(len(FACTORS))
+        if age_only is not None:  # a separate stream: the other draws are unchanged
+            k = FACTORS.index(age_only)
+            noise = np.random.default_rng([seed, 1]).standard_normal(n_subjects)
+            scores[:, k] = 0.8 * z_age + 0.6 * noise
+            planted[k] = 0.0
+        return cls(scores, ages, sexes, z_age, planted)
+
+
+@dataclass(frozen=True, eq=False)
+class _SubjectModel:
+    """How a subject's scores and age become images (see :func:`make_synthetic_cohort`)."""
+
+    effect: float
+    age_effect: float
+    displacement: float
+    voxel_size: float
+    size_sd: float
+    bias_strength: float
+    noise_sd: float
+    ageing: np.ndarray
+    """Darkening of the template per SD of age (``age_effect`` × GM probability)."""
+    fields: list[np.ndarray] | None
+    """Per factor, its displacement field (:func:`_displacement_fields`); None for darkening."""
+
+
+def _subject_images(tpl: _Template, model: _SubjectModel, draws: _Draws, i: int,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Subject ``i``'s T1 and GM: planted effects and ageing, then head size, bias and noise."""
+    change = np.zeros_like(tpl.t1)
+    for k, f in enumerate(FACTORS):
+        if model.fields is None:
+            change += draws.planted[k] * model.effect * draws.scores[i, k] * tpl.soft[f]
+    if model.age_effect:
+        change += model.ageing * draws.z_age[i]
+    factor_map = np.clip(1.0 - change, 0.2, 1.8)
+    scale = 1.0 + model.size_sd * rng.standard_normal()
+    t1_s, gm_s = tpl.t1 * factor_map, tpl.gm * factor_map
+    if model.fields is not None:
+        weights = draws.planted * draws.scores[i] * model.displacement / model.voxel_size
+        t1_s, gm_s = _displace([t1_s, gm_s], model.fields, weights)
+    t1_i = _zoom_about_centre(t1_s, scale)
+    gm_i = _zoom_about_centre(gm_s, scale)
+    t1_i *= _bias_field(t1_i.shape, rng, model.bias_strength)
+    t1_i += model.noise_sd * rng.standard_normal(t1_i.shape).astype(np.float32) * (t1_i > 0)
+    t1_i = np.clip(t1_i, 0, None).astype(np.float32)
+    gm_i = np.clip(gm_i, 0, 1).astype(np.float32)
+    return t1_i, gm_i
+
+
+def _write_subjects(out: Path, tpl: _Template, model: _SubjectModel, draws: _Draws,
+                    rng: np.random.Generator, progress: bool) -> list[dict[str, object]]:
+    """Make and write every subject's images, in order; return the rows of the cohort table."""
+    from tqdm.auto import tqdm
+
+    n_subjects = len(draws.ages)
     rows = []
     width = max(4, len(str(n_subjects)))
     for i in tqdm(range(n_subjects), desc="synthetic subjects", disable=not progress):
         pid = f"sub-{i + 1:0{width}d}"
-        change = np.zeros_like(t1_data)
-        for k, f in enumerate(FACTORS):
-            if fields is None:
-                change += planted[k] * effect * scores[i, k] * soft[f]
-        if age_effect:
-            change += ageing * z_age[i]
-        factor_map = np.clip(1.0 - change, 0.2, 1.8)
-        scale = 1.0 + size_sd * rng.standard_normal()
-        t1_s, gm_s = t1_data * factor_map, gm_data * factor_map
-        if fields is not None:
-            weights = planted * scores[i] * displacement / voxel_size
-            t1_s, gm_s = _displace([t1_s, gm_s], fields, weights)
-        t1_i = _zoom_about_centre(t1_s, scale)
-        gm_i = _zoom_about_centre(gm_s, scale)
-        t1_i *= _bias_field(t1_i.shape, rng, bias_strength)
-        t1_i += noise_sd * rng.standard_normal(t1_i.shape).astype(np.float32) * (t1_i > 0)
-        t1_i = np.clip(t1_i, 0, None).astype(np.float32)
-        gm_i = np.clip(gm_i, 0, 1).astype(np.float32)
+        t1_i, gm_i = _subject_images(tpl, model, draws, i, rng)
         t1_path = out / f"{pid}_T1w.nii.gz"
         gm_path = out / f"{pid}_gm.nii.gz"
-        atomic_write_nifti(nib.Nifti1Image(t1_i, affine), t1_path)
-        atomic_write_nifti(nib.Nifti1Image(gm_i, affine), gm_path)
+        atomic_write_nifti(nib.Nifti1Image(t1_i, tpl.affine), t1_path)
+        atomic_write_nifti(nib.Nifti1Image(gm_i, tpl.affine), gm_path)
         row = {
             "participant_id": pid,
             "t1": t1_path.name,
             "gm": gm_path.name,
-            "age": ages[i],
-            "sex": sexes[i],
+            "age": draws.ages[i],
+            "sex": draws.sexes[i],
         }
-        row.update({f: round(float(scores[i, k]), 6) for k, f in enumerate(FACTORS)})
+        row.update({f: round(float(draws.scores[i, k]), 6) for k, f in enumerate(FACTORS)})
         rows.append(row)
-    table = pd.DataFrame(rows)
-    table_path = out / "participants.tsv"
-    atomic_write_tsv(table, table_path)
-    return SynthCohort(
-        root=out,
-        table=table_path,
-        participants=table,
-        truth_masks=truth_paths,
-        brain_mask=mask_path,
-        template=template_path,
-        voxel_size=voxel_size,
-    )
+    return rows
 
 
 def make_demo_atlases(cohort: SynthCohort, n_parcels: int = 60, seed: int = 0,
