@@ -231,15 +231,12 @@ def run_attention_stage(
         were made.
     """
     if cfg is None:
-        from dfrn.workflows.study import open_finished_study, prepare_volumes, results_lock
+        from dfrn.workflows.study import open_study, results_lock
 
         with results_lock(Path(out), "dfrn attention", log):
-            study = open_finished_study(out, progress)
-            volumes = prepare_volumes(
-                study.cohort, study.cfg, study.out, progress, study.inputs, log
-            )
+            study = open_study(out, progress, log, executor)
             return run_attention_stage(
-                out, study.cfg, volumes, factors, study.plan, progress, log, method, atlas,
+                out, study.cfg, study.volumes, factors, study.plan, progress, log, method, atlas,
                 atlas_labels, ablation, executor,
             )
     from tqdm.auto import tqdm

@@ -53,6 +53,7 @@ from dfrn.targets.providers import StaticTargets, TargetProvider
 from dfrn.workflows.attention import load_atlas_for
 from dfrn.workflows.confounds import BASELINE_KEYS, baseline_files
 from dfrn.workflows.results import InputFile, ResultsFolder
+from dfrn.workflows.study import Study
 
 __all__ = [
     "run_baseline_stage",
@@ -237,17 +238,13 @@ def _draw_fig3(folder: ResultsFolder, cfg: StudyConfig, metrics: pd.DataFrame | 
               voxel_ridge_metrics=voxel_metrics)
 
 
-def _refresh_confounds(out: str | Path, cfg: StudyConfig, cohort: Cohort, plan: pd.DataFrame,
-                       log: Callable[[str], None]) -> None:
+def _refresh_confounds(out: str | Path, study: Study, log: Callable[[str], None]) -> None:
     """After a later ``dfrn baseline``: redo the beyond-the-covariates table with its ridge."""
     from dfrn.workflows.confounds import run_confounds_stage
-    from dfrn.workflows.study import study_covariates, study_targets
 
-    selection = study_covariates(cohort, cfg)
-    if selection is None or not ResultsFolder(Path(out)).predictions.is_file():
+    if study.covariates is None or not ResultsFolder(Path(out)).predictions.is_file():
         return
-    _, raw = study_targets(cohort, cfg, plan, None, log)
-    run_confounds_stage(out, cfg, selection, raw, plan, log)
+    run_confounds_stage(out, study.cfg, study.covariates, study.raw_provider, study.plan, log)
 
 
 @dataclass(frozen=True)
@@ -488,12 +485,12 @@ def run_baseline_stage(
         study = _load_study(out, cfg, cohort, targets, provider, plan, n_permutations,
                             progress, log, volumes)
         return _run_models(study, over, progress, log)
-    from dfrn.workflows.study import open_finished_study, results_lock
+    from dfrn.workflows.study import open_study, results_lock
 
     with results_lock(Path(out), "dfrn baseline", log):
-        fin = open_finished_study(out, progress)
-        study = _load_study(out, fin.cfg, fin.cohort, None, None, fin.plan, n_permutations,
-                            progress, log, inputs=fin.inputs)
+        fin = open_study(out, progress, log)
+        study = _load_study(out, fin.cfg, fin.cohort, fin.targets, fin.provider, fin.plan,
+                            n_permutations, progress, log, fin.volumes)
         results = _run_models(study, over, progress, log)
-        _refresh_confounds(out, fin.cfg, fin.cohort, fin.plan, log)
+        _refresh_confounds(out, fin, log)
         return results

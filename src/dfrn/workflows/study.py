@@ -58,8 +58,7 @@ __all__ = [
     "results_lock",
     "make_estimator_factory",
     "network_voxel_mm",
-    "FinishedStudy",
-    "open_finished_study",
+    "open_study",
 ]
 
 
@@ -587,22 +586,14 @@ def make_estimator_factory(cfg: StudyConfig, progress: bool,
     return make
 
 
-@dataclass
-class FinishedStudy:
-    """A finished run's config, cohort and fold plan, checked against its input files."""
-
-    out: Path
-    cfg: StudyConfig
-    cohort: Cohort
-    plan: pd.DataFrame
-    inputs: dict[str, InputFile]
-
-
-def open_finished_study(out: str | Path, progress: bool = False) -> FinishedStudy:
-    """Load a results folder for a later stage (``dfrn baseline``, ``dfrn attention``).
+def open_study(out: str | Path, progress: bool = False, log: Callable[[str], None] = print,
+               executor: Executor | None = None) -> Study:
+    """A finished results folder as the :class:`Study` its later stages read (``dfrn
+    baseline``, ``dfrn attention``): the folder's own config, its cohort, targets, covariates,
+    fold plan and cached volumes, through the same functions as ``dfrn run``.
 
     The input files must still be those the run was made with (by content; the folder may
-    have moved), and the fold plan must cover the cohort.
+    have moved), and the fold plan must cover the cohort. The caller holds the folder's lock.
 
     Raises
     ------
@@ -610,6 +601,7 @@ def open_finished_study(out: str | Path, progress: bool = False) -> FinishedStud
         When ``out`` is not a results folder, or an input file changed (naming it).
     """
     from dfrn.config import load_config
+    from dfrn.executors import LocalExecutor
 
     out = Path(out)
     folder = ResultsFolder(out)
@@ -622,6 +614,10 @@ def open_finished_study(out: str | Path, progress: bool = False) -> FinishedStud
     inputs = collect_inputs(cfg, cohort, progress)
     verify_inputs(out, inputs)
     plan = folder.read_folds(cohort.participant_ids)
-    return FinishedStudy(out, cfg, cohort, plan, inputs)
-
-
+    targets, raw = study_targets(cohort, cfg, plan, None, log)
+    selection = study_covariates(cohort, cfg)
+    provider = study_provider(raw, selection, cfg, log)
+    volumes = prepare_volumes(cohort, cfg, out, progress, inputs, log)
+    return Study(cfg, out, cohort, targets, raw, provider, selection, plan, volumes, inputs,
+                 executor if executor is not None else LocalExecutor(), log, progress,
+                 resumed=True)
