@@ -179,6 +179,135 @@ def _voxel_table_title(method: str, sanity: pd.DataFrame | None, top: int) -> st
     return title
 
 
+@dataclass(frozen=True)
+class _AttentionRun:
+    """What every part of one attention stage reads: the study's networks and inputs."""
+
+    cfg: StudyConfig
+    volumes: VolumeSet
+    plan: pd.DataFrame
+    files: _AttentionFiles
+    trained: list[str]
+    device: str
+    progress: bool
+    log: Callable[[str], None]
+
+    @classmethod
+    def open(cls, out: str | Path, cfg: StudyConfig, volumes: VolumeSet | None,
+             plan: pd.DataFrame | None, method: str, progress: bool,
+             log: Callable[[str], None]) -> _AttentionRun:
+        """Check the device; read the volumes and plan (when not given) and the factors the
+        networks were trained for (in their order)."""
+        from dfrn.workflows.study import load_study_cohort, prepare_volumes
+
+        folder = ResultsFolder(Path(out))
+        resolve_device(cfg.training.device)
+        if volumes is None:
+            volumes = prepare_volumes(load_study_cohort(cfg, folder.root), cfg, folder.root,
+                                      progress, log=log)
+        if plan is None:
+            plan = folder.read_folds(volumes.participant_ids)
+        trained = network_factors(folder.tasks, plan, list(dict.fromkeys(
+            folder.read_predictions()["factor"])), cfg.model.heads)
+        # the configured method writes attention/; another one (--method) its own subfolder
+        files = _AttentionFiles(folder, method, own=method == cfg.attention.method)
+        return cls(cfg, volumes, plan, files, trained, str(resolve_device(cfg.training.device)),
+                   progress, log)
+
+    def tasks(self, factor: str) -> list[FoldTask]:
+        """One attribution task per network of ``factor`` (every fold and seed)."""
+        networks = factor_networks(self.plan, factor, self.trained, self.cfg.model.heads,
+                                   self.cfg.training.n_seeds)
+        return _factor_tasks(self.files, networks, self.volumes, self.device)
+
+
+def _write_maps(run: _AttentionRun, factors: list[str]) -> dict[str, nib.spatialimages.SpatialImage]:
+    """Each factor's signed and absolute map on the input grid (kept when already written);
+    returns the absolute maps."""
+    from tqdm.auto import tqdm
+
+    method = run.files.method
+    ref_img = nib.Nifti1Image(
+        np.zeros(run.volumes.input_grid.shape, np.uint8), run.volumes.input_grid.affine
+    )
+    maps: dict[str, nib.spatialimages.SpatialImage] = {}
+    for factor in tqdm(factors, desc=f"attention ({method})", disable=not run.progress):
+        signed_path, abs_path = run.files.fam(factor, False), run.files.fam(factor, True)
+        if not (signed_path.is_file() and abs_path.is_file()):
+            fam = factor_attention_map(run.tasks(factor), run.volumes, method,
+                                       mode=run.cfg.attention.mode, device=run.device)
+            signed = to_template_space(fam.signed, ref_img, run.volumes.downsample)
+            absolute = to_template_space(fam.absolute, ref_img, run.volumes.downsample)
+            atomic_write_nifti(signed, signed_path)
+            atomic_write_nifti(absolute, abs_path)
+        maps[factor] = load_img(abs_path, f"attention map of {factor}")
+    return maps
+
+
+def _sanity_table(run: _AttentionRun, factor: str) -> pd.DataFrame:
+    """Cascading randomisation of the first network of ``factor`` (4 of its test subjects),
+    for the map's method and the plain gradient."""
+    first = run.tasks(factor)[0]
+    model = first.model if isinstance(first.model, nn.Module) else first.model()
+    idx = list(first.test_indices)[:4]
+    x = np.stack([np.asarray(run.volumes[i], dtype=np.float32) for i in idx])[:, None]
+    methods = list(dict.fromkeys([run.files.method, "gradient"]))
+    sanity = cascading_randomization(model, torch.from_numpy(x).to(run.device), methods, seed=0)
+    sanity.insert(0, "factor", factor)
+    atomic_write_tsv(sanity, run.files.table("sanity"))
+    plot_sanity(sanity, run.files.figure("attention_sanity"))
+    run.log(format_table(sanity.round(3), f"Sanity check: cascading randomisation ({factor})"))
+    return sanity
+
+
+def _region_table(run: _AttentionRun, maps: dict, atlas: Atlas, option: str,
+                  sanity: pd.DataFrame | None) -> pd.DataFrame:
+    """Atlas regions ranked by mean |attention| per factor (labelled image-driven when the
+    map fails its sanity check)."""
+    a = run.cfg.attention
+    regions = pd.concat(
+        [rank_regions(img, atlas.img, atlas.labels, f, atlas_name=atlas.source,
+                      atlas_option=option) for f, img in maps.items()],
+        ignore_index=True,
+    )
+    atomic_write_tsv(regions, run.files.table("regions"))
+    top = regions[regions["rank"] <= a.top_regions][["factor", "rank", "region", "mean_attention"]]
+    run.log(format_table(top, _voxel_table_title(run.files.method, sanity, a.top_regions)))
+    return regions
+
+
+def _localisation_table(run: _AttentionRun, maps: dict) -> pd.DataFrame:
+    """|FAM| against the planted regions (``[attention] truth``), inside the brain mask."""
+    brain = None
+    if run.cfg.cohort.mask:
+        brain = np.asarray(load_img(run.cfg.cohort.mask, "brain mask").dataobj) > 0
+    rows = []
+    for f, img in maps.items():
+        if f not in run.cfg.attention.truth:
+            continue
+        truth = np.asarray(load_img(run.cfg.attention.truth[f], f"truth mask of {f}").dataobj) > 0
+        scores = localisation_scores(np.asarray(img.dataobj, dtype=np.float32), truth, brain)
+        rows.append({"factor": f, **scores})
+    loc = pd.DataFrame(rows)
+    atomic_write_tsv(loc, run.files.table("localisation"))
+    run.log(format_table(loc.round(3), "Localisation of |FAM| against the planted regions"))
+    return loc
+
+
+def _plot_maps(run: _AttentionRun, maps: dict) -> None:
+    """Figure 4: the template (``[attention] template``, else nilearn's MNI152) with each
+    factor's |FAM|."""
+    if run.cfg.attention.template:
+        template_img = load_img(run.cfg.attention.template, "attention template")
+    else:
+        from nilearn.datasets import load_mni152_template
+
+        template_img = load_mni152_template(resolution=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plot_fam(maps, template_img, run.files.figure("fig4_fam"))
+
+
 def run_attention_stage(
     out: str | Path,
     cfg: StudyConfig | None = None,
@@ -195,40 +324,14 @@ def run_attention_stage(
 ) -> dict[str, pd.DataFrame]:
     """Compute and write every attention output for a finished CV run in ``out``.
 
-    Called without ``cfg`` (``dfrn attention RESULTS``), it takes the folder's lock and first
-    checks that the input files are those the run was made with.
-
-    Parameters
-    ----------
-    out : str or Path
-        The results folder.
-    cfg : StudyConfig, optional
-        The study's config; None opens the finished study in ``out``.
-    volumes : VolumeSet, optional
-        The cached training volumes; prepared from the cohort when None.
-    factors : list of str, optional
-        Factors to map; by default those of ``cv/predictions.tsv``.
-    plan : pd.DataFrame, optional
-        The fold plan; read from ``cv/folds.tsv`` when None.
-    progress : bool, default True
-        Show progress bars.
-    log : callable, default print
-        Receives the printed tables and notes.
-    method : str, optional
-        Attribution method; the configured one by default.
-    atlas, atlas_labels : str, optional
-        Override the configured atlas and its label table.
-    ablation : bool, optional
-        Override ``[attention] ablation`` (region ablation importance; it does not depend on
-        ``method`` and runs with any).
-    executor : Executor, optional
-        Runs the region-ablation tasks (default: in this process).
-
-    Returns
-    -------
-    dict of str to pd.DataFrame
-        ``regions``, ``localisation``, ``sanity`` and ``ablation`` tables, for those that
-        were made.
+    Without ``cfg`` (``dfrn attention RESULTS``) it takes the folder's lock and reopens the
+    study (:func:`dfrn.workflows.study.open_study`: the input files must be the run's).
+    ``volumes`` (the cached inputs), ``factors`` (default: those of ``cv/predictions.tsv``)
+    and ``plan`` are read from the study when None. ``method``, ``atlas``/``atlas_labels``
+    and ``ablation`` override ``[attention]``; the region ablation does not depend on
+    ``method`` and runs with any. ``executor`` runs the region-ablation tasks (default: in
+    this process). Returns the ``regions``, ``localisation``, ``sanity`` and ``ablation``
+    tables that were made.
     """
     if cfg is None:
         from dfrn.workflows.study import open_study, results_lock
@@ -239,99 +342,24 @@ def run_attention_stage(
                 out, study.cfg, study.volumes, factors, study.plan, progress, log, method, atlas,
                 atlas_labels, ablation, executor,
             )
-    from tqdm.auto import tqdm
-
-    from dfrn.workflows.study import load_study_cohort, prepare_volumes
-
-    folder = ResultsFolder(Path(out))
     a = cfg.attention
-    method = method or a.method
-    resolve_device(cfg.training.device)
-    if volumes is None:
-        volumes = prepare_volumes(load_study_cohort(cfg, folder.root), cfg, folder.root, progress, log=log)
-    if plan is None:
-        plan = folder.read_folds(volumes.participant_ids)
-    trained = network_factors(folder.tasks, plan, list(dict.fromkeys(
-        folder.read_predictions()["factor"])), cfg.model.heads)  # in the networks' order
-    factors = trained if factors is None else factors
-
-    def networks(factor: str) -> list[FactorNetwork]:
-        return factor_networks(plan, factor, trained, cfg.model.heads, cfg.training.n_seeds)
-
-    device = str(resolve_device(cfg.training.device))
-    ref_img = nib.Nifti1Image(
-        np.zeros(volumes.input_grid.shape, np.uint8), volumes.input_grid.affine
-    )
-    atlas_obj, atlas_option = _checked_atlas(atlas, atlas_labels, cfg, ablation, volumes, log)
-    # the configured method writes attention/; another one (--method) its own subfolder
-    files = _AttentionFiles(folder, method, own=method == a.method)
-    maps: dict[str, nib.spatialimages.SpatialImage] = {}
-    for factor in tqdm(factors, desc=f"attention ({method})", disable=not progress):
-        signed_path, abs_path = files.fam(factor, False), files.fam(factor, True)
-        if not (signed_path.is_file() and abs_path.is_file()):
-            tasks = _factor_tasks(files, networks(factor), volumes, device)
-            fam = factor_attention_map(tasks, volumes, method, mode=a.mode, device=device)
-            signed = to_template_space(fam.signed, ref_img, volumes.downsample)
-            absolute = to_template_space(fam.absolute, ref_img, volumes.downsample)
-            atomic_write_nifti(signed, signed_path)
-            atomic_write_nifti(absolute, abs_path)
-        maps[factor] = load_img(abs_path, f"attention map of {factor}")
+    run = _AttentionRun.open(out, cfg, volumes, plan, method or a.method, progress, log)
+    factors = run.trained if factors is None else factors
+    atlas_obj, option = _checked_atlas(atlas, atlas_labels, cfg, ablation, run.volumes, log)
+    maps = _write_maps(run, factors)
     results: dict[str, pd.DataFrame] = {}
     if a.sanity:
-        first = _factor_tasks(files, networks(factors[0]), volumes, device)[0]
-        model = first.model if isinstance(first.model, nn.Module) else first.model()
-        idx = list(first.test_indices)[:4]
-        x = np.stack([np.asarray(volumes[i], dtype=np.float32) for i in idx])[:, None]
-        methods = list(dict.fromkeys([method, "gradient"]))
-        sanity = cascading_randomization(model, torch.from_numpy(x).to(device), methods, seed=0)
-        sanity.insert(0, "factor", factors[0])
-        atomic_write_tsv(sanity, files.table("sanity"))
-        plot_sanity(sanity, files.figure("attention_sanity"))
-        log(format_table(sanity.round(3), f"Sanity check: cascading randomisation ({factors[0]})"))
-        results["sanity"] = sanity
-
+        results["sanity"] = _sanity_table(run, factors[0])
     if atlas_obj is not None:
-        regions = pd.concat(
-            [rank_regions(img, atlas_obj.img, atlas_obj.labels, f, atlas_name=atlas_obj.source,
-                          atlas_option=atlas_option) for f, img in maps.items()],
-            ignore_index=True,
-        )
-        atomic_write_tsv(regions, files.table("regions"))
-        top = regions[regions["rank"] <= a.top_regions][["factor", "rank", "region", "mean_attention"]]
-        log(format_table(top, _voxel_table_title(method, results.get("sanity"), a.top_regions)))
-        results["regions"] = regions
-
+        results["regions"] = _region_table(run, maps, atlas_obj, option, results.get("sanity"))
     if a.truth:
-        brain = None
-        if cfg.cohort.mask:
-            brain = np.asarray(load_img(cfg.cohort.mask, "brain mask").dataobj) > 0
-        rows = []
-        for f, img in maps.items():
-            if f not in a.truth:
-                continue
-            truth = np.asarray(load_img(a.truth[f], f"truth mask of {f}").dataobj) > 0
-            scores = localisation_scores(np.asarray(img.dataobj, dtype=np.float32), truth, brain)
-            rows.append({"factor": f, **scores})
-        loc = pd.DataFrame(rows)
-        atomic_write_tsv(loc, files.table("localisation"))
-        log(format_table(loc.round(3), "Localisation of |FAM| against the planted regions"))
-        results["localisation"] = loc
-
-    if a.template:
-        template_img = load_img(a.template, "attention template")
-    else:
-        from nilearn.datasets import load_mni152_template
-
-        template_img = load_mni152_template(resolution=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        plot_fam(maps, template_img, files.figure("fig4_fam"))
-
+        results["localisation"] = _localisation_table(run, maps)
+    _plot_maps(run, maps)
     if atlas_obj is not None and (a.ablation if ablation is None else ablation):
         from dfrn.workflows.ablation import run_region_ablation
 
         results["ablation"] = run_region_ablation(
-            out, cfg, volumes, factors, plan, atlas_obj, atlas_option, device, progress, log,
-            executor,
+            out, cfg, run.volumes, factors, run.plan, atlas_obj, option, run.device, progress,
+            log, executor,
         )
     return results
