@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +184,123 @@ def _package_grid(cfg: StudyConfig, volumes: VolumeSet, log: Callable[[str], Non
     return None if atlas is None else region_grid_for(atlas, volumes, "[attention] atlas")
 
 
+@dataclass(frozen=True)
+class _PackageJob:
+    """What every factor's package is built from (see :func:`write_model_packages`)."""
+
+    folder: ResultsFolder
+    cfg: StudyConfig
+    volumes: VolumeSet
+    targets: pd.DataFrame
+    first: pd.DataFrame  # the first repeat's rows of the fold plan
+    inputs: dict[str, InputFile]
+    progress: bool
+    log: Callable[[str], None]
+    design: pd.DataFrame | None  # the covariates' design, with residualised targets
+    adjustment: dict[str, Any] | None
+    region_grid: Any
+    perm: pd.DataFrame | None  # the networks' permutation tests, by factor
+    summary: pd.DataFrame  # mean_r of the CV metrics
+    mask_data: np.ndarray | None
+    content: dict[str, tuple[str, list[float] | None]]  # see _training_scans' ``known``
+
+
+def _package_job(out: Path, cfg: StudyConfig, volumes: VolumeSet, targets: pd.DataFrame,
+                 plan: pd.DataFrame, metrics: pd.DataFrame, inputs: dict[str, InputFile],
+                 progress: bool, log: Callable[[str], None],
+                 covariates: CovariateSelection | None) -> _PackageJob:
+    """Check the arguments and read what all factors' packages share."""
+    residualized = cfg.confounds.target == "residualize"
+    if residualized and covariates is None:
+        raise ValueError("residualised targets need the study's covariates")
+    design = covariates.design() if residualized and covariates is not None else None
+    adjustment = None if design is None or covariates is None else {
+        "method": "residualize", "covariates": covariates.encoder().to_dict()}
+    folder = ResultsFolder(out)
+    region_grid = _package_grid(cfg, volumes, log)
+    perm = None
+    if folder.network_permutation.is_file():
+        perm = pd.read_csv(folder.network_permutation, sep="\t").set_index("factor")
+    summary = mean_r(metrics)
+    first = plan[plan["repeat"] == plan["repeat"].min()]
+    mask = cfg.cohort.mask
+    mask_data = None if not mask else load_volume(mask, "brain mask")[0] > 0
+    return _PackageJob(folder, cfg, volumes, targets, first, inputs, progress, log, design,
+                       adjustment, region_grid, perm, summary, mask_data, {})
+
+
+def _is_complete(final: Path, factor: str, log: Callable[[str], None]) -> bool:
+    """Whether ``final`` holds a package to keep; says why an existing one is rebuilt."""
+    if not final.is_dir():
+        return False
+    try:
+        load_package(final)
+        return True
+    except Exception as exc:  # an incomplete, damaged or old package is rebuilt
+        log(f"rebuilding model package {factor}: {exc}")
+        return False
+
+
+def _copy_mask(tmp: Path, mask: str | None) -> dict[str, str] | None:
+    """Copy the brain mask into ``tmp``; the metadata's ``input.mask`` (None without one)."""
+    if not mask:
+        return None
+    atomic_write(tmp / "brain_mask.nii.gz", lambda p: shutil.copyfile(mask, p))
+    return {"file": "brain_mask.nii.gz", "sha256": file_digest(Path(mask))}
+
+
+def _performance(job: _PackageJob, factor: str) -> dict[str, Any]:
+    """The metadata's ``performance``: the CV's r over repeats and the permutation p."""
+    summary, perm = job.summary, job.perm
+    return {
+        "mean_r": float(summary.at[factor, "mean_r"]),
+        "sd_r": _finite_or_none(summary.at[factor, "sd_r"]),
+        "n_repeats": int(summary.at[factor, "n_repeats"]),
+        "permutation_p": None if perm is None or factor not in perm.index
+        else float(perm.at[factor, "p_permutation"]),
+    }
+
+
+def _build_package(job: _PackageJob, factor: str, tmp: Path) -> None:
+    """Write ``factor``'s package into ``tmp``: weights, regions, mask, metadata and README."""
+    cfg, volumes = job.cfg, job.volumes
+    networks = factor_networks(job.first, factor, list(job.targets.columns), cfg.model.heads,
+                               cfg.training.n_seeds)
+    models = _write_weights(tmp, job.folder, cfg, volumes, job.targets[factor], networks,
+                            job.progress, job.design)
+    regions = None if job.region_grid is None else _region_entry(
+        tmp, job.region_grid, cfg.attention.ablation_baseline, volumes,
+        [list(n.task.train_ids) for n in networks] if cfg.final.mode == "ensemble"
+        else [list(volumes.participant_ids)])
+    mask_entry = _copy_mask(tmp, cfg.cohort.mask)
+    trained_on = job.targets[factor].dropna().index
+    digests, values = _training_scans(job.inputs, trained_on, job.content, job.mask_data,
+                                      cfg.cohort.intensity, job.log)
+    meta = {
+        "schema_version": SCHEMA_VERSION,
+        "dfrn_version": dfrn_version(),
+        "versions": _versions(),
+        "factor": factor,
+        "mode": cfg.final.mode,
+        "network": {"name": "DFRN", "block_strides": list(cfg.model.block_strides),
+                    "widen_factor": float(cfg.model.widen_factor), "in_channels": 1},
+        "input": _input_entry(cfg, volumes, mask_entry, values),
+        "target": {"name": factor, "units": "factor score (the training cohort's scale)",
+                   "adjustment": job.adjustment},
+        "models": models,
+        "regions": regions,
+        "preprocessing": {"kind": "user-registered"},
+        "training_scans_sha256": sorted({job.inputs[f"t1/{p}"].digest for p in trained_on}),
+        "training_scans_content_sha256": digests,
+        "performance": _performance(job, factor),
+        "intended_use": INTENDED_USE,
+    }
+    validate_metadata(meta)
+    atomic_write_json(tmp / "metadata.json", meta)
+    atomic_write_text(tmp / "README.md", package_readme(meta))
+    write_manifest(tmp)
+
+
 def write_model_packages(
     out: Path,
     cfg: StudyConfig,
@@ -202,83 +320,19 @@ def write_model_packages(
     ``[confounds] target = "residualize"`` the packages record the covariates' coding and
     each network's covariate fit (``covariates`` is then required).
     """
-    residualized = cfg.confounds.target == "residualize"
-    if residualized and covariates is None:
-        raise ValueError("residualised targets need the study's covariates")
-    design = covariates.design() if residualized and covariates is not None else None
-    adjustment = None if design is None or covariates is None else {
-        "method": "residualize", "covariates": covariates.encoder().to_dict()}
-    folder = ResultsFolder(out)
-    region_grid = _package_grid(cfg, volumes, log)
-    perm = None
-    if folder.network_permutation.is_file():
-        perm = pd.read_csv(folder.network_permutation, sep="\t").set_index("factor")
-    summary = mean_r(metrics)
-    first = plan[plan["repeat"] == plan["repeat"].min()]
-    mask = cfg.cohort.mask
-    mask_data = None if not mask else load_volume(mask, "brain mask")[0] > 0
+    job = _package_job(out, cfg, volumes, targets, plan, metrics, inputs, progress, log,
+                       covariates)
     written: dict[str, Path] = {}
-    content: dict[str, tuple[str, list[float] | None]] = {}
     for factor in targets.columns:
-        final = folder.model_package(factor)
-        if final.is_dir():
+        final = job.folder.model_package(factor)
+        if not _is_complete(final, factor, log):
+            tmp = make_temp_dir(final.parent, factor)
             try:
-                load_package(final)
-                written[factor] = final
-                continue
-            except Exception as exc:  # an incomplete, damaged or old package is rebuilt
-                log(f"rebuilding model package {factor}: {exc}")
-        tmp = make_temp_dir(final.parent, factor)
-        try:
-            networks = factor_networks(first, factor, list(targets.columns), cfg.model.heads,
-                                       cfg.training.n_seeds)
-            models = _write_weights(tmp, folder, cfg, volumes, targets[factor], networks,
-                                    progress, design)
-            regions = None if region_grid is None else _region_entry(
-                tmp, region_grid, cfg.attention.ablation_baseline, volumes,
-                [list(n.task.train_ids) for n in networks] if cfg.final.mode == "ensemble"
-                else [list(volumes.participant_ids)])
-            mask_entry = None
-            if mask:
-                atomic_write(tmp / "brain_mask.nii.gz",
-                             lambda p: shutil.copyfile(mask, p))
-                mask_entry = {"file": "brain_mask.nii.gz", "sha256": file_digest(Path(mask))}
-            trained_on = targets[factor].dropna().index
-            digests, values = _training_scans(inputs, trained_on, content, mask_data,
-                                              cfg.cohort.intensity, log)
-            meta = {
-                "schema_version": SCHEMA_VERSION,
-                "dfrn_version": dfrn_version(),
-                "versions": _versions(),
-                "factor": factor,
-                "mode": cfg.final.mode,
-                "network": {"name": "DFRN", "block_strides": list(cfg.model.block_strides),
-                            "widen_factor": float(cfg.model.widen_factor), "in_channels": 1},
-                "input": _input_entry(cfg, volumes, mask_entry, values),
-                "target": {"name": factor, "units": "factor score (the training cohort's scale)",
-                           "adjustment": adjustment},
-                "models": models,
-                "regions": regions,
-                "preprocessing": {"kind": "user-registered"},
-                "training_scans_sha256": sorted({inputs[f"t1/{p}"].digest for p in trained_on}),
-                "training_scans_content_sha256": digests,
-                "performance": {
-                    "mean_r": float(summary.at[factor, "mean_r"]),
-                    "sd_r": _finite_or_none(summary.at[factor, "sd_r"]),
-                    "n_repeats": int(summary.at[factor, "n_repeats"]),
-                    "permutation_p": None if perm is None or factor not in perm.index
-                    else float(perm.at[factor, "p_permutation"]),
-                },
-                "intended_use": INTENDED_USE,
-            }
-            validate_metadata(meta)
-            atomic_write_json(tmp / "metadata.json", meta)
-            atomic_write_text(tmp / "README.md", package_readme(meta))
-            write_manifest(tmp)
-            place_folder(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+                _build_package(job, factor, tmp)
+                place_folder(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
         written[factor] = final
     log(f"model packages ({cfg.final.mode}): {', '.join(str(p) for p in written.values())}")
     return written

@@ -11,6 +11,7 @@ import base64
 import json
 import re
 import warnings
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -512,13 +513,21 @@ def _learning_context(folder: ResultsFolder, metrics: pd.DataFrame) -> dict[str,
             "training_curves": _png(folder.figure("training_curves"))}
 
 
-def write_report(out: str | Path, notes: list[str] | None = None) -> Path:
-    """Write ``out/report.html`` from whatever the results folder holds; return its path."""
+@dataclass(frozen=True)
+class _Run:
+    """What a finished results folder says about its run."""
+
+    folder: ResultsFolder
+    cfg: dict[str, Any]  # config.toml, as read
+    env: dict[str, Any]  # environment.json
+    metrics: pd.DataFrame
+    factors: list[str]
+    n_subjects: int
+
+
+def _read_run(out: str | Path) -> _Run:
+    """The run written to ``out``; an error when it is not a finished results folder."""
     import tomllib
-
-    import jinja2
-
-    from dfrn.models.package import dfrn_version
 
     folder = ResultsFolder(Path(out))
     if not folder.is_run() or not folder.metrics.is_file():
@@ -530,22 +539,50 @@ def write_report(out: str | Path, notes: list[str] | None = None) -> Path:
     env = json.loads(folder.environment_json.read_text(encoding="utf-8"))
     plan = folder.read_folds()
     metrics = folder.read_metrics()
-    factors = list(dict.fromkeys(metrics["factor"]))
-    n_subjects = int(plan["participant_id"].nunique())
+    return _Run(folder, cfg, env, metrics, factors=list(dict.fromkeys(metrics["factor"])),
+                n_subjects=int(plan["participant_id"].nunique()))
 
-    ridge = _ridge_table(folder, metrics)
-    cfg.setdefault("baseline", {})["models_run"] = _baseline_models_run(folder)
-    cfg["baseline"]["models_permuted"] = _baseline_models_permuted(folder)
 
-    viewers = []
+def _header_context(run: _Run, notes: list[str] | None) -> dict[str, Any]:
+    """The page's header: the study, the software and when the page was written."""
+    from dfrn.models.package import dfrn_version
+
+    cfg, env = run.cfg, run.env
+    ds = cfg["cohort"].get("downsample", 1)
+    return {
+        "title": run.folder.root.resolve().name,
+        "version": dfrn_version(),
+        "written": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "n_subjects": run.n_subjects,
+        "factors": run.factors,
+        "cv": f"{cfg['cv']['n_repeats']} × {cfg['cv']['n_folds']}-fold, seed {cfg['cv']['seed']}",
+        "network_input": f"downsample {ds}, intensity {cfg['cohort'].get('intensity', 'zscore')}",
+        "environment": f"Python {env.get('python')}, torch {env.get('packages', {}).get('torch')}"
+                       f", {env.get('platform')}",
+        "notes": notes or [],
+        "config_text": run.folder.config_toml.read_text(encoding="utf-8"),
+    }
+
+
+def _viewers(folder: ResultsFolder, cfg: dict[str, Any],
+             factors: list[str]) -> list[dict[str, str]]:
+    """The slice viewers of the factors with a FAM, over ``[attention] template``."""
     template = cfg.get("attention", {}).get("template") or "MNI152"
     background: Any = template
     if template != "MNI152" and Path(template).is_file():
         background = nib.load(template)
+    viewers = []
     for factor in factors:
         fam = folder.fam(factor, absolute=True)
         if fam.is_file():
             viewers.append(_viewer(factor, fam, background))
+    return viewers
+
+
+def _attention_context(run: _Run) -> dict[str, Any]:
+    """The attention section: viewers, top regions, region ablation and the sanity check."""
+    folder = run.folder
+    viewers = _viewers(folder, run.cfg, run.factors)
     sanity, verdict, fails = _sanity(folder.attention_table("sanity"))
     regions = None
     if folder.attention_table("regions").is_file():
@@ -556,21 +593,34 @@ def write_report(out: str | Path, notes: list[str] | None = None) -> Path:
         abl = _read_tsv(folder.region_ablation)
         ablation = _frame(abl[abl["rank"] <= 5][["factor", "rank", "region", "delta_r", "ci_low",
                                                  "ci_high", "mean_abs_change"]], 3)
-    stability = _table(folder.factors / "stability_summary.tsv")
+    return {"viewers": viewers, "regions": regions,
+            "regions_title": _regions_title(run.cfg, fails), "ablation": ablation,
+            "sanity": sanity, "sanity_verdict": verdict, "sanity_fails": fails}
 
-    ds = cfg["cohort"].get("downsample", 1)
-    context = {
-        "title": folder.root.resolve().name,
-        "version": dfrn_version(),
-        "written": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "n_subjects": n_subjects,
-        "factors": factors,
-        "cv": f"{cfg['cv']['n_repeats']} × {cfg['cv']['n_folds']}-fold, seed {cfg['cv']['seed']}",
-        "network_input": f"downsample {ds}, intensity {cfg['cohort'].get('intensity', 'zscore')}",
-        "environment": f"Python {env.get('python')}, torch {env.get('packages', {}).get('torch')}"
-                       f", {env.get('platform')}",
-        "notes": notes or [],
-        "config_text": folder.config_toml.read_text(encoding="utf-8"),
+
+def _render(folder: ResultsFolder, context: dict[str, Any]) -> Path:
+    """Render the page's template with ``context`` into ``report.html``; its path."""
+    import jinja2
+
+    loader = jinja2.PackageLoader("dfrn.workflows", "templates")
+    environment = jinja2.Environment(loader=loader, autoescape=jinja2.select_autoescape(["j2"]))
+    text = environment.get_template("report.html.j2").render(**context)
+    path = folder.root / "report.html"
+    atomic_write_text(path, text)
+    return path
+
+
+def write_report(out: str | Path, notes: list[str] | None = None) -> Path:
+    """Write ``out/report.html`` from whatever the results folder holds; return its path."""
+    run = _read_run(out)
+    folder, cfg = run.folder, run.cfg
+    ridge = _ridge_table(folder, run.metrics)
+    cfg.setdefault("baseline", {})["models_run"] = _baseline_models_run(folder)
+    cfg["baseline"]["models_permuted"] = _baseline_models_permuted(folder)
+    attention = _attention_context(run)
+    stability = _table(folder.factors / "stability_summary.tsv")
+    return _render(folder, {
+        **_header_context(run, notes),
         "table1": _table(folder.table1, None),
         "stability": stability,
         "fig2": _png(folder.figure("fig2_scatter")),
@@ -579,26 +629,14 @@ def write_report(out: str | Path, notes: list[str] | None = None) -> Path:
         "network_permutation": _table(folder.network_permutation, 4),
         "baseline_permutation": _baseline_permutations(folder),
         "fig4": _png(folder.figure("fig4_fam")),
-        "viewers": viewers,
-        "regions": regions,
-        "regions_title": _regions_title(cfg, fails),
-        "ablation": ablation,
-        "sanity": sanity,
-        "sanity_verdict": verdict,
-        "sanity_fails": fails,
+        **attention,
         "loadings": _table(folder.factors / "loadings.tsv"),
         "fig_loadings": _png(folder.figure("factor_loadings")),
         "prep_text": "No preprocessing ran in dfrn: the images were registered by the user "
                      "(QC tables and mosaics appear here when dfrn prep made the inputs).",
-        "methods": _methods(cfg, n_subjects, factors, _train_sizes(folder)),
+        "methods": _methods(cfg, run.n_subjects, run.factors, _train_sizes(folder)),
         "references": _references(cfg),
         "target_note": _target_note(cfg),
         **_confounds_context(folder, cfg),
-        **_learning_context(folder, metrics),
-    }
-    loader = jinja2.PackageLoader("dfrn.workflows", "templates")
-    environment = jinja2.Environment(loader=loader, autoescape=jinja2.select_autoescape(["j2"]))
-    text = environment.get_template("report.html.j2").render(**context)
-    path = folder.root / "report.html"
-    atomic_write_text(path, text)
-    return path
+        **_learning_context(folder, run.metrics),
+    })
