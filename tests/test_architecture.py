@@ -183,3 +183,33 @@ def test_subpackages_re_export_their_public_names(package: str) -> None:
 def test_every_module_states_its_responsibility() -> None:
     missing = [m for m, p in MODULES.items() if not ast.get_docstring(ast.parse(p.read_text()))]
     assert not missing, f"modules without a docstring: {missing}"
+
+
+#: The longest a function may be, docstring and decorators included: one screen.
+MAX_FUNCTION_LINES = 60
+
+
+def _long_functions(tree: ast.AST) -> list[tuple[str, int]]:
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            lines = node.end_lineno - first + 1
+            if lines > MAX_FUNCTION_LINES:
+                found.append((node.name, lines))
+    return found
+
+
+def test_the_length_rule_sees_a_long_function() -> None:
+    short = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES - 1))
+    method = "\n".join(f"        x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    assert _long_functions(ast.parse(f"@staticmethod\ndef f():\n{short}\n")) == [("f", 61)]
+    assert _long_functions(ast.parse(f"def f():\n{short}\n")) == []  # 60 lines
+    assert _long_functions(ast.parse(f"class A:\n    def g(self):\n{method}\n")) == [("g", 61)]
+
+
+def test_every_function_fits_on_one_screen() -> None:
+    """Every function in ``src/`` is at most 60 lines, docstring included."""
+    long = [f"{m}.{name} ({n} lines)" for m, p in MODULES.items()
+            for name, n in _long_functions(ast.parse(p.read_text(encoding="utf-8")))]
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: " + "; ".join(long)

@@ -40,7 +40,10 @@ This module computes and returns tables; writing them is the workflows' job.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -51,6 +54,8 @@ from tqdm.auto import tqdm
 from dfrn.evaluation.folds import iter_splits
 from dfrn.evaluation.metrics import compute_metrics, mean_r
 from dfrn.evaluation.ridge_cv import (
+    GramInputs,
+    RidgeInputs,
     align_ridge_inputs,
     align_targets,
     prepare_split_engine,
@@ -179,14 +184,8 @@ CVPredict = Callable[[int | None, pd.DataFrame], pd.DataFrame]
 
 
 def permutation_test_generic(
-    cv_predict: CVPredict,
-    targets: pd.DataFrame,
-    n_perm: int = 1000,
-    seed: int = 0,
-    *,
-    observed: pd.DataFrame | None = None,
-    n_jobs: int = 1,
-    progress: bool = True,
+    cv_predict: CVPredict, targets: pd.DataFrame, n_perm: int = 1000, seed: int = 0, *,
+    observed: pd.DataFrame | None = None, n_jobs: int = 1, progress: bool = True,
 ) -> pd.DataFrame:
     """Permutation test of any cross-validated predictor.
 
@@ -225,26 +224,9 @@ def permutation_test_generic(
     r_obs, n_obs = _statistic(observed)
     factors = [str(f) for f in r_obs.index]
     perms = permutation_indices(len(targets), n_perm, seed)
-
-    def one(index: int, perm: np.ndarray) -> pd.Series:
-        return _statistic(cv_predict(index, permute_targets(targets, perm)))[0]
-
-    bar = tqdm(total=n_perm, desc="permutations", disable=not progress)
-    results: list[pd.Series] = []
-    if n_jobs == 1:
-        for index, perm in enumerate(perms):
-            results.append(one(index, perm))
-            bar.update()
-    else:
-        from joblib import Parallel, delayed
-
-        gen = Parallel(n_jobs=n_jobs, return_as="generator")(
-            delayed(one)(index, perm) for index, perm in enumerate(perms)
-        )
-        for res in gen:
-            results.append(res)
-            bar.update()
-    bar.close()
+    one = partial(_permuted_statistic, cv_predict, targets)
+    results = list(_map_with_progress(one, list(enumerate(perms)), n_jobs, "permutations",
+                                      progress))
     null = {
         f: np.array([float(res.get(f, np.nan)) for res in results], dtype=float) for f in factors
     }
@@ -254,6 +236,33 @@ def permutation_test_generic(
         {f: int(n_obs[f]) for f in factors},
         null,
     )
+
+
+def _permuted_statistic(cv_predict: CVPredict, targets: pd.DataFrame,
+                        item: tuple[int, np.ndarray]) -> pd.Series:
+    """The statistic of one permutation ``item = (index, perm)``: a full cross-validation."""
+    index, perm = item
+    return _statistic(cv_predict(index, permute_targets(targets, perm)))[0]
+
+
+def _map_with_progress(fn: Callable[[Any], Any], items: Sequence[Any], n_jobs: int, desc: str,
+                       progress: bool, prefer: str | None = None) -> Iterator[Any]:
+    """``fn(item)`` for each item, in order, in this process or ``n_jobs`` joblib workers
+    (``prefer``: joblib's backend hint), advancing a progress bar as each result is used."""
+    bar = tqdm(total=len(items), desc=desc, disable=not progress)
+    if n_jobs == 1:
+        results = (fn(item) for item in items)
+    else:
+        from joblib import Parallel, delayed
+
+        hint = {"prefer": prefer} if prefer is not None else {}
+        results = Parallel(n_jobs=n_jobs, return_as="generator", **hint)(
+            delayed(fn)(item) for item in items
+        )
+    for res in results:
+        yield res
+        bar.update()
+    bar.close()
 
 
 def _columnwise_r(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -270,18 +279,10 @@ def _columnwise_r(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def permutation_test(
-    features: pd.DataFrame,
-    targets: pd.DataFrame,
-    plan: pd.DataFrame,
-    n_perm: int = 1000,
-    seed: int = 0,
-    covariates: pd.DataFrame | None = None,
-    n_jobs: int = 1,
-    progress: bool = True,
-    *,
-    sites: pd.Series | None = None,
-    preserve: pd.DataFrame | None = None,
-    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    features: pd.DataFrame, targets: pd.DataFrame, plan: pd.DataFrame, n_perm: int = 1000,
+    seed: int = 0, covariates: pd.DataFrame | None = None, n_jobs: int = 1,
+    progress: bool = True, *, sites: pd.Series | None = None,
+    preserve: pd.DataFrame | None = None, alphas: Sequence[float] = DEFAULT_ALPHAS,
     inner_cv: int = 5,
 ) -> pd.DataFrame:
     """Permutation test of the ridge baseline on the fold plan (all repeats).
@@ -323,72 +324,97 @@ def permutation_test(
         As :func:`permutation_test_generic`.
     """
     inputs = align_ridge_inputs(features, plan, covariates, sites, preserve)
-    ids = inputs.ids
-    targs = align_targets(targets, ids)
-    factors = [str(f) for f in targs.columns]
-    perms = permutation_indices(len(ids), n_perm, seed)
-    identity = np.arange(len(ids))[None, :]
-    all_perms = np.concatenate([identity, perms])  # column 0 = observed targets
+    targs = align_targets(targets, inputs.ids)
+    permuted = _permuted_targets(targs, permutation_indices(len(inputs.ids), n_perm, seed))
+    splits = list(iter_splits(plan))
+    job = _RidgeSplitJob(inputs, permuted, alphas, inner_cv)
+    return _ridge_table(permuted, _pooled_predictions(job, splits, n_jobs, progress))
 
-    y_mats: dict[str, np.ndarray] = {}
-    observed_mask: dict[str, np.ndarray] = {}
-    for f in factors:
+
+@dataclass(frozen=True)
+class _PermutedTarget:
+    """One factor's targets: column 0 unpermuted, then one column per permutation."""
+
+    matrix: np.ndarray
+    """Shape (n_subjects, 1 + n_perm); NaN where the subject has no value."""
+    observed: np.ndarray
+    """Whether each subject has a value (the same in every column)."""
+
+
+def _permuted_targets(targs: pd.DataFrame, perms: np.ndarray) -> dict[str, _PermutedTarget]:
+    """Each factor's target matrix, missingness kept fixed as in :func:`permute_targets`."""
+    all_perms = np.concatenate([np.arange(len(targs))[None, :], perms])  # row 0 = observed
+    permuted: dict[str, _PermutedTarget] = {}
+    for f in [str(f) for f in targs.columns]:
         y = targs[f].to_numpy(dtype=float)
         obs = np.isfinite(y)
         order = all_perms[obs[all_perms]].reshape(len(all_perms), int(obs.sum()))
-        mat = np.full((len(ids), len(all_perms)), np.nan)
+        mat = np.full((len(targs), len(all_perms)), np.nan)
         mat[np.flatnonzero(obs)] = y[order].T
-        y_mats[f], observed_mask[f] = mat, obs
+        permuted[f] = _PermutedTarget(mat, obs)
+    return permuted
 
-    splits = list(iter_splits(plan))
+
+@dataclass(frozen=True)
+class _RidgeSplitJob:
+    """What every split of :func:`permutation_test` shares."""
+
+    inputs: RidgeInputs | GramInputs
+    permuted: dict[str, _PermutedTarget]
+    alphas: Sequence[float]
+    inner_cv: int
+
+
+def _solve_split(job: _RidgeSplitJob, split: tuple[int, int, list[str], list[str]]
+                 ) -> list[tuple[int, str, np.ndarray, np.ndarray]]:
+    """One split's test predictions of every factor and permutation, as
+    ``(repeat, factor, test rows, predictions)``; one engine per missingness pattern."""
+    repeat, fold, train, test = split
+    engines: dict[bytes, tuple[np.ndarray, np.ndarray, MultiTargetRidgeCV | None]] = {}
+    out = []
+    for f, target in job.permuted.items():
+        key = target.observed.tobytes()
+        if key not in engines:
+            tr, te = split_rows(job.inputs.ids, train, test, target.observed)
+            engines[key] = (tr, te, None if len(te) == 0 else prepare_split_engine(
+                job.inputs, tr, te, job.alphas, job.inner_cv, f"repeat {repeat} fold {fold}"))
+        tr, te, engine = engines[key]
+        if engine is not None:
+            pred, _ = engine.predict(target.matrix[tr])
+            out.append((repeat, f, te, pred))
+    return out
+
+
+def _pooled_predictions(job: _RidgeSplitJob, splits: list[tuple[int, int, list[str], list[str]]],
+                        n_jobs: int, progress: bool) -> dict[int, dict[str, np.ndarray]]:
+    """Per repeat and factor, the out-of-fold predictions of every permutation (NaN: untested)."""
     repeats = sorted({s[0] for s in splits})
-
-    def run_split(split: tuple[int, int, list[str], list[str]]) -> list[tuple]:
-        repeat, fold, train, test = split
-        engines: dict[bytes, tuple[np.ndarray, np.ndarray, MultiTargetRidgeCV | None]] = {}
-        out = []
-        for f in factors:
-            obs = observed_mask[f]
-            key = obs.tobytes()
-            if key not in engines:
-                tr, te = split_rows(ids, train, test, obs)
-                if len(te) == 0:
-                    engines[key] = (tr, te, None)
-                else:
-                    engines[key] = (tr, te, prepare_split_engine(
-                        inputs, tr, te, alphas, inner_cv, f"repeat {repeat} fold {fold}"))
-            tr, te, engine = engines[key]
-            if engine is not None:
-                pred, _ = engine.predict(y_mats[f][tr])
-                out.append((repeat, f, te, pred))
-        return out
-
-    pooled = {(r, f): np.full_like(y_mats[f], np.nan) for r in repeats for f in factors}
-    bar = tqdm(total=len(splits), desc="ridge permutations (folds)", disable=not progress)
+    pooled = {r: {f: np.full_like(t.matrix, np.nan) for f, t in job.permuted.items()}
+              for r in repeats}
+    solve = partial(_solve_split, job)
     with threadpool_limits(limits=1, user_api="blas"):  # parallelism comes from n_jobs
-        if n_jobs == 1:
-            results = (run_split(s) for s in splits)
-        else:
-            from joblib import Parallel, delayed
-
-            results = Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator")(
-                delayed(run_split)(s) for s in splits
-            )
-        for res in results:
+        for res in _map_with_progress(solve, splits, n_jobs, "ridge permutations (folds)",
+                                      progress, prefer="threads"):
             for repeat, f, te, pred in res:
-                pooled[(repeat, f)][te] = pred
-            bar.update()
-    bar.close()
+                pooled[repeat][f][te] = pred
+    return pooled
 
+
+def _repeat_mean_r(y: np.ndarray, pooled_by_repeat: list[np.ndarray]) -> np.ndarray:
+    """Per column (observed, then each permutation): the NaN-skipping mean over repeats of the
+    pooled r, i.e. :func:`_statistic` for all permutations at once."""
+    per_repeat = np.stack([_columnwise_r(y, p) for p in pooled_by_repeat])  # (n_repeats, cols)
+    finite = np.isfinite(per_repeat)
+    with np.errstate(invalid="ignore"):
+        return np.where(finite, per_repeat, 0.0).sum(axis=0) / finite.sum(axis=0)
+
+
+def _ridge_table(permuted: dict[str, _PermutedTarget],
+                 pooled: dict[int, dict[str, np.ndarray]]) -> pd.DataFrame:
+    """The result table of :func:`permutation_test` from its pooled predictions."""
     r_obs, n_obs, null = {}, {}, {}
-    for f in factors:
-        obs = observed_mask[f]
-        per_repeat = np.stack(
-            [_columnwise_r(y_mats[f][obs], pooled[(r, f)][obs]) for r in repeats]
-        )  # (n_repeats, 1 + n_perm)
-        finite = np.isfinite(per_repeat)
-        with np.errstate(invalid="ignore"):
-            stat = np.where(finite, per_repeat, 0.0).sum(axis=0) / finite.sum(axis=0)
+    for f, t in permuted.items():
+        obs = t.observed
+        stat = _repeat_mean_r(t.matrix[obs], [by_factor[f][obs] for by_factor in pooled.values()])
         r_obs[f], null[f], n_obs[f] = float(stat[0]), stat[1:], int(obs.sum())
-    return _table(factors, r_obs, n_obs, null)
-
+    return _table(list(permuted), r_obs, n_obs, null)

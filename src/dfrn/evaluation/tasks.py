@@ -27,6 +27,7 @@ the training fold (``[factors] fit_on = "train"``) plug in without leaking test 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -448,15 +449,26 @@ def run_cv(
     """
     from tqdm.auto import tqdm
 
-    from dfrn.executors import (
-        LocalExecutor,
-        remove_storage_probe,
-        write_storage_probe,
-    )
+    from dfrn.executors import LocalExecutor
 
     executor = executor if executor is not None else LocalExecutor()
-
     tasks_dir = cv_dir / "tasks"
+    todo = _unfinished_tasks(tasks, tasks_dir, log)
+    if todo and executor.name == "local":
+        for t in tqdm(todo, desc="cv tasks", unit="task", disable=not progress):
+            run_task(t, volumes, index_of, targets, make_estimator, base_seed, tasks_dir)
+    elif todo:
+        if getattr(volumes, "index_of", None) is None:
+            raise TypeError(f"executor {executor.name!r} needs volumes with an index_of method")
+        job = TaskJob(volumes, targets, make_estimator, base_seed, tasks_dir)
+        _run_on_executor(executor, job, todo, cv_dir, progress)
+    return collect_predictions(tasks, cv_dir, expected)
+
+
+def _unfinished_tasks(tasks: Sequence[Task], tasks_dir: Path,
+                      log: Callable[[str], None]) -> list[Task]:
+    """The tasks whose folder is missing or fails :func:`verify_task` (the log says why),
+    after removing the temporary folders an interrupted run left."""
     tasks_dir.mkdir(parents=True, exist_ok=True)
     for stale in tasks_dir.glob(".*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -474,23 +486,26 @@ def run_cv(
             todo.append(t)
     if done:
         log(f"resuming: {len(done)} of {len(tasks)} tasks already finished, skipped")
-    if todo and executor.name == "local":
-        for t in tqdm(todo, desc="cv tasks", unit="task", disable=not progress):
-            run_task(t, volumes, index_of, targets, make_estimator, base_seed, tasks_dir)
-    elif todo:
-        if getattr(volumes, "index_of", None) is None:
-            raise TypeError(f"executor {executor.name!r} needs volumes with an index_of method")
-        probe = write_storage_probe(cv_dir)
-        job = TaskJob(volumes, targets, make_estimator, base_seed, tasks_dir, probe)
-        try:
-            bar = tqdm(total=len(todo), desc=f"cv tasks ({executor.name})", unit="task",
-                       disable=not progress)
-            with bar:
-                for _ in executor.map(run_task_job, job, todo):
-                    bar.update()
-        finally:
-            remove_storage_probe(*probe)
-    return collect_predictions(tasks, cv_dir, expected)
+    return todo
+
+
+def _run_on_executor(executor: Executor, job: TaskJob, todo: list[Task], cv_dir: Path,
+                     progress: bool) -> None:
+    """Run ``todo`` as ``executor`` tasks of ``job``, behind a storage probe in ``cv_dir``."""
+    from tqdm.auto import tqdm
+
+    from dfrn.executors import remove_storage_probe, write_storage_probe
+
+    probe = write_storage_probe(cv_dir)
+    job = dataclasses.replace(job, probe=probe)
+    try:
+        bar = tqdm(total=len(todo), desc=f"cv tasks ({executor.name})", unit="task",
+                   disable=not progress)
+        with bar:
+            for _ in executor.map(run_task_job, job, todo):
+                bar.update()
+    finally:
+        remove_storage_probe(*probe)
 
 
 def collect_predictions(

@@ -141,6 +141,25 @@ class ResultsLock:
             raise DfrnError(
                 f"cannot create results folder {self.folder}: {exc.strerror or exc}"
             ) from None
+        fd = self._lock_file_at_path()
+        try:
+            self._write_holder(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._owner_pid = os.getpid()
+        if self.stale_holder is not None:
+            old = self.stale_holder
+            self.log(
+                f"note: took over the lock of {self.what.removeprefix('results folder ')} left by PID {old.get('pid')} on "
+                f"{old.get('host', 'an unknown host')} (started {old.get('started', 'at an unknown time')}), "
+                "which is no longer running"
+            )
+        return self
+
+    def _lock_file_at_path(self) -> int:
+        """Open and lock the lock file now at :attr:`path`; its descriptor, or a refusal."""
         for _ in range(_MAX_TRIES):
             fd = self._open()
             try:
@@ -156,42 +175,30 @@ class ResultsLock:
                     "support file locks?)"
                 ) from None
             if _same_file(fd, self.path):
-                break
+                return fd
             # The previous holder removed the file between our open and our lock: the lock
             # we hold is on an orphan. Let go and lock the file now at the path.
             os.close(fd)
-        else:  # pragma: no cover - needs a lock churned ~50 times within one call
-            raise ResultsFolderLocked(
-                f"results folder {self.folder} is in use by another process (its lock file "
-                "keeps changing); wait for it to finish, or stop that process and rerun"
-            )
-        try:
-            old = _read_info(fd)
-            if old is not None and old.get("pid") not in (None, os.getpid()):
-                self.stale_holder = old
-            info = {
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "started": datetime.now(UTC).isoformat(timespec="seconds"),
-                "command": self.command,
-            }
-            data = (json.dumps(info, sort_keys=True) + "\n").encode("utf-8")
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, data, 0)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
-        self._owner_pid = os.getpid()
-        if self.stale_holder is not None:
-            old = self.stale_holder
-            self.log(
-                f"note: took over the lock of {self.what.removeprefix('results folder ')} left by PID {old.get('pid')} on "
-                f"{old.get('host', 'an unknown host')} (started {old.get('started', 'at an unknown time')}), "
-                "which is no longer running"
-            )
-        return self
+        raise ResultsFolderLocked(  # pragma: no cover - needs a lock churned ~50 times in one call
+            f"results folder {self.folder} is in use by another process (its lock file "
+            "keeps changing); wait for it to finish, or stop that process and rerun"
+        )
+
+    def _write_holder(self, fd: int) -> None:
+        """Note a dead previous holder in :attr:`stale_holder`; write this process as holder."""
+        old = _read_info(fd)
+        if old is not None and old.get("pid") not in (None, os.getpid()):
+            self.stale_holder = old
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.now(UTC).isoformat(timespec="seconds"),
+            "command": self.command,
+        }
+        data = (json.dumps(info, sort_keys=True) + "\n").encode("utf-8")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
 
     def release(self) -> None:
         """Let go of the lock: empty the lock file, remove it, unlock and close.

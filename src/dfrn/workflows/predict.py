@@ -45,7 +45,13 @@ import numpy as np
 import pandas as pd
 
 from dfrn.data.cohort import Cohort, load_bids_cohort, load_cohort_table
-from dfrn.data.images import AFFINE_ATOL, VolumeCache, load_volume, read_header
+from dfrn.data.images import (
+    AFFINE_ATOL,
+    VolumeCache,
+    VolumeSet,
+    load_volume,
+    read_header,
+)
 from dfrn.errors import DfrnInputError, ResultsFolderError, listed
 from dfrn.io import atomic_write_nifti, atomic_write_tsv, file_digest
 from dfrn.models.package import ModelPackage, load_package, scan_content_digest
@@ -231,18 +237,8 @@ def predict_cohort(
     digests = [file_digest(p) for p in cohort.images]
     rows = []
     for package in packages:
-        inp = package.metadata["input"]
-        volumes = VolumeCache(out / "cache").prepare(
-            cohort.participant_ids, cohort.images, int(inp["downsample"]), package.mask_path,
-            progress=progress, intensity=inp["intensity"], digests=digests, log=log,
-            allow_constant=True,  # scans without signal were refused above, where it matters
-        )
-        preds = np.stack([est.predict(volumes) for est in package.estimators])
-        sd = preds.std(axis=0, ddof=1) if len(preds) > 1 else np.full(preds.shape[1], np.nan)
-        adjusted, full = _full_prediction(package, cohort, preds, log)
-        for i, pid in enumerate(cohort.participant_ids):
-            rows.append((pid, package.factor, float(preds[:, i].mean()), float(sd[i]),
-                         len(preds), adjusted, float(full[i])))
+        volumes = _package_volumes(package, cohort, digests, out, progress, log)
+        rows += _package_rows(package, cohort, volumes, log)
         if attention:
             _write_attention(package, volumes, cohort, out, log)
         if regions:
@@ -255,6 +251,27 @@ def predict_cohort(
                          float_format=None)
         log(f"per-region sensitivity (individual, not group importance): {out / 'regions.tsv'}")
     return table
+
+
+def _package_volumes(package: ModelPackage, cohort: Cohort, digests: list[str], out: Path,
+                     progress: bool, log: Callable[[str], None]) -> VolumeSet:
+    """The cohort's scans as the package's network inputs (its mask and settings)."""
+    inp = package.metadata["input"]
+    return VolumeCache(out / "cache").prepare(
+        cohort.participant_ids, cohort.images, int(inp["downsample"]), package.mask_path,
+        progress=progress, intensity=inp["intensity"], digests=digests, log=log,
+        allow_constant=True,  # scans without signal were refused above, where it matters
+    )
+
+
+def _package_rows(package: ModelPackage, cohort: Cohort, volumes: VolumeSet,
+                  log: Callable[[str], None]) -> list[tuple]:
+    """One :data:`PREDICT_COLUMNS` row per subject: the package's ensemble prediction."""
+    preds = np.stack([est.predict(volumes) for est in package.estimators])
+    sd = preds.std(axis=0, ddof=1) if len(preds) > 1 else np.full(preds.shape[1], np.nan)
+    adjusted, full = _full_prediction(package, cohort, preds, log)
+    return [(pid, package.factor, float(preds[:, i].mean()), float(sd[i]), len(preds), adjusted,
+             float(full[i])) for i, pid in enumerate(cohort.participant_ids)]
 
 
 def _full_prediction(package: ModelPackage, cohort: Cohort, preds: np.ndarray,

@@ -53,7 +53,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -71,6 +71,9 @@ from dfrn.io import (
     verify_manifest,
     write_manifest,
 )
+
+if TYPE_CHECKING:
+    from dfrn.data.prep import PrepParams
 
 __all__ = [
     "PrepSubject",
@@ -186,83 +189,113 @@ def plan_prep_subjects(
     space : str
         The template's space label: the ``space-`` entity of the derivatives' images.
     """
-    from dfrn.data.cohort import find_bids_t1, read_table
-    from dfrn.data.derivatives import find_derivative_images
-
     deriv = Path(derivatives).resolve() if derivatives else None
     if deriv is not None and not deriv.is_dir():
         raise DfrnInputError(f"derivatives folder not found: {deriv}")
-    if source is None:
-        if deriv is None:
-            raise DfrnInputError("dfrn prep needs INPUT (a BIDS root or a table), or --from-derivatives")
-        if (deriv / "participants.tsv").is_file():
-            table = read_table(deriv / "participants.tsv")
-        else:
-            ids = sorted(p.name for p in deriv.glob("sub-*") if p.is_dir())
-            if not ids:
-                raise DfrnInputError(f"no sub-* folders in the derivatives folder {deriv}")
-            table = pd.DataFrame(index=pd.Index(ids, name="participant_id"))
-        base: Path | None = None
-        bids_root: Path | None = None
-    else:
-        src = Path(source).resolve()
-        if src.is_dir():
-            bids_root, base = src, None
-            if (src / "participants.tsv").is_file():
-                table = read_table(src / "participants.tsv")
-            else:
-                ids = sorted(p.name for p in src.glob("sub-*") if p.is_dir())
-                if not ids:
-                    raise DfrnInputError(f"{src} has no participants.tsv and no sub-* folders")
-                table = pd.DataFrame(index=pd.Index(ids, name="participant_id"))
-        elif src.is_file():
-            bids_root, base = None, src.parent
-            table = read_table(src)
-            if deriv is None and image_column not in table.columns:
-                raise DfrnInputError(
-                    f"image column {image_column!r} is not in {src} "
-                    f"(available: {', '.join(map(str, table.columns))})"
-                )
-        else:
-            raise DfrnInputError(f"dfrn prep input not found: {src}")
-    _check_table_columns(table, image_column, Path(source) if source is not None else deriv)
+    inputs = _read_inputs(source, image_column, session, deriv, space)
+    _check_table_columns(inputs.table, image_column,
+                         Path(source) if source is not None else deriv)
     subjects: list[PrepSubject] = []
     labels: dict[str, str] = {}
-    for pid in table.index:
+    for pid in inputs.table.index:
         label = _bids_label(str(pid))
         if label in labels:
             raise DfrnInputError(
                 f"participants {labels[label]} and {pid} give the same BIDS label sub-{label}"
             )
         labels[label] = str(pid)
-        ses = session or ""
-        if deriv is not None:
-            imgs = find_derivative_images(deriv, str(pid), session, space)
-            found = re.search(r"_ses-([A-Za-z0-9]+)_", imgs.t1.name)
-            subjects.append(PrepSubject(str(pid), label, found.group(1) if found else ses, None,
-                                        {"t1": imgs.t1, "mask": imgs.mask, "gm": imgs.gm}))
-            continue
-        if bids_root is not None:
-            t1 = find_bids_t1(bids_root, str(pid), session)
-            found = re.search(r"_ses-([A-Za-z0-9]+)_", t1.name)
-            ses = found.group(1) if found else ses
-        else:
-            value = table.at[pid, image_column]
-            if pd.isna(value) or str(value).strip() == "":
-                raise DfrnInputError(f"participant {pid}: no image path in column {image_column!r}")
-            t1 = Path(str(value).strip())
-            assert base is not None
-            t1 = t1 if t1.is_absolute() else base / t1
-        if t1.is_dir():
-            raise DfrnInputError(
-                f"participant {pid}: column {image_column!r} names a folder, not a NIfTI file: {t1}"
-            )
-        if not t1.is_file():
-            raise DfrnInputError(f"participant {pid}: image file not found: {t1}")
-        subjects.append(PrepSubject(str(pid), label, ses, t1.resolve()))
+        subjects.append(_plan_subject(inputs, pid, label))
     if not subjects:
         raise DfrnInputError("dfrn prep: the input lists no participants")
-    return table, subjects
+    return inputs.table, subjects
+
+
+@dataclass(frozen=True)
+class _PrepInputs:
+    """Where :func:`plan_prep_subjects` finds each participant's images."""
+
+    table: pd.DataFrame
+    image_column: str
+    session: str | None
+    space: str
+    derivatives: Path | None
+    bids_root: Path | None = None
+    base: Path | None = None
+    """The table's folder, for relative image paths."""
+
+
+def _read_inputs(source: str | Path | None, image_column: str, session: str | None,
+                 deriv: Path | None, space: str) -> _PrepInputs:
+    """The participants table of ``source`` (or of the derivatives), and where images are."""
+    from dfrn.data.cohort import read_table
+
+    if source is None:
+        if deriv is None:
+            raise DfrnInputError("dfrn prep needs INPUT (a BIDS root or a table), or --from-derivatives")
+        table = _folder_table(deriv, f"no sub-* folders in the derivatives folder {deriv}")
+        return _PrepInputs(table, image_column, session, space, deriv)
+    src = Path(source).resolve()
+    if src.is_dir():
+        table = _folder_table(src, f"{src} has no participants.tsv and no sub-* folders")
+        return _PrepInputs(table, image_column, session, space, deriv, bids_root=src)
+    if not src.is_file():
+        raise DfrnInputError(f"dfrn prep input not found: {src}")
+    table = read_table(src)
+    if deriv is None and image_column not in table.columns:
+        raise DfrnInputError(
+            f"image column {image_column!r} is not in {src} "
+            f"(available: {', '.join(map(str, table.columns))})"
+        )
+    return _PrepInputs(table, image_column, session, space, deriv, base=src.parent)
+
+
+def _folder_table(folder: Path, none_found: str) -> pd.DataFrame:
+    """A folder's ``participants.tsv``, else its ``sub-*`` folders (``none_found``: the error
+    when there are none)."""
+    from dfrn.data.cohort import read_table
+
+    if (folder / "participants.tsv").is_file():
+        return read_table(folder / "participants.tsv")
+    ids = sorted(p.name for p in folder.glob("sub-*") if p.is_dir())
+    if not ids:
+        raise DfrnInputError(none_found)
+    return pd.DataFrame(index=pd.Index(ids, name="participant_id"))
+
+
+def _plan_subject(inputs: _PrepInputs, pid: Any, label: str) -> PrepSubject:
+    """One participant's :class:`PrepSubject`: its derivatives, BIDS T1 or table T1."""
+    from dfrn.data.cohort import find_bids_t1
+    from dfrn.data.derivatives import find_derivative_images
+
+    ses = inputs.session or ""
+    if inputs.derivatives is not None:
+        imgs = find_derivative_images(inputs.derivatives, str(pid), inputs.session, inputs.space)
+        found = re.search(r"_ses-([A-Za-z0-9]+)_", imgs.t1.name)
+        return PrepSubject(str(pid), label, found.group(1) if found else ses, None,
+                           {"t1": imgs.t1, "mask": imgs.mask, "gm": imgs.gm})
+    if inputs.bids_root is not None:
+        t1 = find_bids_t1(inputs.bids_root, str(pid), inputs.session)
+        found = re.search(r"_ses-([A-Za-z0-9]+)_", t1.name)
+        ses = found.group(1) if found else ses
+    else:
+        t1 = _table_t1(inputs, pid)
+    if t1.is_dir():
+        raise DfrnInputError(
+            f"participant {pid}: column {inputs.image_column!r} names a folder, not a NIfTI file: {t1}"
+        )
+    if not t1.is_file():
+        raise DfrnInputError(f"participant {pid}: image file not found: {t1}")
+    return PrepSubject(str(pid), label, ses, t1.resolve())
+
+
+def _table_t1(inputs: _PrepInputs, pid: Any) -> Path:
+    """The T1 path in the table's image column (relative to the table's folder)."""
+    value = inputs.table.at[pid, inputs.image_column]
+    if pd.isna(value) or str(value).strip() == "":
+        raise DfrnInputError(f"participant {pid}: no image path in column {inputs.image_column!r}")
+    t1 = Path(str(value).strip())
+    assert inputs.base is not None
+    return t1 if t1.is_absolute() else inputs.base / t1
 
 
 def _source_digest(subject: PrepSubject) -> str:
@@ -352,8 +385,6 @@ def _process_subject(job: dict[str, Any]) -> dict[str, Any]:
     """Preprocess one subject into its final folder; return its QC row (never raises)."""
     import nibabel as nib
 
-    from dfrn.data.prep import PrepParams, preprocess_t1
-    from dfrn.io import atomic_write_nifti
     from dfrn.plotting import plot_registration_qc
 
     subject: PrepSubject = job["subject"]
@@ -366,24 +397,7 @@ def _process_subject(job: dict[str, Any]) -> dict[str, Any]:
         (tmp / "figures").mkdir()
         template = nib.load(job["template"])
         if subject.derivatives is None:
-            work = tmp / ".work"
-            work.mkdir()
-            result = preprocess_t1(subject.t1, job["template"], job["template_mask"],
-                                   PrepParams(job["transform"], job["seed"]), work,
-                                   label=f"participant {subject.participant_id}")
-            images = {
-                "t1": result.t1_template, "mask": result.mask_template,
-                "gm_unmodulated": result.gm_template, "gm": result.gm_modulated,
-                "t1_native": result.t1_native, "mask_native": result.mask_native,
-                "dseg_native": result.dseg_native,
-            }
-            for key, img in images.items():
-                atomic_write_nifti(img, tmp / names[key])
-            for key, src in result.transforms.items():
-                shutil.copyfile(src, tmp / names[key])
-            shutil.rmtree(work)
-            metrics = dict(result.metrics)
-            note = ""
+            metrics, note = _preprocess_raw(subject, job, tmp, names)
         else:
             metrics, note = _import_derivatives(subject, template, job["template_mask"], tmp, names)
         metrics["runtime_s"] = time.perf_counter() - start
@@ -396,13 +410,7 @@ def _process_subject(job: dict[str, Any]) -> dict[str, Any]:
                "files": {k: v for k, v in names.items() if (tmp / v).is_file()}}
         atomic_write_json(tmp / "qc.json", row)
         write_manifest(tmp, recursive=True)
-        final = out / subject.folder
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():
-            trash = make_temp_dir(out, _TMP_PREFIX + "old-" + subject.stem)
-            os.replace(final, trash / "old")
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp, final)
+        _move_into_place(tmp, out, subject)
         return row
     except BaseException as exc:  # a failed subject must not stop the others
         shutil.rmtree(tmp, ignore_errors=True)
@@ -411,6 +419,42 @@ def _process_subject(job: dict[str, Any]) -> dict[str, Any]:
         return {"participant_id": subject.participant_id, "session": subject.session,
                 "status": "failed", "note": _one_line(subject, exc),
                 "runtime_s": time.perf_counter() - start}
+
+
+def _preprocess_raw(subject: PrepSubject, job: dict[str, Any], tmp: Path,
+                    names: dict[str, str]) -> tuple[dict[str, float], str]:
+    """Preprocess a raw T1 into ``tmp`` (ANTs); its QC metrics and note (none)."""
+    from dfrn.data.prep import PrepParams, preprocess_t1
+    from dfrn.io import atomic_write_nifti
+
+    work = tmp / ".work"
+    work.mkdir()
+    result = preprocess_t1(subject.t1, job["template"], job["template_mask"],
+                           PrepParams(job["transform"], job["seed"]), work,
+                           label=f"participant {subject.participant_id}")
+    images = {
+        "t1": result.t1_template, "mask": result.mask_template,
+        "gm_unmodulated": result.gm_template, "gm": result.gm_modulated,
+        "t1_native": result.t1_native, "mask_native": result.mask_native,
+        "dseg_native": result.dseg_native,
+    }
+    for key, img in images.items():
+        atomic_write_nifti(img, tmp / names[key])
+    for key, src in result.transforms.items():
+        shutil.copyfile(src, tmp / names[key])
+    shutil.rmtree(work)
+    return dict(result.metrics), ""
+
+
+def _move_into_place(tmp: Path, out: Path, subject: PrepSubject) -> None:
+    """Rename a complete subject folder into place, replacing (then removing) an old one."""
+    final = out / subject.folder
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        trash = make_temp_dir(out, _TMP_PREFIX + "old-" + subject.stem)
+        os.replace(final, trash / "old")
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(tmp, final)
 
 
 def _import_derivatives(subject: PrepSubject, template: Any, template_mask: str, tmp: Path,
@@ -472,26 +516,13 @@ def _status(row: dict[str, Any], dice_min: float, corr_min: float) -> tuple[str,
 
 
 def run_prep(
-    source: str | Path | None,
-    out: str | Path,
-    *,
-    image_column: str = "t1",
-    session: str | None = None,
-    derivatives: str | Path | None = None,
-    transform: str = "syn",
-    seed: int = 0,
-    deterministic: bool = True,
-    template: str | Path | None = None,
-    template_mask: str | Path | None = None,
-    template_space: str | None = None,
-    jobs: int = 1,
-    dice_min: float = 0.90,
-    corr_min: float = 0.40,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-    changed_input: str = "rerun",
-    raise_on_failure: bool = True,
-    executor: Executor | None = None,
+    source: str | Path | None, out: str | Path, *, image_column: str = "t1",
+    session: str | None = None, derivatives: str | Path | None = None, transform: str = "syn",
+    seed: int = 0, deterministic: bool = True, template: str | Path | None = None,
+    template_mask: str | Path | None = None, template_space: str | None = None, jobs: int = 1,
+    dice_min: float = 0.90, corr_min: float = 0.40, progress: bool = True,
+    log: Callable[[str], None] = print, changed_input: str = "rerun",
+    raise_on_failure: bool = True, executor: Executor | None = None,
     participants: Sequence[str] | None = None,
 ) -> PrepSummary:
     """Preprocess a cohort into ``out`` (see the module docstring); resumable.
@@ -533,21 +564,74 @@ def run_prep(
     PrepSummary
         Failed subjects are listed in it and in ``qc.tsv``.
     """
+    args = _PrepArgs(image_column, session, derivatives, transform, seed, deterministic,
+                     template, template_mask, template_space, jobs, dice_min, corr_min, progress,
+                     log, changed_input, raise_on_failure, executor, participants)
+    run = _start_prep(source, Path(out).resolve(), args)
+    with _prep_locks(run.out, run.locked, log):
+        summary = _prep_locked(run, args)
+    return _report(summary, raise_on_failure, log)
+
+
+@dataclass(frozen=True)
+class _PrepArgs:
+    """The arguments of :func:`run_prep` after ``source`` and ``out``, in its order."""
+
+    image_column: str
+    session: str | None
+    derivatives: str | Path | None
+    transform: str
+    seed: int
+    deterministic: bool
+    template: str | Path | None
+    template_mask: str | Path | None
+    template_space: str | None
+    jobs: int
+    dice_min: float
+    corr_min: float
+    progress: bool
+    log: Callable[[str], None]
+    changed_input: str
+    raise_on_failure: bool
+    executor: Executor | None
+    participants: Sequence[str] | None
+
+
+@dataclass(frozen=True)
+class _PrepRun:
+    """What one :func:`run_prep` call prepares before it takes the locks."""
+
+    out: Path
+    kind: str
+    """``"raw"`` or ``"derivatives"``."""
+    params: PrepParams
+    tpl: Template
+    identity: dict[str, Any]
+    table: pd.DataFrame
+    subjects: list[PrepSubject]
+    chosen: list[PrepSubject]
+    locked: list[PrepSubject] | None
+    """The participant level's subjects, each under a lock of its own (None: the whole folder)."""
+
+
+def _start_prep(source: str | Path | None, out: Path, args: _PrepArgs) -> _PrepRun:
+    """Check the arguments, the template, the folder and the subjects (nothing is written)."""
     from dfrn.data.prep import PrepParams, require_ants
 
-    out = Path(out).resolve()
-    if jobs < 1:
-        raise DfrnInputError(f"--jobs must be at least 1, got {jobs}")
-    if changed_input not in ("rerun", "refuse"):
-        raise ValueError(changed_input)
-    kind = "derivatives" if derivatives else "raw"
-    params = PrepParams(transform, seed)
-    tpl = resolve_template(template, template_mask, template_space)
-    identity = _identity(kind, params.transform, params.seed, deterministic, tpl)
+    if args.jobs < 1:
+        raise DfrnInputError(f"--jobs must be at least 1, got {args.jobs}")
+    if args.changed_input not in ("rerun", "refuse"):
+        raise ValueError(args.changed_input)
+    kind = "derivatives" if args.derivatives else "raw"
+    params = PrepParams(args.transform, args.seed)
+    tpl = resolve_template(args.template, args.template_mask, args.template_space)
+    identity = _identity(kind, params.transform, params.seed, args.deterministic, tpl)
     _check_out(out, identity)
-    table, subjects = plan_prep_subjects(source, image_column, session, derivatives, tpl.space)
-    chosen = select_participants(subjects, participants, source or derivatives)
-    if participants is not None and executor is not None and executor.name != "local":
+    table, subjects = plan_prep_subjects(source, args.image_column, args.session,
+                                         args.derivatives, tpl.space)
+    chosen = select_participants(subjects, args.participants, source or args.derivatives)
+    executor = args.executor
+    if args.participants is not None and executor is not None and executor.name != "local":
         raise DfrnInputError(
             "the participant level preprocesses its subjects in this process (run one job-array "
             f"element per subject); for one {executor.name} task per subject use 'dfrn prep "
@@ -555,31 +639,40 @@ def run_prep(
         )
     if kind == "raw":
         require_ants()
-    with _prep_locks(out, chosen if participants is not None else None, log):
-        if executor is not None and getattr(executor, "folder", "") is None:
-            executor.attach(out / "logs" / executor.name, log)  # not yet attached to a study's
-        _remove_stale(out, chosen if participants is not None else None)
-        with _tables_lock(out):  # a process with other settings may have started meanwhile
-            _check_out(out, identity)
-            _write_folder_files(out, identity, tpl, kind, params.transform)
-        rows, todo, digests = _finished_rows(out, chosen, changed_input, log)
-        jobs_list = [{
-            "subject": s, "out": str(out), "res": _res_entity(tpl.resolution_mm),
-            "template": str(tpl.t1), "template_mask": str(tpl.mask), "space": tpl.space,
-            "transform": params.transform, "seed": params.seed, "source_sha256": digests[s.stem],
-        } for s in todo]
-        for row in _run_subjects(jobs_list, jobs, deterministic, executor, out, progress):
-            rows[_stem_of(row, subjects)] = row
-        with _tables_lock(out):  # participant processes of one folder take turns here
-            if participants is not None:  # the other subjects, as their folders say
-                _record_failures(out, chosen, rows)
-                rows = _recorded_rows(out, subjects, exclude=rows) | rows
-            present = [s for s in subjects if s.stem in rows]
-            qc = _write_tables(out, table, present, rows, dice_min, corr_min, image_column)
-    skipped = [s.participant_id for s in chosen if s not in todo]
-    summary = PrepSummary(out, qc, out / "cohort.tsv",
-                          processed=[s.participant_id for s in todo], skipped=skipped)
-    return _report(summary, raise_on_failure, log)
+    return _PrepRun(out, kind, params, tpl, identity, table, subjects, chosen,
+                    chosen if args.participants is not None else None)
+
+
+def _prep_locked(run: _PrepRun, args: _PrepArgs) -> PrepSummary:
+    """Under the locks: write the folder's files, preprocess the subjects to do, write the
+    tables."""
+    out, executor = run.out, args.executor
+    if executor is not None and getattr(executor, "folder", "") is None:
+        executor.attach(out / "logs" / executor.name, args.log)  # not yet attached to a study's
+    _remove_stale(out, run.locked)
+    with _tables_lock(out):  # a process with other settings may have started meanwhile
+        _check_out(out, run.identity)
+        _write_folder_files(out, run.identity, run.tpl, run.kind, run.params.transform)
+    rows, todo, digests = _finished_rows(out, run.chosen, args.changed_input, args.log)
+    jobs_list = [{
+        "subject": s, "out": str(out), "res": _res_entity(run.tpl.resolution_mm),
+        "template": str(run.tpl.t1), "template_mask": str(run.tpl.mask), "space": run.tpl.space,
+        "transform": run.params.transform, "seed": run.params.seed,
+        "source_sha256": digests[s.stem],
+    } for s in todo]
+    for row in _run_subjects(jobs_list, args.jobs, args.deterministic, executor, out,
+                             args.progress):
+        rows[_stem_of(row, run.subjects)] = row
+    with _tables_lock(out):  # participant processes of one folder take turns here
+        if args.participants is not None:  # the other subjects, as their folders say
+            _record_failures(out, run.chosen, rows)
+            rows = _recorded_rows(out, run.subjects, exclude=rows) | rows
+        present = [s for s in run.subjects if s.stem in rows]
+        qc = _write_tables(out, run.table, present, rows, args.dice_min, args.corr_min,
+                           args.image_column)
+    skipped = [s.participant_id for s in run.chosen if s not in todo]
+    return PrepSummary(out, qc, out / "cohort.tsv", processed=[s.participant_id for s in todo],
+                       skipped=skipped)
 
 
 def _run_subjects(jobs_list: list[dict[str, Any]], jobs: int, deterministic: bool,
