@@ -155,6 +155,23 @@ def template_4mm(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return mni_template(shared_data, tmp_path_factory.mktemp("template_4mm"), 4)
 
 
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray (2 CPUs) for the in-process Ray tests of the session: executors join it
+    (``RayExecutor`` never shuts down a Ray it did not start), so its start, its stop and its
+    workers' imports are paid once."""
+    import shutil
+    import tempfile
+
+    ray = pytest.importorskip("ray")
+    tmp = tempfile.mkdtemp(prefix="dfrnray", dir="/tmp")  # short: Ray's socket paths
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _temp_dir=tmp)
+    yield
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _resample_ixi(src: Path, dst: Path) -> None:
     """One IXI scan from 2 mm to 4 mm voxels over the same field of view."""
     import nibabel as nib

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import study_config
+from conftest import one_thread_run, study_config
 
 DEADLINE = 240.0
 
@@ -107,11 +107,12 @@ def test_second_run_refused_killed_run_resumes_identically(tiny_cohort, tmp_path
     ]  # no half-written or duplicated task folder
     assert not (out / ".dfrn.lock").exists()
 
-    reference = _dfrn("run", str(cfg), "--out", str(tmp_path / "ref"), "--no-progress")
-    _, err = reference.communicate(timeout=DEADLINE)
-    assert reference.returncode == 0, err
+    # the uninterrupted run, in this process with the subprocesses' one thread
+    from dfrn.config import load_config
+
+    reference = one_thread_run(load_config(cfg), tmp_path / "ref")
     assert (out / "cv/predictions.tsv").read_text() == (
-        tmp_path / "ref/cv/predictions.tsv"
+        reference / "cv/predictions.tsv"
     ).read_text()
 
 

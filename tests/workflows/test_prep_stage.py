@@ -16,6 +16,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -35,6 +36,17 @@ def _dfrn(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None
     code = "import sys; from dfrn.cli import main; sys.exit(main())"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=1500)
+
+
+def _dfrn_here(capfd: pytest.CaptureFixture, *args: str) -> SimpleNamespace:
+    """``dfrn ARGS`` in this process (torch is imported already: seconds less than a new
+    process), with what it printed; for tests that are not about processes."""
+    from dfrn.cli import main
+
+    capfd.readouterr()
+    rc = main(list(args))
+    printed = capfd.readouterr()
+    return SimpleNamespace(returncode=rc, stdout=printed.out, stderr=printed.err)
 
 
 def _ixi_table(ixi_dir: Path, folder: Path, ids: list[str] | None = None) -> Path:
@@ -373,7 +385,7 @@ enabled = false
 
 
 def test_raw_scans_to_dfrn_run_with_the_baseline_on_modulated_gm(ixi_prep, shared_data,
-                                                                   tmp_path) -> None:
+                                                                   tmp_path, capfd) -> None:
     """cohort.tsv from dfrn prep is a [cohort] table; the baseline reads its modulated GM maps
     with the shared AAL3 atlas (1 mm, resampled onto the 4 mm grid). The ridge's 5-fold inner
     CV needs 5 training subjects per fold: each of the 3 prepared subjects is listed 3 times
@@ -387,7 +399,7 @@ def test_raw_scans_to_dfrn_run_with_the_baseline_on_modulated_gm(ixi_prep, share
     nine.to_csv(tmp_path / "cohort9.tsv", sep="\t", index=False)
     toml = _study_toml(tmp_path, tmp_path / "cohort9.tsv", out, shared_data)
     results = tmp_path / "results"
-    proc = _dfrn("run", str(toml), "--out", str(results), "--no-progress")
+    proc = _dfrn_here(capfd, "run", str(toml), "--out", str(results), "--no-progress")
     assert proc.returncode == 0, proc.stderr[-2000:]
     preds = pd.read_csv(results / "cv" / "predictions.tsv", sep="\t")
     assert sorted(preds.participant_id.unique()) == sorted(nine.participant_id)
@@ -401,7 +413,7 @@ def test_raw_scans_to_dfrn_run_with_the_baseline_on_modulated_gm(ixi_prep, share
 
 
 def test_prep_section_runs_inside_dfrn_run_and_reuses_finished_subjects(
-        ixi_prep, shared_data, template_4mm, tmp_path) -> None:
+        ixi_prep, shared_data, template_4mm, tmp_path, capfd) -> None:
     """[prep] in the study: the raw table goes through <results>/prep/ first; a results folder
     that already holds those subjects (an interrupted study) reuses them all."""
     out, table, _, _ = ixi_prep
@@ -412,7 +424,7 @@ def test_prep_section_runs_inside_dfrn_run_and_reuses_finished_subjects(
     (results / "prep" / ".dfrn.lock").unlink(missing_ok=True)
     extra = f'\n[prep]\ntemplate = "{tpl2[0]}"\ntemplate_mask = "{tpl2[1]}"\njobs = 2\n'
     toml = _study_toml(tmp_path, table, tpl2[0], shared_data, extra, baseline=False)
-    proc = _dfrn("run", str(toml), "--out", str(results), "--no-progress")
+    proc = _dfrn_here(capfd, "run", str(toml), "--out", str(results), "--no-progress")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "3 of 3 subject(s) already done; 0 to do" in proc.stdout
     preds = pd.read_csv(results / "cv" / "predictions.tsv", sep="\t")
@@ -420,7 +432,7 @@ def test_prep_section_runs_inside_dfrn_run_and_reuses_finished_subjects(
     cfg = (results / "config.toml").read_text()
     assert "[prep]" in cfg
     # a resume of the finished study is accepted and reuses everything
-    proc = _dfrn("run", str(toml), "--out", str(results), "--no-progress")
+    proc = _dfrn_here(capfd, "run", str(toml), "--out", str(results), "--no-progress")
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
@@ -473,7 +485,7 @@ def test_cohort_derivatives_in_a_study_feed_its_cohort(template_4mm, tmp_path) -
 
 @pytest.mark.parametrize("kind", ["ray", "slurm"])
 def test_prep_subjects_as_executor_tasks_match_local_processes(ixi_prep, ixi_4mm, template_4mm,
-                                                               tmp_path, kind) -> None:
+                                                               tmp_path, kind, request) -> None:
     """--executor ray or slurm: each subject is a Ray task or a SLURM job (submitit's local
     cluster); a corrupt scan fails alone, and the good subject's files are byte-identical to
     the local processes' (deterministic ANTs). The local run goes into a copy of the prepared
@@ -497,6 +509,8 @@ def test_prep_subjects_as_executor_tasks_match_local_processes(ixi_prep, ixi_4mm
     if kind == "slurm":  # the good subject is already done (as for the local run below):
         shutil.copytree(ixi_prep[0], tmp_path / "ray")  # one job, the corrupt scan's
         (tmp_path / "ray" / ".dfrn.lock").unlink(missing_ok=True)
+    if kind == "ray":  # the session's local Ray (2 CPUs), which the executor joins
+        request.getfixturevalue("ray_session")
     runner = make_executor(kind, ExecutorConfig(kind=kind, num_cpus=2, cluster="local"))
     try:
         on_ray = run_prep(table, tmp_path / "ray", executor=runner, **kw)

@@ -1,6 +1,6 @@
 """The Ray executor: parity with the local one, a worker killed mid-training, a killed driver.
 
-One local Ray (2 CPUs) serves the in-process tests; the driver-loss test starts its own in a
+One local Ray (2 CPUs, conftest's session-wide ``ray_session``) serves the in-process tests; the driver-loss test starts its own in a
 ``dfrn run`` subprocess and every process of it is killed by PID afterwards (found by an
 environment marker). No timing asserts: waits poll for a state with a generous deadline.
 """
@@ -64,16 +64,6 @@ def _assert_tasks_intact(out: Path) -> None:
 def local_run(tiny_cohort, tmp_path_factory):
     """The reference, with as many torch threads as a Ray task gets (cpus_per_task = 1)."""
     return one_thread_run(_config(tiny_cohort), tmp_path_factory.mktemp("local") / "res")
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    tmp = tempfile.mkdtemp(prefix="dfrnray", dir="/tmp")  # short: Ray's socket paths
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=tmp)
-    yield
-    ray.shutdown()
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_ray_gives_the_local_predictions(tiny_cohort, local_run, ray_session, tmp_path) -> None:
