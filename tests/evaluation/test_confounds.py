@@ -209,3 +209,25 @@ def test_encoder_codes_a_new_cohort_with_the_training_levels() -> None:
         again.transform(new.assign(site=[3]))
     with pytest.raises(DfrnInputError, match="covariate 'age' is not a column of the cohort"):
         again.transform(new.drop(columns=["age"]))
+
+
+def test_a_model_without_p_values_summarises_quietly() -> None:
+    """The covariates-only model has no p-values: its medians are NaN, with no NumPy
+    "Mean of empty slice" warning in the user's log (dfrn run printed four)."""
+    import warnings
+
+    table = pd.DataFrame({
+        "repeat": [0, 1, 0, 1], "factor": ["a"] * 4,
+        "model": ["dfrn", "dfrn", "covariates", "covariates"],
+        "r": [0.5, 0.6, 0.3, 0.3], "r_partial": [0.4, 0.5, np.nan, np.nan],
+        "delta_r2": [0.1, 0.2, np.nan, np.nan],
+        "p_partial": [0.01, 0.03, np.nan, np.nan],
+        "p_delta_r2_permutation": [0.002, 0.004, np.nan, np.nan],
+    })
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summary = summarise_confounds(table).set_index("model")
+    assert summary.loc["dfrn", "p_partial"] == pytest.approx(0.02)
+    assert summary.loc["dfrn", "p_delta_r2_permutation"] == pytest.approx(0.003)
+    assert np.isnan(summary.loc["covariates", "p_partial"])
+    assert np.isnan(summary.loc["covariates", "p_delta_r2_permutation"])

@@ -195,10 +195,17 @@ def summarise_confounds(table: pd.DataFrame) -> pd.DataFrame:
             "factor": factor, "model": model, "n_repeats": len(g),
             "r": g["r"].mean(), "r_partial": g["r_partial"].mean(), "delta_r2": g["delta_r2"].mean(),
             "sd_delta_r2": float(np.std(d, ddof=1)) if len(d) > 1 else np.nan,
-            "p_partial": g["p_partial"].median(),
-            "p_delta_r2_permutation": g["p_delta_r2_permutation"].median(),
+            "p_partial": _median(g["p_partial"]),
+            "p_delta_r2_permutation": _median(g["p_delta_r2_permutation"]),
         })
     return pd.DataFrame(rows)
+
+
+def _median(values: pd.Series) -> float:
+    """The median of the values given, NaN when there are none (the covariates-only model has
+    no p-values), without NumPy's "Mean of empty slice" warning in the user's log."""
+    given = values.dropna()
+    return float(given.median()) if len(given) else np.nan
 
 
 def verdict(row: pd.Series, covariates: str, model: str = "the network") -> str:
