@@ -345,9 +345,9 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command in ("prep", "bids"):
         _run_prep_or_bids(args, progress)
     elif args.command == "report":
-        from dfrn.workflows.report import write_report
+        from dfrn.workflows.report import rewrite_report
 
-        print(f"report: {write_report(args.results)}")
+        print(f"report: {rewrite_report(args.results)}")
     elif args.command == "predict":
         from dfrn.workflows.predict import predict_cohort
 

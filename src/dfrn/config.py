@@ -54,6 +54,7 @@ __all__ = [
     "FactorsConfig",
     "BaselineConfig",
     "ConfoundsConfig",
+    "CompareConfig",
     "AttentionConfig",
     "FinalConfig",
     "PrepConfig",
@@ -85,8 +86,9 @@ class CohortConfig:
     covariates: list[str] = field(default_factory=list)
     """Covariates (e.g. age, sex, head size): numeric columns, or categorical ones (one-hot
     coded). The one covariates list of a study: the covariates-only model, the "beyond the
-    covariates" analysis (``cv/confounds.tsv``), ``[confounds] target = "residualize"`` and the
-    ridge baseline's feature residualisation all use it."""
+    covariates" analysis (``cv/confounds.tsv``, ``cv/comparison.tsv``) and ``[confounds] target =
+    "residualize"`` use it. No model's features are adjusted for them: every model of a
+    comparison sees its inputs as they are (like for like)."""
     site: str = ""
     """The site (scanner) column: a categorical covariate, and ComBat's batch."""
     categorical_covariates: list[str] = field(default_factory=list)
@@ -275,6 +277,15 @@ class ConfoundsConfig:
 
 
 @dataclass
+class CompareConfig:
+    """How models run on the same folds are compared (``cv/comparison.tsv``, Table 1's CIs)."""
+
+    bootstrap: int = 2000
+    """Paired bootstrap resamples over subjects for the 95% CI of every r and every Δr,
+    seeded from ``[cv] seed``; 0: no CIs (and no verdicts)."""
+
+
+@dataclass
 class AttentionConfig:
     enabled: bool = True
     method: str = "guided_backprop"
@@ -382,6 +393,7 @@ class StudyConfig:
     factors: FactorsConfig | None = None
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     confounds: ConfoundsConfig = field(default_factory=ConfoundsConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     final: FinalConfig = field(default_factory=FinalConfig)
     prep: PrepConfig | None = None
@@ -420,6 +432,8 @@ class StudyConfig:
                 d[section].pop(key, None)
         if d["confounds"] == asdict(ConfoundsConfig()):
             del d["confounds"]
+        if d["compare"] == asdict(CompareConfig()):  # older runs keep their identity
+            del d["compare"]
         for key in ("channels_last_3d", "compile"):
             if not d["training"].get(key):
                 d["training"].pop(key, None)
@@ -462,6 +476,7 @@ SECTIONS: dict[str, type] = {
     "factors": FactorsConfig,
     "baseline": BaselineConfig,
     "confounds": ConfoundsConfig,
+    "compare": CompareConfig,
     "attention": AttentionConfig,
     "final": FinalConfig,
     "prep": PrepConfig,
@@ -600,6 +615,7 @@ COUNT_MINIMUMS: dict[str, dict[str, int]] = {
     "baseline": {"n_permutations": 0},
     "confounds": {"n_permutations": 0},
     "attention": {"top_regions": 1, "bootstrap": 0},
+    "compare": {"bootstrap": 0},
     "factors": {"n_resamples": 0, "n_factors": 1},
     "prep": {"jobs": 1, "seed": 0},
     "executor": {"num_cpus": 0, "max_retries": 0, "timeout_min": 1, "array_parallelism": 1},
@@ -615,11 +631,13 @@ def _check_counts(cfg: StudyConfig) -> None:
     """Every count of :data:`COUNT_MINIMUMS` is at least its minimum (one-line error)."""
     for section in COUNT_MINIMUMS:
         _check_section_counts(section, getattr(cfg, section))
-    if cfg.attention.bootstrap > MAX_BOOTSTRAP:
-        raise DfrnInputError(
-            f"config [attention] bootstrap must be <= {MAX_BOOTSTRAP:,}, got "
-            f"{cfg.attention.bootstrap:,} (1000 to 10,000 resamples give a stable 95% CI)"
-        )
+    for section, n in (("attention", cfg.attention.bootstrap),
+                       ("compare", cfg.compare.bootstrap)):
+        if n > MAX_BOOTSTRAP:
+            raise DfrnInputError(
+                f"config [{section}] bootstrap must be <= {MAX_BOOTSTRAP:,}, got {n:,} "
+                "(1000 to 10,000 resamples give a stable 95% CI)"
+            )
 
 
 def _check_section_counts(section: str, sub: Any) -> None:

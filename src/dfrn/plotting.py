@@ -174,7 +174,20 @@ def format_table(df: pd.DataFrame, title: str = "") -> str:
     return f"{title}\n{text}" if title else text
 
 
-def _fig3_figure(tables: list[tuple[str, pd.DataFrame, str]]) -> Figure:
+def _fig3_errors(summary: pd.DataFrame, ci: pd.DataFrame | None) -> tuple[np.ndarray, bool]:
+    """The bars' error bars: the 95% bootstrap CI of the mean r (asymmetric, shape (2, k))
+    where ``ci`` gives it, else the sd over repeats (shape (k,); NaN with one repeat: no
+    bar, not "± 0")."""
+    mean = summary["mean_r"].to_numpy(float)
+    if ci is None:
+        return summary["sd_r"].to_numpy(float), False
+    ci = ci.reindex(summary.index)
+    return np.vstack([mean - ci["ci_low"].to_numpy(float),
+                      ci["ci_high"].to_numpy(float) - mean]), True
+
+
+def _fig3_figure(tables: list[tuple[str, pd.DataFrame, str]],
+                 cis: list[pd.DataFrame | None] | None = None) -> Figure:
     """Figure 3's bars, one group per factor and one bar per model, the legend below the axes
     (outside them, so it never covers a bar; wrapped, and in two columns where they fit)."""
     import textwrap
@@ -195,15 +208,19 @@ def _fig3_figure(tables: list[tuple[str, pd.DataFrame, str]]) -> Figure:
     ax = fig.add_subplot()
     width = 0.8 / len(tables)
     xs = np.arange(len(factors))
+    cis = cis or [None] * len(tables)
+    boot = False
     for k, ((_, metrics, color), label) in enumerate(zip(tables, labels, strict=True)):
         summary = mean_r(metrics.assign(factor=metrics["factor"].astype(str))).reindex(factors)
-        mean = summary["mean_r"].to_numpy(float)
-        sd = summary["sd_r"].to_numpy(float)  # NaN with one repeat: no error bar, not "± 0"
+        err, has_ci = _fig3_errors(summary, cis[k])
+        boot = boot or has_ci
         offset = (k - (len(tables) - 1) / 2) * width
-        ax.bar(xs + offset, mean, width, yerr=sd, capsize=3, label=label, color=color)
+        ax.bar(xs + offset, summary["mean_r"].to_numpy(float), width, yerr=err, capsize=3,
+               label=label, color=color)
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xticks(xs, factors, rotation=20 if len(factors) > 4 else 0, ha="center")
-    ax.set_ylabel("Pearson r (mean ± sd over repeats)")
+    ax.set_ylabel("Pearson r (mean over repeats, 95% bootstrap CI)" if boot
+                  else "Pearson r (mean ± sd over repeats)")
     ax.set_title("Out-of-fold prediction of symptom factors")
     fig.legend(loc="outside lower center", ncols=ncols, frameon=False, fontsize="small")
     return fig
@@ -217,8 +234,10 @@ def plot_fig3(
     covariates_label: str = "Covariates only",
     target_note: str = "",
     voxel_ridge_metrics: pd.DataFrame | None = None,
+    cis: Mapping[str, pd.DataFrame] | None = None,
 ) -> Path:
-    """Figure 3: mean Pearson r per factor, the ridge baselines next to DFRN, ± sd over repeats.
+    """Figure 3: mean Pearson r per factor, the ridge baselines next to DFRN, with each mean's
+    95% bootstrap CI over subjects (``cis``; else ± sd over repeats).
 
     With ``covariates_metrics`` the covariates-only model's bar comes first: the r the brain
     models have to clear. Then the ROI ridge, the voxel ridge and DFRN; the legend sits
@@ -241,6 +260,9 @@ def plot_fig3(
         Appended to the brain models' legend entries (e.g. " (residualised target)").
     voxel_ridge_metrics : DataFrame, optional
         Metrics of the ridge on the network's input voxels (same format).
+    cis : mapping of str to DataFrame, optional
+        Each model's CI of the mean r (:func:`dfrn.evaluation.bootstrap.mean_r_ci`) under
+        ``"covariates"``, ``"roi_ridge"``, ``"voxel_ridge"`` or ``"dfrn"``.
 
     Returns
     -------
@@ -248,16 +270,17 @@ def plot_fig3(
         ``path``.
     """
     candidates = [
-        (covariates_label, covariates_metrics, "#e0a030"),
-        (f"Ridge regression (ROI volumes){target_note}", ridge_metrics, "#8c8c8c"),
-        (f"Ridge regression (network input voxels){target_note}", voxel_ridge_metrics,
-         "#6a51a3"),
-        (f"DFRN{target_note}", dfrn_metrics, "#1f77b4"),
+        ("covariates", covariates_label, covariates_metrics, "#e0a030"),
+        ("roi_ridge", f"Ridge regression (ROI volumes){target_note}", ridge_metrics, "#8c8c8c"),
+        ("voxel_ridge", f"Ridge regression (network input voxels){target_note}",
+         voxel_ridge_metrics, "#6a51a3"),
+        ("dfrn", f"DFRN{target_note}", dfrn_metrics, "#1f77b4"),
     ]
-    tables = [(label, m, color) for label, m, color in candidates if m is not None]
-    if not tables:
+    shown = [c for c in candidates if c[2] is not None]
+    if not shown:
         raise ValueError("Figure 3 needs the metrics of at least one model")
-    fig = _fig3_figure(tables)
+    fig = _fig3_figure([(label, m, color) for _, label, m, color in shown],
+                       [(cis or {}).get(key) for key, *_ in shown])
     out = Path(path)
     atomic_write(out, lambda p: fig.savefig(p, dpi=150, format="png"))
     return out

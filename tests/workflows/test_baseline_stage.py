@@ -212,3 +212,35 @@ def test_figure3_legend_covers_no_bar_and_stays_inside_the_figure(tmp_path: Path
                          "DFRN (residualised target)"]
         with Image.open(path) as png:  # the saved figure is this one, uncropped
             assert png.size == tuple(round(v * 150) for v in fig.get_size_inches())
+
+
+def test_covariates_do_not_change_the_roi_ridge_raw_r(cohort_copy, tmp_path: Path) -> None:
+    """Like for like: the network sees raw images, so the ROI ridge sees raw ROI features.
+    With covariates and raw targets its predictions equal those without covariates. A folder
+    whose ROI ridge an older dfrn adjusted for covariates (no features note) is redone."""
+    from dfrn.workflows.baseline import run_baseline_stage
+
+    quiet = {"progress": False, "log": lambda s: None}
+    cfg, plan, _ = _baseline_study(cohort_copy, tmp_path)
+    cfg.baseline.models = ["roi_ridge"]
+    plain = run_baseline_stage(tmp_path / "a", cfg, plan=plan, **quiet)
+    cfg, plan, _ = _baseline_study(cohort_copy, tmp_path, covariates=["age"])
+    cfg.baseline.models = ["roi_ridge"]
+    out = tmp_path / "b"
+    adjusted = run_baseline_stage(out, cfg, plan=plan, **quiet)
+    np.testing.assert_allclose(adjusted["predictions"]["y_pred"], plain["predictions"]["y_pred"],
+                               rtol=0, atol=1e-9)
+    np.testing.assert_allclose(adjusted["metrics"]["pearson_r"], plain["metrics"]["pearson_r"],
+                               rtol=0, atol=1e-9)
+    assert {"ci_low", "ci_high"} <= set(pd.read_csv(out / "baseline/metrics.tsv", sep="\t"))
+    note = out / "baseline/roi_ridge_features.json"
+    assert note.is_file()
+    logs: list[str] = []
+    run_baseline_stage(out, cfg, plan=plan, progress=False, log=logs.append)
+    assert not any("older dfrn" in line for line in logs)  # read back
+    note.unlink()  # as an older dfrn left it
+    written = (out / "baseline/predictions.tsv").stat().st_mtime_ns
+    run_baseline_stage(out, cfg, plan=plan, progress=False, log=logs.append)
+    assert any(line.startswith("ROI ridge: redone: its tables were made by an older dfrn")
+               for line in logs)
+    assert (out / "baseline/predictions.tsv").stat().st_mtime_ns != written and note.is_file()

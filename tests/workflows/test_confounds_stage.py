@@ -372,3 +372,34 @@ def test_voxel_ridge_joins_a_finished_run_without_an_atlas(residual_run, monkeyp
     assert "Schulz et al. 2020" in methods and "atlas-region sums" not in methods
     assert "Schulz MA" in text and "Nat Commun 11:4238" in text
     assert "<th>voxel_ridge_r</th>" in text and "<th>ridge_r</th>" not in text
+    # the comparison: the network vs the voxel ridge on the same residual targets; neither vs
+    # the covariates-only model, which predicts the raw score
+    comparison = pd.read_csv(out / "cv/comparison.tsv", sep="\t")
+    assert comparison[["model_a", "model_b"]].values.tolist() == [["dfrn", "voxel_ridge"]]
+    assert any(line.startswith("comparison: the brain models predict residualised targets")
+               for line in logs)
+    assert "all were trained on the residualised targets" in text
+    assert 'id="comparison-verdicts"><li>DFRN vs voxel ridge, local: ' in text
+
+
+def test_the_network_is_compared_with_the_covariates_only_model(null_run) -> None:
+    """Raw targets: cv/comparison.tsv holds the network vs the covariates-only model on the
+    same folds, its r the two models' Table 1 r, and the log gives its verdict sentence."""
+    from dfrn.evaluation.comparison import COMPARISON_COLUMNS
+    from dfrn.workflows.comparison import verdict_sentence
+
+    out, res, logs = null_run
+    table = pd.read_csv(out / "cv/comparison.tsv", sep="\t")
+    assert list(table.columns) == COMPARISON_COLUMNS
+    assert table[["factor", "model_a", "model_b"]].values.tolist() == [
+        ["age_only", "dfrn", "covariates"]]
+    row = table.iloc[0]
+    cov = pd.read_csv(out / "cv/covariates_metrics.tsv", sep="\t")
+    assert row["r_a"] == pytest.approx(res.metrics["pearson_r"].iloc[0], abs=1e-9)
+    assert row["r_b"] == pytest.approx(cov["pearson_r"].iloc[0], abs=1e-9)
+    assert row["ci_low"] < row["delta_r"] < row["ci_high"]
+    assert (row["n_scores"], row["df"]) == (3, 2)  # 1 repeat × 3 folds
+    assert f"  dfrn vs covariates, {verdict_sentence(row)}" in logs
+    metrics = pd.read_csv(out / "cv/metrics.tsv", sep="\t")
+    assert metrics["ci_low"].iloc[0] < metrics["pearson_r"].iloc[0] < metrics["ci_high"].iloc[0]
+

@@ -189,14 +189,16 @@ def test_p_values_print_as_table1_does(report: Path, tmp_path: Path) -> None:
 def test_one_repeat_sd_is_shown_as_a_dash(report: Path) -> None:
     """Issue 17.21: an sd over one repeat is undefined, not "0.0"."""
     text = report.read_text(encoding="utf-8")
-    ridge = re.findall(r"<td>([^<]*)</td>", _section(text, "ridge"))
-    sds = re.findall(r"<th>(\w+_sd)</th>", _section(text, "ridge"))
+    section = _section(text, "ridge").split("Every pair of models")[0]  # the r table
+    ridge = re.findall(r"<td>([^<]*)</td>", section)
+    sds = re.findall(r"<th>(\w+_sd)</th>", section)
     assert {"dfrn_sd", "ridge_sd"} <= set(sds), sds
     assert ridge.count("—") == 2 * len(sds), ridge  # every model's sd, both factors
     assert "0.0" not in ridge and "0" not in ridge, ridge
     table1 = re.findall(r"<td>([^<]*)</td>", _section(text, "table1").split('id="fold-r"')[0])
-    assert all(c.endswith(" ± —") for c in table1[-2:]), table1  # the mean ± sd row
-    assert table1[-3] == "mean ± sd", table1
+    # the mean ± sd row, then the bootstrap CI of the mean
+    assert all(re.search(r" ± — \[-?\d\.\d\d, -?\d\.\d\d\]$", c) for c in table1[-2:]), table1
+    assert table1[-3] == "mean ± sd [95% CI]", table1
 
 
 def test_p_and_sd_columns_are_formatted(tmp_path: Path) -> None:
@@ -268,25 +270,33 @@ def test_where_is_the_signal_is_the_ablation_ranking(report: Path) -> None:
 
 
 def test_figure3_shows_the_covariates_bar(report: Path, monkeypatch, tmp_path: Path) -> None:
+    import numpy as np
     from matplotlib.axes import Axes
 
-    from dfrn.workflows.baseline import _draw_fig3
+    from dfrn.evaluation.bootstrap import Bootstrap, mean_r_ci
+    from dfrn.workflows.baseline import run_baseline_stage
     from dfrn.workflows.results import ResultsFolder
 
     labels: list = []
+    errors: list = []
     bar = Axes.bar
 
     def spy(self, *args, **kwargs):
         labels.append(kwargs.get("label"))
+        errors.append((np.asarray(args[1]), np.asarray(kwargs.get("yerr"))))
         return bar(self, *args, **kwargs)
 
     monkeypatch.setattr(Axes, "bar", spy)
-    from dfrn.config import load_config
-
     folder = ResultsFolder(report.parent)
-    cfg = load_config(folder.config_toml)
-    _draw_fig3(folder, cfg, folder.read_metrics(folder.baseline_metrics), folder.read_metrics())
-    assert labels == ["Covariates only (age and sex)", "Ridge regression (ROI volumes)", "DFRN"]
+    run_baseline_stage(folder.root, progress=False, log=lambda s: None)  # dfrn baseline RESULTS
+    assert labels == ["Covariates only (age and sex)", "Ridge regression (ROI volumes)",
+                      "Ridge regression (network input voxels)", "DFRN"]
+    # the error bars are the 95% bootstrap CIs of the mean r, not the sd (one repeat: none)
+    ci = mean_r_ci(folder.read_predictions(), Bootstrap(2000, seed=1))
+    mean, err = errors[-1]
+    assert err.shape == (2, 2)
+    np.testing.assert_allclose(mean - err[0], ci["ci_low"], atol=1e-12)
+    np.testing.assert_allclose(mean + err[1], ci["ci_high"], atol=1e-12)
 
 
 def test_figure3_draws_no_error_bar_for_one_repeat(report: Path, monkeypatch, tmp_path: Path) -> None:
@@ -516,3 +526,32 @@ def test_methods_claim_a_permutation_test_only_where_one_ran() -> None:
     assert "with a permutation test" in roi and "permutation" not in voxel
     cfg["baseline"]["models_permuted"] = []
     assert "permutation" not in _baseline_methods(cfg)
+
+
+def test_the_report_compares_every_model_pair_with_a_verdict(report: Path) -> None:
+    """cv/comparison.tsv: the network vs each ridge and every brain model vs the covariates,
+    for every factor; the report opens its ridge section with one verdict sentence per row
+    and cites the test. 1 repeat × 2 folds gives 2 fold scores: no t-test, said so."""
+    import pandas as pd
+
+    from dfrn.workflows.comparison import verdict_sentence
+
+    table = pd.read_csv(report.parent / "cv/comparison.tsv", sep="\t")
+    pairs = [("dfrn", "ridge"), ("dfrn", "voxel_ridge"), ("dfrn", "covariates"),
+             ("ridge", "covariates"), ("voxel_ridge", "covariates")]
+    assert [tuple(p) for p in table[["model_a", "model_b"]].drop_duplicates().values] == pairs
+    assert table.groupby(["model_a", "model_b"]).size().tolist() == [2] * 5  # both factors
+    assert set(table["verdict"]) == {"no verdict: no corrected t-test: 2 fold score(s), it "
+                                     "needs ≥ 3"}
+    text = report.read_text(encoding="utf-8")
+    section = _section(text, "ridge")
+    items = re.findall(r"<li>([^<]*)</li>", section.split('id="comparison-verdicts"')[1])
+    row = table[(table.model_a == "dfrn") & (table.model_b == "ridge")].iloc[0]
+    import html
+
+    assert html.unescape(items[0]) == f"DFRN vs ROI ridge, {verdict_sentence(row)}"
+    assert len(items) == len(table)
+    assert "Raw comparison: every model sees its inputs as they are" in section
+    methods = text.split('id="methods"', 1)[1].split("</p>", 1)[0]
+    assert "corrected resampled t-test" in methods and "Nadeau &amp; Bengio 2003" in methods
+    assert "Bouckaert RR, Frank E (2004)" in text and "Efron B, Tibshirani RJ (1993)" in text

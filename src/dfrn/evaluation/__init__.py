@@ -68,6 +68,20 @@ _EXPORTS: dict[str, str] = {
     "validate_fold_plan": "folds",
     "verdict": "confounds",
     "verify_task": "tasks",
+    "Bootstrap": "bootstrap",
+    "AlignedPredictions": "bootstrap",
+    "align_predictions": "bootstrap",
+    "bootstrap_r": "bootstrap",
+    "repeat_r_ci": "bootstrap",
+    "mean_r_ci": "bootstrap",
+    "COMPARISON_COLUMNS": "comparison",
+    "CorrectedTTest": "comparison",
+    "ModelPair": "comparison",
+    "corrected_resampled_ttest": "comparison",
+    "fold_mse": "comparison",
+    "compare_models": "comparison",
+    "comparison_verdict": "comparison",
+    "format_ci": "metrics",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -17,6 +17,7 @@ import pandas as pd
 from scipy import stats as sps
 
 from dfrn.errors import DfrnInputError
+from dfrn.evaluation.bootstrap import Bootstrap, repeat_r_ci
 
 __all__ = [
     "PREDICTION_COLUMNS",
@@ -24,6 +25,7 @@ __all__ = [
     "compute_metrics",
     "table1",
     "format_r_p",
+    "format_ci",
     "format_p",
     "format_sd",
     "readable",
@@ -56,8 +58,12 @@ def _metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     }
 
 
-def compute_metrics(predictions: pd.DataFrame) -> pd.DataFrame:
-    """Metrics per (repeat, factor) from a long predictions table."""
+def compute_metrics(predictions: pd.DataFrame, boot: Bootstrap | None = None) -> pd.DataFrame:
+    """Metrics per (repeat, factor) from a long predictions table.
+
+    With ``boot``, ``ci_low`` and ``ci_high`` give each r's percentile bootstrap CI over
+    subjects (:func:`dfrn.evaluation.bootstrap.repeat_r_ci`).
+    """
     missing = [c for c in PREDICTION_COLUMNS if c not in predictions.columns]
     if missing:
         raise DfrnInputError(f"predictions table lacks the column(s) {', '.join(missing)}")
@@ -70,6 +76,8 @@ def compute_metrics(predictions: pd.DataFrame) -> pd.DataFrame:
     out["factor"] = pd.Categorical(out["factor"], categories=factor_order, ordered=True)
     out = out.sort_values(["repeat", "factor"]).reset_index(drop=True)
     out["factor"] = out["factor"].astype(str)
+    if boot is not None:
+        out = out.merge(repeat_r_ci(predictions, boot), on=["repeat", "factor"], how="left")
     return out
 
 
@@ -113,24 +121,39 @@ def format_r_p(r: float, p: float) -> str:
     return f"{r:.2f} ({format_p(p)})"
 
 
-def table1(metrics: pd.DataFrame) -> pd.DataFrame:
+def format_ci(low: float, high: float) -> str:
+    """A 95% CI as Table 1 prints it: ``[0.12, 0.34]``; empty when undefined."""
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return ""
+    return f" [{low:.2f}, {high:.2f}]"
+
+
+def table1(metrics: pd.DataFrame, mean_ci: pd.DataFrame | None = None) -> pd.DataFrame:
     """Table 1: one row per repeat plus a ``mean ± sd`` row; one column per factor.
 
-    Each cell of a repeat row is ``"r (p)"``; the last row gives the mean ± sd of r over
-    repeats.
+    Each cell of a repeat row is ``"r (p)"``, followed by r's 95% bootstrap CI ``[low,
+    high]`` when ``metrics`` has ``ci_low``/``ci_high``; the last row gives the mean ± sd of
+    r over repeats, followed by the CI of the mean from ``mean_ci``
+    (:func:`dfrn.evaluation.bootstrap.mean_r_ci`).
     """
     factors = list(dict.fromkeys(metrics["factor"]))
+    has_ci = {"ci_low", "ci_high"} <= set(metrics.columns)
     rows = []
     for repeat, g in metrics.groupby("repeat", sort=True):
         g = g.set_index("factor")
         row = {"repeat": str(int(repeat))}
         for f in factors:
-            row[f] = format_r_p(g.at[f, "pearson_r"], g.at[f, "p_value"]) if f in g.index else ""
+            cell = format_r_p(g.at[f, "pearson_r"], g.at[f, "p_value"]) if f in g.index else ""
+            if cell and has_ci:
+                cell += format_ci(g.at[f, "ci_low"], g.at[f, "ci_high"])
+            row[f] = cell
         rows.append(row)
-    summary = {"repeat": "mean ± sd"}
+    summary = {"repeat": "mean ± sd" + (" [95% CI]" if mean_ci is not None else "")}
     means = mean_r(metrics)
     for f in factors:
         summary[f] = f"{means.at[f, 'mean_r']:.2f} ± {format_sd(means.at[f, 'sd_r'])}"
+        if mean_ci is not None and f in mean_ci.index:
+            summary[f] += format_ci(mean_ci.at[f, "ci_low"], mean_ci.at[f, "ci_high"])
     rows.append(summary)
     return pd.DataFrame(rows, columns=["repeat", *factors])
 

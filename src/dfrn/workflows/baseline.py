@@ -5,9 +5,11 @@
 * ``roi_ridge``: ridge regression on atlas ROI features (the sum of the maps of
   ``[cohort] gm_column`` per atlas region, × voxel volume, in ml: gray-matter volume for GM
   probability maps; mean T1 intensity per region, with a warning, when the cohort has no such
-  column), the covariates regressed out of the features inside each training fold
-  (:class:`dfrn.models.ridge.RidgeBaseline`). It needs an atlas: without one it is skipped
-  with a note.
+  column) (:class:`dfrn.models.ridge.RidgeBaseline`). Its features are used as measured, as
+  the network's images are: no covariate is regressed out of them, so the comparison with the
+  network is like for like (``[confounds] target = "residualize"`` adjusts every model's
+  targets instead; ``[baseline] harmonize = "combat"`` is the one named feature adjustment).
+  It needs an atlas: without one it is skipped with a note.
 * ``voxel_ridge``: ridge regression on exactly the network's inputs, the study's cached
   volumes (same grid, mask, intensity normalisation and downsampling), solved in the dual
   from the subjects' Gram matrix (:func:`dfrn.models.ridge.voxel_gram`,
@@ -31,6 +33,7 @@ ridge), ``baseline/voxel_ridge_predictions.tsv``, ``baseline/voxel_ridge_metrics
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,15 +46,17 @@ from dfrn.data.atlas import Atlas, roi_mean_intensity, roi_volumes
 from dfrn.data.cohort import Cohort, read_delimited
 from dfrn.data.images import VolumeSet
 from dfrn.errors import DfrnInputError
+from dfrn.evaluation.bootstrap import Bootstrap, mean_r_ci
 from dfrn.evaluation.metrics import PREDICTION_COLUMNS, compute_metrics, mean_r, readable
 from dfrn.evaluation.permutation import permutation_test
 from dfrn.evaluation.ridge_cv import GramInputs, cross_validate_ridge
-from dfrn.io import atomic_write_tsv
+from dfrn.io import atomic_write_text, atomic_write_tsv
 from dfrn.models.ridge import DEFAULT_ALPHAS, voxel_gram
 from dfrn.plotting import format_table, plot_fig3
 from dfrn.targets.providers import StaticTargets, TargetProvider
 from dfrn.workflows.attention import load_atlas_for
-from dfrn.workflows.confounds import BASELINE_KEYS, baseline_files
+from dfrn.workflows.comparison import run_comparison_stage, study_bootstrap
+from dfrn.workflows.confounds import BASELINE_KEYS, BaselineFiles, baseline_files
 from dfrn.workflows.results import InputFile, ResultsFolder
 from dfrn.workflows.study import Study
 
@@ -98,7 +103,8 @@ def write_roi_features(features: pd.DataFrame, out: str | Path) -> Path:
 
 
 def write_baseline_outputs(predictions: pd.DataFrame, out: str | Path,
-                           model: str = "roi_ridge") -> tuple[Path, Path]:
+                           model: str = "roi_ridge",
+                           boot: Bootstrap | None = None) -> tuple[Path, Path]:
     """Write a baseline model's predictions and their metrics, full precision.
 
     Parameters
@@ -109,6 +115,8 @@ def write_baseline_outputs(predictions: pd.DataFrame, out: str | Path,
         The results folder.
     model : str, default "roi_ridge"
         The model (see :func:`dfrn.workflows.confounds.baseline_files`).
+    boot : Bootstrap, optional
+        The study's resamples: the metrics then carry each r's 95% CI.
 
     Returns
     -------
@@ -118,7 +126,7 @@ def write_baseline_outputs(predictions: pd.DataFrame, out: str | Path,
     files = baseline_files(out, model)
     pred_path, metrics_path = files.predictions, files.metrics
     atomic_write_tsv(predictions[PREDICTION_COLUMNS], pred_path, float_format=None)
-    atomic_write_tsv(compute_metrics(predictions), metrics_path, float_format=None)
+    atomic_write_tsv(compute_metrics(predictions, boot), metrics_path, float_format=None)
     return pred_path, metrics_path
 
 
@@ -190,10 +198,9 @@ def _features(
 
 @dataclass(frozen=True)
 class _RidgeCovariates:
-    """What the ridge takes from the study's covariates."""
+    """What the ROI ridge takes from the study's covariates: ComBat's inputs only (no
+    covariate is regressed out of any model's features)."""
 
-    design: pd.DataFrame | None = None
-    """All covariates, encoded (site dummies included): regressed out of the features."""
     sites: pd.Series | None = None
     """Site labels, for ComBat (``[baseline] harmonize = "combat"``)."""
     preserve: pd.DataFrame | None = None
@@ -201,41 +208,47 @@ class _RidgeCovariates:
 
 
 def _covariates(cohort: Cohort, cfg: StudyConfig) -> _RidgeCovariates:
-    """The ridge's covariates: ``[cohort] covariates`` and ``site``, and ComBat's inputs."""
+    """ComBat's inputs under ``[baseline] harmonize = "combat"``: the sites and the
+    covariates whose effects it keeps; nothing otherwise."""
     from dfrn.data.covariates import CovariateEncoder
     from dfrn.workflows.study import study_covariates
 
     selection = study_covariates(cohort, cfg)
-    if selection is None:
+    if selection is None or cfg.baseline.harmonize != "combat":
         return _RidgeCovariates()
-    design = selection.design()
-    if cfg.baseline.harmonize != "combat":
-        return _RidgeCovariates(design)
     from dfrn.models.harmonize import require_neurocombat
 
     require_neurocombat()  # before any work: a one-line error when the extra is missing
     site = cfg.cohort.site
     others = [c for c in selection.names if c != site]
     preserve = CovariateEncoder().fit_transform(selection.raw[others]) if others else None
-    return _RidgeCovariates(design, selection.raw[site].astype(str), preserve)
+    return _RidgeCovariates(selection.raw[site].astype(str), preserve)
 
 
-def _draw_fig3(folder: ResultsFolder, cfg: StudyConfig, metrics: pd.DataFrame | None,
-               dfrn_metrics: pd.DataFrame | None,
-               voxel_metrics: pd.DataFrame | None = None) -> None:
-    """Figure 3: the ROI ridge's ``metrics`` and the voxel ridge's (either may be None),
-    the network's, and the covariates-only bar when the study has covariates."""
+def _draw_fig3(study: _Study, by_model: dict[str, dict[str, pd.DataFrame]],
+               dfrn_metrics: pd.DataFrame | None) -> None:
+    """Figure 3: the baseline models of ``by_model``, the network's metrics and the
+    covariates-only bar when the study has covariates, each with its bootstrap CI. Every
+    model sees its inputs as they are (raw comparison); the legend says when the targets
+    were residualised."""
     from dfrn.data.covariates import covariate_names, describe_covariates
 
+    folder, cfg = study.folder, study.cfg
+    preds = {m: res["predictions"] for m, res in by_model.items()}
+    if dfrn_metrics is not None:
+        preds["dfrn"] = folder.read_predictions()
     cov_metrics, label, note = None, "", ""
     names = covariate_names(cfg.cohort.covariates, cfg.cohort.site)
     if names and folder.covariates_metrics.is_file():
         cov_metrics = folder.read_metrics(folder.covariates_metrics)
+        preds["covariates"] = folder.read_predictions(folder.covariates_predictions)
         label = f"Covariates only ({describe_covariates(names)})"
         if cfg.confounds.target == "residualize":
             note = " (residualised target)"
-    plot_fig3(metrics, dfrn_metrics, folder.figure(_FIG3), cov_metrics, label, note,
-              voxel_ridge_metrics=voxel_metrics)
+    cis = {m: mean_r_ci(p, study.boot) for m, p in preds.items()} if study.boot.n_resamples else None
+    plot_fig3(by_model.get("roi_ridge", {}).get("metrics"), dfrn_metrics, folder.figure(_FIG3),
+              cov_metrics, label, note, voxel_ridge_metrics=by_model.get("voxel_ridge", {})
+              .get("metrics"), cis=cis)
 
 
 def _refresh_confounds(out: str | Path, study: Study, log: Callable[[str], None]) -> None:
@@ -275,6 +288,8 @@ class _Study:
     """Permutations to run: 0 when none are asked for, or the targets change per fold."""
     volumes: Callable[[], VolumeSet]
     """The network's inputs (prepared on first call)."""
+    boot: Bootstrap
+    """The study's bootstrap resamples (the metrics' CIs)."""
 
     @property
     def alphas(self) -> tuple[float, ...]:
@@ -324,7 +339,8 @@ def _load_study(out: str | Path, cfg: StudyConfig, cohort: Cohort | None,
             cached.append(prepare_volumes(cohort, cfg, folder.root, progress, inputs, log))
         return cached[0]
 
-    return _Study(folder, cfg, cohort, plan, targets, provider, n_perm, get_volumes)
+    return _Study(folder, cfg, cohort, plan, targets, provider, n_perm, get_volumes,
+                  study_bootstrap(cfg))
 
 
 def _roi_inputs(study: _Study, over: _Overrides, log: Callable[[str], None]
@@ -352,6 +368,29 @@ def _voxel_inputs(study: _Study, log: Callable[[str], None]) -> _ModelInputs:
     return _ModelInputs(GramInputs(ids, gram), _RidgeCovariates())
 
 
+#: Written beside the ROI ridge's tables: its features were used as measured. Folders made
+#: before (with covariates) regressed the covariates out of them, so their tables are redone.
+_FEATURES_NOTE = {"roi_features": "as measured: no covariate regressed out"}
+
+
+def _features_note(folder: ResultsFolder) -> Path:
+    return folder.baseline / "roi_ridge_features.json"
+
+
+def _adjusted_by_older_dfrn(study: _Study, files: BaselineFiles,
+                            log: Callable[[str], None]) -> bool:
+    """Whether the folder's ROI ridge tables were made by an older dfrn that regressed the
+    covariates out of the ROI features (then they are redone, with one log line)."""
+    c = study.cfg.cohort
+    if not (c.covariates or c.site) or not files.predictions.is_file():
+        return False
+    if _features_note(study.folder).is_file():
+        return False
+    log("ROI ridge: redone: its tables were made by an older dfrn that regressed the "
+        "covariates out of the ROI features (now every model sees its inputs as they are)")
+    return True
+
+
 def _run_model(model: str, study: _Study, load: Callable[[], _ModelInputs | None],
                redo: tuple[bool, bool], progress: bool, log: Callable[[str], None]
                ) -> dict[str, pd.DataFrame] | None:
@@ -359,6 +398,8 @@ def _run_model(model: str, study: _Study, load: Callable[[], _ModelInputs | None
     exist (unless ``redo`` = (predictions, permutations) says so), else computed and written.
     None when the model cannot run (the ROI ridge without an atlas)."""
     files, root = baseline_files(study.folder.root, model), study.folder.root
+    if model == "roi_ridge" and _adjusted_by_older_dfrn(study, files, log):
+        redo = (True, True)
     have_pred = not redo[0] and files.predictions.is_file() and files.metrics.is_file()
     have_perm = not any(redo) and files.permutation.is_file()
     inputs = None
@@ -372,10 +413,12 @@ def _run_model(model: str, study: _Study, load: Callable[[], _ModelInputs | None
     else:
         assert inputs is not None
         pred = cross_validate_ridge(inputs.features, study.provider, study.plan,
-                                    inputs.cov.design, sites=inputs.cov.sites,
+                                    None, sites=inputs.cov.sites,
                                     preserve=inputs.cov.preserve, alphas=study.alphas)
-        write_baseline_outputs(pred, root, model)
-    results = {"predictions": pred, "metrics": compute_metrics(pred)}
+        write_baseline_outputs(pred, root, model, study.boot)
+        if model == "roi_ridge":
+            atomic_write_text(_features_note(study.folder), json.dumps(_FEATURES_NOTE) + "\n")
+    results = {"predictions": pred, "metrics": compute_metrics(pred, study.boot)}
     if study.n_perm == 0:
         return results
     if have_perm:
@@ -384,7 +427,7 @@ def _run_model(model: str, study: _Study, load: Callable[[], _ModelInputs | None
         assert inputs is not None
         perm = permutation_test(
             inputs.features, study.targets, study.plan, n_perm=study.n_perm,
-            seed=study.cfg.cv.seed, covariates=inputs.cov.design, progress=progress,
+            seed=study.cfg.cv.seed, covariates=None, progress=progress,
             alphas=study.alphas, sites=inputs.cov.sites, preserve=inputs.cov.preserve,
         )
         write_permutation_table(perm, root, model)
@@ -405,7 +448,8 @@ def _log_summary(by_model: dict[str, dict[str, pd.DataFrame]], dfrn_metrics: pd.
     summary.index.name = "factor"
     names = " and ".join(_SUMMARY_NAMES[m] for m in by_model)
     log(format_table(summary.reset_index().round(3),
-                     f"Mean Pearson r over repeats: {names} vs DFRN"))
+                     f"Mean Pearson r over repeats: {names} vs DFRN (raw comparison: no "
+                     "covariate regressed out of any model's features)"))
     return summary
 
 
@@ -425,8 +469,7 @@ def _run_models(study: _Study, over: _Overrides, progress: bool,
         return {}
     folder = study.folder
     dfrn_metrics = folder.read_metrics() if folder.metrics.is_file() else None
-    _draw_fig3(folder, study.cfg, by_model.get("roi_ridge", {}).get("metrics"), dfrn_metrics,
-               by_model.get("voxel_ridge", {}).get("metrics"))
+    _draw_fig3(study, by_model, dfrn_metrics)
     results = dict(by_model.get("roi_ridge", {}))  # the ROI ridge's keys, as before
     for key, table in by_model.get("voxel_ridge", {}).items():
         results[f"voxel_ridge_{key}"] = table
@@ -481,16 +524,24 @@ def run_baseline_stage(
         factor, each model next to DFRN); empty when no model could run.
     """
     over = _Overrides(atlas, atlas_labels, n_permutations)
-    if cfg is not None:
-        study = _load_study(out, cfg, cohort, targets, provider, plan, n_permutations,
-                            progress, log, volumes)
-        return _run_models(study, over, progress, log)
+    if cfg is None:
+        return _on_finished_folder(out, over, progress, log)
+    study = _load_study(out, cfg, cohort, targets, provider, plan, n_permutations,
+                        progress, log, volumes)
+    return _run_models(study, over, progress, log)
+
+
+def _on_finished_folder(out: str | Path, over: _Overrides, progress: bool,
+                        log: Callable[[str], None]) -> dict[str, pd.DataFrame]:
+    """``dfrn baseline RESULTS``: under the folder's lock, with its own config and checked
+    inputs; ``cv/confounds.tsv`` and ``cv/comparison.tsv`` are rewritten afterwards."""
     from dfrn.workflows.study import open_study, results_lock
 
     with results_lock(Path(out), "dfrn baseline", log):
         fin = open_study(out, progress, log)
         study = _load_study(out, fin.cfg, fin.cohort, fin.targets, fin.provider, fin.plan,
-                            n_permutations, progress, log, fin.volumes)
+                            over.n_permutations, progress, log, fin.volumes)
         results = _run_models(study, over, progress, log)
         _refresh_confounds(out, fin, log)
+        run_comparison_stage(out, fin.cfg, log)
         return results

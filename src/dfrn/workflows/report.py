@@ -26,7 +26,7 @@ from dfrn.interpret.sanity import fails_sanity
 from dfrn.io import atomic_write_text
 from dfrn.workflows.results import ResultsFolder
 
-__all__ = ["write_report", "REFERENCES", "training_words", "image_words"]
+__all__ = ["write_report", "rewrite_report", "REFERENCES", "training_words", "image_words"]
 
 REFERENCES = [
     "DFRN: deep factor regression of depression symptom factors from structural MRI (the "
@@ -50,6 +50,14 @@ REFERENCES = [
     "Schulz MA, Yeo BTT, Vogelstein JT, et al. (2020). Different scaling of linear models and "
     "deep learning in UK Biobank brain images versus machine-learning datasets. Nat Commun "
     "11:4238.",
+]
+#: Cited in the Methods for the CIs and the model comparison.
+COMPARISON_REFERENCES = [
+    "Efron B, Tibshirani RJ (1993). An Introduction to the Bootstrap. Chapman & Hall.",
+    "Nadeau C, Bengio Y (2003). Inference for the generalization error. Mach Learn "
+    "52:239-281.",
+    "Bouckaert RR, Frank E (2004). Evaluating the replicability of significance tests for "
+    "comparing learning algorithms. PAKDD, LNCS 3056:3-12.",
 ]
 #: Cited in the Methods when the study has covariates.
 CONFOUND_REFERENCES = [
@@ -321,6 +329,30 @@ def _ridge_table(folder: ResultsFolder, metrics: pd.DataFrame) -> str | None:
     return _frame(table.reset_index()) if found else None
 
 
+def _comparison_context(folder: ResultsFolder, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The comparison's verdict sentences (network vs each baseline first) and its table."""
+    from dfrn.workflows.comparison import verdict_sentence
+
+    scope = ("Raw comparison: every model sees its inputs as they are (no covariate is "
+             "regressed out of any model's features)")
+    if _covariate_names(cfg):
+        scope += (("; all were trained on the residualised targets" if
+                   cfg.get("confounds", {}).get("target") == "residualize" else
+                   "; the covariates-only model is the bar")
+                  + ". The comparison beyond the covariates is the section above.")
+    else:
+        scope += "."
+    if not folder.comparison.is_file():
+        return {"comparison": None, "comparison_verdicts": [], "comparison_scope": scope}
+    table = _read_tsv(folder.comparison)
+    words = {"dfrn": "DFRN", "ridge": "ROI ridge", "voxel_ridge": "voxel ridge",
+             "covariates": "covariates"}
+    verdicts = [f"{words.get(r.model_a, r.model_a)} vs {words.get(r.model_b, r.model_b)}, "
+                f"{verdict_sentence(pd.Series(r._asdict()))}" for r in table.itertuples()]
+    return {"comparison": _frame(table, 3), "comparison_verdicts": verdicts,
+            "comparison_scope": scope}
+
+
 def _baseline_permutations(folder: ResultsFolder) -> str | None:
     """The ridge baselines' permutation tests in one table, a ``model`` column first."""
     from dfrn.workflows.confounds import BASELINE_KEYS, baseline_files
@@ -363,6 +395,7 @@ def _methods(cfg: dict[str, Any], n_subjects: int, factors: list[str],
             f"({f['n_factors']} factors, fitted on {'all subjects' if f['fit_on'] == 'all' else 'each training fold'}). "
         )
     text += _baseline_methods(cfg)
+    text += _comparison_methods(cfg)
     text += _confound_methods(cfg)
     att = cfg.get("attention", {})
     if att.get("enabled", True) and att.get("ablation", True):
@@ -377,6 +410,20 @@ def _methods(cfg: dict[str, Any], n_subjects: int, factors: list[str],
         text += (f"Factor attention maps were computed with {cfg['attention']['method']} and "
                  "checked with the cascading model-randomisation test.")
     return text
+
+
+def _comparison_methods(cfg: dict[str, Any]) -> str:
+    """The Methods sentences on the CIs and the model comparison."""
+    n = cfg.get("compare", {}).get("bootstrap", 2000)
+    if not n:
+        return ""
+    return (f"Each r has a 95% percentile bootstrap CI over subjects ({n} resamples of the "
+            "pooled out-of-fold predictions, the same resamples for every model and repeat; "
+            "Efron & Tibshirani 1993). Models run on the same folds were compared by Δr with "
+            "a paired bootstrap CI and by the corrected resampled t-test of the folds' mean "
+            "squared errors, which accounts for the overlap of the training sets (Nadeau & "
+            "Bengio 2003; Bouckaert & Frank 2004); a model was said to beat another when both "
+            "agreed at the 5% level. No covariate was regressed out of any model's features. ")
 
 
 def _covariate_names(cfg: dict[str, Any]) -> list[str]:
@@ -430,6 +477,8 @@ def _confounds_context(folder: ResultsFolder, cfg: dict[str, Any]) -> dict[str, 
 
 def _references(cfg: dict[str, Any]) -> list[str]:
     refs = list(REFERENCES)
+    if cfg.get("compare", {}).get("bootstrap", 2000):
+        refs += COMPARISON_REFERENCES
     if _covariate_names(cfg):
         refs += CONFOUND_REFERENCES
     if cfg.get("baseline", {}).get("harmonize") == "combat":
@@ -638,5 +687,15 @@ def write_report(out: str | Path, notes: list[str] | None = None) -> Path:
         "references": _references(cfg),
         "target_note": _target_note(cfg),
         **_confounds_context(folder, cfg),
+        **_comparison_context(folder, cfg),
         **_learning_context(folder, run.metrics),
     })
+
+
+def rewrite_report(out: str | Path) -> Path:
+    """``dfrn report RESULTS``: rewrite ``cv/comparison.tsv`` from the folder's predictions
+    (under its lock), then ``report.html``; return the page's path."""
+    from dfrn.workflows.comparison import refresh_comparison
+
+    refresh_comparison(out)
+    return write_report(out)

@@ -328,6 +328,12 @@ class ResultsFolder:
         return self.cv / "confounds_summary.tsv"
 
     @property
+    def comparison(self) -> Path:
+        """Each pair of models run on the same folds: Δr with its CI, the corrected t-test
+        and a verdict (:mod:`dfrn.workflows.comparison`)."""
+        return self.cv / "comparison.tsv"
+
+    @property
     def covariates_predictions(self) -> Path:
         """Out-of-fold predictions of the covariates-only model."""
         return self.cv / "covariates_predictions.tsv"

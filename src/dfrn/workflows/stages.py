@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from dfrn.evaluation.bootstrap import mean_r_ci
 from dfrn.evaluation.metrics import compute_metrics, fold_r, fold_r_summary, table1
 from dfrn.evaluation.tasks import plan_tasks, run_cv
 from dfrn.io import atomic_write_tsv
 from dfrn.plotting import format_table, plot_fig2
+from dfrn.workflows.comparison import study_bootstrap
 from dfrn.workflows.confounds import target_words
 from dfrn.workflows.learning import train_sizes, write_learning_table
 from dfrn.workflows.report import image_words, training_words
@@ -62,13 +64,15 @@ def _write_cv_tables(study: Study, predictions: pd.DataFrame) -> CVResult:
     """Write the CV's predictions, metrics, Table 1 and Figure 2; log Table 1 and the
     pooled r beside each fold's own r."""
     folder, log = ResultsFolder(study.out), study.log
-    metrics = compute_metrics(predictions)
-    t1 = table1(metrics)
+    boot = study_bootstrap(study.cfg)
+    metrics = compute_metrics(predictions, boot)
+    t1 = table1(metrics, mean_r_ci(predictions, boot))
     atomic_write_tsv(predictions, folder.predictions)
     atomic_write_tsv(metrics, folder.metrics)
     atomic_write_tsv(t1, folder.table1)
     plot_fig2(predictions, metrics, folder.figure("fig2_scatter"))
-    log(format_table(t1, "Table 1 — Pearson r (p) of out-of-fold predictions, per repeat; "
+    log(format_table(t1, "Table 1 — Pearson r (p) [95% bootstrap CI over subjects] of "
+                         "out-of-fold predictions, per repeat; "
                          + target_words(study.cfg, study.covariates)))
     log(format_table(fold_r_summary(fold_r(predictions), metrics).round(3),
                      "Pooled r beside the r of each fold's own test subjects (a pooled r far "
@@ -136,6 +140,13 @@ def baseline_stage(study: Study, result: StudyResult) -> dict[str, pd.DataFrame]
     )
 
 
+def comparison_stage(study: Study, result: StudyResult) -> pd.DataFrame | None:
+    """``cv/comparison.tsv``: the network vs each baseline (and each vs the covariates)."""
+    from dfrn.workflows.comparison import run_comparison_stage
+
+    return run_comparison_stage(study.out, study.cfg, study.log)
+
+
 def attention_stage(study: Study, result: StudyResult) -> dict[str, pd.DataFrame]:
     """Factor attention maps, their region tables and the region ablation."""
     from dfrn.workflows.attention import run_attention_stage
@@ -178,6 +189,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("network_permutation", lambda s: s.permutations > 0, network_permutation_stage),
     Stage("packages", lambda s: s.cfg.final.enabled, packages_stage),
     Stage("baseline", lambda s: s.cfg.baseline.enabled, baseline_stage),
+    Stage("comparison", _always, comparison_stage),
     Stage("attention", lambda s: s.cfg.attention.enabled, attention_stage),
     Stage("confounds", _with_covariates, confounds_stage),
     Stage("report", _always, report_stage),

@@ -146,6 +146,7 @@ class StudyResult:
     network_permutation: pd.DataFrame | None = None
     packages: dict[str, Path] | None = None
     baseline: dict[str, pd.DataFrame] | None = None
+    comparison: pd.DataFrame | None = None
     attention: dict[str, pd.DataFrame] | None = None
     confounds: pd.DataFrame | None = None
     report: Path | None = None
