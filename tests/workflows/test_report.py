@@ -555,3 +555,6 @@ def test_the_report_compares_every_model_pair_with_a_verdict(report: Path) -> No
     methods = text.split('id="methods"', 1)[1].split("</p>", 1)[0]
     assert "corrected resampled t-test" in methods and "Nadeau &amp; Bengio 2003" in methods
     assert "Bouckaert RR, Frank E (2004)" in text and "Efron B, Tibshirani RJ (1993)" in text
+    cells = re.findall(r"<td>([^<]*)</td>", section.split("Every pair of models")[1])
+    assert cells.count("—") == 3 * len(table), cells  # t, df and p: undefined, not "nan"
+    assert "nan" not in [c.lower() for c in cells]

@@ -95,6 +95,7 @@ _EXPORTS: dict[str, str] = {
     "run_comparison_stage": "comparison",
     "refresh_comparison": "comparison",
     "verdict_sentence": "comparison",
+    "readable_comparison": "comparison",
     "training_words": "report",
     "BASELINE_KEYS": "confounds",
     "BaselineFiles": "confounds",

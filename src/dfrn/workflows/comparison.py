@@ -34,7 +34,7 @@ from dfrn.workflows.confounds import BASELINE_KEYS, MODEL_WORDS, baseline_files
 from dfrn.workflows.results import ResultsFolder
 
 __all__ = ["study_bootstrap", "compare_study_models", "run_comparison_stage",
-           "refresh_comparison", "verdict_sentence"]
+           "refresh_comparison", "readable_comparison", "verdict_sentence"]
 
 
 def study_bootstrap(cfg: StudyConfig) -> Bootstrap:
@@ -94,6 +94,15 @@ def compare_study_models(folder: ResultsFolder, cfg: StudyConfig,
             else pd.DataFrame(columns=COMPARISON_COLUMNS))
 
 
+def readable_comparison(table: pd.DataFrame) -> pd.DataFrame:
+    """The table for reading (log, report): numbers rounded, p as Table 1 prints it, and
+    "—" where the t-test or an r is undefined (its reason is in the verdict)."""
+    shown = readable(table, 3)
+    for col in ("r_a", "r_b", "delta_r", "ci_low", "ci_high", "t_corrected", "df"):
+        shown[col] = ["—" if not np.isfinite(float(v)) else v for v in shown[col]]
+    return shown
+
+
 def verdict_sentence(row: pd.Series) -> str:
     """One comparison in words, e.g. "anhedonia: the ROI ridge beats the network (Δr −0.15,
     95% CI −0.24 to −0.07, corrected p 0.02)"."""
@@ -108,15 +117,15 @@ def verdict_sentence(row: pd.Series) -> str:
 
 def run_comparison_stage(out: str | Path, cfg: StudyConfig,
                          log: Callable[[str], None] = print) -> pd.DataFrame | None:
-    """Write ``cv/comparison.tsv`` and log it with one verdict per row; None (nothing
-    written) when the study ran a single model."""
+    """Write ``cv/comparison.tsv`` and log it with one verdict per row; None when the study
+    ran a single model (then no stale table of an earlier model set is left behind)."""
     folder = ResultsFolder(Path(out))
     table = compare_study_models(folder, cfg, log)
     if table.empty:
+        folder.comparison.unlink(missing_ok=True)
         return None
     atomic_write_tsv(table, folder.comparison, float_format=None)
-    shown = table.drop(columns=["verdict"])
-    log(format_table(readable(shown, 3),
+    log(format_table(readable_comparison(table.drop(columns=["verdict"])),
                      "Model comparison on the same folds (cv/comparison.tsv): Δr = r_a − r_b "
                      f"with a paired bootstrap 95% CI ({cfg.compare.bootstrap} resamples), and "
                      "the corrected resampled t-test on the folds' MSE (Nadeau & Bengio 2003)"))

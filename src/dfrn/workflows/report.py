@@ -331,7 +331,7 @@ def _ridge_table(folder: ResultsFolder, metrics: pd.DataFrame) -> str | None:
 
 def _comparison_context(folder: ResultsFolder, cfg: dict[str, Any]) -> dict[str, Any]:
     """The comparison's verdict sentences (network vs each baseline first) and its table."""
-    from dfrn.workflows.comparison import verdict_sentence
+    from dfrn.workflows.comparison import readable_comparison, verdict_sentence
 
     scope = ("Raw comparison: every model sees its inputs as they are (no covariate is "
              "regressed out of any model's features)")
@@ -349,8 +349,8 @@ def _comparison_context(folder: ResultsFolder, cfg: dict[str, Any]) -> dict[str,
              "covariates": "covariates"}
     verdicts = [f"{words.get(r.model_a, r.model_a)} vs {words.get(r.model_b, r.model_b)}, "
                 f"{verdict_sentence(pd.Series(r._asdict()))}" for r in table.itertuples()]
-    return {"comparison": _frame(table, 3), "comparison_verdicts": verdicts,
-            "comparison_scope": scope}
+    html = readable_comparison(table).to_html(index=False, border=0, na_rep="", escape=True)
+    return {"comparison": html, "comparison_verdicts": verdicts, "comparison_scope": scope}
 
 
 def _baseline_permutations(folder: ResultsFolder) -> str | None:
