@@ -132,6 +132,17 @@ class ModelConfig:
     widen_factor: float = 1.0
     """Multiplies every layer's channels (MONAI's ``ResNet`` ``widen_factor``). 1.0 is the
     paper's network (64 … 512 channels); 0.125 gives 8 … 64, about 1/60 of the weights."""
+    init: str = ""
+    """Pretrained weights to start every network from: a dfrn model package folder, a
+    MedicalNet checkpoint or a state dict of dfrn's network (:mod:`dfrn.models.pretrained`).
+    Its content (SHA-256) is part of the run's identity."""
+    init_member: int = 0
+    """Which network of a package ``init`` starts from."""
+    freeze: str = "none"
+    """``"stem"`` (``conv1``, ``bn1``) or ``"backbone"`` (all but the output layer): those
+    layers, BatchNorm statistics included, keep ``init``'s values."""
+    backbone_lr_scale: float = 1.0
+    """The backbone's learning rate as a fraction of ``[training] lr`` (e.g. 0.1)."""
 
 
 @dataclass
@@ -448,6 +459,8 @@ class StudyConfig:
                     d[section].pop(k, None)
         d["cohort"]["source"] = "bids" if self.cohort.bids else "table"
         d["cohort"]["derivatives"] = bool(self.cohort.derivatives)
+        if self.model.init:  # which file: its SHA-256 in run.json; that there is one: here
+            d["model"]["init"] = "pretrained"
         d["attention"]["truth"] = sorted(self.attention.truth)
         blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -501,6 +514,9 @@ LATER_DEFAULTS: dict[tuple[str, str], Any] = {
     ("attention", "bootstrap"): 1000,
     ("model", "heads"): "separate",
     ("model", "widen_factor"): 1.0,
+    ("model", "init_member"): 0,
+    ("model", "freeze"): "none",
+    ("model", "backbone_lr_scale"): 1.0,
     ("training", "early_stopping"): "val",  # dfrn's rule before "auto": old runs keep theirs
     ("training", "min_epochs"): 10,
     ("training", "min_val_subjects"): 20,
@@ -516,6 +532,7 @@ LATER_DEFAULTS: dict[tuple[str, str], Any] = {
 }
 PATH_KEYS = {
     "cohort": ("table", "bids", "mask", "cache_dir", "derivatives"),
+    "model": ("init",),
     "prep": ("template", "template_mask"),
     "baseline": ("atlas", "atlas_labels"),
     "attention": ("atlas", "atlas_labels", "template"),
@@ -612,6 +629,7 @@ COUNT_MINIMUMS: dict[str, dict[str, int]] = {
     "training": {"epochs": 1, "batch_size": 1, "patience": 1, "seed": 0, "min_epochs": 1,
                  "n_seeds": 1, "min_val_subjects": 2},
     "cv": {"n_folds": 2, "n_repeats": 1, "seed": 0},
+    "model": {"init_member": 0},
     "baseline": {"n_permutations": 0},
     "confounds": {"n_permutations": 0},
     "attention": {"top_regions": 1, "bootstrap": 0},
@@ -649,6 +667,21 @@ def _check_section_counts(section: str, sub: Any) -> None:
             raise DfrnInputError(f"config [{section}] {key} must be >= {minimum}, got {value}")
 
 
+def _check_init(m: ModelConfig) -> None:
+    """``[model] freeze`` and ``backbone_lr_scale`` make sense, and need ``init``."""
+    _check_choice("model", "freeze", m.freeze, ("none", "stem", "backbone"))
+    if not m.backbone_lr_scale > 0:
+        raise DfrnInputError(
+            f"config [model] backbone_lr_scale must be > 0, got {m.backbone_lr_scale!r} "
+            "(use freeze = 'backbone' to keep the backbone fixed)"
+        )
+    if not m.init and (m.freeze != "none" or m.backbone_lr_scale != 1.0):
+        raise DfrnInputError(
+            "config [model] freeze and backbone_lr_scale need [model] init (pretrained "
+            "weights): a frozen or slowed random backbone learns less, not better"
+        )
+
+
 def _check_unique(section: str, key: str, values: list[str]) -> None:
     """A list of column names must not name a column twice."""
     seen: set[str] = set()
@@ -672,6 +705,7 @@ def validate(cfg: StudyConfig) -> None:
     _check_recipe(cfg)
     if len(cfg.model.block_strides) != 4 or any(s < 1 for s in cfg.model.block_strides):
         raise DfrnInputError("config [model] block_strides must be four positive integers")
+    _check_init(cfg.model)
     if not 64 * cfg.model.widen_factor >= 1:
         raise DfrnInputError(
             f"config [model] widen_factor must be at least 1/64, got {cfg.model.widen_factor!r}"

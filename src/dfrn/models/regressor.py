@@ -46,6 +46,7 @@ from dfrn.models.augment import Augmenter
 from dfrn.models.early_stopping import EarlyStopping, StoppingPlan, plan_stopping
 from dfrn.models.feed import BatchFeeder
 from dfrn.models.network import DFRN
+from dfrn.models.pretrained import apply_init, cached_init, freeze, param_groups
 
 __all__ = [
     "DFRNRegressor",
@@ -214,18 +215,20 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         schedule_epochs: int | None = None,
         voxel_mm: float = 1.0,
         widen_factor: float = _MODEL.widen_factor,
+        init: str = _MODEL.init,
+        init_member: int = _MODEL.init_member,
+        freeze: str = _MODEL.freeze,
+        backbone_lr_scale: float = _MODEL.backbone_lr_scale,
     ) -> None:
         self.block_strides, self.widen_factor = block_strides, widen_factor
-        self.epochs = epochs
-        self.batch_size = batch_size
+        self.init, self.init_member = init, init_member
+        self.freeze, self.backbone_lr_scale = freeze, backbone_lr_scale
+        self.epochs, self.batch_size = epochs, batch_size
         self.lr, self.weight_decay = lr, weight_decay
         self.target_scaling = target_scaling
-        self.val_fraction = val_fraction
-        self.patience = patience
-        self.seed = seed
-        self.device = device
-        self.amp = amp
-        self.data = data
+        self.val_fraction, self.patience = val_fraction, patience
+        self.seed, self.device = seed, device
+        self.amp, self.data = amp, data
         self.channels_last_3d, self.compile = channels_last_3d, compile
         self.progress, self.desc = progress, desc
         self.early_stopping = early_stopping
@@ -352,7 +355,7 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         if self.device_.type in ("cpu", "cuda"):
             kwargs["fused"] = True
         cls = torch.optim.AdamW if self.weight_decay > 0 else torch.optim.Adam
-        opt = cls(self.model_.parameters(), **kwargs)
+        opt = cls(param_groups(self.model_, self.lr, self.backbone_lr_scale), **kwargs)
         if self.lr_schedule == "cosine":
             horizon = self.schedule_epochs or self.epochs
             return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=horizon)
@@ -376,9 +379,7 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         stopper = EarlyStopping(self.stopping_.rule, self.patience, self.min_epochs,
                                 self.smoothing, self.learning_start)
         ys = self._scale(y2, train_idx)
-        self.model_ = DFRN(block_strides=self.block_strides, n_outputs=y2.shape[1],
-                           widen_factor=self.widen_factor)
-        self.model_ = self.model_.to(self.device_)
+        self.model_ = self._network(y2.shape[1])
         if self.channels_last_3d:
             self.model_ = self.model_.to(memory_format=torch.channels_last_3d)
         step_model: torch.nn.Module = (
@@ -395,12 +396,25 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
         self.model_.eval()
         return self
 
+    def _network(self, n_outputs: int) -> DFRN:
+        """A new network (seeded), started from ``init`` where given, with ``freeze``'s
+        layers fixed; ``init_report_`` says what was loaded."""
+        net = DFRN(block_strides=self.block_strides, n_outputs=n_outputs,
+                   widen_factor=self.widen_factor)
+        self.init_report_ = None
+        if self.init:
+            self.init_report_ = apply_init(net, cached_init(self.init, self.init_member))
+        self.frozen_bn_ = freeze(net, self.freeze)
+        return net.to(self.device_)
+
     def _epoch(self, loop: _Loop, epoch: int) -> float:
         """One pass over the inner training subjects; the epoch's loss per target value."""
         from tqdm.auto import tqdm
 
         autocast, scaler = self._autocast()
         loop.step_model.train()
+        for bn in self.frozen_bn_:  # frozen: normalise with, and keep, the init's statistics
+            bn.eval()
         total = 0.0
         batches = _batches(loop.rng.permutation(loop.train_idx), self.batch_size)
         steps = tqdm(
@@ -441,8 +455,11 @@ class DFRNRegressor(RegressorMixin, BaseEstimator):
 
         autocast, _ = self._autocast()
         batches = _batches(np.asarray(loop.train_idx), max(self.batch_size, 2))
+        kept = [{k: v.clone() for k, v in bn.state_dict().items()} for bn in self.frozen_bn_]
         with autocast():
             update_bn(loop.feeder.batches(batches), self.model_)
+        for bn, state in zip(self.frozen_bn_, kept, strict=True):  # frozen layers stay fixed
+            bn.load_state_dict(state)
 
     def _centre_output(self, loop: _Loop) -> None:
         """Shift the output bias so the mean training prediction is the mean training target.

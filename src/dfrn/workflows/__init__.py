@@ -89,6 +89,8 @@ _EXPORTS: dict[str, str] = {
     "write_model_packages": "packages",
     "write_permutation_table": "baseline",
     "write_report": "report",
+    "check_init": "pretrained",
+    "init_provenance": "pretrained",
     "rewrite_report": "report",
     "study_bootstrap": "comparison",
     "compare_study_models": "comparison",

@@ -35,6 +35,7 @@ from dfrn.executors import Executor, make_executor
 from dfrn.io import atomic_write_tsv
 from dfrn.models.regressor import resolve_device
 from dfrn.targets.providers import TargetProvider
+from dfrn.workflows.pretrained import check_init
 from dfrn.workflows.results import (
     InputFile,
     ResultsFolder,
@@ -51,6 +52,7 @@ from dfrn.workflows.study import (
     collect_inputs,
     fold_plan_for,
     load_study_cohort,
+    network_voxel_mm,
     prepare_volumes,
     results_lock,
     run_study_prep,
@@ -154,6 +156,7 @@ def build_study(
                                                    executor)
     st = _study_targets(cohort, cfg, out, log)
     volumes = prepare_volumes(cohort, cfg, out, progress, inputs, log)
+    check_init(cfg, st.targets.shape[1], network_voxel_mm(volumes), log)
     # every input check has passed: only now does the folder become a run
     stability = _write_identity(cfg, out, cohort, inputs, resumed, st.plan, log)
     return Study(cfg, out, cohort, st.targets, st.raw_provider, st.provider, st.covariates,

@@ -311,6 +311,18 @@ def run_study_prep(cfg: StudyConfig, out: Path, progress: bool, log: Callable[[s
     )
 
 
+def _init_files(cfg: StudyConfig) -> list[tuple[str, str, Path]]:
+    """``[model] init``'s files (a package's metadata and weights): part of the run's
+    identity, so other pretrained weights are another run."""
+    if not cfg.model.init:
+        return []
+    p = Path(cfg.model.init)
+    if not p.is_dir():
+        return [("model.init", "[model] init", p)]
+    files = [p / "metadata.json", *sorted(p.glob("model-*.safetensors"))]
+    return [(f"model.init/{f.name}", f"[model] init {f.name}", f) for f in files]
+
+
 def collect_inputs(cfg: StudyConfig, cohort: Cohort, progress: bool = False) -> dict[str, InputFile]:
     """Every input file of the study with its SHA-256, keyed by role (not by location).
 
@@ -336,6 +348,7 @@ def collect_inputs(cfg: StudyConfig, cohort: Cohort, progress: bool = False) -> 
             wanted.append((f"gm/{pid}", f"participant {pid} GM map", p))
     if c.mask:
         wanted.append(("mask", "the brain mask", Path(c.mask)))
+    wanted += _init_files(cfg)
     stages = [("baseline", cfg.baseline, ("atlas", "atlas_labels"))]
     stages.append(("attention", cfg.attention, ("atlas", "atlas_labels", "template")))
     for section, sub, keys in stages:
@@ -579,10 +592,12 @@ def make_estimator_factory(cfg: StudyConfig, progress: bool,
     # every [training] key is a regressor parameter, except the per-task ones
     settings = {k: v for k, v in asdict(cfg.training).items() if k not in ("seed", "n_seeds")}
 
+    model = {k: v for k, v in asdict(cfg.model).items() if k != "heads"}  # heads: the tasks'
+    model["block_strides"] = tuple(model["block_strides"])
+
     def make(seed: int, desc: str) -> DFRNRegressor:
-        return DFRNRegressor(block_strides=tuple(cfg.model.block_strides),
-                             widen_factor=cfg.model.widen_factor, seed=seed,
-                             progress=progress, desc=desc, voxel_mm=voxel_mm, **settings)
+        return DFRNRegressor(seed=seed, progress=progress, desc=desc, voxel_mm=voxel_mm,
+                             **model, **settings)
 
     return make
 

@@ -1,0 +1,65 @@
+"""``[model] init`` through ``dfrn run``: a study started from another study's package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import study_config
+
+from dfrn.errors import DfrnInputError
+from dfrn.workflows.run import run_study
+
+
+def _history(out: Path) -> pd.DataFrame:
+    return pd.read_csv(out / "cv/tasks/repeat-0_fold-0_anhedonia/history.tsv", sep="\t")
+
+
+@pytest.fixture(scope="module")
+def source(tiny_cohort, tmp_path_factory) -> Path:
+    """A finished study with model packages: the scratch run the fine-tuned one is compared to."""
+    out = tmp_path_factory.mktemp("pretrained") / "source"
+    run_study(study_config(tiny_cohort, final={"enabled": True}), out, progress=False,
+              log=lambda s: None)
+    return out
+
+
+def test_a_study_starts_from_another_studys_package(source: Path, tiny_cohort, tmp_path) -> None:
+    """The log names what was loaded, training starts from it (the first epoch's loss differs
+    from the same seeded study from scratch), the run resumes like any other, and other
+    weights are another run: a rerun into the same folder is refused."""
+    package = source / "models" / "anhedonia"
+    cfg = study_config(tiny_cohort, model={"init": str(package)})
+    out = tmp_path / "tuned"
+    logs: list[str] = []
+    run_study(cfg, out, progress=False, log=logs.append)
+    line = next(x for x in logs if x.startswith("init: "))
+    assert line.startswith("init: loaded ") and line.endswith(
+        f" tensors from dfrn package (anhedonia) {package}; re-initialised fc"), line
+    assert float(_history(out)["train_loss"].iloc[0]) != float(
+        _history(source)["train_loss"].iloc[0])
+    before = (out / "cv/predictions.tsv").read_text()
+    task = out / "cv/tasks/repeat-0_fold-0_anhedonia/model.pt"
+    stamp = task.stat().st_mtime_ns
+    run_study(cfg, out, progress=False, log=lambda s: None)  # resumes: nothing retrained
+    assert task.stat().st_mtime_ns == stamp and (out / "cv/predictions.tsv").read_text() == before
+    other = study_config(tiny_cohort, model={"init": str(source / "models" / "sleep")})
+    with pytest.raises(DfrnInputError, match=r"was made from other input data: .*\[model\] init"):
+        run_study(other, out, progress=False, log=lambda s: None)
+
+
+def test_a_package_for_other_inputs_is_refused_or_warned_about(source: Path, tiny_cohort,
+                                                               tmp_path) -> None:
+    package = str(source / "models" / "anhedonia")
+    minmax = study_config(tiny_cohort, cohort={"intensity": "minmax"}, model={"init": package})
+    with pytest.raises(DfrnInputError, match=r"package's networks were trained on intensity "
+                       r"'zscore' inputs, this study's are 'minmax'"):
+        run_study(minmax, tmp_path / "a", progress=False, log=lambda s: None)
+    assert not (tmp_path / "a" / "run.json").exists()  # refused before the folder is a run
+    coarser = study_config(tiny_cohort, cohort={"downsample": 2}, model={"init": package})
+    logs: list[str] = []
+    run_study(coarser, tmp_path / "b", progress=False, log=logs.append)
+    assert any(x.startswith(f"warning: [model] init {package} was trained on 8 mm network "
+                            "inputs, this study's are 16 mm: the convolutions apply at any "
+                            "grid") for x in logs), logs
