@@ -161,9 +161,9 @@ def test_verdicts_say_when_the_tests_disagree_or_cannot_run() -> None:
     assert comparison_verdict(-0.1, (-0.2, -0.02), CorrectedTTest(-3.0, 9, 0.01, 10), PAIR) == \
         "model b beats model a"
     assert comparison_verdict(0.1, (-0.01, 0.2), test, PAIR) == (
-        "no detectable difference (the tests disagree: corrected p = 0.01, but the Δr CI "
-        "includes 0)")
-    assert "the Δr CI excludes 0, but corrected p = 0.3" in comparison_verdict(
+        "no detectable difference (the tests disagree: the corrected t-test rejects, the Δr "
+        "CI includes 0)")
+    assert "the Δr CI excludes 0, the corrected t-test does not reject" in comparison_verdict(
         0.1, (0.02, 0.2), CorrectedTTest(1.0, 9, 0.3, 10), PAIR)
     assert "Δr favours model a, the fold errors model b" in comparison_verdict(
         0.1, (0.02, 0.2), CorrectedTTest(-3.0, 9, 0.01, 10), PAIR)

@@ -144,9 +144,9 @@ class ModelPair:
 def _disagreement(ci_side: int, t_side: int, test: CorrectedTTest, pair: ModelPair) -> str:
     """Why the two tests disagree, in words."""
     if ci_side and not t_side:
-        return f"the Δr CI excludes 0, but corrected p = {test.p:.3g}"
+        return "the Δr CI excludes 0, the corrected t-test does not reject"
     if t_side and not ci_side:
-        return f"corrected p = {test.p:.3g}, but the Δr CI includes 0"
+        return "the corrected t-test rejects, the Δr CI includes 0"
     better = {1: pair.words_a, -1: pair.words_b}
     return f"Δr favours {better[ci_side]}, the fold errors {better[t_side]}"
 

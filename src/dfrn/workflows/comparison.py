@@ -65,7 +65,8 @@ def _pairs(models: dict[str, pd.DataFrame]) -> list[ModelPair]:
     names = [("dfrn", b) for b in baselines]
     if "covariates" in models:
         names += [(m, "covariates") for m in ("dfrn", *baselines)]
-    return [ModelPair(a, b, MODEL_WORDS[a], MODEL_WORDS[b]) for a, b in names]
+    words = {**MODEL_WORDS, "covariates": "the covariates-only model"}
+    return [ModelPair(a, b, words[a], words[b]) for a, b in names]
 
 
 def _factors(a: pd.DataFrame, b: pd.DataFrame, pair: ModelPair,
