@@ -2,6 +2,6 @@
 
 from dfrn.errors import DfrnError, DfrnInputError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["DfrnError", "DfrnInputError", "__version__"]

@@ -32,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--no-progress", action="store_true", help="hide progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_run, _add_demo, _add_factors, _add_predict, _add_prep, _add_bids,
-                _add_finished_run_commands):
+    for add in (_add_run, _add_demo, _add_synth, _add_factors, _add_predict, _add_prep,
+                _add_bids, _add_finished_run_commands):
         add(sub, common)
     return parser
 
@@ -71,6 +71,20 @@ def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("dfrn-demo"), help="results folder")
     p.add_argument("--full", action="store_true", help="the paper's protocol at 1 mm (GPU)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed (default 0)")
+
+
+def _add_synth(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``dfrn synth``."""
+    p = sub.add_parser(
+        "synth", parents=[common],
+        help="write new synthetic subjects from the demo's generative model (for its packages)",
+    )
+    p.add_argument("out", type=Path, help="output folder (images, cohort.tsv, truth masks)")
+    p.add_argument("--subjects", type=positive_int, default=20, metavar="N",
+                   help="number of subjects (default 20)")
+    p.add_argument("--seed", type=non_negative_int, default=1,
+                   help="draws the subjects (default 1; the demo's cohort is seed 0)")
+    p.add_argument("--full", action="store_true", help="the grid of 'dfrn demo --full' (1 mm)")
 
 
 def _add_factors(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -126,6 +140,10 @@ def _add_predict(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="also write each subject's per-region sensitivity (|change| of the "
                    "prediction when a region is ablated; individual, not group importance)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<index>")
+    p.add_argument("--coverage", type=float, default=0.9,
+                   help="coverage of the CV+ intervals lower/upper, in (0, 1) (default 0.9)")
+    p.add_argument("--strict", action="store_true",
+                   help="leave out scans the out-of-distribution check flags (one line each)")
 
 
 def _add_finished_run_commands(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -314,6 +332,16 @@ def _run_prep_or_bids(args: argparse.Namespace, progress: bool) -> None:
         runner.close()
 
 
+def _run_demo_or_synth(args: argparse.Namespace, progress: bool) -> None:
+    """``dfrn demo`` and ``dfrn synth`` (the demo's generative model)."""
+    from dfrn.workflows.demo import run_demo, synth_cohort
+
+    if args.command == "demo":
+        run_demo(args.out, full=args.full, seed=args.seed, progress=progress)
+    else:
+        synth_cohort(args.out, args.subjects, args.seed, full=args.full, progress=progress)
+
+
 def _run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     if args.command == "run":
@@ -326,10 +354,8 @@ def _run(args: argparse.Namespace) -> int:
             cfg, args.out, progress=progress, permutations=args.permutations,
             executor=args.executor,
         )
-    elif args.command == "demo":
-        from dfrn.workflows.demo import run_demo
-
-        run_demo(args.out, full=args.full, seed=args.seed, progress=progress)
+    elif args.command in ("demo", "synth"):
+        _run_demo_or_synth(args, progress)
     elif args.command == "factors":
         from dfrn.workflows.factors import run_factors, suggest_factors
 
@@ -355,7 +381,7 @@ def _run(args: argparse.Namespace) -> int:
             args.model, args.cohort, args.out, image_column=args.image_column,
             session=args.session, allow_training_subjects=args.allow_training_subjects,
             attention=args.attention, regions=args.regions, device=args.device,
-            progress=progress,
+            progress=progress, coverage=args.coverage, strict=args.strict,
         )
     elif args.command == "baseline":
         from dfrn.workflows.baseline import run_baseline_stage

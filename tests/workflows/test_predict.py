@@ -21,8 +21,9 @@ from dfrn.data.synth import make_synthetic_cohort
 from dfrn.errors import DfrnInputError
 from dfrn.evaluation.tasks import plan_tasks
 from dfrn.io import file_digest, write_manifest
-from dfrn.models.package import load_package
+from dfrn.models.package import SCHEMA_VERSION, load_package
 from dfrn.models.regressor import DFRNRegressor
+from dfrn.workflows.predict import predict_cohort
 from dfrn.workflows.run import run_study
 
 
@@ -53,7 +54,7 @@ def test_packages_describe_themselves(study) -> None:
         assert "Intended use" in (folder / "README.md").read_text()
         assert sorted(p.name for p in folder.iterdir()) == [
             "README.md", "brain_mask.nii.gz", "manifest.json", "metadata.json",
-            "model-0.safetensors", "model-1.safetensors"]
+            "model-0.safetensors", "model-1.safetensors", "ood.safetensors"]
         assert len(meta["training_scans_content_sha256"]) == 12
 
 
@@ -70,7 +71,8 @@ def test_round_trip_equals_the_cv_models(study, tiny_cohort, tmp_path: Path, cap
                  "--allow-training-subjects", "--no-progress"]) == 0
     pred = pd.read_csv(pred_dir / "predictions.tsv", sep="\t", dtype={"participant_id": str})
     assert list(pred.columns) == ["participant_id", "factor", "prediction", "ensemble_sd",
-                                  "n_models", "adjusted_for", "prediction_full"]
+                                  "n_models", "adjusted_for", "prediction_full", "lower",
+                                  "upper", "ood_score", "ood", "ood_reason"]
     # an unadjusted package: the full prediction is the prediction, adjusted for nothing
     np.testing.assert_array_equal(pred["prediction_full"], pred["prediction"])
     assert pred["adjusted_for"].isna().all()
@@ -100,6 +102,40 @@ def test_new_subjects_get_predictions(study, tmp_path: Path) -> None:
     assert np.isfinite(pred["prediction"]).all() and (pred["factor"] == "sleep").all()
     fam = nib.load(pred_dir / "attention" / "new-0_sleep_fam.nii.gz")
     np.testing.assert_allclose(fam.affine, nib.load(new.root / table["t1"][0]).affine)
+
+
+def test_old_package_predicts_with_empty_columns_and_one_note(study, tiny_cohort,
+                                                              tmp_path: Path) -> None:
+    """A package of schema 2 (no residuals, no OOD statistics) still predicts."""
+    out, _ = study
+    pkg = tmp_path / "pkg"
+    shutil.copytree(out / "models" / "sleep", pkg)
+    meta = json.loads((pkg / "metadata.json").read_text())
+    del meta["conformal"], meta["ood"]
+    meta["schema_version"] = 2
+    (pkg / "metadata.json").write_text(json.dumps(meta))
+    (pkg / "ood.safetensors").unlink()
+    write_manifest(pkg)
+    lines: list[str] = []
+    pred = predict_cohort(pkg, tiny_cohort.table, tmp_path / "p", allow_training_subjects=True,
+                          progress=False, log=lines.append)
+    assert np.isfinite(pred["prediction"]).all()
+    assert pred[["lower", "upper", "ood_score"]].isna().all().all()
+    assert pred["ood"].isna().all() and pred["ood_reason"].isna().all()
+    notes = [line for line in lines if "no intervals/OOD check" in line]
+    assert len(notes) == 1
+    assert notes[0].startswith("model sleep: no intervals/OOD check: package made by dfrn < 0.2.0")
+    written = pd.read_csv(tmp_path / "p" / "predictions.tsv", sep="\t")
+    assert written[["lower", "upper", "ood", "ood_reason"]].isna().all().all()
+
+
+@pytest.mark.parametrize("coverage", ["0", "1.5"])
+def test_coverage_outside_zero_one_is_one_line(study, tiny_cohort, tmp_path: Path, capsys,
+                                               coverage: str) -> None:
+    out, _ = study
+    assert main(["predict", str(out), "--cohort", str(tiny_cohort.table), "--out",
+                 str(tmp_path / "p"), "--coverage", coverage, "--no-progress"]) == 2
+    assert "--coverage must be between 0 and 1" in _one_line_error(capsys)
 
 
 def _one_line_error(capsys) -> str:
@@ -297,7 +333,7 @@ def test_rerun_rebuilds_packages_with_the_umask(study, tiny_cohort, tmp_path: Pa
         folder = copy / "models" / factor
         modes = {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()}
         assert set(modes.values()) == {"0o644"}, modes
-        assert load_package(folder).metadata["schema_version"] == 2
+        assert load_package(folder).metadata["schema_version"] == SCHEMA_VERSION == 3
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -9,6 +10,7 @@ import pytest
 from conftest import study_config
 
 from dfrn.errors import DfrnInputError
+from dfrn.io import file_digest
 from dfrn.workflows.run import run_study
 
 
@@ -30,7 +32,7 @@ def test_a_study_starts_from_another_studys_package(source: Path, tiny_cohort, t
     from the same seeded study from scratch), the run resumes like any other, and other
     weights are another run: a rerun into the same folder is refused."""
     package = source / "models" / "anhedonia"
-    cfg = study_config(tiny_cohort, model={"init": str(package)})
+    cfg = study_config(tiny_cohort, model={"init": str(package)}, final={"enabled": True})
     out = tmp_path / "tuned"
     logs: list[str] = []
     run_study(cfg, out, progress=False, log=logs.append)
@@ -39,12 +41,21 @@ def test_a_study_starts_from_another_studys_package(source: Path, tiny_cohort, t
         f" tensors from dfrn package (anhedonia) {package}; re-initialised fc"), line
     assert float(_history(out)["train_loss"].iloc[0]) != float(
         _history(source)["train_loss"].iloc[0])
+    meta = json.loads((out / "models/sleep/metadata.json").read_text())  # provenance
+    assert meta["init"] == {"fine_tuned_from": f"dfrn package (anhedonia) {package}",
+                            "kind": "package", "sha256": file_digest(package / "model-0.safetensors")}
+    assert f"fine-tuned from the dfrn package (anhedonia) {package}" in (
+        out / "models/sleep/README.md").read_text()
+    report = (out / "report.html").read_text()  # the report explains the packages' extras
+    section = report.split('id="packages"', 1)[1].split("<h2", 1)[0]
+    assert "anhedonia, sleep" in section and "by CV+" in section and "--strict" in section
     before = (out / "cv/predictions.tsv").read_text()
     task = out / "cv/tasks/repeat-0_fold-0_anhedonia/model.pt"
     stamp = task.stat().st_mtime_ns
     run_study(cfg, out, progress=False, log=lambda s: None)  # resumes: nothing retrained
     assert task.stat().st_mtime_ns == stamp and (out / "cv/predictions.tsv").read_text() == before
-    other = study_config(tiny_cohort, model={"init": str(source / "models" / "sleep")})
+    other = study_config(tiny_cohort, model={"init": str(source / "models" / "sleep")},
+                         final={"enabled": True})
     with pytest.raises(DfrnInputError, match=r"was made from other input data: .*\[model\] init"):
         run_study(other, out, progress=False, log=lambda s: None)
 

@@ -25,9 +25,11 @@ def test_pipeline_outputs_resume_and_refusal(tiny_cohort, tmp_path: Path) -> Non
     assert list(pred.columns) == ["participant_id", "repeat", "fold", "factor", "y_true", "y_pred"]
     assert len(pred) == 12 * 2  # every subject once per factor and repeat
     metrics = pd.read_csv(out / "cv/metrics.tsv", sep="\t")
-    assert list(metrics.columns) == ["repeat", "factor", "n", "pearson_r", "p_value", "r2", "mae", "rmse"]
+    assert list(metrics.columns) == ["repeat", "factor", "n", "pearson_r", "p_value", "r2", "mae",
+                                     "rmse", "ci_low", "ci_high"]
     t1 = pd.read_csv(out / "cv/table1.tsv", sep="\t")
-    assert list(t1.columns) == ["repeat", "anhedonia", "sleep"] and t1["repeat"].iloc[-1] == "mean ± sd"
+    assert list(t1.columns) == ["repeat", "anhedonia", "sleep"]
+    assert t1["repeat"].iloc[-1] == "mean ± sd [95% CI]"
     assert any("Table 1" in line for line in logs)
     # the resolved config reloads to the same fingerprint
     assert load_config(out / "config.toml").fingerprint() == study_config(tiny_cohort).fingerprint()

@@ -15,6 +15,8 @@ _EXPORTS: dict[str, str] = {
     "CovariateSelection": "covariates",
     "DerivativeImages": "derivatives",
     "FACTORS": "synth",
+    "SHIFTS": "synth",
+    "shifted_scan": "synth",
     "FSL_AFFINE": "synth",
     "FSL_SHAPE": "synth",
     "GridSpec": "images",

@@ -21,7 +21,11 @@ multiplicative bias field, and Gaussian noise. With ``age_effect`` > 0, age (uni
 drives a broad atrophy: gray matter everywhere darkens (T1) and thins (GM) in proportion to
 the standardised age. With ``age_only``, that factor's score is age plus noise
 (``0.8 × z(age) + 0.6 × N(0, 1)``) and plants no region: the brain carries nothing about it
-beyond age, the confound every "beyond the covariates" analysis must see through. The ground-truth masks are written as
+beyond age, the confound every "beyond the covariates" analysis must see through. With
+``asymmetry`` > 0 the left hemisphere is darker by that fraction in every subject (a
+lateralised brain, so that a left-right flipped scan differs from every training scan: the
+template is nilearn's symmetric one and the planted regions are symmetric, so without it a
+flipped scan is as likely as the scan itself; the demo's cohort is symmetric). The ground-truth masks are written as
 ``truth_<factor>.nii.gz`` and the true scores into ``participants.tsv``.
 """
 
@@ -48,6 +52,8 @@ __all__ = [
     "region_masks",
     "SynthCohort",
     "make_synthetic_cohort",
+    "SHIFTS",
+    "shifted_scan",
 ]
 
 FACTORS: tuple[str, ...] = ("anhedonia", "appetite", "sleep", "suicidality", "anxiety")
@@ -198,23 +204,22 @@ def make_synthetic_cohort(
     age_effect: float = 0.0,
     age_only: str | None = None,
     displacement: float = 0.0,
+    asymmetry: float = 0.0, table_name: str = "participants.tsv",
 ) -> SynthCohort:
     """Write a synthetic cohort with planted factor effects.
 
     Parameters
     ----------
     out_dir:
-        Folder to write into (created). Images go to ``out_dir/sub-XXXX_T1w.nii.gz`` and
-        ``sub-XXXX_gm.nii.gz``; the cohort table is ``out_dir/participants.tsv`` with
-        columns ``participant_id, t1, gm, age, sex`` and one column per factor.
+        Folder to write into (created): images ``sub-XXXX_T1w.nii.gz`` and ``_gm.nii.gz``,
+        the cohort table (``participant_id, t1, gm, age, sex`` and one column per factor).
     n_subjects:
         Cohort size (116 by default, the size of the method's cohort).
     voxel_size:
         1 for the full 182×218×182 grid; larger values give coarser grids with the same
         field of view (the demo uses 4 mm).
     effect:
-        Fractional darkening of a region per unit of factor score (scores are N(0, 1)),
-        applied with a smooth edge.
+        Fractional darkening of a region per unit of factor score (N(0, 1)), smooth edged.
     age_effect:
         Fractional darkening of gray matter (weighted by the template's GM probability) per
         SD of age; 0 (default) leaves age unrelated to the images.
@@ -223,8 +228,11 @@ def make_synthetic_cohort(
     displacement:
         When > 0, each factor *shrinks* its region instead of darkening it: a smooth radial
         displacement of up to ``displacement`` mm per unit of score pulls the region's
-        tissue towards its centre (subtle local atrophy; intensities are only resampled).
-        ``effect`` is then not used.
+        tissue towards its centre (subtle local atrophy); ``effect`` is then not used.
+    asymmetry:
+        Fixed darkening of the left hemisphere (x < 0) in every subject (module docstring).
+    table_name:
+        The cohort table's file name (``dfrn synth`` writes ``cohort.tsv``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -236,11 +244,11 @@ def make_synthetic_cohort(
         effect=effect, age_effect=age_effect, displacement=displacement, voxel_size=voxel_size,
         size_sd=size_sd, bias_strength=bias_strength, noise_sd=noise_sd, ageing=age_effect * tpl.gm,
         fields=_displacement_fields(tpl.t1.shape, tpl.affine, radius) if displacement else None,
+        lateral=asymmetry * _left_hemisphere(voxel_size) if asymmetry else None,
     )
     table = pd.DataFrame(_write_subjects(out, tpl, model, draws, rng, progress))
-    table_path = out / "participants.tsv"
-    atomic_write_tsv(table, table_path)
-    return SynthCohort(root=out, table=table_path, participants=table, truth_masks=truth_paths,
+    atomic_write_tsv(table, out / table_name)
+    return SynthCohort(root=out, table=out / table_name, participants=table, truth_masks=truth_paths,
                        brain_mask=mask_path, template=template_path, voxel_size=voxel_size)
 
 
@@ -334,6 +342,16 @@ class _SubjectModel:
     """Darkening of the template per SD of age (``age_effect`` × GM probability)."""
     fields: list[np.ndarray] | None
     """Per factor, its displacement field (:func:`_displacement_fields`); None for darkening."""
+    lateral: np.ndarray | None = None
+    """The fixed darkening of the left hemisphere (``asymmetry``); None: symmetric."""
+
+
+def _left_hemisphere(voxel_size: float) -> np.ndarray:
+    """1 in the left hemisphere (x < 0), 0 in the right: a logistic step of 4 mm scale."""
+    shape, affine = template_grid(voxel_size)
+    x = affine[0, 0] * np.arange(shape[0]) + affine[0, 3]
+    step = 1.0 / (1.0 + np.exp(x / 4.0))
+    return np.broadcast_to(step[:, None, None], shape).astype(np.float32)
 
 
 def _subject_images(tpl: _Template, model: _SubjectModel, draws: _Draws, i: int,
@@ -345,6 +363,8 @@ def _subject_images(tpl: _Template, model: _SubjectModel, draws: _Draws, i: int,
             change += draws.planted[k] * model.effect * draws.scores[i, k] * tpl.soft[f]
     if model.age_effect:
         change += model.ageing * draws.z_age[i]
+    if model.lateral is not None:
+        change += model.lateral
     factor_map = np.clip(1.0 - change, 0.2, 1.8)
     scale = 1.0 + model.size_sd * rng.standard_normal()
     t1_s, gm_s = tpl.t1 * factor_map, tpl.gm * factor_map
@@ -431,3 +451,42 @@ def make_demo_atlases(cohort: SynthCohort, n_parcels: int = 60, seed: int = 0,
     atomic_write_tsv(names, p.with_name("regions_dseg.tsv"))
     paths["regions"] = p
     return paths
+
+
+#: The changed scans of :func:`shifted_scan` (out-of-distribution tests and benchmarks).
+SHIFTS: tuple[str, ...] = ("contrast", "bias", "flip", "gm", "noise", "shift")
+
+
+def _flip_x(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Mirror an image about the world plane x = 0 (left-right), by linear interpolation."""
+    a, b = float(affine[0, 0]), float(affine[0, 3])
+    coords = np.indices(data.shape, dtype=np.float64)
+    coords[0] = -coords[0] - 2.0 * b / a  # voxel i at x = a i + b reads x' = -x
+    return ndimage.map_coordinates(data, coords, order=1, mode="constant")
+
+
+def shifted_scan(kind: str, t1: np.ndarray, gm: np.ndarray, affine: np.ndarray,
+                 rng: np.random.Generator) -> np.ndarray:
+    """A subject's scan changed in a way a package should flag as out of distribution.
+
+    ``contrast``: intensities squared (a contrast change z-scoring does not undo);
+    ``bias``: a strong smooth bias field, exp(-1 … 1) from back to front; ``flip``: mirrored
+    left-right (about x = 0); ``gm``: the GM map instead of the T1 scan; ``noise``: Gaussian
+    noise of sd 0.2 (10 × the generator's); ``shift``: moved 10 mm to the right.
+    """
+    t1 = np.asarray(t1, dtype=np.float64)
+    if kind == "contrast":
+        out = t1**2
+    elif kind == "bias":
+        out = t1 * np.exp(np.linspace(-1.0, 1.0, t1.shape[1]))[None, :, None]
+    elif kind == "flip":
+        out = _flip_x(t1, affine)
+    elif kind == "gm":
+        out = np.asarray(gm, dtype=np.float64)
+    elif kind == "noise":
+        out = t1 + rng.normal(0.0, 0.2, t1.shape)
+    elif kind == "shift":
+        out = ndimage.shift(t1, (10.0 / abs(float(affine[0, 0])), 0.0, 0.0), order=1)
+    else:
+        raise ValueError(f"unknown shift {kind!r}; one of {', '.join(SHIFTS)}")
+    return out.astype(np.float32)

@@ -12,6 +12,10 @@ A package is a folder ``models/<factor>/`` holding
   training scan's file and of its content (:func:`scan_content_digest`, for the leakage
   check); the cross-validated performance; the intended use;
 * ``brain_mask.nii.gz`` when training normalised inside a mask;
+* ``ood.safetensors`` (schema 3): what describes the training inputs for the
+  out-of-distribution check (:mod:`dfrn.models.ood`), with ``ood`` in the metadata; the
+  metadata's ``conformal`` holds each fold's out-of-fold absolute residuals (participant IDs
+  hashed) for CV+ intervals (:mod:`dfrn.evaluation.conformal`);
 * ``README.md`` generated from the metadata;
 * ``manifest.json``: size and SHA-256 of every other file (:func:`dfrn.io.write_manifest`).
 
@@ -45,10 +49,17 @@ __all__ = [
     "INTENDED_USE",
     "dfrn_version",
     "scan_content_digest",
+    "hash_participant_id",
+    "OOD_FILE",
+    "UNCERTAINTY_SINCE",
 ]
 
-#: 2: ``manifest.json`` and ``training_scans_content_sha256`` (1 had neither).
-SCHEMA_VERSION = 2
+#: 2: ``manifest.json`` and ``training_scans_content_sha256`` (1 had neither); 3:
+#: ``conformal`` and ``ood`` (intervals and the out-of-distribution check).
+SCHEMA_VERSION = 3
+#: The dfrn version whose packages first carry ``conformal`` and ``ood``.
+UNCERTAINTY_SINCE = "0.2.0"
+OOD_FILE = "ood.safetensors"
 
 INTENDED_USE = (
     "Research use only. Predicts a symptom-factor score from a T1-weighted MRI registered to "
@@ -72,6 +83,27 @@ _ADJUSTMENT = {
                        "properties": {"columns": {"type": "array", "items": {"type": "string"}},
                                       "levels": {"type": "object"}}},
     },
+}
+
+_CONFORMAL = {
+    "type": "object", "required": ["method", "repeat", "folds"],
+    "properties": {
+        "method": {"const": "cv+"}, "repeat": {"type": "integer"},
+        "folds": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["fold", "models", "ids_sha256", "abs_residuals"],
+            "properties": {"fold": {"type": "integer"},
+                           "models": {"type": "array", "minItems": 1,
+                                      "items": {"type": "integer", "minimum": 0}},
+                           "ids_sha256": {"type": "array", "items": _SHA},
+                           "abs_residuals": {"type": "array",
+                                             "items": {"type": "number", "minimum": 0}}}}},
+    },
+}
+_OOD = {
+    "type": "object", "required": ["file", "sha256", "n_calibration", "percentile"],
+    "properties": {"file": {"type": "string", "pattern": r"^[A-Za-z0-9._-]+$"},
+                   "sha256": _SHA, "n_calibration": {"type": "integer", "minimum": 1},
+                   "percentile": {"type": "number", "exclusiveMinimum": 0, "maximum": 100}},
 }
 
 METADATA_SCHEMA: dict[str, Any] = {
@@ -133,6 +165,9 @@ METADATA_SCHEMA: dict[str, Any] = {
                            "indices": {"type": "array", "items": {"type": "integer"}},
                            "names": {"type": "array", "items": {"type": "string"}},
                            "baseline": {"enum": ["train_mean", "zero"]}}}]},
+        # optional (packages before schema 3 lack them): intervals and the OOD check
+        "conformal": {"oneOf": [{"type": "null"}, _CONFORMAL]},
+        "ood": {"oneOf": [{"type": "null"}, _OOD]},
         "target": {"type": "object", "properties": {
             "adjustment": {"oneOf": [{"type": "null"}, _ADJUSTMENT]}}},
         "training_scans_sha256": {"type": "array", "items": _SHA},
@@ -218,6 +253,11 @@ def scan_content_digest(data: np.ndarray, affine: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def hash_participant_id(participant_id: str) -> str:
+    """The SHA-256 of a participant ID's UTF-8 text: packages keep no raw IDs."""
+    return hashlib.sha256(str(participant_id).encode("utf-8")).hexdigest()
+
+
 def _check_files(folder: Path, meta: Any) -> None:
     """Refuse a package of schema 1, or one whose files differ from its manifest, by name."""
     version = meta.get("schema_version") if isinstance(meta, dict) else None
@@ -289,6 +329,13 @@ class ModelPackage:
             arrays[f"baseline-{k}"].astype(np.float32) if regions["baseline"] == "train_mean"
             else 0.0 for k in range(len(self.estimators))]
         return labels, table, base
+
+    def ood_arrays(self) -> dict[str, np.ndarray] | None:
+        """The arrays of ``ood.safetensors`` (:mod:`dfrn.models.ood`); None without one."""
+        from safetensors.numpy import load_file
+
+        ood = self.metadata.get("ood")
+        return None if not ood else load_file(str(self.folder / ood["file"]))
 
 
 def load_package(folder: str | Path, device: str = "cpu") -> ModelPackage:
@@ -368,8 +415,11 @@ def package_readme(meta: dict[str, Any]) -> str:
         + f"; downsample {inp['downsample']}",
         *([f"- binary maps with the values {' and '.join(f'{v:g}' for v in inp['values'])}: "
            "`dfrn predict` refuses scans with other values"] if inp.get("values") else []),
+        *([f"- fine-tuned from the {meta['init']['fine_tuned_from']} (SHA-256 "
+           f"{meta['init']['sha256']})"] if meta.get("init") else []),
         "",
         *_adjustment_lines(meta),
+        *_uncertainty_lines(meta),
         "## Performance (cross-validated)",
         f"- mean Pearson r over repeats: {r:.3f}" if r is not None else "- not recorded",
     ]
@@ -393,6 +443,36 @@ def package_readme(meta: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _uncertainty_lines(meta: dict[str, Any]) -> list[str]:
+    """The README's "Intervals and out-of-distribution check" section."""
+    conformal, ood = meta.get("conformal"), meta.get("ood")
+    if not conformal and not ood:
+        return []
+    adjusted = (meta.get("target") or {}).get("adjustment")
+    lines = ["## Intervals and out-of-distribution check"]
+    if conformal:
+        n = sum(len(f["abs_residuals"]) for f in conformal["folds"])
+        lines.append(
+            f"- `lower`, `upper`: CV+ intervals (Barber et al. 2021) at `--coverage` (default "
+            f"0.9) from the {len(conformal['folds'])} fold networks of repeat "
+            f"{conformal['repeat']} and the out-of-fold residuals of their {n} held-out "
+            "subjects: each training subject is held out once, the setting of the CV+ "
+            "guarantee (coverage at least 1 - 2 alpha, about 1 - alpha in practice), in target "
+            "units" + (" of the residualised score (the covariates regressed out)" if adjusted
+                       else ""))
+    else:
+        lines.append("- no intervals: a refit package holds no fold networks")
+    if ood:
+        lines.append(
+            f"- `ood_score`, `ood`, `ood_reason`: how a scan compares with the "
+            f"{ood['n_calibration']} training scans, each judged without itself (leave one out) "
+            "or by a network that did not train on it: intensity (mean and sd of the network "
+            "input inside the mask), image correlation (with the training mean input) and, "
+            "with fold networks, features (Mahalanobis distance of the penultimate features, "
+            f"Ledoit-Wolf covariance); flagged above their {ood['percentile']:g}th percentile")
+    return [*lines, ""]
 
 
 def _adjustment_lines(meta: dict[str, Any]) -> list[str]:

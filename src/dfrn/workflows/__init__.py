@@ -11,6 +11,7 @@ from dfrn._exports import lazy_exports
 _EXPORTS: dict[str, str] = {
     "AblationJob": "ablation",
     "DemoSettings": "demo",
+    "synth_cohort": "demo",
     "FULL": "demo",
     "GM_FRACTION": "prep",
     "InputFile": "results",

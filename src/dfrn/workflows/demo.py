@@ -17,7 +17,7 @@ from dfrn.data.synth import FACTORS, make_demo_atlases, make_synthetic_cohort
 from dfrn.workflows.results import ResultsFolder, read_run_info
 from dfrn.workflows.run import StudyResult, run_study
 
-__all__ = ["DemoSettings", "QUICK", "FULL", "run_demo", "demo_config"]
+__all__ = ["DemoSettings", "QUICK", "FULL", "run_demo", "demo_config", "synth_cohort"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,8 @@ class DemoSettings:
     radius: float
     n_permutations: int
     age_effect: float = 0.15
+    asymmetry: float = 0.0
+    """Fixed darkening of the planted regions' left spheres (0: the demo's symmetric brain)."""
 
     def describe(self) -> str:
         shape = "×".join(
@@ -172,5 +174,35 @@ def _write_synthetic_cohort(out: Path, synth_dir: Path, s: DemoSettings, seed: i
         progress=progress,
         age_effect=s.age_effect,
         age_only=AGE_ONLY,
+        asymmetry=s.asymmetry,
     )
     make_demo_atlases(synth, seed=seed, n_region_parcels=30)
+
+
+def synth_cohort(out: str | Path, n_subjects: int, seed: int, full: bool = False,
+                 settings: DemoSettings | None = None, progress: bool = True,
+                 log: Callable[[str], None] = print) -> Path:
+    """``dfrn synth``: new subjects from the demo's generative model; the cohort table.
+
+    The planted regions, effect sizes, age effect and grid are the demo's (``settings``,
+    else :data:`FULL` or :data:`QUICK`), so a package of ``dfrn demo`` applies to them;
+    only the subjects (scores, ages, sexes, head size, bias field, noise) are drawn by
+    ``seed``. ``out`` gets the images, ``cohort.tsv`` (participant_id, t1, gm, age, sex and
+    the true scores) and the truth masks ``truth_<factor>.nii.gz``.
+    """
+    from dfrn.errors import DfrnInputError
+
+    if n_subjects < 1:
+        raise DfrnInputError(f"--subjects must be at least 1, got {n_subjects}")
+    s = settings or (FULL if full else QUICK)
+    out = Path(out)
+    if (out / "cohort.tsv").exists():
+        raise DfrnInputError(f"{out} already holds cohort.tsv; choose another folder")
+    synth = make_synthetic_cohort(
+        out, n_subjects=n_subjects, voxel_size=s.voxel_size, effect=s.effect, radius=s.radius,
+        seed=seed, progress=progress, age_effect=s.age_effect, age_only=AGE_ONLY,
+        asymmetry=s.asymmetry, table_name="cohort.tsv",
+    )
+    log(f"{n_subjects} synthetic subject(s) (seed {seed}, {s.voxel_size:g} mm grid, the demo's "
+        f"planted regions and effects; {AGE_ONLY} is age plus noise): {synth.table}")
+    return synth.table

@@ -27,8 +27,10 @@ from dfrn.io import (
 )
 from dfrn.models.package import (
     INTENDED_USE,
+    OOD_FILE,
     SCHEMA_VERSION,
     dfrn_version,
+    hash_participant_id,
     load_package,
     package_readme,
     scan_content_digest,
@@ -143,7 +145,8 @@ def _region_entry(tmp: Path, grid: Any, baseline: str, volumes: VolumeSet,
 
     from dfrn.interpret.ablation import train_mean_baseline
 
-    arrays = {"labels": grid.labels.astype(np.int32)}
+    arrays = {"labels": np.ascontiguousarray(grid.labels, dtype=np.int32)}  # safetensors
+    # writes an array's buffer as it lies: a Fortran-ordered one would come back transposed
     if baseline == "train_mean":
         for k, ids in enumerate(train_ids):
             arrays[f"baseline-{k}"] = train_mean_baseline(
@@ -234,11 +237,15 @@ def _is_complete(final: Path, factor: str, log: Callable[[str], None]) -> bool:
     if not final.is_dir():
         return False
     try:
-        load_package(final)
-        return True
+        version = load_package(final).metadata["schema_version"]
     except Exception as exc:  # an incomplete, damaged or old package is rebuilt
         log(f"rebuilding model package {factor}: {exc}")
         return False
+    if version < SCHEMA_VERSION:  # e.g. schema 2: no intervals, no OOD statistics
+        log(f"rebuilding model package {factor}: schema {version}, this dfrn writes "
+            f"{SCHEMA_VERSION} (intervals and the out-of-distribution check)")
+        return False
+    return True
 
 
 def _copy_mask(tmp: Path, mask: str | None) -> dict[str, str] | None:
@@ -274,6 +281,9 @@ def _build_package(job: _PackageJob, factor: str, tmp: Path) -> None:
         else [list(volumes.participant_ids)])
     mask_entry = _copy_mask(tmp, cfg.cohort.mask)
     trained_on = job.targets[factor].dropna().index
+    ensemble = cfg.final.mode == "ensemble"
+    conformal = _conformal_entry(job, factor, networks) if ensemble else None
+    ood = _ood_entry(job, list(trained_on), networks if ensemble else None, tmp)
     digests, values = _training_scans(job.inputs, trained_on, job.content, job.mask_data,
                                       cfg.cohort.intensity, job.log)
     meta = {
@@ -289,7 +299,10 @@ def _build_package(job: _PackageJob, factor: str, tmp: Path) -> None:
                    "adjustment": job.adjustment},
         "models": models,
         "regions": regions,
+        "conformal": conformal,
+        "ood": ood,
         "preprocessing": {"kind": "user-registered"},
+        "init": _init_entry(cfg),
         "training_scans_sha256": sorted({job.inputs[f"t1/{p}"].digest for p in trained_on}),
         "training_scans_content_sha256": digests,
         "performance": _performance(job, factor),
@@ -299,6 +312,99 @@ def _build_package(job: _PackageJob, factor: str, tmp: Path) -> None:
     atomic_write_json(tmp / "metadata.json", meta)
     atomic_write_text(tmp / "README.md", package_readme(meta))
     write_manifest(tmp)
+
+
+def _init_entry(cfg: StudyConfig) -> dict[str, str] | None:
+    """Provenance: the pretrained weights ``[model] init`` started the networks from."""
+    from dfrn.models.pretrained import cached_init
+    from dfrn.workflows.pretrained import init_provenance
+
+    m = cfg.model
+    return init_provenance(cached_init(m.init, m.init_member)) if m.init else None
+
+
+def _task_predictions(job: _PackageJob, net: FactorNetwork, factor: str) -> pd.DataFrame:
+    """A network's out-of-fold ``y_true`` and ``y_pred`` for ``factor``, by participant."""
+    df = pd.read_csv(job.folder.tasks / net.task.name / "predictions.tsv", sep="\t",
+                     dtype={"participant_id": str})
+    return df[df["factor"] == factor].set_index("participant_id")[["y_true", "y_pred"]]
+
+
+def _conformal_entry(job: _PackageJob, factor: str,
+                     networks: list[FactorNetwork]) -> dict[str, Any]:
+    """The metadata's ``conformal``: per fold of the packaged repeat, its networks (by
+    index in ``models``) and the absolute out-of-fold residuals of its held-out subjects
+    (the mean over seeds' predictions; in the networks' target units), IDs hashed."""
+    folds: dict[int, list[int]] = {}
+    for k, net in enumerate(networks):
+        folds.setdefault(int(net.task.fold), []).append(k)
+    entries = []
+    for fold, ks in folds.items():
+        tables = [_task_predictions(job, networks[k], factor) for k in ks]
+        y_pred = sum(t["y_pred"] for t in tables) / len(tables)
+        residual = (tables[0]["y_true"] - y_pred).abs()
+        entries.append({"fold": fold, "models": ks,
+                        "ids_sha256": [hash_participant_id(p) for p in residual.index],
+                        "abs_residuals": [float(r) for r in residual.to_numpy()]})
+    return {"method": "cv+", "repeat": int(networks[0].task.repeat), "folds": entries}
+
+
+def _ood_entry(job: _PackageJob, trained_on: list[str], networks: list[FactorNetwork] | None,
+               tmp: Path) -> dict[str, Any]:
+    """Write ``ood.safetensors`` (see :mod:`dfrn.models.ood`): the training subjects' mean
+    input, the input region, each fold network's feature model, and the calibration
+    statistics (leave-one-out image statistics; out-of-fold feature distances, NaN for a
+    refit package); return the metadata's ``ood``."""
+    from safetensors.numpy import save
+
+    from dfrn.interpret.ablation import train_mean_baseline
+    from dfrn.models.ood import STATISTICS, image_statistics, input_region
+
+    volumes = job.volumes
+    idx = volumes.index_of(trained_on)
+    mean16 = train_mean_baseline(volumes.__getitem__, idx).astype(np.float16)
+    mean = mean16.astype(np.float64)  # the mean predict reads back
+    region = input_region(job.mask_data, mean, volumes.downsample)
+    n = len(idx)
+    stats = np.full((n, len(STATISTICS)), np.nan)
+    for row, i in enumerate(idx):  # each subject against the mean of the others
+        x = np.asarray(volumes[i], dtype=np.float64)
+        stats[row, :3] = image_statistics(x, region, (n * mean - x) / max(n - 1, 1))
+    arrays = {"mean_image": mean16, "region": region.astype(np.uint8)}
+    if networks is not None:
+        z = _feature_calibration(job, trained_on, networks, arrays)
+        stats[:, 3] = [z.get(p, np.nan) for p in trained_on]
+    arrays["calibration"] = stats
+    data = save({k: np.ascontiguousarray(v) for k, v in arrays.items()})  # not F-ordered
+    atomic_write(tmp / OOD_FILE, lambda p: p.write_bytes(data), size_hint=len(data))
+    return {"file": OOD_FILE, "sha256": file_digest(tmp / OOD_FILE), "n_calibration": n,
+            "statistics": list(STATISTICS), "percentile": 99.0}
+
+
+def _feature_calibration(job: _PackageJob, trained_on: list[str],
+                         networks: list[FactorNetwork],
+                         arrays: dict[str, np.ndarray]) -> dict[str, float]:
+    """Fit each network's feature model on its training subjects (into ``arrays``); the
+    held-out subjects' standardised log-distances (mean over a fold's seeds), by ID."""
+    from dfrn.models.ood import FeatureModel, penultimate_features, robust_scale
+
+    volumes, known = job.volumes, set(trained_on)
+    z: dict[str, list[float]] = {}
+    for k, net in enumerate(networks):
+        est = net.load(job.folder.tasks, device=job.cfg.training.device)
+        train = [p for p in net.task.train_ids if p in known]
+        test = [p for p in net.task.test_ids if p in known]
+        model = FeatureModel.fit(penultimate_features(
+            est, [volumes[i] for i in volumes.index_of(train)]))
+        dist = model.log_distance(penultimate_features(
+            est, [volumes[i] for i in volumes.index_of(test)]))
+        centre, scale = robust_scale(dist)
+        arrays[f"feature_mean-{k}"] = model.mean.astype(np.float32)
+        arrays[f"feature_precision-{k}"] = model.precision.astype(np.float32)
+        arrays[f"feature_scale-{k}"] = np.array([centre, scale])
+        for p, v in zip(test, (dist - centre) / scale, strict=True):
+            z.setdefault(p, []).append(float(v))
+    return {p: float(np.mean(v)) for p, v in z.items()}
 
 
 def write_model_packages(

@@ -22,7 +22,14 @@ For every package (``MODEL`` itself, or each ``RESULTS/models/<factor>/``):
    "residualize"``) predicts that residual (``adjusted_for`` names the covariates);
    ``prediction_full`` adds each network's covariate part back when the new cohort's table
    has the covariates, and is empty (NaN) when it lacks one: the log names it, and nothing is
-   ever treated as zero. For other packages ``prediction_full`` equals ``prediction``.
+   ever treated as zero. For other packages ``prediction_full`` equals ``prediction``;
+6. ``lower`` and ``upper``: the CV+ interval at ``coverage`` (default 0.9) from the fold
+   networks and their out-of-fold residuals (:mod:`dfrn.evaluation.conformal`), in the
+   target units of ``prediction``; ``ood_score``, ``ood`` and ``ood_reason``: the
+   out-of-distribution check (:mod:`dfrn.models.ood`) on the same network inputs. The log
+   says how many scans each package flags; ``strict`` leaves flagged scans out of the
+   table, one log line each. A package made before both (schema 2) predicts with these
+   columns empty and one note; a refit package has no intervals (no fold networks).
 
 With ``regions`` each subject's per-region sensitivity is written to ``regions.tsv``:
 participant_id, factor, region, abs_change, the |change| of the subject's (ensemble)
@@ -53,14 +60,29 @@ from dfrn.data.images import (
     read_header,
 )
 from dfrn.errors import DfrnInputError, ResultsFolderError, listed
+from dfrn.evaluation.conformal import check_coverage, cv_plus_interval
 from dfrn.io import atomic_write_nifti, atomic_write_tsv, file_digest
-from dfrn.models.package import ModelPackage, load_package, scan_content_digest
+from dfrn.models.ood import (
+    DETECTORS,
+    STATISTICS,
+    FeatureModel,
+    OODCalibration,
+    image_statistics,
+    predict_with_features,
+)
+from dfrn.models.package import (
+    UNCERTAINTY_SINCE,
+    ModelPackage,
+    load_package,
+    scan_content_digest,
+)
 from dfrn.models.regressor import resolve_device
 
 __all__ = ["PREDICT_COLUMNS", "find_packages", "predict_cohort"]
 
 PREDICT_COLUMNS = ["participant_id", "factor", "prediction", "ensemble_sd", "n_models",
-                   "adjusted_for", "prediction_full"]
+                   "adjusted_for", "prediction_full", "lower", "upper", "ood_score", "ood",
+                   "ood_reason"]
 
 
 def find_packages(path: str | Path) -> list[Path]:
@@ -212,6 +234,8 @@ def predict_cohort(
     device: str = "auto",
     progress: bool = True,
     log: Callable[[str], None] = print,
+    coverage: float = 0.9,
+    strict: bool = False,
 ) -> pd.DataFrame:
     """Predict every factor of the packages for every scan of a cohort; write ``out``.
 
@@ -219,8 +243,10 @@ def predict_cohort(
     ------
     DfrnInputError
         For a package that fails validation, a scan off the grid, a training scan (without
-        ``allow_training_subjects``), or an ``out`` folder that already holds predictions.
+        ``allow_training_subjects``), a ``coverage`` outside (0, 1), or an ``out`` folder
+        that already holds predictions.
     """
+    coverage = check_coverage(coverage)
     out = Path(out)
     if (out / "predictions.tsv").exists():
         raise ResultsFolderError(f"{out} already holds predictions.tsv; choose another --out")
@@ -238,7 +264,7 @@ def predict_cohort(
     rows = []
     for package in packages:
         volumes = _package_volumes(package, cohort, digests, out, progress, log)
-        rows += _package_rows(package, cohort, volumes, log)
+        rows += _package_rows(package, cohort, volumes, log, coverage, strict)
         if attention:
             _write_attention(package, volumes, cohort, out, log)
         if regions:
@@ -265,13 +291,69 @@ def _package_volumes(package: ModelPackage, cohort: Cohort, digests: list[str], 
 
 
 def _package_rows(package: ModelPackage, cohort: Cohort, volumes: VolumeSet,
-                  log: Callable[[str], None]) -> list[tuple]:
-    """One :data:`PREDICT_COLUMNS` row per subject: the package's ensemble prediction."""
-    preds = np.stack([est.predict(volumes) for est in package.estimators])
+                  log: Callable[[str], None], coverage: float = 0.9,
+                  strict: bool = False) -> list[tuple]:
+    """One :data:`PREDICT_COLUMNS` row per subject: the package's ensemble prediction, its
+    interval and its out-of-distribution check (flagged subjects left out when ``strict``)."""
+    outputs = [predict_with_features(est, volumes) for est in package.estimators]
+    preds = np.stack([pred for pred, _ in outputs])
     sd = preds.std(axis=0, ddof=1) if len(preds) > 1 else np.full(preds.shape[1], np.nan)
     adjusted, full = _full_prediction(package, cohort, preds, log)
-    return [(pid, package.factor, float(preds[:, i].mean()), float(sd[i]), len(preds), adjusted,
-             float(full[i])) for i, pid in enumerate(cohort.participant_ids)]
+    if "conformal" not in package.metadata and "ood" not in package.metadata:
+        log(f"model {package.factor}: no intervals/OOD check: package made by dfrn < "
+            f"{UNCERTAINTY_SINCE}; re-run 'dfrn run' on its results folder to add them")
+    elif not package.metadata.get("conformal"):
+        log(f"model {package.factor}: no intervals: a refit package holds no fold networks")
+    lower, upper = _intervals(package, preds, coverage)
+    score, flagged, reasons = _ood_check(package, volumes, [f for _, f in outputs], log)
+    rows = []
+    for i, pid in enumerate(cohort.participant_ids):
+        if strict and flagged[i] is True:
+            log(f"--strict: refused participant {pid} for model {package.factor}: out of "
+                f"distribution ({reasons[i]}; ood_score {score[i]:.1f})")
+            continue
+        rows.append((pid, package.factor, float(preds[:, i].mean()), float(sd[i]), len(preds),
+                     adjusted, float(full[i]), float(lower[i]), float(upper[i]),
+                     float(score[i]), flagged[i], reasons[i]))
+    return rows
+
+
+def _intervals(package: ModelPackage, preds: np.ndarray,
+               coverage: float) -> tuple[np.ndarray, np.ndarray]:
+    """CV+ bounds per subject from the package's fold networks (NaN without residuals)."""
+    conformal = package.metadata.get("conformal")
+    if not conformal:
+        return np.full(preds.shape[1], np.nan), np.full(preds.shape[1], np.nan)
+    folds = conformal["folds"]
+    return cv_plus_interval([preds[f["models"]].mean(axis=0) for f in folds],
+                            [np.asarray(f["abs_residuals"]) for f in folds], coverage)
+
+
+def _ood_check(package: ModelPackage, volumes: VolumeSet, features: list[np.ndarray],
+               log: Callable[[str], None]) -> tuple[np.ndarray, list, list[str | None]]:
+    """``(ood_score, ood, ood_reason)`` per subject (NaN, NA and None without a check), from
+    the network inputs and each network's penultimate ``features``."""
+    n = len(volumes)
+    arrays = package.ood_arrays()
+    if arrays is None:
+        return np.full(n, np.nan), [pd.NA] * n, [None] * n
+    mean = arrays["mean_image"].astype(np.float64)
+    region = arrays["region"].astype(bool)
+    stats = np.full((n, len(STATISTICS)), np.nan)
+    for i in range(n):
+        stats[i, :3] = image_statistics(volumes[i], region, mean)
+    z = [(FeatureModel(arrays[f"feature_mean-{k}"].astype(np.float64),
+                       arrays[f"feature_precision-{k}"].astype(np.float64))
+          .log_distance(f) - arrays[f"feature_scale-{k}"][0]) / arrays[f"feature_scale-{k}"][1]
+         for k, f in enumerate(features) if f"feature_mean-{k}" in arrays]
+    if z:
+        stats[:, 3] = np.mean(z, axis=0)
+    check = OODCalibration(arrays["calibration"], float(package.metadata["ood"]["percentile"]))
+    score, flagged, reasons = check.assess(stats)
+    counts = [f"{d} {sum(d in r.split(', ') for r in reasons)}" for d in DETECTORS]
+    log(f"out-of-distribution check, model {package.factor}: {int(flagged.sum())} of {n} "
+        f"scan(s) flagged ({', '.join(counts)})")
+    return score, [bool(f) for f in flagged], reasons
 
 
 def _full_prediction(package: ModelPackage, cohort: Cohort, preds: np.ndarray,

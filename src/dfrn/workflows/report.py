@@ -688,6 +688,8 @@ def write_report(out: str | Path, notes: list[str] | None = None) -> Path:
         "target_note": _target_note(cfg),
         **_confounds_context(folder, cfg),
         **_comparison_context(folder, cfg),
+        "packages": [f for f in run.factors
+                     if (folder.model_package(f) / "metadata.json").is_file()],
         **_learning_context(folder, run.metrics),
     })
 
