@@ -97,8 +97,13 @@ def new_predictions(trained):
     return out, truth.set_index("participant_id")["sleep"], lines
 
 
-@pytest.mark.parametrize(("coverage", "lo", "hi"), [(0.9, 0.85, 0.95), (0.5, 0.42, 0.58)])
+@pytest.mark.parametrize(("coverage", "lo", "hi"), [(0.9, 0.85, 0.97), (0.5, 0.42, 0.62)])
 def test_intervals_cover_new_subjects(new_predictions, coverage, lo, hi) -> None:
+    """CV+ covers at least about the nominal rate; it is conservative when the fold networks
+    disagree (these are trained for 2 epochs), and the 240 new subjects add a binomial sd of
+    0.02 (0.9) and 0.03 (0.5). Measured: 0.91-0.96 and 0.50-0.59 over hosts, new-subject
+    seeds and epochs; the upper bounds allow for that, the lower ones are the issue's. An
+    interval from in-sample residuals or from the fold networks' spread covers far less."""
     pred, truth, _ = new_predictions
     p = pred[coverage]
     assert len(p) == 240 and (p["lower"] < p["prediction"]).all()
