@@ -23,12 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 
 from dfrn.config import config_from_dict
-from dfrn.data.synth import SHIFTS, make_synthetic_cohort, shifted_scan
+from dfrn.data.synth import SHIFTS, make_synthetic_cohort, write_shifted_scans
 from dfrn.workflows.demo import QUICK, synth_cohort
 from dfrn.workflows.predict import predict_cohort
 from dfrn.workflows.run import run_study
@@ -50,24 +49,6 @@ def _train(root: Path, args: argparse.Namespace) -> None:
            "final": {"enabled": True}}
     run_study(config_from_dict(raw, train.root), root / "res", progress=False,
               log=lambda s: None)
-
-
-def _changed_table(root: Path, table: Path, n: int) -> Path:
-    new = pd.read_csv(table, sep="\t", dtype={"participant_id": str}).iloc[:n]
-    folder = root / "changed"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    rows = []
-    for _, r in new.iterrows():
-        t1 = nib.load(table.parent / r["t1"])
-        gm = np.asarray(nib.load(table.parent / r["gm"]).dataobj)
-        for kind in SHIFTS:
-            name = f"{kind}{r['participant_id'][4:]}"
-            data = shifted_scan(kind, np.asarray(t1.dataobj), gm, t1.affine, rng)
-            nib.save(nib.Nifti1Image(data, t1.affine), folder / f"{name}.nii.gz")
-            rows.append({"participant_id": name, "t1": f"{name}.nii.gz"})
-    pd.DataFrame(rows).to_csv(folder / "c.tsv", sep="\t", index=False)
-    return folder / "c.tsv"
 
 
 def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -107,7 +88,7 @@ def main() -> None:
             print(f"| {c:g} | {((p['lower'] <= y) & (y <= p['upper'])).mean():.3f} | "
                   f"{(p['upper'] - p['lower']).mean():.3f} |")
             base = p if base is None else base
-        changed = predict_cohort(root / "res", _changed_table(root, table, args.changed),
+        changed = predict_cohort(root / "res", write_shifted_scans(table, root / "changed", args.changed),
                                  root / "pc", progress=False, log=lambda s: None)
         print("\n| scans | flagged | detectors named (share of scans) | AUC of ood_score |")
         print("|---|---|---|---|")

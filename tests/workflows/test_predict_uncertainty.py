@@ -21,7 +21,7 @@ import pytest
 from conftest import study_config
 
 from dfrn.cli import main
-from dfrn.data.synth import make_synthetic_cohort, region_masks, shifted_scan
+from dfrn.data.synth import make_synthetic_cohort, region_masks, write_shifted_scans
 from dfrn.evaluation.conformal import cv_plus_interval, cv_plus_ranks
 from dfrn.workflows.demo import QUICK, synth_cohort
 from dfrn.workflows.predict import predict_cohort
@@ -124,21 +124,8 @@ def test_in_distribution_new_subjects_are_rarely_flagged(new_predictions) -> Non
 def changed(trained):
     """30 new subjects, each changed every way of :data:`CHANGES`, predicted at once."""
     root, table = trained
-    new = pd.read_csv(table, sep="\t", dtype={"participant_id": str}).iloc[:30]
-    folder = root / "changed"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    rows = []
-    for _, r in new.iterrows():
-        t1 = nib.load(table.parent / r["t1"])
-        gm = np.asarray(nib.load(table.parent / r["gm"]).dataobj)
-        for kind in CHANGES:
-            name = f"{kind}{r['participant_id'][4:]}"
-            data = shifted_scan(kind, np.asarray(t1.dataobj), gm, t1.affine, rng)
-            nib.save(nib.Nifti1Image(data, t1.affine), folder / f"{name}.nii.gz")
-            rows.append({"participant_id": name, "t1": f"{name}.nii.gz"})
-    pd.DataFrame(rows).to_csv(folder / "c.tsv", sep="\t", index=False)
-    return predict_cohort(root / "res", folder / "c.tsv", root / "pchanged", progress=False,
+    cohort = write_shifted_scans(table, root / "changed", 30, list(CHANGES))
+    return predict_cohort(root / "res", cohort, root / "pchanged", progress=False,
                           log=lambda s: None)
 
 

@@ -17,6 +17,7 @@ _EXPORTS: dict[str, str] = {
     "FACTORS": "synth",
     "SHIFTS": "synth",
     "shifted_scan": "synth",
+    "write_shifted_scans": "synth",
     "FSL_AFFINE": "synth",
     "FSL_SHAPE": "synth",
     "GridSpec": "images",

@@ -54,6 +54,7 @@ __all__ = [
     "make_synthetic_cohort",
     "SHIFTS",
     "shifted_scan",
+    "write_shifted_scans",
 ]
 
 FACTORS: tuple[str, ...] = ("anhedonia", "appetite", "sleep", "suicidality", "anxiety")
@@ -490,3 +491,25 @@ def shifted_scan(kind: str, t1: np.ndarray, gm: np.ndarray, affine: np.ndarray,
     else:
         raise ValueError(f"unknown shift {kind!r}; one of {', '.join(SHIFTS)}")
     return out.astype(np.float32)
+
+
+def write_shifted_scans(table: str | Path, folder: str | Path, n_subjects: int,
+                        kinds: tuple[str, ...] | list[str] = SHIFTS, seed: int = 0) -> Path:
+    """The first ``n_subjects`` of a synthetic cohort table, each changed every way of
+    ``kinds`` (:func:`shifted_scan`), written to ``folder`` with a cohort table ``c.tsv``
+    (``participant_id`` = kind + subject number, ``t1``); its path."""
+    table, folder = Path(table), Path(folder)
+    new = pd.read_csv(table, sep="\t", dtype={"participant_id": str}).iloc[:n_subjects]
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _, r in new.iterrows():
+        t1 = nib.load(table.parent / r["t1"])
+        gm = np.asarray(nib.load(table.parent / r["gm"]).dataobj)
+        for kind in kinds:
+            name = f"{kind}{r['participant_id'][4:]}"
+            data = shifted_scan(kind, np.asarray(t1.dataobj), gm, t1.affine, rng)
+            atomic_write_nifti(nib.Nifti1Image(data, t1.affine), folder / f"{name}.nii.gz")
+            rows.append({"participant_id": name, "t1": f"{name}.nii.gz"})
+    atomic_write_tsv(pd.DataFrame(rows), folder / "c.tsv")
+    return folder / "c.tsv"
