@@ -20,11 +20,44 @@ def _history(out: Path) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def source(tiny_cohort, tmp_path_factory) -> Path:
-    """A finished study with model packages: the scratch run the fine-tuned one is compared to."""
-    out = tmp_path_factory.mktemp("pretrained") / "source"
-    run_study(study_config(tiny_cohort, final={"enabled": True}), out, progress=False,
+    """A finished study with model packages, on another 12 subjects of the tiny cohort's
+    generator and grid (a package of the study's own subjects would leak: see below)."""
+    from dfrn.data.synth import make_synthetic_cohort
+
+    root = tmp_path_factory.mktemp("pretrained")
+    other = make_synthetic_cohort(root / "cohort", n_subjects=12, voxel_size=8.0, effect=0.4,
+                                  radius=14.0, seed=4)
+    run_study(study_config(other, final={"enabled": True}), root / "source", progress=False,
               log=lambda s: None)
-    return out
+    return root / "source"
+
+
+def _cohort_of(source: Path):
+    """The source study's own cohort, as the tests' config helper takes it."""
+    from types import SimpleNamespace
+
+    root = source.parent / "cohort"
+    return SimpleNamespace(table=root / "participants.tsv", brain_mask=root / "brain_mask.nii.gz",
+                           root=root)
+
+
+def test_a_package_of_the_studys_own_scans_is_refused_or_warned_about(source: Path,
+                                                                        tmp_path) -> None:
+    """Fine-tuning from a network that trained on the study's own subjects and target would
+    let every test fold's target into training: refused before the folder is a run. Another
+    target of the same subjects is a warning."""
+    own = _cohort_of(source)
+    package = str(source / "models" / "anhedonia")
+    leaky = study_config(own, model={"init": package})
+    with pytest.raises(DfrnInputError, match=r"trained on 'anhedonia' with 12 of this study's "
+                       r"scans, so every test fold's target was seen before training"):
+        run_study(leaky, tmp_path / "leak", progress=False, log=lambda s: None)
+    assert not (tmp_path / "leak" / "run.json").exists()
+    other = study_config(own, cohort={"targets": ["appetite"]}, model={"init": package})
+    logs: list[str] = []
+    run_study(other, tmp_path / "other", progress=False, log=logs.append)
+    assert any(x.startswith(f"warning: [model] init {package} was trained (on 'anhedonia') "
+                            "with 12 of this study's scans") for x in logs), logs
 
 
 def test_a_study_starts_from_another_studys_package(source: Path, tiny_cohort, tmp_path) -> None:
@@ -39,8 +72,11 @@ def test_a_study_starts_from_another_studys_package(source: Path, tiny_cohort, t
     line = next(x for x in logs if x.startswith("init: "))
     assert line.startswith("init: loaded ") and line.endswith(
         f" tensors from dfrn package (anhedonia) {package}; re-initialised fc"), line
+    scratch = tmp_path / "scratch"  # the same study, seeded the same, from random weights
+    run_study(study_config(tiny_cohort, final={"enabled": True}), scratch, progress=False,
+              log=lambda s: None)
     assert float(_history(out)["train_loss"].iloc[0]) != float(
-        _history(source)["train_loss"].iloc[0])
+        _history(scratch)["train_loss"].iloc[0])
     meta = json.loads((out / "models/sleep/metadata.json").read_text())  # provenance
     assert meta["init"] == {"fine_tuned_from": f"dfrn package (anhedonia) {package}",
                             "kind": "package", "sha256": file_digest(package / "model-0.safetensors")}

@@ -41,16 +41,39 @@ def _package_inputs(source: InitSource, cfg: StudyConfig, voxel_mm: float,
             f"layer's receptive field now covers {voxel_mm / theirs:.2g}× the extent in mm")
 
 
+def _package_overlap(source: InitSource, scans: set[str], factors: list[str],
+                     log: Callable[[str], None]) -> None:
+    """A package trained on this study's scans: refused for one of its factors (its network
+    saw the test folds' targets: the CV would leak), warned about for another target."""
+    if source.meta is None:
+        return
+    shared = len(scans & set(source.meta.get("training_scans_sha256", [])))
+    if not shared:
+        return
+    factor = source.meta["factor"]
+    if factor in factors:
+        raise DfrnInputError(
+            f"config [model] init {source.path}: the package's networks were trained on "
+            f"'{factor}' with {shared} of this study's scans, so every test fold's target was "
+            "seen before training: start from a package made on another cohort"
+        )
+    log(f"warning: [model] init {source.path} was trained (on '{factor}') with {shared} of "
+        "this study's scans: the CV is optimistic if that target carries this study's signal")
+
+
 def check_init(cfg: StudyConfig, n_factors: int, voxel_mm: float,
-               log: Callable[[str], None]) -> InitSource | None:
+               log: Callable[[str], None], scans: set[str] = frozenset(),
+               factors: list[str] | None = None) -> InitSource | None:
     """Read ``[model] init``, fit it to the study's network (``n_factors`` outputs with
     joint heads) and log what was loaded; ``voxel_mm`` is the network input's voxel size.
+    ``scans`` (the SHA-256 of the study's T1 files) and ``factors`` check that a package was
+    not trained on this study's subjects and targets.
 
     Raises
     ------
     DfrnInputError
-        A missing or unreadable file, a backbone that does not fit, or a package trained on
-        inputs of another intensity mode.
+        A missing or unreadable file, a backbone that does not fit, a package trained on
+        inputs of another intensity mode, or one trained on this study's scans and factor.
     """
     m = cfg.model
     if not m.init:
@@ -60,6 +83,7 @@ def check_init(cfg: StudyConfig, n_factors: int, voxel_mm: float,
     report = apply_init(DFRN(m.block_strides, n_outputs=outputs, widen_factor=m.widen_factor),
                         source)
     _package_inputs(source, cfg, voxel_mm, log)
+    _package_overlap(source, set(scans), list(factors or []), log)
     frozen = {"none": "", "stem": "; stem frozen", "backbone": "; backbone frozen"}[m.freeze]
     scale = (f"; backbone lr × {m.backbone_lr_scale:g}" if m.backbone_lr_scale != 1.0 else "")
     log(report.line(source) + frozen + scale)

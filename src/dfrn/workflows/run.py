@@ -156,7 +156,9 @@ def build_study(
                                                    executor)
     st = _study_targets(cohort, cfg, out, log)
     volumes = prepare_volumes(cohort, cfg, out, progress, inputs, log)
-    check_init(cfg, st.targets.shape[1], network_voxel_mm(volumes), log)
+    check_init(cfg, st.targets.shape[1], network_voxel_mm(volumes), log,
+               {f.digest for k, f in inputs.items() if k.startswith("t1/")},
+               [str(c) for c in st.targets.columns])
     # every input check has passed: only now does the folder become a run
     stability = _write_identity(cfg, out, cohort, inputs, resumed, st.plan, log)
     return Study(cfg, out, cohort, st.targets, st.raw_provider, st.provider, st.covariates,
